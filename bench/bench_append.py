@@ -1,0 +1,157 @@
+"""Append path: direct kernel calls (serial and threaded) and HTTP with concurrent clients.
+
+Run: .venv/bin/python -m bench.bench_append [--events N] [--http-requests N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+
+import httpx
+from psycopg_pool import ConnectionPool
+
+from bench.common import database, machine, report
+from likvard.codec import Catalogue
+from likvard.devstack import free_port, wait_until
+from likvard.eventstore import EventStore
+from tests.support import closed, registered
+
+
+def kernel_serial(store: EventStore, n: int) -> None:
+    latencies = []
+    start = time.perf_counter()
+    for _ in range(n):
+        t = time.perf_counter()
+        store.append(str(uuid.uuid4()), 0, [registered()])
+        latencies.append((time.perf_counter() - t) * 1000)
+    report("kernel append, 1 thread, 1 event/append", n, time.perf_counter() - start, latencies)
+
+
+def kernel_threads(store: EventStore, n: int, threads: int) -> None:
+    latencies: list[float] = []
+    lock = threading.Lock()
+    per = n // threads
+
+    def work() -> None:
+        mine = []
+        for _ in range(per):
+            case = str(uuid.uuid4())
+            t = time.perf_counter()
+            store.append(case, 0, [registered()])
+            mine.append((time.perf_counter() - t) * 1000)
+            t = time.perf_counter()
+            store.append(case, 1, [closed()])
+            mine.append((time.perf_counter() - t) * 1000)
+        with lock:
+            latencies.extend(mine)
+
+    ts = [threading.Thread(target=work) for _ in range(threads)]
+    start = time.perf_counter()
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join()
+    report(
+        f"kernel append, {threads} threads, 1 event/append",
+        per * threads * 2,
+        time.perf_counter() - start,
+        latencies,
+    )
+
+
+async def http_clients(base: str, n: int, concurrency: int) -> None:
+    body = {
+        "personal_identity_number": "19121212-1212",
+        "district": "nordost",
+        "substances": ["ALCOHOL"],
+        "referral_source": "SELF",
+        "children_in_household": "NO",
+    }
+    latencies: list[float] = []
+    queue: asyncio.Queue[int] = asyncio.Queue()
+    for i in range(n):
+        queue.put_nowait(i)
+    failures = 0
+
+    async def client() -> None:
+        nonlocal failures
+        async with httpx.AsyncClient(base_url=base, timeout=30) as c:
+            while True:
+                try:
+                    queue.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                t = time.perf_counter()
+                r = await c.post("/cases", json=body)
+                latencies.append((time.perf_counter() - t) * 1000)
+                if r.status_code != 201:
+                    failures += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    report(
+        f"HTTP POST /cases, {concurrency} concurrent clients",
+        n,
+        time.perf_counter() - start,
+        latencies,
+    )
+    if failures:
+        print(f"  {failures} requests failed", file=sys.stderr)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--events", type=int, default=5000)
+    parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--http-requests", type=int, default=3000)
+    parser.add_argument("--concurrency", type=int, default=32)
+    args = parser.parse_args()
+    print(f"# append benchmark on {machine()}")
+    with database() as url:
+        pool = ConnectionPool(url, min_size=2, max_size=args.threads + 2, open=True)
+        store = EventStore(
+            pool, "bench_append", Catalogue.load(), producer="bench", topic="likvard.intake.v1"
+        )
+        store.migrate()
+        kernel_serial(store, args.events)
+        kernel_threads(store, args.events, args.threads)
+        pool.close()
+
+        port = free_port()
+        env = dict(
+            os.environ,
+            LIKVARD_DATABASE_URL=url,
+            LIKVARD_PSEUDONYM_SECRET="bench" * 8,
+            LIKVARD_LOG_LEVEL="WARNING",
+        )
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "likvard.cli", "serve", "intake", "--port", str(port)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            base = f"http://127.0.0.1:{port}"
+
+            def ready() -> bool:
+                try:
+                    return httpx.get(base + "/readyz", timeout=0.5).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
+            wait_until(ready, 60, "the intake service")
+            asyncio.run(http_clients(base, args.http_requests, args.concurrency))
+        finally:
+            proc.terminate()
+            proc.wait(10)
+
+
+if __name__ == "__main__":
+    main()

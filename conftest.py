@@ -1,0 +1,131 @@
+"""Real PostgreSQL and a real Kafka-protocol broker for the integration tests.
+
+By default both are started here (embedded PostgreSQL, Tansu); LIKVARD_TEST_DATABASE_URL
+and KAFKA_BOOTSTRAP_SERVERS point the tests at external servers instead. Every test gets
+its own schema and topic prefix, so tests never see each other's data.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+import uvicorn
+from psycopg import sql
+from psycopg_pool import ConnectionPool
+
+from likvard.codec import Catalogue
+from likvard.config import Settings
+from likvard.devstack import EmbeddedPostgres, TansuBroker, free_port, wait_until
+from likvard.eventstore import EventStore
+from likvard.topics import SERVICE_TOPICS, ensure_topics, load_topics
+from tests.support import RunningService
+
+
+@pytest.fixture(scope="session")
+def database_url() -> Iterator[str]:
+    external = os.environ.get("LIKVARD_TEST_DATABASE_URL")
+    if external:
+        yield external
+        return
+    pg = EmbeddedPostgres()
+    try:
+        yield pg.start()
+    finally:
+        pg.stop()
+
+
+@pytest.fixture(scope="session")
+def broker() -> Iterator[TansuBroker | None]:
+    """The test-owned broker (None when KAFKA_BOOTSTRAP_SERVERS names an external one)."""
+    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
+        yield None
+        return
+    b = TansuBroker()
+    b.start()
+    try:
+        yield b
+    finally:
+        b.stop()
+
+
+@pytest.fixture(scope="session")
+def kafka_bootstrap(broker: TansuBroker | None) -> str:
+    return broker.bootstrap if broker is not None else os.environ["KAFKA_BOOTSTRAP_SERVERS"]
+
+
+@pytest.fixture(scope="session")
+def catalogue() -> Catalogue:
+    return Catalogue.load()
+
+
+@pytest.fixture
+def schema(database_url: str) -> Iterator[str]:
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    yield name
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def topic_prefix(kafka_bootstrap: str) -> str:
+    prefix = f"t{uuid.uuid4().hex[:10]}."
+    ensure_topics(kafka_bootstrap, load_topics(prefix=prefix))
+    return prefix
+
+
+@pytest.fixture
+def pool(database_url: str) -> Iterator[ConnectionPool]:
+    p = ConnectionPool(database_url, min_size=1, max_size=20, open=False)
+    p.open(wait=True, timeout=30)
+    try:
+        yield p
+    finally:
+        p.close()
+
+
+@pytest.fixture
+def store(pool: ConnectionPool, schema: str, catalogue: Catalogue, topic_prefix: str) -> EventStore:
+    s = EventStore(
+        pool,
+        schema,
+        catalogue,
+        producer="likvard-intake",
+        topic=topic_prefix + SERVICE_TOPICS["intake"],
+    )
+    s.migrate()
+    return s
+
+
+TEST_SECRET = b"test-pseudonym-secret-0123456789"
+
+
+@pytest.fixture
+def intake(
+    database_url: str, schema: str, topic_prefix: str, catalogue: Catalogue, pool: ConnectionPool
+) -> Iterator[RunningService]:
+    """The intake service on a real uvicorn server in this process, on its own schema."""
+    from services.intake.api import create_app
+
+    settings = Settings(
+        database_url=database_url, pseudonym_secret=TEST_SECRET, topic_prefix=topic_prefix
+    )
+    app = create_app(settings, schema=schema, catalogue=catalogue)
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", lifespan="on")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_until(lambda: server.started or not thread.is_alive(), 30, "the intake test server")
+    assert server.started, "the intake test server did not start"
+    topic = topic_prefix + SERVICE_TOPICS["intake"]
+    store = EventStore(pool, schema, catalogue, producer="likvard-intake", topic=topic)
+    try:
+        yield RunningService(f"http://127.0.0.1:{server.config.port}", schema, topic, store)
+    finally:
+        server.should_exit = True
+        thread.join(30)

@@ -1,0 +1,79 @@
+"""Settings read from the environment in one place, so every process agrees on them."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+SERVICES = ("intake", "referral", "followup")
+DEFAULT_PORTS = {"intake": 8001, "referral": 8002, "followup": 8003, "projections": 8004}
+
+
+def service_port(service: str, env: dict[str, str] | None = None) -> int:
+    """The service's port: LIKVARD_<SERVICE>_PORT, else the standard one."""
+    e = os.environ if env is None else env
+    value = e.get(f"LIKVARD_{service.upper()}_PORT")
+    if value is None:
+        return DEFAULT_PORTS[service]
+    if not value.isdigit() or not 0 < int(value) < 65536:
+        raise ConfigError(f"LIKVARD_{service.upper()}_PORT must be a port number, not {value!r}")
+    return int(value)
+
+
+class ConfigError(RuntimeError):
+    """A setting is missing or malformed; the message says which and how to fix it."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    database_url: str | None = None
+    kafka_bootstrap: str | None = None
+    pseudonym_secret: bytes | None = None
+    topic_prefix: str = ""
+    relay_batch_size: int = 500
+    extra: dict[str, str] = field(default_factory=dict)
+
+    def require_database(self) -> str:
+        if not self.database_url:
+            raise ConfigError(
+                "LIKVARD_DATABASE_URL is not set: point it at PostgreSQL, or run `likvard up`"
+                " which starts an embedded server for you."
+            )
+        return self.database_url
+
+    def require_kafka(self) -> str:
+        if not self.kafka_bootstrap:
+            raise ConfigError(
+                "KAFKA_BOOTSTRAP_SERVERS is not set: point it at Kafka, or run `likvard up`"
+                " which starts a development broker for you."
+            )
+        return self.kafka_bootstrap
+
+    def require_pseudonym_secret(self) -> bytes:
+        if not self.pseudonym_secret or len(self.pseudonym_secret) < 16:
+            raise ConfigError(
+                "LIKVARD_PSEUDONYM_SECRET must be set to at least 16 characters: it keys the"
+                " person pseudonyms, so the same person gets the same pseudonym in every service."
+            )
+        return self.pseudonym_secret
+
+    def topic(self, name: str) -> str:
+        """Topic name with the optional prefix (tests isolate themselves with one)."""
+        return f"{self.topic_prefix}{name}"
+
+
+def load_settings(env: dict[str, str] | None = None) -> Settings:
+    e = os.environ if env is None else env
+    secret = e.get("LIKVARD_PSEUDONYM_SECRET")
+    batch = e.get("LIKVARD_RELAY_BATCH_SIZE", "500")
+    if not batch.isdigit() or int(batch) < 1:
+        raise ConfigError(
+            f"LIKVARD_RELAY_BATCH_SIZE must be a positive whole number, not {batch!r}"
+        )
+    return Settings(
+        database_url=e.get("LIKVARD_DATABASE_URL") or None,
+        kafka_bootstrap=e.get("KAFKA_BOOTSTRAP_SERVERS") or None,
+        pseudonym_secret=secret.encode() if secret else None,
+        topic_prefix=e.get("LIKVARD_TOPIC_PREFIX", ""),
+        relay_batch_size=int(batch),
+    )

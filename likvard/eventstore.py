@@ -1,0 +1,396 @@
+"""The append-only event store of one service, with its outbox and per-stream hash chain.
+
+Every event is stored as the exact Avro single-object bytes that go to Kafka, so the
+hash chain covers what consumers receive. Each event's hash is
+SHA-256(previous hash of the stream || its own bytes); the first event of a stream
+chains from 32 zero bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool
+
+from likvard.codec import Catalogue, CodecError
+from likvard.db import check_schema_name, migrate
+
+GENESIS_HASH = bytes(32)
+
+
+class ConcurrencyError(Exception):
+    """The stream moved on since the caller read it: retry with the new state (HTTP 409)."""
+
+    def __init__(self, stream_id: str, expected: int, actual: int) -> None:
+        super().__init__(
+            f"stream {stream_id} is at version {actual}, not the expected version {expected}"
+        )
+        self.stream_id = stream_id
+        self.expected = expected
+        self.actual = actual
+
+
+@dataclass(frozen=True)
+class NewEvent:
+    """An event decided by a domain, before the store gives it a position and a hash."""
+
+    event_type: str
+    data: dict[str, Any]
+    occurred_at: datetime
+    district: str
+    actor: str
+    correlation_id: str
+    causation_id: str | None = None
+    traceparent: str | None = None
+    case_id: str | None = None  # defaults to the stream id
+    event_id: uuid.UUID = field(default_factory=uuid.uuid4)
+
+
+@dataclass(frozen=True)
+class StoredEvent:
+    global_position: int
+    stream_id: str
+    stream_version: int
+    event_id: uuid.UUID
+    event_type: str
+    schema_fingerprint: bytes
+    data: bytes
+    metadata: dict[str, Any]
+    payload: dict[str, Any]
+    occurred_at: datetime
+    recorded_at: datetime
+    prev_hash: bytes
+    hash: bytes
+
+
+@dataclass(frozen=True)
+class ChainBreak:
+    """One place where the stored history does not match its hash chain."""
+
+    stream_id: str
+    stream_version: int
+    global_position: int
+    reason: str
+
+
+def chain_hash(prev_hash: bytes, data: bytes) -> bytes:
+    return hashlib.sha256(prev_hash + data).digest()
+
+
+def _json_default(value: object) -> object:
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID | bytes):
+        return str(value) if isinstance(value, uuid.UUID) else value.hex()
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def to_json(value: dict[str, Any]) -> Jsonb:
+    """JSON for the queryable copy of an event; the Avro bytes stay the source of truth."""
+    return Jsonb(value, dumps=lambda v: json.dumps(v, default=_json_default))
+
+
+_COLUMNS = (
+    "global_position, stream_id, stream_version, event_id, event_type, schema_fingerprint,"
+    " data, metadata, payload, occurred_at, recorded_at, prev_hash, hash"
+)
+
+
+def _row_to_event(row: tuple[Any, ...]) -> StoredEvent:
+    return StoredEvent(
+        global_position=row[0],
+        stream_id=row[1],
+        stream_version=row[2],
+        event_id=row[3],
+        event_type=row[4],
+        schema_fingerprint=bytes(row[5]),
+        data=bytes(row[6]),
+        metadata=row[7],
+        payload=row[8],
+        occurred_at=row[9],
+        recorded_at=row[10],
+        prev_hash=bytes(row[11]),
+        hash=bytes(row[12]),
+    )
+
+
+class EventStore:
+    """Event store of one service in its own PostgreSQL schema."""
+
+    def __init__(
+        self,
+        pool: ConnectionPool,
+        schema: str,
+        catalogue: Catalogue,
+        *,
+        producer: str,
+        topic: str,
+    ) -> None:
+        self.pool = pool
+        self.schema = check_schema_name(schema)
+        self.catalogue = catalogue
+        self.producer = producer
+        self.topic = topic
+        self._t = sql.Identifier(schema)
+
+    @property
+    def notify_channel(self) -> str:
+        return f"likvard_outbox_{self.schema}"
+
+    def migrate(self) -> list[int]:
+        with self.pool.connection() as conn:
+            return migrate(conn, self.schema, "eventstore")
+
+    def _q(self, text: str) -> sql.Composed:
+        return sql.SQL(text).format(s=self._t)
+
+    def _encode(
+        self, stream_id: str, version: int, event: NewEvent, recorded_at: datetime
+    ) -> bytes:
+        metadata = {
+            "event_id": str(event.event_id),
+            "event_type": event.event_type,
+            "case_id": event.case_id or stream_id,
+            "stream_version": version,
+            "occurred_at": event.occurred_at,
+            "recorded_at": recorded_at,
+            "producer": self.producer,
+            "district": event.district,
+            "actor": event.actor,
+            "correlation_id": event.correlation_id,
+            "causation_id": event.causation_id,
+            "traceparent": event.traceparent,
+        }
+        return self.catalogue.encode(event.event_type, {"metadata": metadata, **event.data})
+
+    def append(
+        self,
+        stream_id: str,
+        expected_version: int,
+        events: Sequence[NewEvent],
+        *,
+        before_commit: Callable[[], None] | None = None,
+    ) -> list[StoredEvent]:
+        """Append events and their outbox rows atomically, if the stream is still at
+        `expected_version` (0 = the stream must not exist). Raises ConcurrencyError otherwise.
+
+        `before_commit` runs inside the transaction after every row is written: the fault
+        tests use it to hold a transaction open while others commit."""
+        if not events:
+            return []
+        recorded_at = datetime.now(UTC)
+        with self.pool.connection() as conn, conn.transaction():
+            prev_hash = self._lock_stream(conn, stream_id, expected_version)
+            rows: list[tuple[Any, ...]] = []
+            version = expected_version
+            for event in events:
+                version += 1
+                data = self._encode(stream_id, version, event, recorded_at)
+                decoded = self.catalogue.decode(data)
+                metadata = decoded.record["metadata"]
+                payload = {k: v for k, v in decoded.record.items() if k != "metadata"}
+                digest = chain_hash(prev_hash, data)
+                rows.append(
+                    (
+                        stream_id,
+                        version,
+                        event.event_id,
+                        event.event_type,
+                        decoded.fingerprint,
+                        data,
+                        to_json(metadata),
+                        to_json(payload),
+                        event.occurred_at,
+                        recorded_at,
+                        prev_hash,
+                        digest,
+                    )
+                )
+                prev_hash = digest
+            cur = conn.cursor()
+            cur.executemany(
+                self._q(
+                    "INSERT INTO {s}.events (stream_id, stream_version, event_id, event_type,"
+                    " schema_fingerprint, data, metadata, payload, occurred_at, recorded_at,"
+                    " prev_hash, hash) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+                    f" RETURNING {_COLUMNS}"
+                ),
+                rows,
+                returning=True,
+            )
+            stored: list[StoredEvent] = []
+            while True:
+                row = cur.fetchone()
+                if row is not None:
+                    stored.append(_row_to_event(row))
+                if not cur.nextset():
+                    break
+            cur.executemany(
+                self._q(
+                    "INSERT INTO {s}.outbox (global_position, stream_id, stream_version, key,"
+                    " event_id, event_type, topic, value, traceparent)"
+                    " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s)"
+                ),
+                [
+                    (
+                        s.global_position,
+                        s.stream_id,
+                        s.stream_version,
+                        s.metadata["case_id"],
+                        s.event_id,
+                        s.event_type,
+                        self.topic,
+                        s.data,
+                        s.metadata.get("traceparent"),
+                    )
+                    for s in stored
+                ],
+            )
+            conn.execute(
+                self._q("UPDATE {s}.streams SET version = %s, last_hash = %s WHERE stream_id = %s"),
+                (version, prev_hash, stream_id),
+            )
+            conn.execute("SELECT pg_notify(%s, '')", (self.notify_channel,))
+            if before_commit is not None:
+                before_commit()
+        return stored
+
+    def _lock_stream(self, conn: psycopg.Connection[Any], stream_id: str, expected: int) -> bytes:
+        """Lock the stream row (or create it) so concurrent appends serialise per stream."""
+        if expected == 0:
+            cur = conn.execute(
+                self._q(
+                    "INSERT INTO {s}.streams (stream_id, version, last_hash) VALUES (%s, 0, %s)"
+                    " ON CONFLICT (stream_id) DO NOTHING RETURNING version"
+                ),
+                (stream_id, GENESIS_HASH),
+            )
+            if cur.fetchone() is None:
+                raise ConcurrencyError(stream_id, expected, self._version(conn, stream_id))
+            return GENESIS_HASH
+        row = conn.execute(
+            self._q("SELECT version, last_hash FROM {s}.streams WHERE stream_id = %s FOR UPDATE"),
+            (stream_id,),
+        ).fetchone()
+        actual = 0 if row is None else int(row[0])
+        if row is None or actual != expected:
+            raise ConcurrencyError(stream_id, expected, actual)
+        return bytes(row[1])
+
+    def _version(self, conn: psycopg.Connection[Any], stream_id: str) -> int:
+        row = conn.execute(
+            self._q("SELECT version FROM {s}.streams WHERE stream_id = %s"), (stream_id,)
+        ).fetchone()
+        return 0 if row is None else int(row[0])
+
+    def stream_version(self, stream_id: str) -> int:
+        with self.pool.connection() as conn:
+            return self._version(conn, stream_id)
+
+    def read_stream(self, stream_id: str) -> list[StoredEvent]:
+        with self.pool.connection() as conn:
+            cur = conn.execute(
+                self._q(
+                    f"SELECT {_COLUMNS} FROM {{s}}.events WHERE stream_id = %s"
+                    " ORDER BY stream_version"
+                ),
+                (stream_id,),
+            )
+            return [_row_to_event(r) for r in cur.fetchall()]
+
+    def read_all(self, from_position: int = 0, batch_size: int = 1000) -> Iterator[StoredEvent]:
+        """Every event in global order, fetched in batches (for republish and replay)."""
+        position = from_position
+        while True:
+            with self.pool.connection() as conn:
+                rows = conn.execute(
+                    self._q(
+                        f"SELECT {_COLUMNS} FROM {{s}}.events WHERE global_position > %s"
+                        " ORDER BY global_position LIMIT %s"
+                    ),
+                    (position, batch_size),
+                ).fetchall()
+            if not rows:
+                return
+            for row in rows:
+                yield _row_to_event(row)
+            position = rows[-1][0]
+
+    def ping(self) -> None:
+        """Raise unless the database answers and the schema is migrated (readiness)."""
+        with self.pool.connection() as conn:
+            conn.execute(self._q("SELECT 1 FROM {s}.streams LIMIT 1")).fetchall()
+
+    def count(self) -> int:
+        with self.pool.connection() as conn:
+            row = conn.execute(self._q("SELECT count(*) FROM {s}.events")).fetchone()
+            return int(row[0]) if row else 0
+
+    def outbox_depth(self) -> int:
+        with self.pool.connection() as conn:
+            row = conn.execute(self._q("SELECT count(*) FROM {s}.outbox")).fetchone()
+            return int(row[0]) if row else 0
+
+    def verify(self, stream_id: str | None = None) -> list[ChainBreak]:
+        """Recompute every hash chain (or one stream's) and report each break found."""
+        return verify_chain(self._iter_for_verify(stream_id), self.catalogue)
+
+    def _iter_for_verify(self, stream_id: str | None) -> Iterator[StoredEvent]:
+        if stream_id is not None:
+            yield from self.read_stream(stream_id)
+            return
+        with self.pool.connection() as conn:
+            cur = conn.cursor(name="likvard_verify")
+            cur.itersize = 2000
+            cur.execute(
+                self._q(f"SELECT {_COLUMNS} FROM {{s}}.events ORDER BY stream_id, stream_version")
+            )
+            for row in cur:
+                yield _row_to_event(row)
+
+
+def verify_chain(
+    events: Iterator[StoredEvent], catalogue: Catalogue | None = None
+) -> list[ChainBreak]:
+    """Check events ordered by (stream, version): contiguous versions, each prev_hash equal to
+    the predecessor's hash, each hash equal to SHA-256(prev_hash || bytes), and (with a
+    catalogue) bytes that still decode to the stored identity of the event."""
+    breaks: list[ChainBreak] = []
+    current: str | None = None
+    expected_prev = GENESIS_HASH
+    expected_version = 1
+    for e in events:
+        if e.stream_id != current:
+            current, expected_prev, expected_version = e.stream_id, GENESIS_HASH, 1
+
+        def broken(reason: str, e: StoredEvent = e) -> None:
+            breaks.append(ChainBreak(e.stream_id, e.stream_version, e.global_position, reason))
+
+        if e.stream_version != expected_version:
+            broken(f"version {e.stream_version} found where {expected_version} was expected")
+        if e.prev_hash != expected_prev:
+            broken("previous-hash link does not match the hash of the preceding event")
+        if chain_hash(e.prev_hash, e.data) != e.hash:
+            broken("stored hash does not match the event's bytes (content changed)")
+        if catalogue is not None:
+            try:
+                meta = catalogue.decode(e.data).record["metadata"]
+                if (
+                    str(meta["event_id"]) != str(e.event_id)
+                    or meta["stream_version"] != e.stream_version
+                ):
+                    broken("event bytes carry another event id or version than the row")
+            except CodecError as exc:
+                broken(f"event bytes do not decode: {exc}")
+        expected_prev = e.hash
+        expected_version = e.stream_version + 1
+    return breaks

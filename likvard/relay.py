@@ -1,0 +1,289 @@
+"""Outbox relay: publishes a service's outbox to Kafka, in order per case, never skipping.
+
+Why not `WHERE id > last_seen`: identity values are taken before commit, so a transaction
+that commits late makes rows appear *behind* a cursor, and they would be skipped for good.
+The relay instead claims whatever outbox rows exist now (`FOR UPDATE SKIP LOCKED`,
+oldest first), publishes them, and deletes them only after the broker acknowledged them.
+A late-committing row is simply claimed by a later batch.
+
+Order per case: appends to one stream are serialised by the stream's row lock, so a case's
+later events get larger outbox ids and become visible only after its earlier ones. One
+relay per service is active at a time (a session advisory lock elects it; standbys wait),
+so a case's rows are never in flight in two relays. Within a batch, if one event of a case
+fails, the case's later events are kept in the outbox too, and re-sent after it.
+
+A crash between publish and delete re-publishes rows: consumers de-duplicate by event id.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+from confluent_kafka import KafkaError, Message, Producer
+from opentelemetry import trace
+from psycopg import sql
+
+from likvard import telemetry
+from likvard.faults import fault_point
+from likvard.topics import TopicSpec, ensure_topics
+
+log = logging.getLogger("likvard.relay")
+
+CONTENT_TYPE = b"application/vnd.apache.avro+binary; encoding=single-object"
+
+
+@dataclass(frozen=True)
+class OutboxRow:
+    id: int
+    stream_id: str
+    stream_version: int
+    key: str
+    event_id: str
+    event_type: str
+    topic: str
+    value: bytes
+    traceparent: str | None
+
+
+@dataclass
+class RelayStats:
+    published: int = 0
+    batches: int = 0
+    failures: int = 0
+    producer_rebuilds: int = 0
+
+
+def producer_config(bootstrap: str, **overrides: Any) -> dict[str, Any]:
+    """Idempotent producer, all replicas acknowledge; a stalled delivery fails in bounded time."""
+    config: dict[str, Any] = {
+        "bootstrap.servers": bootstrap,
+        "enable.idempotence": True,
+        "acks": "all",
+        "linger.ms": 5,
+        "message.timeout.ms": 15000,
+        "socket.keepalive.enable": True,
+    }
+    config.update(overrides)
+    return config
+
+
+def event_headers(row: OutboxRow, traceparent: str | None) -> list[tuple[str, bytes]]:
+    headers = [
+        ("event_type", row.event_type.encode()),
+        ("event_id", row.event_id.encode()),
+        ("stream_version", str(row.stream_version).encode()),
+        ("content-type", CONTENT_TYPE),
+    ]
+    if traceparent:
+        headers.append(("traceparent", traceparent.encode()))
+    return headers
+
+
+def delivered_prefix(rows: list[OutboxRow], failed_ids: set[int]) -> list[int]:
+    """Ids safe to delete: per stream, the rows before its first failure.
+
+    A case's later event may have reached Kafka although an earlier one failed; keeping it
+    means it is sent again after the earlier one, so consumers see the case in order (the
+    early copy is a duplicate they drop by event id).
+    """
+    blocked: set[str] = set()
+    ok: list[int] = []
+    for row in rows:
+        if row.stream_id in blocked:
+            continue
+        if row.id in failed_ids:
+            blocked.add(row.stream_id)
+            continue
+        ok.append(row.id)
+    return ok
+
+
+class OutboxRelay:
+    def __init__(
+        self,
+        dsn: str,
+        schema: str,
+        bootstrap: str,
+        *,
+        topics: list[TopicSpec] | None = None,
+        batch_size: int = 500,
+        flush_timeout: float = 20.0,
+        idle_wait: float = 1.0,
+        producer_overrides: dict[str, Any] | None = None,
+        producer_factory: Callable[[dict[str, Any]], Producer] = Producer,
+    ) -> None:
+        self.dsn = dsn
+        self.schema = schema
+        self.bootstrap = bootstrap
+        self.topics = topics or []
+        self.batch_size = batch_size
+        self.flush_timeout = flush_timeout
+        self.idle_wait = idle_wait
+        self.producer_overrides = producer_overrides or {}
+        self._producer_factory = producer_factory
+        self._producer: Producer | None = None
+        self.stats = RelayStats()
+        self._tracer = telemetry.tracer("likvard.relay")
+        self._t = sql.Identifier(schema)
+
+    # -- producer lifecycle ------------------------------------------------------------
+    def producer(self) -> Producer:
+        if self._producer is None:
+            self._producer = self._producer_factory(
+                producer_config(self.bootstrap, **self.producer_overrides)
+            )
+        return self._producer
+
+    def rebuild_producer(self) -> None:
+        """Drop a producer whose deliveries failed or stalled (an idempotent producer stalls
+        for good after a broker restart), and re-create the topics a wiped broker lost."""
+        old, self._producer = self._producer, None
+        if old is not None:
+            try:
+                old.purge()
+                old.flush(0)
+            except Exception:  # the old producer is being thrown away either way
+                log.debug("purging the old producer failed", exc_info=True)
+        self.stats.producer_rebuilds += 1
+        if self.topics:
+            try:
+                ensure_topics(self.bootstrap, self.topics, timeout=10)
+            except Exception as exc:
+                log.warning("could not re-create topics after a delivery failure: %s", exc)
+
+    # -- one batch ---------------------------------------------------------------------
+    def _claim(self, conn: psycopg.Connection[Any]) -> list[OutboxRow]:
+        rows = conn.execute(
+            sql.SQL(
+                "SELECT id, stream_id, stream_version, key, event_id::text, event_type, topic,"
+                " value, traceparent FROM {}.outbox ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED"
+            ).format(self._t),
+            (self.batch_size,),
+        ).fetchall()
+        return [
+            OutboxRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bytes(r[7]), r[8]) for r in rows
+        ]
+
+    def _publish(self, rows: list[OutboxRow]) -> set[int]:
+        """Produce a batch and wait for every delivery report; returns the ids that failed."""
+        producer = self.producer()
+        results: dict[int, KafkaError | None] = {}
+
+        def on_delivery(row_id: int) -> Callable[[KafkaError | None, Message], None]:
+            def callback(err: KafkaError | None, _msg: Message) -> None:
+                results[row_id] = err
+
+            return callback
+
+        for row in rows:
+            parent = telemetry.context_from_traceparent(row.traceparent)
+            with self._tracer.start_as_current_span(
+                f"publish {row.topic}",
+                context=parent,
+                kind=trace.SpanKind.PRODUCER,
+                attributes={
+                    "messaging.system": "kafka",
+                    "messaging.destination.name": row.topic,
+                    "likvard.event_type": row.event_type,
+                    "likvard.event_id": row.event_id,
+                },
+            ):
+                headers = event_headers(row, telemetry.current_traceparent())
+                while True:
+                    try:
+                        producer.produce(
+                            row.topic,
+                            key=row.key.encode(),
+                            value=row.value,
+                            headers=headers,
+                            on_delivery=on_delivery(row.id),
+                        )
+                        break
+                    except BufferError:
+                        producer.poll(0.05)
+        remaining = producer.flush(self.flush_timeout)
+        failed = {rid for rid, err in results.items() if err is not None}
+        failed |= {row.id for row in rows if row.id not in results}
+        if failed:
+            first = next((e for e in results.values() if e is not None), None)
+            log.warning(
+                "%d of %d deliveries failed or stalled (%s still queued): %s",
+                len(failed),
+                len(rows),
+                remaining,
+                first,
+            )
+        return failed
+
+    def run_once(self, conn: psycopg.Connection[Any]) -> int:
+        """Publish one batch; returns how many rows were published and deleted."""
+        with conn.transaction():
+            rows = self._claim(conn)
+            if not rows:
+                return 0
+            failed = self._publish(rows)
+            fault_point("relay.after_publish")
+            done = delivered_prefix(rows, failed)
+            if done:
+                conn.execute(
+                    sql.SQL("DELETE FROM {}.outbox WHERE id = ANY(%s)").format(self._t), (done,)
+                )
+        self.stats.batches += 1
+        self.stats.published += len(done)
+        if failed:
+            self.stats.failures += 1
+            self.rebuild_producer()
+        return len(done)
+
+    # -- the loop ----------------------------------------------------------------------
+    def run(self, stop: threading.Event) -> None:
+        """Publish until `stop` is set; waits for NOTIFY (or idle_wait) when the outbox is
+        empty, and reconnects after database errors."""
+        backoff = 0.5
+        while not stop.is_set():
+            try:
+                with psycopg.connect(self.dsn, autocommit=True) as leader:
+                    self._wait_for_leadership(leader, stop)
+                    if stop.is_set():
+                        return
+                    log.info("relay for schema %s is active", self.schema)
+                    leader.execute(
+                        sql.SQL("LISTEN {}").format(sql.Identifier(f"likvard_outbox_{self.schema}"))
+                    )
+                    with psycopg.connect(self.dsn) as work:
+                        while not stop.is_set():
+                            failures_before = self.stats.failures
+                            n = self.run_once(work)
+                            if self.stats.failures > failures_before:
+                                stop.wait(backoff)  # the broker is unwell: do not spin
+                                backoff = min(backoff * 2, 10.0)
+                            elif n == 0:
+                                self._idle(leader, stop)
+                                backoff = 0.5
+            except psycopg.OperationalError as exc:
+                log.warning("relay lost the database (%s); reconnecting in %.1fs", exc, backoff)
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+        if self._producer is not None:
+            self._producer.flush(5)
+
+    def _wait_for_leadership(self, conn: psycopg.Connection[Any], stop: threading.Event) -> None:
+        key = f"likvard.relay.{self.schema}"
+        while not stop.is_set():
+            row = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (key,)).fetchone()
+            if row and row[0]:
+                return
+            stop.wait(1.0)
+
+    def _idle(self, leader: psycopg.Connection[Any], stop: threading.Event) -> None:
+        """Sleep until an append notifies, the idle timeout passes, or we are stopped."""
+        deadline = time.monotonic() + self.idle_wait
+        while not stop.is_set() and time.monotonic() < deadline:
+            for _ in leader.notifies(timeout=min(0.2, self.idle_wait), stop_after=1):
+                return

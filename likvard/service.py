@@ -1,0 +1,94 @@
+"""The thin service layer every write service shares: load a stream, decide, append.
+
+A service supplies its pure decider (`decide`, `evolve`, `initial_state`); this module does
+the I/O around it, so the optimistic-concurrency rule lives in one place: the decision is
+appended at the version it was made on, or not at all.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Generic, Protocol, TypeVar
+
+from likvard.eventstore import ConcurrencyError, EventStore, NewEvent, StoredEvent
+from likvard.http import RequestContext
+
+
+class DomainEventLike(Protocol):
+    @property
+    def type(self) -> str: ...
+    @property
+    def data(self) -> dict[str, Any]: ...
+    @property
+    def occurred_at(self) -> datetime: ...
+
+
+S = TypeVar("S")
+C = TypeVar("C")
+E = TypeVar("E", bound=DomainEventLike)
+
+
+@dataclass(frozen=True)
+class Decided(Generic[S]):
+    state: S
+    version: int
+    stored: list[StoredEvent]
+
+
+class StreamService(Generic[C, S, E]):
+    def __init__(
+        self,
+        store: EventStore,
+        *,
+        initial_state: Callable[[], S],
+        evolve: Callable[[S, E], S],
+        decide: Callable[[C, S], Sequence[E]],
+        to_domain: Callable[[str, dict[str, Any], datetime], E],
+        district_of: Callable[[S, E], str],
+    ) -> None:
+        self.store = store
+        self._initial = initial_state
+        self._evolve = evolve
+        self._decide = decide
+        self._to_domain = to_domain
+        self._district_of = district_of
+
+    def domain_event(self, stored: StoredEvent) -> E:
+        """Decode the stored bytes with the newest reader schema (old events upcast)."""
+        record = dict(self.store.catalogue.decode(stored.data).record)
+        record.pop("metadata", None)
+        return self._to_domain(stored.event_type, record, stored.occurred_at)
+
+    def load(self, stream_id: str) -> tuple[S, int, list[StoredEvent]]:
+        events = self.store.read_stream(stream_id)
+        state = self._initial()
+        for e in events:
+            state = self._evolve(state, self.domain_event(e))
+        return state, len(events), events
+
+    def execute(
+        self, stream_id: str, command: C, expected_version: int | None, ctx: RequestContext
+    ) -> Decided[S]:
+        """Decide on the current state and append at exactly the version decided on."""
+        state, version, _ = self.load(stream_id)
+        if expected_version is not None and expected_version != version:
+            raise ConcurrencyError(stream_id, expected_version, version)
+        new_events = list(self._decide(command, state))
+        to_store: list[NewEvent] = []
+        for event in new_events:
+            state = self._evolve(state, event)
+            to_store.append(
+                NewEvent(
+                    event_type=event.type,
+                    data=event.data,
+                    occurred_at=event.occurred_at,
+                    district=self._district_of(state, event),
+                    actor=ctx.actor,
+                    correlation_id=ctx.correlation_id,
+                    traceparent=ctx.traceparent,
+                )
+            )
+        stored = self.store.append(stream_id, version, to_store)
+        return Decided(state, version + len(stored), stored)

@@ -1,0 +1,521 @@
+"""HTTP entrypoint of the intake service: it only translates HTTP to commands and back."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, date, datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, Header, Path, Request, Response
+from pydantic import BaseModel, Field, field_validator
+
+from likvard import http
+from likvard.codec import Catalogue
+from likvard.config import Settings, load_settings
+from likvard.db import make_pool
+from likvard.districts import DistrictRegistry
+from likvard.eventstore import EventStore, StoredEvent
+from likvard.pseudonym import InvalidIdentityNumber, pseudonymise
+from likvard.telemetry import setup_tracing
+from likvard.topics import SERVICE_TOPICS
+from services.intake import domain as d
+from services.intake.service import IntakeService, make_service
+
+Substance = Literal["ALCOHOL", "NARCOTICS", "PHARMACEUTICALS", "GAMBLING"]
+ReferralSource = Literal[
+    "SELF", "RELATIVE", "HEALTHCARE", "POLICE", "PRISON_PROBATION", "NON_PROFIT", "OTHER"
+]
+ChildrenInHousehold = Literal["YES", "NO", "UNKNOWN"]
+Instrument = Literal["AUDIT", "DUDIT", "ASI_GRUND", "ASI_UPPFOLJNING", "ADDIS", "PGSI", "NODS_PERC"]
+NeedLevel = Literal["LOW", "MODERATE", "HIGH"]
+ConsentRecipient = Literal["HEALTHCARE", "PRISON_PROBATION", "NON_PROFIT"]
+TransferReason = Literal["PERSON_MOVED", "REORGANISATION", "OTHER"]
+CloseReason = Literal[
+    "GOALS_REACHED",
+    "PLANNED_END",
+    "PERSON_DECLINED",
+    "NO_CONTACT",
+    "MOVED_OUT_OF_CITY",
+    "DECEASED",
+    "OTHER",
+]
+ReopenReason = Literal["RELAPSE", "NEW_NEED", "CLOSED_IN_ERROR", "OTHER"]
+
+CaseId = Annotated[uuid.UUID, Path(description="The case id returned by POST /cases")]
+IfMatch = Annotated[
+    str | None,
+    Header(description='Stream version the client last saw, e.g. "3"; a stale one gives 409.'),
+]
+
+
+class Timed(BaseModel):
+    occurred_at: datetime | None = Field(
+        None,
+        description="When it happened (ISO 8601 with offset); defaults to now. Not in the future.",
+    )
+
+    @field_validator("occurred_at")
+    @classmethod
+    def _not_future_and_aware(cls, v: datetime | None) -> datetime | None:
+        if v is None:
+            return v
+        if v.tzinfo is None:
+            raise ValueError("occurred_at needs a time-zone offset, e.g. 2026-11-22T10:00:00+01:00")
+        if v > datetime.now(UTC):
+            raise ValueError("occurred_at may not be in the future")
+        return v
+
+    def when(self) -> datetime:
+        return (self.occurred_at or datetime.now(UTC)).astimezone(UTC)
+
+
+class RegisterCase(Timed):
+    personal_identity_number: str = Field(
+        ...,
+        description="Swedish personal identity or coordination number. Only its keyed "
+        "pseudonym is stored; the number itself never is.",
+        examples=["19121212-1212"],
+        min_length=10,
+        max_length=13,
+    )
+    district: str = Field(
+        ...,
+        description="District code valid on the date, e.g. 'nordost'",
+        examples=["nordost"],
+        max_length=64,
+    )
+    substances: list[Substance] = Field(..., min_length=1)
+    referral_source: ReferralSource
+    children_in_household: ChildrenInHousehold
+    birth_year: int | None = Field(None, ge=1900, le=2100)
+
+
+class ScoreIn(BaseModel):
+    scale: str = Field(..., max_length=64, examples=["total"])
+    value: int
+
+
+class CompleteAssessment(Timed):
+    instrument: Instrument
+    scores: list[ScoreIn] = Field(..., min_length=1, max_length=20)
+    need_level: NeedLevel
+
+
+class AgreeCarePlan(Timed):
+    goals: list[str] = Field(
+        ..., min_length=1, max_length=20, description="The person's own goals, in their words"
+    )
+    person_participated: bool
+    review_on: date | None = None
+
+
+class RecordConsent(Timed):
+    recipients: list[ConsentRecipient] = Field(..., min_length=1)
+    valid_until: date | None = None
+
+
+class WithdrawConsent(Timed):
+    pass
+
+
+class TransferCase(Timed):
+    to_district: str = Field(..., max_length=64)
+    reason: TransferReason
+
+
+class CloseCase(Timed):
+    reason: CloseReason
+
+
+class ReopenCase(Timed):
+    reason: ReopenReason
+
+
+class EventRef(BaseModel):
+    event_id: uuid.UUID
+    event_type: str
+    stream_version: int
+
+
+class CommandResult(BaseModel):
+    case_id: uuid.UUID
+    version: int = Field(..., description="The case's stream version after the command")
+    events: list[EventRef]
+
+
+class CaseView(BaseModel):
+    case_id: uuid.UUID
+    version: int
+    status: str
+    district: str | None
+    person: str | None = Field(None, description="Keyed pseudonym of the person")
+    substances: list[str]
+    referral_source: str | None
+    children_in_household: str | None
+    need_level: str | None
+    assessments: int
+    care_plans: int
+    active_consents: dict[str, list[str]]
+
+
+class EventView(BaseModel):
+    event_id: uuid.UUID
+    event_type: str
+    stream_version: int
+    global_position: int
+    occurred_at: datetime
+    recorded_at: datetime
+    metadata: dict[str, Any]
+    payload: dict[str, Any]
+    hash: str = Field(..., description="SHA-256 hash-chain link of this event (hex)")
+    prev_hash: str
+
+
+class Health(BaseModel):
+    status: str
+
+
+def _service(request: Request) -> IntakeService:
+    svc: IntakeService = request.app.state.service
+    return svc
+
+
+Svc = Annotated[IntakeService, Depends(_service)]
+Ctx = Annotated[http.RequestContext, Depends(http.request_context)]
+
+
+def _result(case_id: uuid.UUID, decided: Any, response: Response) -> CommandResult:
+    response.headers["ETag"] = http.etag(decided.version)
+    return CommandResult(
+        case_id=case_id,
+        version=decided.version,
+        events=[
+            EventRef(event_id=s.event_id, event_type=s.event_type, stream_version=s.stream_version)
+            for s in decided.stored
+        ],
+    )
+
+
+def _event_view(e: StoredEvent) -> EventView:
+    return EventView(
+        event_id=e.event_id,
+        event_type=e.event_type,
+        stream_version=e.stream_version,
+        global_position=e.global_position,
+        occurred_at=e.occurred_at,
+        recorded_at=e.recorded_at,
+        metadata=e.metadata,
+        payload=e.payload,
+        hash=e.hash.hex(),
+        prev_hash=e.prev_hash.hex(),
+    )
+
+
+def _case_view(case_id: uuid.UUID, state: d.CaseState, version: int) -> CaseView:
+    return CaseView(
+        case_id=case_id,
+        version=version,
+        status=state.status,
+        district=state.district,
+        person=state.person,
+        substances=list(state.substances),
+        referral_source=state.referral_source,
+        children_in_household=state.children_in_household,
+        need_level=state.need_level,
+        assessments=len(state.assessment_ids),
+        care_plans=len(state.care_plan_ids),
+        active_consents={
+            k: list(v) for k, v in state.active_consents(datetime.now(UTC).date()).items()
+        },
+    )
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    schema: str = "intake",
+    catalogue: Catalogue | None = None,
+    districts: DistrictRegistry | None = None,
+) -> FastAPI:
+    """Build the intake app; the pool and migrations are set up when it starts."""
+    settings = settings or load_settings()
+    secret = settings.require_pseudonym_secret()
+    dsn = settings.require_database()
+    catalogue = catalogue or Catalogue.load()
+    districts = districts or DistrictRegistry.load()
+    setup_tracing("intake")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pool = make_pool(dsn, max_size=20, name="likvard-intake")
+        store = EventStore(
+            pool,
+            schema,
+            catalogue,
+            producer="likvard-intake",
+            topic=settings.topic(SERVICE_TOPICS["intake"]),
+        )
+        store.migrate()
+        app.state.service = make_service(store, districts)
+        try:
+            yield
+        finally:
+            pool.close()
+
+    app = FastAPI(
+        title="Likvärd intake service",
+        version="1.0.0",
+        description="Registers cases and the decisions on them: intake, assessments, care plans,"
+        " consents, transfers between districts, closing and reopening. Every accepted command"
+        " becomes events in the case's stream (see `GET /cases/{id}/events`). Send the version"
+        " you last saw in `If-Match` to be told (409) when someone changed the case meanwhile.",
+        lifespan=lifespan,
+        responses=http.PROBLEM_RESPONSES,
+    )
+    http.install(app, "intake")
+
+
+    def run(
+        svc: Svc,
+        case_id: uuid.UUID,
+        command: Any,
+        if_match: str | None,
+        ctx: http.RequestContext,
+        response: Response,
+    ) -> CommandResult:
+        expected = http.parse_if_match(if_match)
+        try:
+            decided = svc.execute(str(case_id), command, expected, ctx)
+        except d.CaseNotFound as exc:
+            raise http.ProblemError(404, exc.code, "Case not found", exc.detail) from exc
+        except d.DomainError as exc:
+            raise http.ProblemError(422, exc.code, "Rule violated", exc.detail) from exc
+        return _result(case_id, decided, response)
+
+    @app.post(
+        "/cases",
+        status_code=201,
+        response_model=CommandResult,
+        tags=["cases"],
+        summary="Register an intake (opens a case)",
+    )
+    def register_case(body: RegisterCase, svc: Svc, ctx: Ctx, response: Response) -> CommandResult:
+        try:
+            person = pseudonymise(body.personal_identity_number, secret)
+        except InvalidIdentityNumber as exc:
+            raise http.ProblemError(
+                422, "invalid-identity-number", "Invalid identity number", str(exc)
+            ) from exc
+        case_id = uuid.uuid4()
+        command = d.RegisterIntake(
+            case_id=str(case_id),
+            occurred_at=body.when(),
+            person=person,
+            district=body.district,
+            substances=tuple(body.substances),
+            referral_source=body.referral_source,
+            children_in_household=body.children_in_household,
+            birth_year=body.birth_year,
+        )
+        result = run(svc, case_id, command, '"0"', ctx, response)
+        response.headers["Location"] = f"/cases/{case_id}"
+        return result
+
+    @app.post(
+        "/cases/{case_id}/assessments",
+        response_model=CommandResult,
+        tags=["cases"],
+        summary="Record a completed assessment (AUDIT, DUDIT, ASI, ...)",
+    )
+    def complete_assessment(
+        case_id: CaseId,
+        body: CompleteAssessment,
+        svc: Svc,
+        ctx: Ctx,
+        response: Response,
+        if_match: IfMatch = None,
+    ) -> CommandResult:
+        command = d.CompleteAssessment(
+            case_id=str(case_id),
+            occurred_at=body.when(),
+            assessment_id=str(uuid.uuid4()),
+            instrument=body.instrument,
+            scores=tuple(d.Score(scale=s.scale, value=s.value) for s in body.scores),
+            need_level=body.need_level,
+        )
+        return run(svc, case_id, command, if_match, ctx, response)
+
+    @app.post(
+        "/cases/{case_id}/care-plan",
+        response_model=CommandResult,
+        tags=["cases"],
+        summary="Record the care plan agreed with the person, in their own goals",
+    )
+    def agree_care_plan(
+        case_id: CaseId,
+        body: AgreeCarePlan,
+        svc: Svc,
+        ctx: Ctx,
+        response: Response,
+        if_match: IfMatch = None,
+    ) -> CommandResult:
+        command = d.AgreeCarePlan(
+            case_id=str(case_id),
+            occurred_at=body.when(),
+            plan_id=str(uuid.uuid4()),
+            goals=tuple(body.goals),
+            person_participated=body.person_participated,
+            review_on=body.review_on,
+        )
+        return run(svc, case_id, command, if_match, ctx, response)
+
+    @app.post(
+        "/cases/{case_id}/consents",
+        response_model=CommandResult,
+        tags=["cases"],
+        summary="Record the person's consent to share with other organisations",
+    )
+    def record_consent(
+        case_id: CaseId,
+        body: RecordConsent,
+        svc: Svc,
+        ctx: Ctx,
+        response: Response,
+        if_match: IfMatch = None,
+    ) -> CommandResult:
+        command = d.RecordConsent(
+            case_id=str(case_id),
+            occurred_at=body.when(),
+            consent_id=str(uuid.uuid4()),
+            recipients=tuple(body.recipients),
+            valid_until=body.valid_until,
+        )
+        return run(svc, case_id, command, if_match, ctx, response)
+
+    @app.post(
+        "/cases/{case_id}/consents/{consent_id}/withdraw",
+        response_model=CommandResult,
+        tags=["cases"],
+        summary="Record that the person withdrew a consent",
+    )
+    def withdraw_consent(
+        case_id: CaseId,
+        consent_id: uuid.UUID,
+        body: WithdrawConsent,
+        svc: Svc,
+        ctx: Ctx,
+        response: Response,
+        if_match: IfMatch = None,
+    ) -> CommandResult:
+        command = d.WithdrawConsent(
+            case_id=str(case_id), occurred_at=body.when(), consent_id=str(consent_id)
+        )
+        return run(svc, case_id, command, if_match, ctx, response)
+
+    @app.post(
+        "/cases/{case_id}/transfer",
+        response_model=CommandResult,
+        tags=["cases"],
+        summary="Transfer the case to another district (the person moved)",
+    )
+    def transfer_case(
+        case_id: CaseId,
+        body: TransferCase,
+        svc: Svc,
+        ctx: Ctx,
+        response: Response,
+        if_match: IfMatch = None,
+    ) -> CommandResult:
+        command = d.TransferCase(
+            case_id=str(case_id),
+            occurred_at=body.when(),
+            to_district=body.to_district,
+            reason=body.reason,
+        )
+        return run(svc, case_id, command, if_match, ctx, response)
+
+    @app.post(
+        "/cases/{case_id}/close",
+        response_model=CommandResult,
+        tags=["cases"],
+        summary="Close the case",
+    )
+    def close_case(
+        case_id: CaseId,
+        body: CloseCase,
+        svc: Svc,
+        ctx: Ctx,
+        response: Response,
+        if_match: IfMatch = None,
+    ) -> CommandResult:
+        command = d.CloseCase(case_id=str(case_id), occurred_at=body.when(), reason=body.reason)
+        return run(svc, case_id, command, if_match, ctx, response)
+
+    @app.post(
+        "/cases/{case_id}/reopen",
+        response_model=CommandResult,
+        tags=["cases"],
+        summary="Reopen a closed case",
+    )
+    def reopen_case(
+        case_id: CaseId,
+        body: ReopenCase,
+        svc: Svc,
+        ctx: Ctx,
+        response: Response,
+        if_match: IfMatch = None,
+    ) -> CommandResult:
+        command = d.ReopenCase(case_id=str(case_id), occurred_at=body.when(), reason=body.reason)
+        return run(svc, case_id, command, if_match, ctx, response)
+
+    @app.get(
+        "/cases/{case_id}",
+        response_model=CaseView,
+        tags=["cases"],
+        summary="The case's current state, folded from its events",
+    )
+    def get_case(case_id: CaseId, svc: Svc, response: Response) -> CaseView:
+        state, version, _ = svc.load(str(case_id))
+        if version == 0:
+            raise http.ProblemError(404, "case-not-found", "Case not found", "No case has this id.")
+        response.headers["ETag"] = http.etag(version)
+        return _case_view(case_id, state, version)
+
+    @app.get(
+        "/cases/{case_id}/events",
+        response_model=list[EventView],
+        tags=["cases"],
+        summary="The case's events in stream order, with their hash-chain links",
+    )
+    def get_events(case_id: CaseId, svc: Svc) -> list[EventView]:
+        events = svc.store.read_stream(str(case_id))
+        if not events:
+            raise http.ProblemError(404, "case-not-found", "Case not found", "No case has this id.")
+        return [_event_view(e) for e in events]
+
+    @app.get(
+        "/healthz",
+        response_model=Health,
+        tags=["operations"],
+        summary="Liveness: the process answers",
+    )
+    def healthz() -> Health:
+        return Health(status="ok")
+
+    @app.get(
+        "/readyz",
+        response_model=Health,
+        tags=["operations"],
+        responses={503: {"model": http.Problem, "content": {http.PROBLEM_JSON: {}}}},
+        summary="Readiness: the event store answers",
+    )
+    def readyz(svc: Svc) -> Any:
+        try:
+            svc.store.ping()
+        except Exception:
+            return http.problem(503, "not-ready", "Not ready", "The event store does not answer.")
+        return Health(status="ready")
+
+    return app

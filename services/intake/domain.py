@@ -1,0 +1,504 @@
+"""The intake decider: a case's commands, events and state, with no I/O.
+
+`decide(command, state, districts)` says which events a command leads to, or raises a
+`DomainError`; `evolve(state, event)` folds one event into the state. Event payloads are
+exactly the Avro payloads of `schemas/intake/` (without metadata), so an event decided here
+equals the same event decoded from Kafka, and district systems' events fold the same way.
+Symbols are checked here as well as in the HTTP layer because district systems produce
+events without going through it.
+"""
+
+from __future__ import annotations
+
+import re
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from datetime import date, datetime
+from typing import Any, Literal, Protocol, assert_never, get_args
+from zoneinfo import ZoneInfo
+
+from services.intake.instruments import INSTRUMENTS, score_problems
+from services.intake.instruments import Score as Score
+
+# --- Avro enum symbols ---------------------------------------------------------------
+Substance = Literal["ALCOHOL", "NARCOTICS", "PHARMACEUTICALS", "GAMBLING"]
+ReferralSource = Literal[
+    "SELF", "RELATIVE", "HEALTHCARE", "POLICE", "PRISON_PROBATION", "NON_PROFIT", "OTHER"
+]
+ChildrenInHousehold = Literal["YES", "NO", "UNKNOWN"]
+NeedLevel = Literal["LOW", "MODERATE", "HIGH"]
+ConsentRecipient = Literal["HEALTHCARE", "PRISON_PROBATION", "NON_PROFIT"]
+TransferReason = Literal["PERSON_MOVED", "REORGANISATION", "OTHER"]
+CloseReason = Literal[
+    "GOALS_REACHED", "PLANNED_END", "PERSON_DECLINED", "NO_CONTACT", "MOVED_OUT_OF_CITY",
+    "DECEASED", "OTHER",
+]
+ReopenReason = Literal["RELAPSE", "NEW_NEED", "CLOSED_IN_ERROR", "OTHER"]
+CaseStatus = Literal["unregistered", "open", "closed"]
+
+SUBSTANCES: frozenset[str] = frozenset(get_args(Substance))
+REFERRAL_SOURCES: frozenset[str] = frozenset(get_args(ReferralSource))
+CHILDREN_IN_HOUSEHOLD: frozenset[str] = frozenset(get_args(ChildrenInHousehold))
+INSTRUMENT_CODES: frozenset[str] = frozenset(INSTRUMENTS)
+NEED_LEVELS: frozenset[str] = frozenset(get_args(NeedLevel))
+CONSENT_RECIPIENTS: frozenset[str] = frozenset(get_args(ConsentRecipient))
+TRANSFER_REASONS: frozenset[str] = frozenset(get_args(TransferReason))
+CLOSE_REASONS: frozenset[str] = frozenset(get_args(CloseReason))
+REOPEN_REASONS: frozenset[str] = frozenset(get_args(ReopenReason))
+
+EVENT_TYPES: tuple[str, ...] = (
+    "IntakeRegistered", "AssessmentCompleted", "CarePlanAgreed", "ConsentRecorded",
+    "ConsentWithdrawn", "CaseTransferred", "CaseClosed", "CaseReopened",
+)
+
+CITY_TZ = ZoneInfo("Europe/Stockholm")
+"""Dates (district validity, review and expiry dates) are the city's calendar dates: a
+command at 00:30 on 1 January local time belongs to the new year's districts."""
+
+MAX_GOALS = 20
+MAX_GOAL_LENGTH = 500
+ADULT_AGE = 18
+_PSEUDONYM = re.compile(r"[0-9a-f]{64}")
+
+
+def local_date(moment: datetime) -> date:
+    """The city's calendar date at this moment."""
+    return moment.astimezone(CITY_TZ).date()
+
+
+class DistrictLookup(Protocol):
+    """What the decider needs of `likvard.districts.DistrictRegistry`."""
+
+    def is_known(self, code: str, /) -> bool: ...
+    def valid_on(self, code: str, day: date, /) -> bool: ...
+
+
+# --- errors ----------------------------------------------------------------------------
+class DomainError(Exception):
+    """A refused command: `code` is for machines (kebab-case, stable), `detail` for people.
+
+    The detail never repeats submitted free text, so it cannot leak personal data into
+    responses or logs.
+    """
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(f"{code}: {detail}")
+        self.code = code
+        self.detail = detail
+
+
+class CaseNotFound(DomainError):
+    """A command on a case that was never registered (HTTP 404)."""
+
+    def __init__(self) -> None:
+        super().__init__("case-not-found", "No case has this id.")
+
+
+class CaseAlreadyExists(DomainError):
+    """A registration for a case id that already has a stream."""
+
+    def __init__(self) -> None:
+        super().__init__("case-already-exists", "A case with this id is already registered.")
+
+
+class RuleViolation(DomainError):
+    """A command that breaks a rule of the case (HTTP 422)."""
+
+
+# --- commands --------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RegisterIntake:
+    case_id: str
+    occurred_at: datetime
+    person: str
+    district: str
+    substances: tuple[str, ...]
+    referral_source: str
+    children_in_household: str
+    birth_year: int | None = None
+
+
+@dataclass(frozen=True)
+class CompleteAssessment:
+    case_id: str
+    occurred_at: datetime
+    assessment_id: str
+    instrument: str
+    scores: tuple[Score, ...]
+    need_level: str
+
+
+@dataclass(frozen=True)
+class AgreeCarePlan:
+    case_id: str
+    occurred_at: datetime
+    plan_id: str
+    goals: tuple[str, ...]
+    person_participated: bool
+    review_on: date | None = None
+
+
+@dataclass(frozen=True)
+class RecordConsent:
+    case_id: str
+    occurred_at: datetime
+    consent_id: str
+    recipients: tuple[str, ...]
+    valid_until: date | None = None
+
+
+@dataclass(frozen=True)
+class WithdrawConsent:
+    case_id: str
+    occurred_at: datetime
+    consent_id: str
+
+
+@dataclass(frozen=True)
+class TransferCase:
+    case_id: str
+    occurred_at: datetime
+    to_district: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class CloseCase:
+    case_id: str
+    occurred_at: datetime
+    reason: str
+
+
+@dataclass(frozen=True)
+class ReopenCase:
+    case_id: str
+    occurred_at: datetime
+    reason: str
+
+
+Command = (
+    RegisterIntake | CompleteAssessment | AgreeCarePlan | RecordConsent | WithdrawConsent
+    | TransferCase | CloseCase | ReopenCase
+)
+
+
+# --- events and state ------------------------------------------------------------------
+@dataclass(frozen=True)
+class DomainEvent:
+    """An event as the domain sees it: `data` is the Avro payload (arrays as lists, records
+    as dicts, enums as symbols, dates as `date`), the metadata is added by the event store."""
+
+    type: str
+    data: dict[str, Any]
+    occurred_at: datetime
+
+
+@dataclass(frozen=True)
+class CaseState:
+    """A case folded from its events ("unregistered" until its IntakeRegistered).
+
+    `consents` holds the consents not withdrawn (consent_id -> recipients); whether one is
+    in force also depends on the day, see `consent_active`.
+    """
+
+    exists: bool = False
+    status: CaseStatus = "unregistered"
+    district: str | None = None
+    person: str | None = None
+    substances: tuple[str, ...] = ()
+    referral_source: str | None = None
+    children_in_household: str | None = None
+    birth_year: int | None = None
+    registered_at: datetime | None = None
+    closed_at: datetime | None = None
+    assessment_ids: frozenset[str] = frozenset()
+    need_level: str | None = None
+    need_level_at: datetime | None = None
+    care_plan_ids: frozenset[str] = frozenset()
+    consent_ids: frozenset[str] = frozenset()
+    consents: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
+    consent_valid_until: Mapping[str, date | None] = field(default_factory=dict)
+    version: int = 0
+
+    @property
+    def is_open(self) -> bool:
+        return self.status == "open"
+
+    def consent_active(self, consent_id: str, on: date) -> bool:
+        """Recorded, not withdrawn, and not expired on this day (valid_until inclusive)."""
+        if consent_id not in self.consents:
+            return False
+        until = self.consent_valid_until.get(consent_id)
+        return until is None or on <= until
+
+    def active_consents(self, on: date) -> dict[str, tuple[str, ...]]:
+        return {cid: r for cid, r in self.consents.items() if self.consent_active(cid, on)}
+
+    def consents_cover(self, recipient: str, on: date) -> bool:
+        """Whether a consent in force on this day lets the case be shared with recipient."""
+        return any(recipient in r for r in self.active_consents(on).values())
+
+
+def initial_state() -> CaseState:
+    return CaseState()
+
+
+def evolve(state: CaseState, event: DomainEvent) -> CaseState:
+    """Fold one event. Event types this version does not know are counted and skipped, so
+    an older reader can still fold a stream that a newer producer extended."""
+    d = event.data
+    new = state
+    match event.type:
+        case "IntakeRegistered":
+            new = replace(
+                state, exists=True, status="open", district=d["district"], person=d["person"],
+                substances=tuple(d["substances"]), referral_source=d["referral_source"],
+                children_in_household=d["children_in_household"],
+                birth_year=d.get("birth_year"), registered_at=event.occurred_at,
+            )
+        case "AssessmentCompleted":
+            new = replace(state, assessment_ids=state.assessment_ids | {d["assessment_id"]})
+            # Latest by when it happened: a district system may report an older one late.
+            if state.need_level_at is None or event.occurred_at >= state.need_level_at:
+                new = replace(new, need_level=d["need_level"], need_level_at=event.occurred_at)
+        case "CarePlanAgreed":
+            new = replace(state, care_plan_ids=state.care_plan_ids | {d["plan_id"]})
+        case "ConsentRecorded":
+            cid = d["consent_id"]
+            new = replace(
+                state, consent_ids=state.consent_ids | {cid},
+                consents={**state.consents, cid: tuple(d["recipients"])},
+                consent_valid_until={**state.consent_valid_until, cid: d.get("valid_until")},
+            )
+        case "ConsentWithdrawn":
+            cid = d["consent_id"]
+            new = replace(
+                state,
+                consents={k: v for k, v in state.consents.items() if k != cid},
+                consent_valid_until={
+                    k: v for k, v in state.consent_valid_until.items() if k != cid
+                },
+            )
+        case "CaseTransferred":
+            new = replace(state, district=d["to_district"])
+        case "CaseClosed":
+            new = replace(state, status="closed", closed_at=event.occurred_at)
+        case "CaseReopened":
+            new = replace(state, status="open", closed_at=None)
+    return replace(new, version=state.version + 1)
+
+
+def fold(events: Iterable[DomainEvent]) -> CaseState:
+    state = initial_state()
+    for event in events:
+        state = evolve(state, event)
+    return state
+
+
+# --- decide ----------------------------------------------------------------------------
+_EVENT_OF: Mapping[type, str] = {
+    RegisterIntake: "IntakeRegistered",
+    CompleteAssessment: "AssessmentCompleted",
+    AgreeCarePlan: "CarePlanAgreed",
+    RecordConsent: "ConsentRecorded",
+    WithdrawConsent: "ConsentWithdrawn",
+    TransferCase: "CaseTransferred",
+    CloseCase: "CaseClosed",
+    ReopenCase: "CaseReopened",
+}
+
+
+def decide(command: Command, state: CaseState, districts: DistrictLookup) -> list[DomainEvent]:
+    """The events this command leads to on this state; raises DomainError if refused."""
+    if command.occurred_at.tzinfo is None or command.occurred_at.utcoffset() is None:
+        raise RuleViolation("occurred-at-naive", "The time of the command needs a time zone.")
+    match command:
+        case RegisterIntake():
+            data = _register(command, state, districts)
+        case CompleteAssessment():
+            data = _assess(command, state)
+        case AgreeCarePlan():
+            data = _care_plan(command, state)
+        case RecordConsent():
+            data = _consent(command, state)
+        case WithdrawConsent():
+            data = _withdraw(command, state)
+        case TransferCase():
+            data = _transfer(command, state, districts)
+        case CloseCase():
+            data = _close(command, state)
+        case ReopenCase():
+            data = _reopen(command, state)
+        case _:
+            assert_never(command)
+    return [DomainEvent(_EVENT_OF[type(command)], data, command.occurred_at)]
+
+
+def _require_open(state: CaseState) -> None:
+    if not state.exists:
+        raise CaseNotFound()
+    if state.status != "open":
+        raise RuleViolation("case-closed", "The case is closed; reopen it first.")
+
+
+def _require_symbol(value: str, allowed: frozenset[str], code: str, what: str) -> None:
+    if value not in allowed:
+        raise RuleViolation(code, f"The {what} must be one of " + ", ".join(sorted(allowed)) + ".")
+
+
+def _require_uuid(value: str, what: str) -> None:
+    try:
+        uuid.UUID(value)
+    except (ValueError, TypeError, AttributeError):
+        raise RuleViolation("invalid-id", f"The {what} must be a UUID.") from None
+
+
+def _require_district(code: str, day: date, districts: DistrictLookup, what: str) -> None:
+    if not districts.is_known(code):
+        raise RuleViolation("unknown-district", f"The {what} is not a known district code.")
+    if not districts.valid_on(code, day):
+        raise RuleViolation(
+            "district-not-valid", f"The district {code} is not in operation on {day.isoformat()}."
+        )
+
+
+def _require_symbols(
+    values: tuple[str, ...], allowed: frozenset[str], what: str, prefix: str
+) -> None:
+    if not values:
+        raise RuleViolation(f"{prefix}-empty", f"At least one {what} is needed.")
+    if any(v not in allowed for v in values):
+        raise RuleViolation(
+            f"unknown-{what.replace(' ', '-')}",
+            f"Each {what} must be one of " + ", ".join(sorted(allowed)) + ".",
+        )
+    if len(set(values)) != len(values):
+        raise RuleViolation(f"{prefix}-duplicated", f"Each {what} may be given only once.")
+
+
+def _register(c: RegisterIntake, state: CaseState, districts: DistrictLookup) -> dict[str, Any]:
+    if state.exists:
+        raise CaseAlreadyExists()
+    # 64 hex characters is the HMAC pseudonym; an all-digit string is an identity number
+    # padded to that length, never a real pseudonym (probability 10**-13).
+    if not _PSEUDONYM.fullmatch(c.person) or c.person.isdigit():
+        raise RuleViolation(
+            "person-not-pseudonym",
+            "The person must be the keyed pseudonym (64 lowercase hex characters), "
+            "never an identity number or a name.",
+        )
+    day = local_date(c.occurred_at)
+    _require_district(c.district, day, districts, "district")
+    _require_symbols(c.substances, SUBSTANCES, "substance", "substances")
+    _require_symbol(c.referral_source, REFERRAL_SOURCES, "unknown-referral-source",
+                    "referral source")
+    _require_symbol(c.children_in_household, CHILDREN_IN_HOUSEHOLD,
+                    "unknown-children-in-household", "children in household answer")
+    latest = day.year - ADULT_AGE
+    if c.birth_year is not None and not 1900 <= c.birth_year <= latest:
+        raise RuleViolation(
+            "birth-year-out-of-range",
+            f"The birth year must be from 1900 to {latest}: the service is for adults.",
+        )
+    return {
+        "person": c.person, "district": c.district, "substances": list(c.substances),
+        "referral_source": c.referral_source, "children_in_household": c.children_in_household,
+        "birth_year": c.birth_year,
+    }
+
+
+def _assess(c: CompleteAssessment, state: CaseState) -> dict[str, Any]:
+    _require_open(state)
+    _require_uuid(c.assessment_id, "assessment id")
+    if c.assessment_id in state.assessment_ids:
+        raise RuleViolation(
+            "assessment-id-used", "This assessment is already recorded on the case."
+        )
+    _require_symbol(c.instrument, INSTRUMENT_CODES, "unknown-instrument", "instrument")
+    problems = score_problems(c.instrument, c.scores)
+    if problems:
+        sentence = "; ".join(problems)
+        raise RuleViolation("invalid-scores", sentence[0].upper() + sentence[1:] + ".")
+    _require_symbol(c.need_level, NEED_LEVELS, "unknown-need-level", "need level")
+    return {
+        "assessment_id": c.assessment_id, "instrument": c.instrument,
+        "scores": [{"scale": s.scale, "value": s.value} for s in c.scores],
+        "need_level": c.need_level,
+    }
+
+
+def _care_plan(c: AgreeCarePlan, state: CaseState) -> dict[str, Any]:
+    _require_open(state)
+    _require_uuid(c.plan_id, "care plan id")
+    if c.plan_id in state.care_plan_ids:
+        raise RuleViolation("care-plan-id-used", "This care plan is already recorded on the case.")
+    if not 1 <= len(c.goals) <= MAX_GOALS:
+        raise RuleViolation("goals-count", f"A care plan needs 1 to {MAX_GOALS} goals.")
+    if any(not g.strip() for g in c.goals):
+        raise RuleViolation("goal-blank", "A goal may not be blank.")
+    if any(len(g) > MAX_GOAL_LENGTH for g in c.goals):
+        raise RuleViolation("goal-too-long", f"A goal may be at most {MAX_GOAL_LENGTH} characters.")
+    if c.review_on is not None and c.review_on < local_date(c.occurred_at):
+        raise RuleViolation(
+            "review-date-in-past", "The review date may not be before the plan's date."
+        )
+    return {
+        "plan_id": c.plan_id, "goals": list(c.goals),
+        "person_participated": c.person_participated, "review_on": c.review_on,
+    }
+
+
+def _consent(c: RecordConsent, state: CaseState) -> dict[str, Any]:
+    _require_open(state)
+    _require_uuid(c.consent_id, "consent id")
+    if c.consent_id in state.consent_ids:
+        raise RuleViolation("consent-id-used", "This consent is already recorded on the case.")
+    _require_symbols(c.recipients, CONSENT_RECIPIENTS, "consent recipient", "consent-recipients")
+    if c.valid_until is not None and c.valid_until < local_date(c.occurred_at):
+        raise RuleViolation("consent-expiry-in-past",
+                    "The consent cannot end before the day it is given.")
+    return {
+        "consent_id": c.consent_id, "recipients": list(c.recipients),
+        "valid_until": c.valid_until,
+    }
+
+
+def _withdraw(c: WithdrawConsent, state: CaseState) -> dict[str, Any]:
+    # No open-case check: a person may always withdraw a consent, closed case or not.
+    if not state.exists:
+        raise CaseNotFound()
+    if c.consent_id not in state.consent_ids:
+        raise RuleViolation("consent-not-found", "No consent with this id is recorded on the case.")
+    if c.consent_id not in state.consents:
+        raise RuleViolation("consent-already-withdrawn", "This consent is already withdrawn.")
+    if not state.consent_active(c.consent_id, local_date(c.occurred_at)):
+        raise RuleViolation("consent-expired", "This consent has already expired.")
+    return {"consent_id": c.consent_id}
+
+
+def _transfer(c: TransferCase, state: CaseState, districts: DistrictLookup) -> dict[str, Any]:
+    _require_open(state)
+    _require_district(c.to_district, local_date(c.occurred_at), districts, "target district")
+    if c.to_district == state.district:
+        raise RuleViolation("same-district", "The case is already in this district.")
+    _require_symbol(c.reason, TRANSFER_REASONS, "unknown-transfer-reason", "transfer reason")
+    return {"from_district": state.district, "to_district": c.to_district, "reason": c.reason}
+
+
+def _close(c: CloseCase, state: CaseState) -> dict[str, Any]:
+    if not state.exists:
+        raise CaseNotFound()
+    if state.status == "closed":
+        raise RuleViolation("case-already-closed", "The case is already closed.")
+    _require_symbol(c.reason, CLOSE_REASONS, "unknown-close-reason", "close reason")
+    return {"reason": c.reason}
+
+
+def _reopen(c: ReopenCase, state: CaseState) -> dict[str, Any]:
+    if not state.exists:
+        raise CaseNotFound()
+    if state.status != "closed":
+        raise RuleViolation("case-not-closed", "Only a closed case can be reopened.")
+    _require_symbol(c.reason, REOPEN_REASONS, "unknown-reopen-reason", "reopen reason")
+    return {"reason": c.reason}

@@ -1,0 +1,285 @@
+"""The intake HTTP API on a real server and a real PostgreSQL."""
+
+from __future__ import annotations
+
+import itertools
+import threading
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.support import RunningService
+
+pytestmark = pytest.mark.integration
+
+PNR = "19121212-1212"
+NEW_CASE: dict[str, Any] = {
+    "personal_identity_number": PNR,
+    "district": "nordost",
+    "substances": ["ALCOHOL", "GAMBLING"],
+    "referral_source": "HEALTHCARE",
+    "children_in_household": "YES",
+    "birth_year": 1975,
+}
+
+
+def register(client: httpx.Client, **overrides: Any) -> str:
+    r = client.post("/cases", json={**NEW_CASE, **overrides})
+    assert r.status_code == 201, r.text
+    return str(r.json()["case_id"])
+
+
+@pytest.fixture
+def client(intake: RunningService) -> httpx.Client:
+    return httpx.Client(base_url=intake.base_url, timeout=30, headers={"X-Actor": "cw-17"})
+
+
+def assert_problem(r: httpx.Response, status: int, code: str | None = None) -> dict[str, Any]:
+    assert r.status_code == status, r.text
+    assert r.headers["content-type"].startswith("application/problem+json")
+    body: dict[str, Any] = r.json()
+    assert body["status"] == status and body["title"] and body["detail"]
+    if code:
+        assert body["type"].endswith("/" + code), body
+    return body
+
+
+def test_register_returns_201_location_version_and_stores_no_identity_number(
+    client: httpx.Client, intake: RunningService
+) -> None:
+    r = client.post("/cases", json=NEW_CASE)
+    assert r.status_code == 201, r.text
+    body = r.json()
+    case_id = body["case_id"]
+    assert body["version"] == 1
+    assert r.headers["location"] == f"/cases/{case_id}"
+    assert r.headers["etag"] == '"1"'
+    assert [e["event_type"] for e in body["events"]] == ["IntakeRegistered"]
+
+    stored = intake.store.read_stream(case_id)
+    assert len(stored) == 1
+    raw = stored[0].data + repr(stored[0].payload).encode() + repr(stored[0].metadata).encode()
+    for form in (b"19121212-1212", b"191212121212", b"121212-1212", b"1212121212"):
+        assert form not in raw
+    assert stored[0].metadata["actor"] == "cw-17"
+    assert len(stored[0].payload["person"]) == 64
+
+    view = client.get(f"/cases/{case_id}")
+    assert view.status_code == 200
+    assert view.headers["etag"] == '"1"'
+    v = view.json()
+    assert v["status"] == "open" and v["district"] == "nordost" and v["version"] == 1
+    assert v["person"] == stored[0].payload["person"]
+
+
+def test_same_person_gets_the_same_pseudonym_in_any_format(
+    client: httpx.Client, intake: RunningService
+) -> None:
+    a = register(client)
+    b = register(client, personal_identity_number="191212121212", district="hisingen")
+    pa = intake.store.read_stream(a)[0].payload["person"]
+    pb = intake.store.read_stream(b)[0].payload["person"]
+    assert pa == pb
+
+
+def test_the_whole_life_of_a_case(client: httpx.Client, intake: RunningService) -> None:
+    case = register(client)
+    steps: list[tuple[str, dict[str, Any], str]] = [
+        (
+            "assessments",
+            {
+                "instrument": "AUDIT",
+                "scores": [{"scale": "total", "value": 23}],
+                "need_level": "HIGH",
+            },
+            "AssessmentCompleted",
+        ),
+        (
+            "care-plan",
+            {
+                "goals": ["Sluta dricka på vardagar", "Behålla jobbet"],
+                "person_participated": True,
+                "review_on": "2099-01-01",
+            },
+            "CarePlanAgreed",
+        ),
+        ("consents", {"recipients": ["HEALTHCARE", "NON_PROFIT"]}, "ConsentRecorded"),
+        ("transfer", {"to_district": "hisingen", "reason": "PERSON_MOVED"}, "CaseTransferred"),
+        ("close", {"reason": "GOALS_REACHED"}, "CaseClosed"),
+        ("reopen", {"reason": "RELAPSE"}, "CaseReopened"),
+    ]
+    version = 1
+    for path, body, event_type in steps:
+        r = client.post(f"/cases/{case}/{path}", json=body, headers={"If-Match": f'"{version}"'})
+        assert r.status_code == 200, (path, r.text)
+        version += 1
+        assert r.json()["version"] == version
+        assert r.json()["events"][0]["event_type"] == event_type
+        assert r.headers["etag"] == f'"{version}"'
+    consent_id = intake.store.read_stream(case)[3].payload["consent_id"]
+    r = client.post(f"/cases/{case}/consents/{consent_id}/withdraw", json={})
+    assert r.status_code == 200, r.text
+
+    view = client.get(f"/cases/{case}").json()
+    assert view["status"] == "open"
+    assert view["district"] == "hisingen"
+    assert view["need_level"] == "HIGH"
+    assert view["active_consents"] == {}
+    events = client.get(f"/cases/{case}/events").json()
+    assert [e["stream_version"] for e in events] == list(range(1, 9))
+    assert events[4]["metadata"]["district"] == "hisingen"  # the transfer event's district
+    assert all(e["hash"] == f["prev_hash"] for e, f in itertools.pairwise(events))
+    assert intake.store.verify(case) == []
+
+
+def counts(intake: RunningService) -> tuple[int, int]:
+    return intake.store.count(), intake.store.outbox_depth()
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "code"),
+    [
+        ("close", {"reason": "GOALS_REACHED"}, None),  # second close: already closed
+        (
+            "assessments",
+            {
+                "instrument": "AUDIT",
+                "scores": [{"scale": "total", "value": 41}],
+                "need_level": "HIGH",
+            },
+            None,
+        ),
+        ("transfer", {"to_district": "nordost", "reason": "PERSON_MOVED"}, None),
+        ("transfer", {"to_district": "atlantis", "reason": "PERSON_MOVED"}, None),
+        ("transfer", {"to_district": "angered", "reason": "PERSON_MOVED"}, None),  # 2011-2020 only
+    ],
+)
+def test_domain_rules_give_422_and_change_nothing(
+    client: httpx.Client,
+    intake: RunningService,
+    path: str,
+    body: dict[str, Any],
+    code: str | None,
+) -> None:
+    case = register(client)
+    if path == "close":
+        assert client.post(f"/cases/{case}/close", json=body).status_code == 200
+    before = counts(intake)
+    r = client.post(f"/cases/{case}/{path}", json=body)
+    assert_problem(r, 422, code)
+    assert counts(intake) == before
+
+
+def test_register_in_unknown_or_expired_district_is_422(
+    client: httpx.Client, intake: RunningService
+) -> None:
+    for district in ("atlantis", "angered"):
+        r = client.post("/cases", json={**NEW_CASE, "district": district})
+        assert_problem(r, 422)
+    assert counts(intake) == (0, 0)
+
+
+def test_invalid_input_is_422_problem_without_echoing_personal_data(
+    client: httpx.Client, intake: RunningService
+) -> None:
+    bad_pnr = client.post("/cases", json={**NEW_CASE, "personal_identity_number": "19121212-1213"})
+    assert PNR[:8] not in bad_pnr.text
+    assert_problem(bad_pnr, 422, "invalid-identity-number")
+    wrong_type = client.post("/cases", json={**NEW_CASE, "substances": ["COFFEE"]})
+    body = assert_problem(wrong_type, 422, "validation-error")
+    assert PNR not in wrong_type.text and "COFFEE" not in wrong_type.text
+    assert body["errors"]
+    assert_problem(
+        client.post("/cases", content=b"{not json", headers={"content-type": "application/json"}),
+        422,
+    )
+    future = client.post("/cases", json={**NEW_CASE, "occurred_at": "2999-01-01T00:00:00+00:00"})
+    assert_problem(future, 422)
+    assert counts(intake) == (0, 0)
+
+
+def test_unknown_case_is_404_and_bad_if_match_is_400(client: httpx.Client) -> None:
+    missing = "00000000-0000-4000-8000-000000000000"
+    assert_problem(client.get(f"/cases/{missing}"), 404)
+    assert_problem(client.get(f"/cases/{missing}/events"), 404)
+    assert_problem(client.post(f"/cases/{missing}/close", json={"reason": "OTHER"}), 404)
+    assert_problem(client.get("/cases/not-a-uuid"), 422)
+    case = register(client)
+    r = client.post(f"/cases/{case}/close", json={"reason": "OTHER"}, headers={"If-Match": "x"})
+    assert_problem(r, 400, "bad-if-match")
+
+
+def test_stale_if_match_is_409(client: httpx.Client, intake: RunningService) -> None:
+    case = register(client)
+    ok = client.post(f"/cases/{case}/close", json={"reason": "OTHER"}, headers={"If-Match": '"1"'})
+    assert ok.status_code == 200
+    before = counts(intake)
+    stale = client.post(
+        f"/cases/{case}/reopen", json={"reason": "RELAPSE"}, headers={"If-Match": '"1"'}
+    )
+    assert_problem(stale, 409, "version-conflict")
+    assert stale.headers["etag"] == '"2"'
+    assert counts(intake) == before
+
+
+def test_two_concurrent_writers_with_one_version_one_wins_one_409(
+    intake: RunningService, client: httpx.Client
+) -> None:
+    case = register(client)
+    barrier = threading.Barrier(8)
+    statuses: list[int] = []
+    lock = threading.Lock()
+
+    def writer(i: int) -> None:
+        with httpx.Client(base_url=intake.base_url, timeout=30) as c:
+            barrier.wait()
+            r = c.post(
+                f"/cases/{case}/assessments",
+                headers={"If-Match": '"1"'},
+                json={
+                    "instrument": "DUDIT",
+                    "scores": [{"scale": "total", "value": i}],
+                    "need_level": "MODERATE",
+                },
+            )
+            with lock:
+                statuses.append(r.status_code)
+
+    threads = [threading.Thread(target=writer, args=(i,)) for i in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert sorted(statuses) == [200] + [409] * 7
+    assert intake.store.stream_version(case) == 2
+
+
+def test_openapi_documents_every_route_and_problem_responses(client: httpx.Client) -> None:
+    spec = client.get("/openapi.json").json()
+    paths = spec["paths"]
+    for path in [
+        "/cases",
+        "/cases/{case_id}",
+        "/cases/{case_id}/events",
+        "/cases/{case_id}/assessments",
+        "/cases/{case_id}/care-plan",
+        "/cases/{case_id}/consents",
+        "/cases/{case_id}/consents/{consent_id}/withdraw",
+        "/cases/{case_id}/transfer",
+        "/cases/{case_id}/close",
+        "/cases/{case_id}/reopen",
+        "/healthz",
+        "/readyz",
+    ]:
+        assert path in paths, path
+    post = paths["/cases/{case_id}/close"]["post"]
+    assert {"200", "404", "409", "422"} <= set(post["responses"])
+    assert "application/problem+json" in post["responses"]["409"]["content"]
+    assert any(p["name"] == "if-match" for p in post["parameters"])
+    assert "201" in paths["/cases"]["post"]["responses"]
+
+
+def test_health_and_readiness(client: httpx.Client) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/readyz").json() == {"status": "ready"}

@@ -1,0 +1,146 @@
+"""Helpers for tests on real servers: consume a topic with a deadline, wait for conditions."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from confluent_kafka import Consumer, TopicPartition
+from confluent_kafka.admin import AdminClient
+
+if TYPE_CHECKING:
+    from likvard.eventstore import EventStore, NewEvent
+
+
+@dataclass
+class RunningService:
+    """A service under test: where it answers and its event store."""
+
+    base_url: str
+    schema: str
+    topic: str
+    store: EventStore
+
+
+@dataclass(frozen=True)
+class Record:
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes
+    headers: dict[str, bytes]
+
+
+def wait_for(check: Callable[[], bool], timeout: float = 20.0, what: str = "condition") -> None:
+    """Poll until `check()` holds; fail the test with `what` at the deadline (no bare sleeps)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if check():
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def consume(
+    bootstrap: str, topic: str, *, at_least: int, timeout: float = 20.0, settle: float = 0.5
+) -> list[Record]:
+    """Read a topic from offset 0 of every partition (no consumer group, so no join delay)
+    until at least `at_least` records arrived, then `settle` more seconds to catch extras."""
+    admin = AdminClient({"bootstrap.servers": bootstrap})
+    meta = admin.list_topics(topic, timeout=10)
+    partitions = list(meta.topics[topic].partitions)
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"test-{uuid.uuid4()}",
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": 10,
+            "session.timeout.ms": 2000,
+            "heartbeat.interval.ms": 200,
+        }
+    )
+    consumer.assign([TopicPartition(topic, p, 0) for p in partitions])
+    records: list[Record] = []
+    deadline = time.monotonic() + timeout
+    settle_until: float | None = None
+    try:
+        while time.monotonic() < deadline:
+            if settle_until is None and len(records) >= at_least:
+                settle_until = time.monotonic() + settle
+            if settle_until is not None and time.monotonic() >= settle_until:
+                break
+            msg = consumer.poll(0.1)
+            if msg is None or msg.error():
+                continue
+            records.append(
+                Record(
+                    msg.topic(),
+                    msg.partition(),
+                    msg.offset(),
+                    msg.key(),
+                    msg.value(),
+                    dict(msg.headers() or []),
+                )
+            )
+    finally:
+        consumer.close()
+    return records
+
+
+def registered(district: str = "nordost", **overrides: object) -> NewEvent:
+    """A valid IntakeRegistered for kernel tests (the intake decider is not involved)."""
+    from datetime import UTC, datetime
+
+    from likvard.eventstore import NewEvent
+
+    data: dict[str, object] = {
+        "person": "ab" * 32,
+        "district": district,
+        "substances": ["ALCOHOL"],
+        "referral_source": "SELF",
+        "children_in_household": "NO",
+        "birth_year": 1980,
+    }
+    data.update(overrides)
+    return NewEvent(
+        event_type="IntakeRegistered",
+        data=data,
+        occurred_at=datetime.now(UTC),
+        district=district,
+        actor="cw-1",
+        correlation_id=str(uuid.uuid4()),
+    )
+
+
+def closed(district: str = "nordost") -> NewEvent:
+    from datetime import UTC, datetime
+
+    from likvard.eventstore import NewEvent
+
+    return NewEvent(
+        event_type="CaseClosed",
+        data={"reason": "GOALS_REACHED"},
+        occurred_at=datetime.now(UTC),
+        district=district,
+        actor="cw-1",
+        correlation_id=str(uuid.uuid4()),
+    )
+
+
+def reopened(district: str = "nordost") -> NewEvent:
+    from datetime import UTC, datetime
+
+    from likvard.eventstore import NewEvent
+
+    return NewEvent(
+        event_type="CaseReopened",
+        data={"reason": "RELAPSE"},
+        occurred_at=datetime.now(UTC),
+        district=district,
+        actor="cw-1",
+        correlation_id=str(uuid.uuid4()),
+    )

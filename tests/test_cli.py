@@ -1,0 +1,104 @@
+"""The `likvard` command as a user runs it: `up` on a machine with nothing configured."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from likvard.devstack import free_port
+from tests.support import consume, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def test_up_runs_the_stack_and_stops_cleanly(tmp_path: Path) -> None:
+    port, broker_port = free_port(), free_port()
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k
+        not in (
+            "LIKVARD_DATABASE_URL",
+            "KAFKA_BOOTSTRAP_SERVERS",
+            "LIKVARD_PSEUDONYM_SECRET",
+            "LIKVARD_TOPIC_PREFIX",
+        )
+    }
+    env["LIKVARD_INTAKE_PORT"] = str(port)
+    log = tmp_path / "up.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "likvard.cli", "up", "--broker-port", str(broker_port)],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for(
+            lambda: "Likvärd is up" in log.read_text() or proc.poll() is not None,
+            60,
+            "`likvard up` to report the stack up",
+        )
+        assert proc.poll() is None, log.read_text()
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+        assert len(descendants) >= 3  # broker, service, relay (and PostgreSQL)
+
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/cases",
+            timeout=30,
+            json={
+                "personal_identity_number": "19121212-1212",
+                "district": "centrum",
+                "substances": ["PHARMACEUTICALS"],
+                "referral_source": "RELATIVE",
+                "children_in_household": "NO",
+            },
+        )
+        assert r.status_code == 201, r.text
+        records = consume(f"127.0.0.1:{broker_port}", "likvard.intake.v1", at_least=1)
+        assert [x.headers["event_type"] for x in records] == [b"IntakeRegistered"]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        done = threading.Event()
+        threading.Thread(target=lambda: (proc.wait(), done.set()), daemon=True).start()
+        if not done.wait(60):
+            proc.kill()
+    assert proc.returncode == 0, log.read_text()
+    assert "stopped" in log.read_text()
+    wait_for(
+        lambda: not any(p.is_running() and p.status() != psutil.STATUS_ZOMBIE for p in descendants),
+        30,
+        "every child process to exit",
+    )
+
+
+def test_unknown_service_is_a_clear_error() -> None:
+    r = subprocess.run(
+        [sys.executable, "-m", "likvard.cli", "serve", "nosuch"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2
+    assert "unknown service 'nosuch'" in r.stderr
+
+
+def test_serve_without_database_says_what_to_set() -> None:
+    env = {k: v for k, v in os.environ.items() if k != "LIKVARD_DATABASE_URL"}
+    r = subprocess.run(
+        [sys.executable, "-m", "likvard.cli", "serve", "intake"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 2
+    assert "LIKVARD_DATABASE_URL" in r.stderr
