@@ -114,7 +114,8 @@ def _inline(node: Any, defs: dict[str, Any], namespace: str | None, seen: set[st
             if key in node:
                 out[key] = _inline(node[key], defs, namespace, seen)
         if isinstance(node.get("type"), dict | list) or (
-            isinstance(node.get("type"), str) and node["type"] not in _PRIMITIVES
+            isinstance(node.get("type"), str)
+            and node["type"] not in _PRIMITIVES
             and node["type"] not in ("record", "enum", "fixed", "array", "map")
         ):
             out["type"] = _inline(node["type"], defs, namespace, seen)
@@ -243,16 +244,16 @@ class Catalogue:
             )
         if not isinstance(record, dict):
             raise CorruptRecord("the body is not a record")
-        return Decoded(writer.event_type, writer.version, fp, _uuids_as_text(record))
+        return Decoded(writer.event_type, writer.version, fp, uuids_as_text(record))
 
 
-def _uuids_as_text(value: Any) -> Any:
+def uuids_as_text(value: Any) -> Any:
     """Ids read back as the strings they were written as, so a decoded event equals the
     decided one (fastavro returns uuid.UUID for the uuid logical type)."""
     if isinstance(value, dict):
-        return {k: _uuids_as_text(v) for k, v in value.items()}
+        return {k: uuids_as_text(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [_uuids_as_text(v) for v in value]
+        return [uuids_as_text(v) for v in value]
     if isinstance(value, uuid.UUID):
         return str(value)
     return value
@@ -275,7 +276,9 @@ def _load_event(path: Path, defs: dict[str, Any]) -> SchemaVersion:
     raw = _read(path)
     fields = raw.get("fields") or []
     if raw.get("type") != "record" or not fields or fields[0].get("name") != "metadata":
-        raise SchemaCatalogueError(f"{path}: an event must be a record whose first field is metadata")
+        raise SchemaCatalogueError(
+            f"{path}: an event must be a record whose first field is metadata"
+        )
     version = int(_FILE_NAME.match(path.name).group("version"))  # type: ignore[union-attr]
     schema = _inline(raw, defs, raw.get("namespace"), set())
     try:

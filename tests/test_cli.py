@@ -6,7 +6,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 from pathlib import Path
 
 import httpx
@@ -67,10 +66,11 @@ def test_up_runs_the_stack_and_stops_cleanly(tmp_path: Path) -> None:
         assert [x.headers["event_type"] for x in records] == [b"IntakeRegistered"]
     finally:
         proc.send_signal(signal.SIGINT)
-        done = threading.Event()
-        threading.Thread(target=lambda: (proc.wait(), done.set()), daemon=True).start()
-        if not done.wait(60):
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
             proc.kill()
+            proc.wait()
     assert proc.returncode == 0, log.read_text()
     assert "stopped" in log.read_text()
     wait_for(

@@ -276,7 +276,6 @@ def create_app(
     )
     http.install(app, "intake")
 
-
     def run(
         svc: Svc,
         case_id: uuid.UUID,
