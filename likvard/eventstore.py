@@ -155,8 +155,8 @@ class EventStore:
 
     def _encode(
         self, stream_id: str, version: int, event: NewEvent, recorded_at: datetime
-    ) -> bytes:
-        metadata = {
+    ) -> tuple[bytes, dict[str, Any]]:
+        metadata: dict[str, Any] = {
             "event_id": str(event.event_id),
             "event_type": event.event_type,
             "case_id": event.case_id or stream_id,
@@ -170,7 +170,8 @@ class EventStore:
             "causation_id": event.causation_id,
             "traceparent": event.traceparent,
         }
-        return self.catalogue.encode(event.event_type, {"metadata": metadata, **event.data})
+        data = self.catalogue.encode(event.event_type, {"metadata": metadata, **event.data})
+        return data, metadata
 
     def append(
         self,
@@ -188,16 +189,17 @@ class EventStore:
         if not events:
             return []
         recorded_at = datetime.now(UTC)
+        # Encode before taking the stream lock: the lock is held only for the writes.
+        encoded = [
+            (event, self._encode(stream_id, expected_version + i, event, recorded_at))
+            for i, event in enumerate(events, start=1)
+        ]
         with self.pool.connection() as conn, conn.transaction():
             prev_hash = self._lock_stream(conn, stream_id, expected_version)
             rows: list[tuple[Any, ...]] = []
             version = expected_version
-            for event in events:
+            for event, (data, metadata) in encoded:
                 version += 1
-                data = self._encode(stream_id, version, event, recorded_at)
-                decoded = self.catalogue.decode(data)
-                metadata = decoded.record["metadata"]
-                payload = {k: v for k, v in decoded.record.items() if k != "metadata"}
                 digest = chain_hash(prev_hash, data)
                 rows.append(
                     (
@@ -205,10 +207,10 @@ class EventStore:
                         version,
                         event.event_id,
                         event.event_type,
-                        decoded.fingerprint,
+                        data[2:10],
                         data,
                         to_json(metadata),
-                        to_json(payload),
+                        to_json(event.data),
                         event.occurred_at,
                         recorded_at,
                         prev_hash,
