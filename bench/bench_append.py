@@ -66,7 +66,7 @@ def kernel_threads(store: EventStore, n: int, threads: int) -> None:
     )
 
 
-async def http_clients(base: str, n: int, concurrency: int) -> None:
+async def http_clients(base: str, n: int, concurrency: int, workers: int) -> None:
     body = {
         "personal_identity_number": "19121212-1212",
         "district": "nordost",
@@ -97,7 +97,7 @@ async def http_clients(base: str, n: int, concurrency: int) -> None:
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
     report(
-        f"HTTP POST /cases, {concurrency} concurrent clients",
+        f"HTTP POST /cases, {concurrency} clients, {workers} worker(s)",
         n,
         time.perf_counter() - start,
         latencies,
@@ -112,6 +112,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--http-requests", type=int, default=3000)
     parser.add_argument("--concurrency", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
     args = parser.parse_args()
     print(f"# append benchmark on {machine()}")
     with database() as url:
@@ -132,7 +133,17 @@ def main() -> None:
             LIKVARD_LOG_LEVEL="WARNING",
         )
         proc = subprocess.Popen(
-            [sys.executable, "-m", "likvard.cli", "serve", "intake", "--port", str(port)],
+            [
+                sys.executable,
+                "-m",
+                "likvard.cli",
+                "serve",
+                "intake",
+                "--port",
+                str(port),
+                "--workers",
+                str(args.workers),
+            ],
             env=env,
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
@@ -147,7 +158,7 @@ def main() -> None:
                     return False
 
             wait_until(ready, 60, "the intake service")
-            asyncio.run(http_clients(base, args.http_requests, args.concurrency))
+            asyncio.run(http_clients(base, args.http_requests, args.concurrency, args.workers))
         finally:
             proc.terminate()
             proc.wait(10)

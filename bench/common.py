@@ -47,8 +47,11 @@ def percentile(values: list[float], p: float) -> float:
     return ordered[k]
 
 
-def report(name: str, count: int, seconds: float, latencies_ms: list[float] | None = None) -> None:
-    line = f"{name:<48} {count:>8} events  {count / seconds:>10.0f} events/s"
+def report(
+    name: str, count: int, seconds: float | None, latencies_ms: list[float] | None = None
+) -> None:
+    rate = f"{count / seconds:>10.0f} events/s" if seconds else " " * 19
+    line = f"{name:<48} {count:>8} events  {rate}"
     if latencies_ms:
         p50, p99 = percentile(latencies_ms, 50), percentile(latencies_ms, 99)
         mean = statistics.fmean(latencies_ms)

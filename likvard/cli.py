@@ -90,6 +90,7 @@ def serve(
     service: str = typer.Argument(..., help="intake"),
     host: str = typer.Option("127.0.0.1", help="Address to listen on"),
     port: int = typer.Option(0, help="Port (default: the service's standard port)"),
+    workers: int = typer.Option(1, min=1, help="Worker processes (each has its own pool)"),
 ) -> None:
     """Serve a service's HTTP API (its event store is migrated at start)."""
     import uvicorn
@@ -103,7 +104,12 @@ def serve(
     except ConfigError as exc:
         raise _fail(str(exc)) from exc
     uvicorn.run(
-        APPS[service], factory=True, host=host, port=port or service_port(service), log_level="info"
+        APPS[service],
+        factory=True,
+        host=host,
+        port=port or service_port(service),
+        log_level="info",
+        workers=workers,
     )
 
 

@@ -105,6 +105,29 @@ _COLUMNS = (
 )
 
 
+_APPEND_SQL = f"""
+WITH ev AS (
+    INSERT INTO {{s}}.events (stream_id, stream_version, event_id, event_type,
+        schema_fingerprint, data, metadata, payload, occurred_at, recorded_at, prev_hash, hash)
+    SELECT * FROM unnest(%s::text[], %s::int[], %s::uuid[], %s::text[], %s::bytea[],
+        %s::bytea[], %s::jsonb[], %s::jsonb[], %s::timestamptz[], %s::timestamptz[],
+        %s::bytea[], %s::bytea[])
+    RETURNING {_COLUMNS}
+), ob AS (
+    INSERT INTO {{s}}.outbox (global_position, stream_id, stream_version, key, event_id,
+        event_type, topic, value, traceparent)
+    SELECT global_position, stream_id, stream_version, metadata->>'case_id', event_id,
+        event_type, %s, data, metadata->>'traceparent'
+    FROM ev ORDER BY stream_version
+), head AS (
+    UPDATE {{s}}.streams SET version = %s, last_hash = %s WHERE stream_id = %s
+), notified AS (
+    SELECT pg_notify(%s, '')
+)
+SELECT ev.* FROM ev, notified ORDER BY ev.stream_version
+"""
+
+
 def _row_to_event(row: tuple[Any, ...]) -> StoredEvent:
     return StoredEvent(
         global_position=row[0],
@@ -218,50 +241,21 @@ class EventStore:
                     )
                 )
                 prev_hash = digest
-            cur = conn.cursor()
-            cur.executemany(
-                self._q(
-                    "INSERT INTO {s}.events (stream_id, stream_version, event_id, event_type,"
-                    " schema_fingerprint, data, metadata, payload, occurred_at, recorded_at,"
-                    " prev_hash, hash) VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s,%s)"
-                    f" RETURNING {_COLUMNS}"
-                ),
-                rows,
-                returning=True,
-            )
-            stored: list[StoredEvent] = []
-            while True:
-                row = cur.fetchone()
-                if row is not None:
-                    stored.append(_row_to_event(row))
-                if not cur.nextset():
-                    break
-            cur.executemany(
-                self._q(
-                    "INSERT INTO {s}.outbox (global_position, stream_id, stream_version, key,"
-                    " event_id, event_type, topic, value, traceparent)"
-                    " VALUES (%s,%s,%s,%s,%s,%s,%s,%s,%s)"
-                ),
-                [
+            # One statement writes the events, their outbox rows and the stream head, and
+            # queues the NOTIFY: a round trip per append, not per event.
+            cols = list(zip(*rows, strict=True))
+            stored = [
+                _row_to_event(r)
+                for r in conn.execute(
+                    self._q(_APPEND_SQL),
                     (
-                        s.global_position,
-                        s.stream_id,
-                        s.stream_version,
-                        s.metadata["case_id"],
-                        s.event_id,
-                        s.event_type,
-                        self.topic,
-                        s.data,
-                        s.metadata.get("traceparent"),
-                    )
-                    for s in stored
-                ],
-            )
-            conn.execute(
-                self._q("UPDATE {s}.streams SET version = %s, last_hash = %s WHERE stream_id = %s"),
-                (version, prev_hash, stream_id),
-            )
-            conn.execute("SELECT pg_notify(%s, '')", (self.notify_channel,))
+                        list(cols[0]), list(cols[1]), list(cols[2]), list(cols[3]),
+                        list(cols[4]), list(cols[5]), list(cols[6]), list(cols[7]),
+                        list(cols[8]), list(cols[9]), list(cols[10]), list(cols[11]),
+                        self.topic, version, prev_hash, stream_id, self.notify_channel,
+                    ),
+                ).fetchall()
+            ]
             if before_commit is not None:
                 before_commit()
         return stored
