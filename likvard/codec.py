@@ -1,288 +1,668 @@
-"""Avro single-object encoding of Likvärd events, with a catalogue of every schema version.
+"""Avro single-object encoding of Likvärd events, with `schemas/` as the schema catalogue.
 
-Wire format (Avro specification, "Single object encoding"): the marker C3 01, the 8-byte
-little-endian CRC-64-AVRO fingerprint of the writer schema's parsing canonical form, then
-the Avro binary body. A reader looks the writer schema up by its fingerprint and resolves it
-to the newest version of that event type, so events written years ago stay readable.
+An event on the wire (Kafka value, event-store row) is `C3 01`, the 8-byte little-endian
+CRC-64-AVRO fingerprint of the writer schema, then the Avro binary body. The fingerprint lets
+any reader find the exact writer schema in `schemas/` and resolve it to the newest version of
+that event type, so events written years ago stay readable (DESIGN.md, "Contracts").
 
-Schemas live in `schemas/<folder>/<Name>.v<N>.avsc`. Files in `schemas/common/` define named
-types (the metadata record, shared enums) that event schemas reference by full name; any
-other folder holds events: records whose first field is `metadata`.
+Layout of a schemas directory (see schemas/README.md):
+- `common/<Name>.v<N>.avsc`: shared named types (EventMetadata, enums), referenced by full name;
+- `<folder>/<EventType>.v<N>.avsc`: one record per event type and version whose first field is
+  `metadata: se.goteborg.likvard.EventMetadata`.
+
+A reference to a common type is expanded in place (defined at its first use, referred to by
+full name after that), so every event version has one standalone writer schema whose parsing
+canonical form, and hence fingerprint, is the one any Avro implementation computes.
+When a common type gains a version, every event version keeps the fingerprints it had with
+the older versions of that type too, so bytes written before the change still decode.
+
+Error messages never contain record values: events hold personal data.
 """
 
 from __future__ import annotations
 
+import copy
 import io
+import itertools
 import json
 import os
 import re
 import uuid
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import date, datetime
 from pathlib import Path
 from typing import Any
 
-import fastavro
+from fastavro import schemaless_reader, schemaless_writer
+from fastavro.read import SchemaResolutionError
 from fastavro.schema import fingerprint as avro_fingerprint
-from fastavro.schema import to_parsing_canonical_form
-from fastavro.validation import validate
+from fastavro.schema import parse_schema, to_parsing_canonical_form
+from fastavro.validation import ValidationError, validate
+
+__all__ = [
+    "DEFAULT_SCHEMAS_DIR",
+    "FINGERPRINT_SIZE",
+    "HEADER_SIZE",
+    "METADATA_TYPE",
+    "SCHEMAS_DIR_ENV",
+    "SINGLE_OBJECT_MARKER",
+    "Catalogue",
+    "CodecError",
+    "CorruptRecord",
+    "Decoded",
+    "EncodeError",
+    "IncompatibleSchema",
+    "NotSingleObjectEncoded",
+    "SchemaDirectoryError",
+    "SchemaVersion",
+    "UnknownEventType",
+    "UnknownFingerprint",
+    "crc64_avro",
+]
 
 SINGLE_OBJECT_MARKER = b"\xc3\x01"
-HEADER_LENGTH = 10
+FINGERPRINT_SIZE = 8
+HEADER_SIZE = len(SINGLE_OBJECT_MARKER) + FINGERPRINT_SIZE
+METADATA_TYPE = "se.goteborg.likvard.EventMetadata"
 COMMON_FOLDER = "common"
-_FILE_NAME = re.compile(r"^(?P<name>[A-Za-z_][A-Za-z0-9_]*)\.v(?P<version>[1-9][0-9]*)\.avsc$")
-_PRIMITIVES = {"null", "boolean", "int", "long", "float", "double", "bytes", "string"}
+SCHEMAS_DIR_ENV = "LIKVARD_SCHEMAS_DIR"
+DEFAULT_SCHEMAS_DIR = Path(__file__).resolve().parent.parent / "schemas"
+
+_FILE_NAME = re.compile(r"(?P<name>[A-Za-z_][A-Za-z0-9_]*)\.v(?P<version>[1-9][0-9]*)\.avsc")
+_PRIMITIVES = frozenset({"null", "boolean", "int", "long", "float", "double", "bytes", "string"})
+_NAMED = frozenset({"record", "error", "enum", "fixed"})
+_TIMESTAMPS = frozenset({"timestamp-millis", "timestamp-micros"})
 
 
+# --- errors ----------------------------------------------------------------------------
 class CodecError(Exception):
-    """Bytes or records that cannot be encoded or decoded. Messages never quote contents."""
+    """Base of every error the codec raises; decode of any bytes raises nothing else."""
 
 
-class UnknownFingerprint(CodecError):
-    pass
-
-
-class NotSingleObjectEncoded(CodecError):
-    pass
-
-
-class CorruptRecord(CodecError):
-    pass
+class SchemaDirectoryError(CodecError):
+    """The schemas directory has a mistake (bad file name, duplicate version, ...)."""
 
 
 class EncodeError(CodecError):
-    pass
+    """A record that does not match its event schema, so it must not be written."""
 
 
-class SchemaCatalogueError(CodecError):
-    """The schemas folder itself is wrong (a duplicate, a misnamed file, a bad reference)."""
+class UnknownEventType(EncodeError):
+    """An event type or version that the schemas directory does not define (so nothing can
+    be encoded as it)."""
 
 
+class NotSingleObjectEncoded(CodecError):
+    """Bytes that do not start with the 10-byte Avro single-object header."""
+
+
+class UnknownFingerprint(CodecError):
+    """A header naming a writer schema that is not in the schemas directory."""
+
+    def __init__(self, fingerprint: bytes) -> None:
+        super().__init__(
+            f"No schema in the catalogue has the fingerprint {fingerprint.hex()}: the event was"
+            " written with a schema that is not (yet) in schemas/, or its header is corrupt."
+        )
+        self.fingerprint = fingerprint
+
+
+class CorruptRecord(CodecError):
+    """A known header followed by a body that does not decode with that writer schema."""
+
+
+class IncompatibleSchema(CodecError):
+    """An older writer schema that the newest reader schema of its event type cannot read."""
+
+
+# --- values ----------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Decoded:
+    """A decoded event: which type and schema version wrote it, and the record as read with
+    the newest schema of that type (uuid fields as canonical lowercase strings)."""
+
     event_type: str
     version: int
     fingerprint: bytes
     record: dict[str, Any]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class SchemaVersion:
+    """One writer schema of an event type: a file version, expanded with one set of versions
+    of the common types it uses (`primary` = with the newest ones, the one used to write)."""
+
     event_type: str
     version: int
-    path: Path
-    schema: dict[str, Any]  # self-contained: referenced named types are inlined
-    parsed: Any
     fingerprint: bytes
+    canonical_form: str = field(repr=False)
+    schema: dict[str, Any] = field(repr=False)
+    """Standalone JSON schema (docs and defaults kept), as a district system would use it."""
+    parsed: dict[str, Any] = field(repr=False)
+    """The same schema parsed by fastavro."""
+    primary: bool = True
+    path: str = ""
 
 
-def default_root() -> Path:
-    env = os.environ.get("LIKVARD_SCHEMAS_DIR")
-    return Path(env) if env else Path(__file__).resolve().parent.parent / "schemas"
+def crc64_avro(schema: dict[str, Any] | str) -> bytes:
+    """CRC-64-AVRO fingerprint of a schema's parsing canonical form, as the 8 header bytes.
+
+    fastavro returns the hex of the little-endian bytes (as Java's implementation does)."""
+    return bytes.fromhex(
+        avro_fingerprint(to_parsing_canonical_form(parse_schema(schema)), "CRC-64-AVRO")
+    )
 
 
-def _full_name(schema: dict[str, Any]) -> str:
-    name = str(schema["name"])
-    namespace = schema.get("namespace")
-    return name if "." in name or not namespace else f"{namespace}.{name}"
+# --- loading ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class _SchemaFile:
+    path: str  # relative to the schemas directory, for messages
+    name: str
+    fullname: str
+    namespace: str
+    version: int
+    raw: dict[str, Any]
 
 
-def _inline(node: Any, defs: dict[str, Any], namespace: str | None, seen: set[str]) -> Any:
-    """Replace references to common named types by their definitions (the first time each
-    appears), so every event schema is self-contained and has one canonical form."""
-    if isinstance(node, str):
-        if node in _PRIMITIVES:
-            return node
-        full = node if "." in node or namespace is None else f"{namespace}.{node}"
-        for candidate in (node, full):
-            if candidate in defs and candidate not in seen:
-                seen.add(candidate)
-                return _inline(defs[candidate], defs, namespace, seen)
-        return node
-    if isinstance(node, list):
-        return [_inline(n, defs, namespace, seen) for n in node]
-    if isinstance(node, dict):
-        out = dict(node)
-        if node.get("type") in ("record", "enum", "fixed") and "name" in node:
-            seen.add(_full_name(node))
-            namespace = node.get("namespace", namespace)
-        if "fields" in node:
-            out["fields"] = [
-                {**f, "type": _inline(f["type"], defs, namespace, seen)} for f in node["fields"]
-            ]
-        for key in ("items", "values"):
-            if key in node:
-                out[key] = _inline(node[key], defs, namespace, seen)
-        if isinstance(node.get("type"), dict | list) or (
-            isinstance(node.get("type"), str)
-            and node["type"] not in _PRIMITIVES
-            and node["type"] not in ("record", "enum", "fixed", "array", "map")
-        ):
-            out["type"] = _inline(node["type"], defs, namespace, seen)
+def _split_name(name: str, namespace: str) -> tuple[str, str]:
+    """(fullname, namespace) of a name written in the context of `namespace`."""
+    if "." in name:
+        return name, name.rsplit(".", 1)[0]
+    return (f"{namespace}.{name}" if namespace else name), namespace
+
+
+def _read_file(root: Path, path: Path) -> _SchemaFile:
+    rel = path.relative_to(root).as_posix()
+    m = _FILE_NAME.fullmatch(path.name)
+    if m is None:
+        raise SchemaDirectoryError(
+            f"schemas/{rel}: a schema file must be named <Name>.v<N>.avsc (for example"
+            " IntakeRegistered.v2.avsc), with N a whole number from 1 without leading zeros."
+        )
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise SchemaDirectoryError(f"schemas/{rel} is not readable JSON: {exc}") from exc
+    if not isinstance(raw, dict) or raw.get("type") not in _NAMED or "name" not in raw:
+        raise SchemaDirectoryError(
+            f"schemas/{rel} must hold one named Avro type (a record, enum or fixed)."
+        )
+    fullname, namespace = _split_name(str(raw["name"]), str(raw.get("namespace") or ""))
+    short = fullname.rsplit(".", 1)[-1]
+    if not namespace:
+        raise SchemaDirectoryError(
+            f"schemas/{rel}: {short} has no namespace; use se.goteborg.likvard for shared"
+            " types and se.goteborg.likvard.<service> for events."
+        )
+    if short != m["name"]:
+        raise SchemaDirectoryError(
+            f"schemas/{rel} defines {short!r}, but its file name says {m['name']!r}:"
+            " the file must be named after the type it defines."
+        )
+    return _SchemaFile(rel, short, fullname, namespace, int(m["version"]), raw)
+
+
+def _check_event_file(f: _SchemaFile) -> None:
+    fields = f.raw.get("fields")
+    first = fields[0] if isinstance(fields, list) and fields else None
+    if (
+        f.raw["type"] != "record"
+        or not isinstance(first, dict)
+        or first.get("name") != "metadata"
+        or first.get("type") != METADATA_TYPE
+    ):
+        raise SchemaDirectoryError(
+            f"schemas/{f.path}: an event schema must be a record whose first field is"
+            f" 'metadata' of type {METADATA_TYPE} (shared types belong in schemas/common/)."
+        )
+
+
+def _add(table: dict[str, dict[int, _SchemaFile]], key: str, f: _SchemaFile) -> None:
+    versions = table.setdefault(key, {})
+    if f.version in versions:
+        raise SchemaDirectoryError(
+            f"{key} version {f.version} is defined twice: schemas/{versions[f.version].path}"
+            f" and schemas/{f.path}. Each version must be in exactly one file."
+        )
+    versions[f.version] = f
+
+
+class _Expander:
+    """Inlines common types into one schema: each defined at its first use, then by name."""
+
+    def __init__(self, commons: Mapping[str, _SchemaFile]) -> None:
+        self.commons = commons
+        self.defined: set[str] = set()
+        self.used: set[str] = set()
+
+    def expand(self, schema: Any, namespace: str) -> Any:
+        if isinstance(schema, str):
+            if schema in _PRIMITIVES:
+                return schema
+            full, _ = _split_name(schema, namespace)
+            if full in self.defined:
+                return full
+            common = self.commons.get(full)
+            if common is None:
+                return schema  # a name fastavro will report as unknown
+            self.used.add(full)
+            inlined = {k: v for k, v in common.raw.items() if k != "namespace"}
+            inlined["name"] = full
+            return self.expand(inlined, namespace)
+        if isinstance(schema, list):
+            return [self.expand(branch, namespace) for branch in schema]
+        if not isinstance(schema, dict):
+            return schema
+        out = dict(schema)
+        kind = schema.get("type")
+        if kind in _NAMED and isinstance(schema.get("name"), str):
+            full, inner = _split_name(schema["name"], str(schema.get("namespace") or namespace))
+            self.defined.add(full)
+            if kind in ("record", "error") and isinstance(schema.get("fields"), list):
+                out["fields"] = [
+                    {**f, "type": self.expand(f.get("type"), inner)} if isinstance(f, dict) else f
+                    for f in schema["fields"]
+                ]
+        elif kind == "array":
+            out["items"] = self.expand(schema.get("items"), namespace)
+        elif kind == "map":
+            out["values"] = self.expand(schema.get("values"), namespace)
+        elif kind not in _PRIMITIVES:
+            out["type"] = self.expand(kind, namespace)
         return out
-    return node
 
 
-def fingerprint_of(schema: dict[str, Any]) -> bytes:
-    """CRC-64-AVRO of the parsing canonical form, as the 8 little-endian bytes on the wire."""
-    canonical = to_parsing_canonical_form(fastavro.parse_schema(schema, _write_hint=False))
-    return bytes.fromhex(avro_fingerprint(canonical, "CRC-64-AVRO"))
+def _expand(f: _SchemaFile, commons: Mapping[str, _SchemaFile]) -> tuple[dict[str, Any], set[str]]:
+    expander = _Expander(commons)
+    expanded = expander.expand(copy.deepcopy(f.raw), "")
+    return expanded, expander.used
 
 
 class Catalogue:
-    """Every schema version in `schemas/`, indexed by event type and by fingerprint."""
+    """Every event schema version in a schemas directory, indexed by type and fingerprint."""
 
-    def __init__(self, versions: Iterable[SchemaVersion]) -> None:
-        self._by_type: dict[str, dict[int, SchemaVersion]] = {}
+    def __init__(self, root: Path, writers: list[SchemaVersion]) -> None:
+        self.root = root
         self._by_fingerprint: dict[bytes, SchemaVersion] = {}
-        for v in versions:
-            same_type = self._by_type.setdefault(v.event_type, {})
-            if v.version in same_type:
-                raise SchemaCatalogueError(
-                    f"{v.event_type} v{v.version} is defined twice:"
-                    f" {same_type[v.version].path} and {v.path}"
-                )
-            same_type[v.version] = v
-            other = self._by_fingerprint.get(v.fingerprint)
+        self._primary: dict[str, dict[int, SchemaVersion]] = {}
+        self._all: dict[str, list[SchemaVersion]] = {}
+        for w in writers:
+            other = self._by_fingerprint.get(w.fingerprint)
             if other is not None:
-                raise SchemaCatalogueError(
-                    f"{v.path.name} and {other.path.name} have the same schema (fingerprint)"
+                if (other.event_type, other.version) == (w.event_type, w.version):
+                    continue  # a common type's new version that did not change the form
+                raise SchemaDirectoryError(
+                    f"{w.event_type} v{w.version} and {other.event_type} v{other.version} have"
+                    " the same parsing canonical form, so their bytes could not be told apart;"
+                    " a new version must change field names or types, not only docs/defaults."
                 )
-            self._by_fingerprint[v.fingerprint] = v
+            self._by_fingerprint[w.fingerprint] = w
+            self._all.setdefault(w.event_type, []).append(w)
+            if w.primary:
+                self._primary.setdefault(w.event_type, {})[w.version] = w
+        self._newest = {t: vs[max(vs)] for t, vs in self._primary.items()}
 
     @classmethod
     def load(cls, root: Path | None = None) -> Catalogue:
-        root = root or default_root()
-        if not root.is_dir():
-            raise SchemaCatalogueError(f"schemas folder not found: {root}")
-        defs: dict[str, Any] = {}
-        for path in sorted((root / COMMON_FOLDER).glob("*.avsc")):
-            schema = _read(path)
-            defs[_full_name(schema)] = schema
-        versions: list[SchemaVersion] = []
-        for path in sorted(root.glob("*/*.avsc")):
-            if path.parent.name == COMMON_FOLDER:
-                continue
-            versions.append(_load_event(path, defs))
-        return cls(versions)
+        """Load `root`, else $LIKVARD_SCHEMAS_DIR, else the repository's `schemas/`.
 
+        Mistakes in the directory fail here, at start-up, rather than on some later event."""
+        if root is None:
+            env = os.environ.get(SCHEMAS_DIR_ENV)
+            root = Path(env) if env else DEFAULT_SCHEMAS_DIR
+        root = Path(root)
+        if not root.is_dir():
+            raise SchemaDirectoryError(f"The schemas directory {root} does not exist.")
+        commons: dict[str, dict[int, _SchemaFile]] = {}
+        events: dict[str, dict[int, _SchemaFile]] = {}
+        event_names: dict[str, str] = {}
+        for path in sorted(root.rglob("*.avsc")):
+            f = _read_file(root, path)
+            parts = path.relative_to(root).parts
+            if len(parts) < 2:
+                raise SchemaDirectoryError(
+                    f"schemas/{f.path} must be in a folder: common/ for shared types, or the"
+                    " folder of the service that owns the event."
+                )
+            if parts[0] == COMMON_FOLDER:
+                _add(commons, f.fullname, f)
+                continue
+            _check_event_file(f)
+            if event_names.setdefault(f.name, f.fullname) != f.fullname:
+                raise SchemaDirectoryError(
+                    f"The event type {f.name} is defined in two namespaces"
+                    f" ({event_names[f.name]} and {f.fullname}); event type names must be"
+                    " unique across services."
+                )
+            _add(events, f.name, f)
+        if not events:
+            raise SchemaDirectoryError(f"The schemas directory {root} holds no event schemas.")
+        if METADATA_TYPE not in commons:
+            raise SchemaDirectoryError(
+                f"The schemas directory {root} has no common/EventMetadata.v<N>.avsc."
+            )
+        newest_commons = {name: vs[max(vs)] for name, vs in commons.items()}
+        writers: list[SchemaVersion] = []
+        for versions in events.values():
+            for f in versions.values():
+                writers.extend(_writer_schemas(f, commons, newest_commons))
+        return cls(root, writers)
+
+    # --- lookup ------------------------------------------------------------------------
     def event_types(self) -> list[str]:
-        return sorted(self._by_type)
+        return sorted(self._primary)
 
     def versions(self, event_type: str) -> list[int]:
-        return sorted(self._schemas_of(event_type))
+        return sorted(self._versions(event_type))
 
     def newest_version(self, event_type: str) -> int:
-        return max(self._schemas_of(event_type))
+        return self.reader(event_type).version
 
-    def schema(self, event_type: str, version: int | None = None) -> SchemaVersion:
-        versions = self._schemas_of(event_type)
-        chosen = versions.get(version if version is not None else max(versions))
-        if chosen is None:
-            raise EncodeError(f"{event_type} has no schema version {version}")
-        return chosen
+    def reader(self, event_type: str) -> SchemaVersion:
+        """The newest schema of an event type: what decode resolves every version to."""
+        self._versions(event_type)
+        return self._newest[event_type]
+
+    def writer(self, event_type: str, version: int | None = None) -> SchemaVersion:
+        """The schema `encode` writes with (`version` defaults to the newest)."""
+        versions = self._versions(event_type)
+        if version is None:
+            return self._newest[event_type]
+        if version not in versions:
+            raise UnknownEventType(
+                f"{event_type} has no version {version} in schemas/"
+                f" (known: {', '.join(map(str, sorted(versions)))})."
+            )
+        return versions[version]
+
+    def writers(self, event_type: str | None = None) -> list[SchemaVersion]:
+        """Every schema bytes of this type may have been written with, oldest first."""
+        types = [event_type] if event_type is not None else self.event_types()
+        for t in types:
+            self._versions(t)
+        return sorted(
+            (w for t in types for w in self._all[t]),
+            key=lambda w: (w.event_type, w.version, not w.primary),
+        )
+
+    def schema(self, event_type: str, version: int | None = None) -> dict[str, Any]:
+        """Standalone JSON schema of an event version (a copy; for docs and producers)."""
+        return copy.deepcopy(self.writer(event_type, version).schema)
 
     def fingerprint(self, event_type: str, version: int | None = None) -> bytes:
-        return self.schema(event_type, version).fingerprint
+        """The 8 fingerprint bytes of the header `encode` writes for this version."""
+        return self.writer(event_type, version).fingerprint
 
-    def _schemas_of(self, event_type: str) -> dict[int, SchemaVersion]:
-        found = self._by_type.get(event_type)
-        if not found:
-            raise EncodeError(f"no schema for the event type {event_type!r}")
-        return found
+    def _versions(self, event_type: str) -> dict[int, SchemaVersion]:
+        versions = self._primary.get(event_type)
+        if versions is None:
+            raise UnknownEventType(f"{event_type!r} is not an event type in schemas/.")
+        return versions
 
+    # --- encoding ----------------------------------------------------------------------
     def encode(self, event_type: str, record: dict[str, Any], version: int | None = None) -> bytes:
-        """Single-object bytes of `record` in the given (default: newest) schema version."""
-        sv = self.schema(event_type, version)
+        """Validate `record` against the event type's schema (newest by default) and return
+        its single-object encoding. Raises EncodeError naming the field that is wrong."""
+        writer = self.writer(event_type, version)
+        what = f"{event_type} v{writer.version}"
+        if not isinstance(record, Mapping):
+            raise EncodeError(f"A {what} record must be a dict, not {type(record).__name__}.")
         try:
-            validate(record, sv.parsed, raise_errors=True)
-        except Exception as exc:  # fastavro's ValidationError; its text may quote the data
-            fields = ", ".join(str(getattr(e, "field", "?")) for e in getattr(exc, "errors", ()))
+            validate(record, writer.parsed, raise_errors=True)
+        except ValidationError as exc:
+            raise EncodeError(_validation_message(what, writer.parsed["name"], exc)) from None
+        named: dict[str, Any] = writer.parsed["__named_schemas"]
+        problem = _check_value(writer.parsed, record, named, "")
+        if problem is not None:
+            raise EncodeError(f"The {what} record is invalid: {problem}.")
+        body = io.BytesIO()
+        body.write(SINGLE_OBJECT_MARKER)
+        body.write(writer.fingerprint)
+        try:
+            schemaless_writer(body, writer.parsed, record)
+        except Exception as exc:  # any fastavro failure means a bad record
             raise EncodeError(
-                f"the {event_type} record does not match schema v{sv.version}"
-                f" (field: {fields or 'unknown'})"
+                f"The {what} record could not be written ({type(exc).__name__});"
+                " a value does not fit its field's type."
             ) from None
-        buf = io.BytesIO()
-        buf.write(SINGLE_OBJECT_MARKER)
-        buf.write(sv.fingerprint)
-        fastavro.schemaless_writer(buf, sv.parsed, record)
-        return buf.getvalue()
+        return body.getvalue()
 
-    def decode(self, data: bytes) -> Decoded:
-        """Decode single-object bytes into the newest schema of their event type.
+    # --- decoding ----------------------------------------------------------------------
+    def decode(self, data: bytes | bytearray | memoryview) -> Decoded:
+        """Decode single-object encoded bytes with the newest schema of their event type.
 
-        Raises only CodecError subclasses, whatever the bytes are."""
+        Any input raises only CodecError subclasses, so consumers can dead-letter bad
+        records instead of crashing."""
         if not isinstance(data, bytes | bytearray | memoryview):
-            raise NotSingleObjectEncoded("an event must be bytes")
-        data = bytes(data)
-        if len(data) < HEADER_LENGTH or data[:2] != SINGLE_OBJECT_MARKER:
             raise NotSingleObjectEncoded(
-                "not Avro single-object encoded (expected the marker C3 01 and an 8-byte"
-                " schema fingerprint)"
+                f"An encoded event must be bytes, not {type(data).__name__}."
             )
-        fp = data[2:HEADER_LENGTH]
+        data = bytes(data)
+        if len(data) < HEADER_SIZE:
+            raise NotSingleObjectEncoded(
+                f"The data is {len(data)} bytes long, shorter than the {HEADER_SIZE}-byte"
+                " Avro single-object header, so it is not an encoded event."
+            )
+        if data[:2] != SINGLE_OBJECT_MARKER:
+            raise NotSingleObjectEncoded(
+                "The data does not start with the Avro single-object marker C3 01,"
+                " so it is not an encoded event (or was written in another format)."
+            )
+        fp = data[2:HEADER_SIZE]
         writer = self._by_fingerprint.get(fp)
         if writer is None:
-            raise UnknownFingerprint(
-                f"no schema in the catalogue has the fingerprint {fp.hex()}; is the writer"
-                " schema published in schemas/?"
-            )
-        reader = self.schema(writer.event_type)
-        body = io.BytesIO(data[HEADER_LENGTH:])
+            raise UnknownFingerprint(fp)
+        reader = self._newest[writer.event_type]
+        what = f"{writer.event_type} v{writer.version}"
+        body = io.BytesIO(data[HEADER_SIZE:])
         try:
-            record = fastavro.schemaless_reader(
-                body, writer.parsed, None if reader is writer else reader.parsed
-            )
-        except Exception as exc:  # any failure inside fastavro means the body is corrupt
-            raise CorruptRecord(
-                f"the {writer.event_type} v{writer.version} body does not decode"
-                f" ({type(exc).__name__})"
+            if reader is writer:
+                record = schemaless_reader(body, writer.parsed, None)
+            else:
+                record = schemaless_reader(body, writer.parsed, reader.parsed)
+        except SchemaResolutionError:
+            raise IncompatibleSchema(
+                f"A {what} event cannot be read with the newest schema (v{reader.version}):"
+                " the schemas are not backward compatible."
             ) from None
-        if body.tell() != len(data) - HEADER_LENGTH:
+        except Exception as exc:  # arbitrary bytes may fail in any way
             raise CorruptRecord(
-                f"the {writer.event_type} v{writer.version} body has trailing bytes"
+                f"The body of a {what} event does not decode ({type(exc).__name__});"
+                " the bytes are truncated or corrupt."
+            ) from None
+        extra = len(data) - HEADER_SIZE - body.tell()
+        if extra:
+            raise CorruptRecord(
+                f"A {what} event has {extra} unexpected bytes after its record;"
+                " the bytes are corrupt or were written with another schema."
             )
         if not isinstance(record, dict):
-            raise CorruptRecord("the body is not a record")
-        return Decoded(writer.event_type, writer.version, fp, uuids_as_text(record))
+            raise CorruptRecord(f"The body of a {what} event did not decode to a record.")
+        return Decoded(writer.event_type, writer.version, fp, _plain(record))
 
 
-def uuids_as_text(value: Any) -> Any:
-    """Ids read back as the strings they were written as, so a decoded event equals the
-    decided one (fastavro returns uuid.UUID for the uuid logical type)."""
+# --- helpers ---------------------------------------------------------------------------
+def _writer_schemas(
+    f: _SchemaFile,
+    commons: Mapping[str, Mapping[int, _SchemaFile]],
+    newest: Mapping[str, _SchemaFile],
+) -> list[SchemaVersion]:
+    """The primary writer schema of a file, plus one per older combination of the versions
+    of the common types it uses (so bytes written before a common type changed decode)."""
+    _, used = _expand(f, newest)
+    names, frontier = set(used), list(used)
+    while frontier:  # common types used by any version of the common types used
+        for cf in commons[frontier.pop()].values():
+            for name in _expand(cf, newest)[1] - names:
+                names.add(name)
+                frontier.append(name)
+    ordered = sorted(names)
+    out: list[SchemaVersion] = []
+    for combo in itertools.product(*(sorted(commons[n], reverse=True) for n in ordered)):
+        choice = {**newest, **{n: commons[n][v] for n, v in zip(ordered, combo, strict=True)}}
+        primary = all(choice[n] is newest[n] for n in ordered)
+        expanded, _ = _expand(f, choice)
+        try:
+            parsed = parse_schema(expanded)
+            canonical = to_parsing_canonical_form(parsed)
+        except Exception as exc:  # fastavro raises several types here
+            raise SchemaDirectoryError(
+                f"schemas/{f.path} is not a valid Avro schema: {exc}"
+            ) from exc
+        if not isinstance(parsed, dict):  # _check_event_file made sure it is a record
+            raise SchemaDirectoryError(f"schemas/{f.path} does not define a record.")
+        out.append(
+            SchemaVersion(
+                event_type=f.name,
+                version=f.version,
+                fingerprint=bytes.fromhex(avro_fingerprint(canonical, "CRC-64-AVRO")),
+                canonical_form=canonical,
+                schema=expanded,
+                parsed=parsed,
+                primary=primary,
+                path=f.path,
+            )
+        )
+    return out
+
+
+def _plain(value: Any) -> Any:
+    """uuid.UUID values (fastavro's reading of uuid strings) back to canonical strings:
+    events carry ids as strings, so a decoded record equals the record that was encoded."""
     if isinstance(value, dict):
-        return {k: uuids_as_text(v) for k, v in value.items()}
+        return {k: _plain(v) for k, v in value.items()}
     if isinstance(value, list):
-        return [uuids_as_text(v) for v in value]
+        return [_plain(v) for v in value]
     if isinstance(value, uuid.UUID):
         return str(value)
     return value
 
 
-def _read(path: Path) -> dict[str, Any]:
-    m = _FILE_NAME.match(path.name)
-    if not m:
-        raise SchemaCatalogueError(f"{path}: schema files must be named <Name>.v<N>.avsc")
-    try:
-        schema = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise SchemaCatalogueError(f"{path} is not valid JSON: {exc}") from exc
-    if not isinstance(schema, dict) or schema.get("name") != m.group("name"):
-        raise SchemaCatalogueError(f"{path}: the schema's name must be {m.group('name')!r}")
-    return schema
+def _describe(schema: Any) -> str:
+    """A short human description of a schema type, e.g. 'long (timestamp-micros)'."""
+    if isinstance(schema, list):
+        return " or ".join(_describe(s) for s in schema)
+    if isinstance(schema, str):
+        return schema.rsplit(".", 1)[-1] if schema not in _PRIMITIVES else schema
+    if isinstance(schema, dict):
+        kind = schema.get("type")
+        if kind == "enum":
+            return f"one of {', '.join(schema.get('symbols', []))}"
+        if kind in _NAMED:
+            return f"a {kind} {str(schema.get('name', '')).rsplit('.', 1)[-1]}"
+        if kind == "array":
+            return f"an array of {_describe(schema.get('items'))}"
+        if kind == "map":
+            return f"a map of {_describe(schema.get('values'))}"
+        if "logicalType" in schema:
+            return f"{kind} ({schema['logicalType']})"
+        return _describe(kind)
+    return str(schema)
 
 
-def _load_event(path: Path, defs: dict[str, Any]) -> SchemaVersion:
-    raw = _read(path)
-    fields = raw.get("fields") or []
-    if raw.get("type") != "record" or not fields or fields[0].get("name") != "metadata":
-        raise SchemaCatalogueError(
-            f"{path}: an event must be a record whose first field is metadata"
-        )
-    version = int(_FILE_NAME.match(path.name).group("version"))  # type: ignore[union-attr]
-    schema = _inline(raw, defs, raw.get("namespace"), set())
-    try:
-        parsed = fastavro.parse_schema(schema, _write_hint=False)
-    except Exception as exc:
-        raise SchemaCatalogueError(f"{path}: not a valid Avro schema: {exc}") from exc
-    return SchemaVersion(raw["name"], version, path, schema, parsed, fingerprint_of(schema))
+def _validation_message(what: str, record_name: str, exc: ValidationError) -> str:
+    errors = getattr(exc, "errors", None) or []
+    if not errors:
+        return f"The {what} record does not match its schema."
+    first = errors[0]
+    path = str(getattr(first, "field", "") or "")
+    if path.startswith(record_name + "."):
+        where = f"field {path[len(record_name) + 1 :]!r}"
+    elif "." in path:  # a field of a nested record: fastavro names the record, not the path
+        record, name = path.rsplit(".", 1)
+        where = f"field {name!r} of {record.rsplit('.', 1)[-1]}"
+    else:
+        where = "the record"
+    datum = getattr(first, "datum", None)
+    expected = _describe(getattr(first, "schema", None))
+    if datum is None:
+        return f"The {what} record is invalid: {where} is missing or null, expected {expected}."
+    return (
+        f"The {what} record is invalid: {where} has a value of type {type(datum).__name__},"
+        f" expected {expected}."
+    )
+
+
+def _resolve(schema: Any, named: Mapping[str, Any]) -> Any:
+    while True:
+        if isinstance(schema, str) and schema in named:
+            schema = named[schema]
+        elif isinstance(schema, dict) and not isinstance(schema.get("type"), str):
+            schema = schema.get("type")
+        elif (
+            isinstance(schema, dict)
+            and schema["type"] not in _PRIMITIVES
+            and schema["type"] not in _NAMED
+            and schema["type"] not in ("array", "map")
+        ):
+            schema = schema["type"]
+        else:
+            return schema
+
+
+def _fits(schema: Any, value: Any) -> bool:
+    """Whether `value` plausibly belongs to this union branch (fastavro already validated)."""
+    kind = schema if isinstance(schema, str) else schema.get("type")
+    if isinstance(value, Mapping):
+        return kind in ("record", "error", "map")
+    if isinstance(value, list | tuple):
+        return kind == "array"
+    if isinstance(value, str):
+        return kind in ("string", "enum")
+    if isinstance(value, datetime):
+        return kind == "long"
+    if isinstance(value, date):
+        return kind == "int"
+    return False
+
+
+def _check_value(schema: Any, value: Any, named: Mapping[str, Any], path: str) -> str | None:
+    """What Avro validation lets through but the contract forbids: unknown fields (a typo
+    would silently drop data), malformed uuids (unreadable later) and naive datetimes
+    (ambiguous instants). Returns the first problem, or None."""
+    schema = _resolve(schema, named)
+    if value is None:
+        return None
+    if isinstance(schema, list):
+        for branch in schema:
+            branch = _resolve(branch, named)
+            if _fits(branch, value):
+                return _check_value(branch, value, named, path)
+        return None
+    if not isinstance(schema, dict):
+        return None
+    kind = schema.get("type")
+    if kind in ("record", "error") and isinstance(value, Mapping):
+        fields = schema.get("fields", [])
+        unknown = sorted(str(k) for k in value if k not in {f["name"] for f in fields})
+        if unknown:
+            where = repr(path) if path else "the record"
+            return f"{where} has field(s) the schema does not define: {', '.join(unknown)}"
+        for f in fields:
+            sub = f"{path}.{f['name']}" if path else f["name"]
+            problem = _check_value(f["type"], value.get(f["name"]), named, sub)
+            if problem is not None:
+                return problem
+    elif kind == "array" and isinstance(value, list | tuple):
+        for i, item in enumerate(value):
+            problem = _check_value(schema.get("items"), item, named, f"{path}[{i}]")
+            if problem is not None:
+                return problem
+    elif kind == "map" and isinstance(value, Mapping):
+        for key, item in value.items():
+            problem = _check_value(schema.get("values"), item, named, f"{path}[{key!r}]")
+            if problem is not None:
+                return problem
+    elif schema.get("logicalType") == "uuid" and isinstance(value, str):
+        try:
+            uuid.UUID(value)
+        except ValueError:
+            return f"field {path!r} is not a UUID"
+    elif (
+        schema.get("logicalType") in _TIMESTAMPS
+        and isinstance(value, datetime)
+        and value.utcoffset() is None
+    ):
+        return f"field {path!r} is a naive datetime; give a timezone-aware one (UTC)"
+    return None
