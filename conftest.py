@@ -20,7 +20,7 @@ from psycopg_pool import ConnectionPool
 
 from likvard.codec import Catalogue
 from likvard.config import Settings
-from likvard.devstack import EmbeddedPostgres, TansuBroker, free_port, wait_until
+from likvard.devstack import TansuBroker, broker_from, free_port, postgres_from, wait_until
 from likvard.eventstore import EventStore
 from likvard.topics import SERVICE_TOPICS, ensure_topics, load_topics
 from tests.support import RunningService
@@ -28,29 +28,15 @@ from tests.support import RunningService
 
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
-    external = os.environ.get("LIKVARD_TEST_DATABASE_URL")
-    if external:
-        yield external
-        return
-    pg = EmbeddedPostgres()
-    try:
-        yield pg.start()
-    finally:
-        pg.stop()
+    with postgres_from("LIKVARD_TEST_DATABASE_URL") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
 def broker() -> Iterator[TansuBroker | None]:
     """The test-owned broker (None when KAFKA_BOOTSTRAP_SERVERS names an external one)."""
-    if os.environ.get("KAFKA_BOOTSTRAP_SERVERS"):
-        yield None
-        return
-    b = TansuBroker()
-    b.start()
-    try:
+    with broker_from() as b:
         yield b
-    finally:
-        b.stop()
 
 
 @pytest.fixture(scope="session")

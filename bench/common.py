@@ -9,34 +9,19 @@ import statistics
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from likvard.devstack import EmbeddedPostgres, TansuBroker
+from likvard.devstack import broker_from, postgres_from
 
 
 @contextmanager
 def database() -> Iterator[str]:
-    url = os.environ.get("LIKVARD_BENCH_DATABASE_URL")
-    if url:
+    with postgres_from("LIKVARD_BENCH_DATABASE_URL") as url:
         yield url
-        return
-    pg = EmbeddedPostgres()
-    try:
-        yield pg.start()
-    finally:
-        pg.stop()
 
 
 @contextmanager
 def kafka() -> Iterator[str]:
-    bootstrap = os.environ.get("KAFKA_BOOTSTRAP_SERVERS")
-    if bootstrap:
-        yield bootstrap
-        return
-    broker = TansuBroker()
-    broker.start()
-    try:
-        yield broker.bootstrap
-    finally:
-        broker.stop()
+    with broker_from() as broker:
+        yield broker.bootstrap if broker else os.environ["KAFKA_BOOTSTRAP_SERVERS"]
 
 
 def percentile(values: list[float], p: float) -> float:

@@ -14,7 +14,8 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -141,11 +142,42 @@ class TansuBroker:
                 self.proc.wait()
         self.proc = None
 
+    def __enter__(self) -> TansuBroker:
+        self.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.stop()
+
     def restart(self) -> None:
         """Stop and start on the same port: every topic and record is gone afterwards."""
         self.stop()
         wait_until(lambda: not port_open("127.0.0.1", self.port), 10, "the old broker to stop")
         self.start()
+
+
+@contextmanager
+def postgres_from(env_var: str) -> Iterator[str]:
+    """The PostgreSQL named by `env_var`, or an embedded one for the duration."""
+    url = os.environ.get(env_var)
+    if url:
+        yield url
+        return
+    pg = EmbeddedPostgres()
+    try:
+        yield pg.start()
+    finally:
+        pg.stop()
+
+
+@contextmanager
+def broker_from(env_var: str = "KAFKA_BOOTSTRAP_SERVERS") -> Iterator[TansuBroker | None]:
+    """None when `env_var` names an external Kafka; else a Tansu broker for the duration."""
+    if os.environ.get(env_var):
+        yield None
+        return
+    with TansuBroker() as broker:
+        yield broker
 
 
 @dataclass

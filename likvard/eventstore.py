@@ -249,10 +249,23 @@ class EventStore:
                 for r in conn.execute(
                     self._q(_APPEND_SQL),
                     (
-                        list(cols[0]), list(cols[1]), list(cols[2]), list(cols[3]),
-                        list(cols[4]), list(cols[5]), list(cols[6]), list(cols[7]),
-                        list(cols[8]), list(cols[9]), list(cols[10]), list(cols[11]),
-                        self.topic, version, prev_hash, stream_id, self.notify_channel,
+                        list(cols[0]),
+                        list(cols[1]),
+                        list(cols[2]),
+                        list(cols[3]),
+                        list(cols[4]),
+                        list(cols[5]),
+                        list(cols[6]),
+                        list(cols[7]),
+                        list(cols[8]),
+                        list(cols[9]),
+                        list(cols[10]),
+                        list(cols[11]),
+                        self.topic,
+                        version,
+                        prev_hash,
+                        stream_id,
+                        self.notify_channel,
                     ),
                 ).fetchall()
             ]

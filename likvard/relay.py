@@ -88,6 +88,27 @@ def event_headers(row: OutboxRow, traceparent: str | None) -> Headers:
     return headers
 
 
+def produce(
+    producer: Producer,
+    row: OutboxRow,
+    headers: Headers,
+    on_delivery: Callable[[KafkaError | None, Message], None],
+) -> None:
+    """Queue one event; when the producer's queue is full, serve callbacks and retry."""
+    while True:
+        try:
+            producer.produce(
+                row.topic,
+                key=row.key.encode(),
+                value=row.value,
+                headers=headers,
+                on_delivery=on_delivery,
+            )
+            return
+        except BufferError:
+            producer.poll(0.05)
+
+
 def delivered_prefix(rows: list[OutboxRow], failed_ids: set[int]) -> list[int]:
     """Ids safe to delete: per stream, the rows before its first failure.
 
@@ -198,18 +219,7 @@ class OutboxRelay:
                 },
             ):
                 headers = event_headers(row, telemetry.current_traceparent())
-                while True:
-                    try:
-                        producer.produce(
-                            row.topic,
-                            key=row.key.encode(),
-                            value=row.value,
-                            headers=headers,
-                            on_delivery=on_delivery(row.id),
-                        )
-                        break
-                    except BufferError:
-                        producer.poll(0.05)
+                produce(producer, row, headers, on_delivery(row.id))
         remaining = producer.flush(self.flush_timeout)
         failed = {rid for rid, err in results.items() if err is not None}
         failed |= {row.id for row in rows if row.id not in results}

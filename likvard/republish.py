@@ -12,7 +12,7 @@ from collections.abc import Callable
 from confluent_kafka import KafkaError, Message, Producer
 
 from likvard.eventstore import EventStore
-from likvard.relay import OutboxRow, event_headers, producer_config
+from likvard.relay import OutboxRow, event_headers, produce, producer_config
 
 
 class RepublishError(RuntimeError):
@@ -48,18 +48,7 @@ def republish(
             value=event.data,
             traceparent=event.metadata.get("traceparent"),
         )
-        while True:
-            try:
-                producer.produce(
-                    row.topic,
-                    key=row.key.encode(),
-                    value=row.value,
-                    headers=event_headers(row, row.traceparent),
-                    on_delivery=on_delivery,
-                )
-                break
-            except BufferError:
-                producer.poll(0.05)
+        produce(producer, row, event_headers(row, row.traceparent), on_delivery)
         pending += 1
         if pending >= batch_size:
             sent += _flush(producer, pending, errors)

@@ -95,12 +95,24 @@ def consume(
     return records
 
 
-def registered(district: str = "nordost", **overrides: object) -> NewEvent:
-    """A valid IntakeRegistered for kernel tests (the intake decider is not involved)."""
+def kernel_event(event_type: str, data: dict[str, object], district: str = "nordost") -> NewEvent:
+    """An event for kernel tests, built without the intake decider."""
     from datetime import UTC, datetime
 
     from likvard.eventstore import NewEvent
 
+    return NewEvent(
+        event_type=event_type,
+        data=data,
+        occurred_at=datetime.now(UTC),
+        district=district,
+        actor="cw-1",
+        correlation_id=str(uuid.uuid4()),
+    )
+
+
+def registered(district: str = "nordost", **overrides: object) -> NewEvent:
+    """A valid IntakeRegistered."""
     data: dict[str, object] = {
         "person": "ab" * 32,
         "district": district,
@@ -110,41 +122,12 @@ def registered(district: str = "nordost", **overrides: object) -> NewEvent:
         "birth_year": 1980,
     }
     data.update(overrides)
-    return NewEvent(
-        event_type="IntakeRegistered",
-        data=data,
-        occurred_at=datetime.now(UTC),
-        district=district,
-        actor="cw-1",
-        correlation_id=str(uuid.uuid4()),
-    )
+    return kernel_event("IntakeRegistered", data, district)
 
 
 def closed(district: str = "nordost") -> NewEvent:
-    from datetime import UTC, datetime
-
-    from likvard.eventstore import NewEvent
-
-    return NewEvent(
-        event_type="CaseClosed",
-        data={"reason": "GOALS_REACHED"},
-        occurred_at=datetime.now(UTC),
-        district=district,
-        actor="cw-1",
-        correlation_id=str(uuid.uuid4()),
-    )
+    return kernel_event("CaseClosed", {"reason": "GOALS_REACHED"}, district)
 
 
 def reopened(district: str = "nordost") -> NewEvent:
-    from datetime import UTC, datetime
-
-    from likvard.eventstore import NewEvent
-
-    return NewEvent(
-        event_type="CaseReopened",
-        data={"reason": "RELAPSE"},
-        occurred_at=datetime.now(UTC),
-        district=district,
-        actor="cw-1",
-        correlation_id=str(uuid.uuid4()),
-    )
+    return kernel_event("CaseReopened", {"reason": "RELAPSE"}, district)

@@ -168,12 +168,9 @@ def test_late_committing_transactions_are_never_skipped(
 
 @pytest.fixture
 def own_broker() -> Iterator[TansuBroker]:
-    broker = TansuBroker()
-    broker.start()
-    try:
+    """A broker of this test's own: it is restarted, which would wipe the shared one."""
+    with TansuBroker() as broker:
         yield broker
-    finally:
-        broker.stop()
 
 
 def test_relay_survives_a_broker_restart_and_republish_refills(
