@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+import traceback
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -133,6 +134,25 @@ def request_context(request: Request) -> RequestContext:
     return RequestContext(actor, correlation, telemetry.current_traceparent())
 
 
+def unexpected(request: Request, exc: Exception) -> JSONResponse:
+    """500 problem for a bug or an outage. Logged with the exception's type and where it
+    happened, not its text: that may quote submitted data."""
+    log.error(
+        "unexpected %s on %s %s; where:\n%s",
+        type(exc).__name__,
+        request.method,
+        request.url.path,
+        "".join(traceback.format_tb(exc.__traceback__)),
+    )
+    return problem(
+        500,
+        "internal-error",
+        "Internal error",
+        "The request could not be completed; it has been logged.",
+        request.url.path,
+    )
+
+
 def install(app: FastAPI, service: str) -> None:
     """Error handlers and tracing for a service's app."""
     tracer = telemetry.tracer(f"likvard.{service}.http")
@@ -148,7 +168,11 @@ def install(app: FastAPI, service: str) -> None:
             kind=trace.SpanKind.SERVER,
             attributes={"http.request.method": request.method, "url.path": request.url.path},
         ) as span:
-            response = await call_next(request)
+            try:
+                response = await call_next(request)
+            except Exception as exc:  # answered here, so the connection stays usable
+                span.set_status(trace.StatusCode.ERROR, type(exc).__name__)
+                response = unexpected(request, exc)
             route = request.scope.get("route")
             if route is not None and hasattr(route, "path"):
                 span.update_name(f"{request.method} {route.path}")

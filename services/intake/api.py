@@ -6,7 +6,7 @@ import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import UTC, date, datetime
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Path, Request, Response
 from pydantic import BaseModel, Field, field_validator
@@ -21,27 +21,28 @@ from likvard.pseudonym import InvalidIdentityNumber, pseudonymise
 from likvard.telemetry import setup_tracing
 from likvard.topics import SERVICE_TOPICS
 from services.intake import domain as d
+from services.intake.domain import (
+    ChildrenInHousehold,
+    CloseReason,
+    ConsentRecipient,
+    Instrument,
+    NeedLevel,
+    ReferralSource,
+    ReopenReason,
+    Substance,
+    TransferReason,
+)
 from services.intake.service import IntakeService, make_service
 
-Substance = Literal["ALCOHOL", "NARCOTICS", "PHARMACEUTICALS", "GAMBLING"]
-ReferralSource = Literal[
-    "SELF", "RELATIVE", "HEALTHCARE", "POLICE", "PRISON_PROBATION", "NON_PROFIT", "OTHER"
-]
-ChildrenInHousehold = Literal["YES", "NO", "UNKNOWN"]
-Instrument = Literal["AUDIT", "DUDIT", "ASI_GRUND", "ASI_UPPFOLJNING", "ADDIS", "PGSI", "NODS_PERC"]
-NeedLevel = Literal["LOW", "MODERATE", "HIGH"]
-ConsentRecipient = Literal["HEALTHCARE", "PRISON_PROBATION", "NON_PROFIT"]
-TransferReason = Literal["PERSON_MOVED", "REORGANISATION", "OTHER"]
-CloseReason = Literal[
-    "GOALS_REACHED",
-    "PLANNED_END",
-    "PERSON_DECLINED",
-    "NO_CONTACT",
-    "MOVED_OUT_OF_CITY",
-    "DECEASED",
-    "OTHER",
-]
-ReopenReason = Literal["RELAPSE", "NEW_NEED", "CLOSED_IN_ERROR", "OTHER"]
+ETAG_HEADER = {
+    "description": 'The case\'s stream version as an entity tag, e.g. "3": send it in If-Match.',
+    "schema": {"type": "string"},
+}
+LOCATION_HEADER = {
+    "description": "Where the new case is: /cases/{case_id}",
+    "schema": {"type": "string"},
+}
+COMMAND_RESPONSES: dict[int | str, dict[str, Any]] = {200: {"headers": {"ETag": ETAG_HEADER}}}
 
 CaseId = Annotated[uuid.UUID, Path(description="The case id returned by POST /cases")]
 IfMatch = Annotated[
@@ -297,6 +298,7 @@ def create_app(
         "/cases",
         status_code=201,
         response_model=CommandResult,
+        responses={201: {"headers": {"Location": LOCATION_HEADER, "ETag": ETAG_HEADER}}},
         tags=["cases"],
         summary="Register an intake (opens a case)",
     )
@@ -325,6 +327,7 @@ def create_app(
     @app.post(
         "/cases/{case_id}/assessments",
         response_model=CommandResult,
+        responses=COMMAND_RESPONSES,
         tags=["cases"],
         summary="Record a completed assessment (AUDIT, DUDIT, ASI, ...)",
     )
@@ -349,6 +352,7 @@ def create_app(
     @app.post(
         "/cases/{case_id}/care-plan",
         response_model=CommandResult,
+        responses=COMMAND_RESPONSES,
         tags=["cases"],
         summary="Record the care plan agreed with the person, in their own goals",
     )
@@ -373,6 +377,7 @@ def create_app(
     @app.post(
         "/cases/{case_id}/consents",
         response_model=CommandResult,
+        responses=COMMAND_RESPONSES,
         tags=["cases"],
         summary="Record the person's consent to share with other organisations",
     )
@@ -396,6 +401,7 @@ def create_app(
     @app.post(
         "/cases/{case_id}/consents/{consent_id}/withdraw",
         response_model=CommandResult,
+        responses=COMMAND_RESPONSES,
         tags=["cases"],
         summary="Record that the person withdrew a consent",
     )
@@ -416,6 +422,7 @@ def create_app(
     @app.post(
         "/cases/{case_id}/transfer",
         response_model=CommandResult,
+        responses=COMMAND_RESPONSES,
         tags=["cases"],
         summary="Transfer the case to another district (the person moved)",
     )
@@ -438,6 +445,7 @@ def create_app(
     @app.post(
         "/cases/{case_id}/close",
         response_model=CommandResult,
+        responses=COMMAND_RESPONSES,
         tags=["cases"],
         summary="Close the case",
     )
@@ -455,6 +463,7 @@ def create_app(
     @app.post(
         "/cases/{case_id}/reopen",
         response_model=CommandResult,
+        responses=COMMAND_RESPONSES,
         tags=["cases"],
         summary="Reopen a closed case",
     )
@@ -472,6 +481,7 @@ def create_app(
     @app.get(
         "/cases/{case_id}",
         response_model=CaseView,
+        responses={200: {"headers": {"ETag": ETAG_HEADER}}},
         tags=["cases"],
         summary="The case's current state, folded from its events",
     )

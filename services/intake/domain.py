@@ -27,12 +27,18 @@ ReferralSource = Literal[
     "SELF", "RELATIVE", "HEALTHCARE", "POLICE", "PRISON_PROBATION", "NON_PROFIT", "OTHER"
 ]
 ChildrenInHousehold = Literal["YES", "NO", "UNKNOWN"]
+Instrument = Literal["AUDIT", "DUDIT", "ASI_GRUND", "ASI_UPPFOLJNING", "ADDIS", "PGSI", "NODS_PERC"]
 NeedLevel = Literal["LOW", "MODERATE", "HIGH"]
 ConsentRecipient = Literal["HEALTHCARE", "PRISON_PROBATION", "NON_PROFIT"]
 TransferReason = Literal["PERSON_MOVED", "REORGANISATION", "OTHER"]
 CloseReason = Literal[
-    "GOALS_REACHED", "PLANNED_END", "PERSON_DECLINED", "NO_CONTACT", "MOVED_OUT_OF_CITY",
-    "DECEASED", "OTHER",
+    "GOALS_REACHED",
+    "PLANNED_END",
+    "PERSON_DECLINED",
+    "NO_CONTACT",
+    "MOVED_OUT_OF_CITY",
+    "DECEASED",
+    "OTHER",
 ]
 ReopenReason = Literal["RELAPSE", "NEW_NEED", "CLOSED_IN_ERROR", "OTHER"]
 CaseStatus = Literal["unregistered", "open", "closed"]
@@ -48,8 +54,14 @@ CLOSE_REASONS: frozenset[str] = frozenset(get_args(CloseReason))
 REOPEN_REASONS: frozenset[str] = frozenset(get_args(ReopenReason))
 
 EVENT_TYPES: tuple[str, ...] = (
-    "IntakeRegistered", "AssessmentCompleted", "CarePlanAgreed", "ConsentRecorded",
-    "ConsentWithdrawn", "CaseTransferred", "CaseClosed", "CaseReopened",
+    "IntakeRegistered",
+    "AssessmentCompleted",
+    "CarePlanAgreed",
+    "ConsentRecorded",
+    "ConsentWithdrawn",
+    "CaseTransferred",
+    "CaseClosed",
+    "CaseReopened",
 )
 
 CITY_TZ = ZoneInfo("Europe/Stockholm")
@@ -178,8 +190,14 @@ class ReopenCase:
 
 
 Command = (
-    RegisterIntake | CompleteAssessment | AgreeCarePlan | RecordConsent | WithdrawConsent
-    | TransferCase | CloseCase | ReopenCase
+    RegisterIntake
+    | CompleteAssessment
+    | AgreeCarePlan
+    | RecordConsent
+    | WithdrawConsent
+    | TransferCase
+    | CloseCase
+    | ReopenCase
 )
 
 
@@ -252,10 +270,16 @@ def evolve(state: CaseState, event: DomainEvent) -> CaseState:
     match event.type:
         case "IntakeRegistered":
             new = replace(
-                state, exists=True, status="open", district=d["district"], person=d["person"],
-                substances=tuple(d["substances"]), referral_source=d["referral_source"],
+                state,
+                exists=True,
+                status="open",
+                district=d["district"],
+                person=d["person"],
+                substances=tuple(d["substances"]),
+                referral_source=d["referral_source"],
                 children_in_household=d["children_in_household"],
-                birth_year=d.get("birth_year"), registered_at=event.occurred_at,
+                birth_year=d.get("birth_year"),
+                registered_at=event.occurred_at,
             )
         case "AssessmentCompleted":
             new = replace(state, assessment_ids=state.assessment_ids | {d["assessment_id"]})
@@ -267,7 +291,8 @@ def evolve(state: CaseState, event: DomainEvent) -> CaseState:
         case "ConsentRecorded":
             cid = d["consent_id"]
             new = replace(
-                state, consent_ids=state.consent_ids | {cid},
+                state,
+                consent_ids=state.consent_ids | {cid},
                 consents={**state.consents, cid: tuple(d["recipients"])},
                 consent_valid_until={**state.consent_valid_until, cid: d.get("valid_until")},
             )
@@ -391,10 +416,15 @@ def _register(c: RegisterIntake, state: CaseState, districts: DistrictLookup) ->
     day = local_date(c.occurred_at)
     _require_district(c.district, day, districts, "district")
     _require_symbols(c.substances, SUBSTANCES, "substance", "substances")
-    _require_symbol(c.referral_source, REFERRAL_SOURCES, "unknown-referral-source",
-                    "referral source")
-    _require_symbol(c.children_in_household, CHILDREN_IN_HOUSEHOLD,
-                    "unknown-children-in-household", "children in household answer")
+    _require_symbol(
+        c.referral_source, REFERRAL_SOURCES, "unknown-referral-source", "referral source"
+    )
+    _require_symbol(
+        c.children_in_household,
+        CHILDREN_IN_HOUSEHOLD,
+        "unknown-children-in-household",
+        "children in household answer",
+    )
     latest = day.year - ADULT_AGE
     if c.birth_year is not None and not 1900 <= c.birth_year <= latest:
         raise RuleViolation(
@@ -402,8 +432,11 @@ def _register(c: RegisterIntake, state: CaseState, districts: DistrictLookup) ->
             f"The birth year must be from 1900 to {latest}: the service is for adults.",
         )
     return {
-        "person": c.person, "district": c.district, "substances": list(c.substances),
-        "referral_source": c.referral_source, "children_in_household": c.children_in_household,
+        "person": c.person,
+        "district": c.district,
+        "substances": list(c.substances),
+        "referral_source": c.referral_source,
+        "children_in_household": c.children_in_household,
         "birth_year": c.birth_year,
     }
 
@@ -422,7 +455,8 @@ def _assess(c: CompleteAssessment, state: CaseState) -> dict[str, Any]:
         raise RuleViolation("invalid-scores", sentence[0].upper() + sentence[1:] + ".")
     _require_symbol(c.need_level, NEED_LEVELS, "unknown-need-level", "need level")
     return {
-        "assessment_id": c.assessment_id, "instrument": c.instrument,
+        "assessment_id": c.assessment_id,
+        "instrument": c.instrument,
         "scores": [{"scale": s.scale, "value": s.value} for s in c.scores],
         "need_level": c.need_level,
     }
@@ -444,8 +478,10 @@ def _care_plan(c: AgreeCarePlan, state: CaseState) -> dict[str, Any]:
             "review-date-in-past", "The review date may not be before the plan's date."
         )
     return {
-        "plan_id": c.plan_id, "goals": list(c.goals),
-        "person_participated": c.person_participated, "review_on": c.review_on,
+        "plan_id": c.plan_id,
+        "goals": list(c.goals),
+        "person_participated": c.person_participated,
+        "review_on": c.review_on,
     }
 
 
@@ -456,10 +492,12 @@ def _consent(c: RecordConsent, state: CaseState) -> dict[str, Any]:
         raise RuleViolation("consent-id-used", "This consent is already recorded on the case.")
     _require_symbols(c.recipients, CONSENT_RECIPIENTS, "consent recipient", "consent-recipients")
     if c.valid_until is not None and c.valid_until < local_date(c.occurred_at):
-        raise RuleViolation("consent-expiry-in-past",
-                    "The consent cannot end before the day it is given.")
+        raise RuleViolation(
+            "consent-expiry-in-past", "The consent cannot end before the day it is given."
+        )
     return {
-        "consent_id": c.consent_id, "recipients": list(c.recipients),
+        "consent_id": c.consent_id,
+        "recipients": list(c.recipients),
         "valid_until": c.valid_until,
     }
 

@@ -34,7 +34,8 @@ class ScoreRange:
 
     def __contains__(self, value: object) -> bool:
         return (
-            isinstance(value, int) and not isinstance(value, bool)
+            isinstance(value, int)
+            and not isinstance(value, bool)
             and self.minimum <= value <= self.maximum
         )
 
@@ -53,7 +54,12 @@ def _total(code: str, maximum: int) -> InstrumentSpec:
 
 
 ASI_AREAS: tuple[str, ...] = (
-    "alcohol", "drugs", "physical_health", "employment_support", "legal", "family_social",
+    "alcohol",
+    "drugs",
+    "physical_health",
+    "employment_support",
+    "legal",
+    "family_social",
     "psychiatric",
 )
 _ASI_SCALES = {area: ScoreRange(0, 9) for area in ASI_AREAS}

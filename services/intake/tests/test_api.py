@@ -283,3 +283,18 @@ def test_openapi_documents_every_route_and_problem_responses(client: httpx.Clien
 def test_health_and_readiness(client: httpx.Client) -> None:
     assert client.get("/healthz").json() == {"status": "ok"}
     assert client.get("/readyz").json() == {"status": "ready"}
+
+
+def test_a_broken_database_gives_503_readiness_and_500_problem(
+    client: httpx.Client, intake: RunningService, database_url: str
+) -> None:
+    import psycopg
+    from psycopg import sql
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA {} CASCADE").format(sql.Identifier(intake.schema)))
+    assert_problem(client.get("/readyz"), 503, "not-ready")
+    r = client.post("/cases", json=NEW_CASE)
+    body = assert_problem(r, 500, "internal-error")
+    assert "19121212" not in r.text and "schema" not in body["detail"]
+    assert client.get("/healthz").status_code == 200  # alive, just not ready
