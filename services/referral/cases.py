@@ -1,0 +1,137 @@
+"""What the referral service knows of cases, learnt only from `likvard.intake.v1`.
+
+The service never calls intake: it folds the intake events it consumes into its own table
+`known_cases` (district, open or closed, consents in force), in the same transaction as the
+inbox records the event ids, so a re-delivered event changes nothing. Events of one case
+arrive in stream order (one key, one partition); an event older than what is stored (a
+replay) is ignored by its stream version.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from datetime import date
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+
+from likvard.inbox import Incoming
+
+INTAKE_EVENTS = frozenset(
+    {
+        "IntakeRegistered",
+        "CaseTransferred",
+        "CaseClosed",
+        "CaseReopened",
+        "ConsentRecorded",
+        "ConsentWithdrawn",
+    }
+)
+
+
+@dataclass(frozen=True)
+class KnownCase:
+    case_id: str
+    district: str | None = None
+    status: str = "unknown"
+    version: int = 0
+    # consent_id -> (recipients, valid_until ISO date or None)
+    consents: dict[str, tuple[tuple[str, ...], str | None]] = field(default_factory=dict)
+
+    def consents_in_force(self, on: date) -> dict[str, tuple[str, ...]]:
+        return {
+            cid: recipients
+            for cid, (recipients, until) in self.consents.items()
+            if until is None or on <= date.fromisoformat(until)
+        }
+
+
+def apply(case: KnownCase, event_type: str, data: dict[str, Any], version: int) -> KnownCase:
+    """Fold one intake event (pure). Older or repeated versions leave the case as it is."""
+    if version <= case.version:
+        return case
+    new = replace(case, version=version)
+    match event_type:
+        case "IntakeRegistered":
+            return replace(new, district=data["district"], status="open")
+        case "CaseTransferred":
+            return replace(new, district=data["to_district"])
+        case "CaseClosed":
+            return replace(new, status="closed")
+        case "CaseReopened":
+            return replace(new, status="open")
+        case "ConsentRecorded":
+            until = data.get("valid_until")
+            entry = (tuple(data["recipients"]), until.isoformat() if until else None)
+            return replace(new, consents={**case.consents, data["consent_id"]: entry})
+        case "ConsentWithdrawn":
+            rest = {k: v for k, v in case.consents.items() if k != data["consent_id"]}
+            return replace(new, consents=rest)
+    return new
+
+
+def _row(row: tuple[Any, ...]) -> KnownCase:
+    consents = {k: (tuple(v[0]), v[1]) for k, v in (row[4] or {}).items()}
+    return KnownCase(row[0], row[1], row[2], row[3], consents)
+
+
+class CaseDirectory:
+    def __init__(self, schema: str) -> None:
+        self._t = sql.Identifier(schema)
+
+    def migrate(self, conn: psycopg.Connection[Any]) -> None:
+        conn.execute(
+            sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {}.known_cases (case_id text PRIMARY KEY,"
+                " district text, status text NOT NULL, version integer NOT NULL,"
+                " consents jsonb NOT NULL DEFAULT '{{}}')"
+            ).format(self._t)
+        )
+
+    def get(self, conn: psycopg.Connection[Any], case_id: str) -> KnownCase | None:
+        row = conn.execute(
+            sql.SQL(
+                "SELECT case_id, district, status, version, consents FROM {}.known_cases"
+                " WHERE case_id = %s"
+            ).format(self._t),
+            (case_id,),
+        ).fetchone()
+        return None if row is None else _row(row)
+
+    def handle(self, conn: psycopg.Connection[Any], events: list[Incoming]) -> None:
+        """Inbox handler: fold a batch into `known_cases` with one read and one write."""
+        relevant = [e for e in events if e.event_type in INTAKE_EVENTS]
+        if not relevant:
+            return
+        ids = sorted({e.case_id for e in relevant})
+        rows = conn.execute(
+            sql.SQL(
+                "SELECT case_id, district, status, version, consents FROM {}.known_cases"
+                " WHERE case_id = ANY(%s) FOR UPDATE"
+            ).format(self._t),
+            (ids,),
+        ).fetchall()
+        cases = {r[0]: _row(r) for r in rows}
+        for e in sorted(relevant, key=lambda e: (e.case_id, e.metadata["stream_version"])):
+            current = cases.get(e.case_id, KnownCase(e.case_id))
+            cases[e.case_id] = apply(current, e.event_type, e.data, e.metadata["stream_version"])
+        conn.cursor().executemany(
+            sql.SQL(
+                "INSERT INTO {}.known_cases (case_id, district, status, version, consents)"
+                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT (case_id) DO UPDATE SET"
+                " district = excluded.district, status = excluded.status,"
+                " version = excluded.version, consents = excluded.consents"
+            ).format(self._t),
+            [
+                (
+                    c.case_id,
+                    c.district,
+                    c.status,
+                    c.version,
+                    Jsonb({k: [list(v[0]), v[1]] for k, v in c.consents.items()}),
+                )
+                for c in (cases[i] for i in ids)
+            ],
+        )
