@@ -97,7 +97,8 @@ def event(event_type: str, **changes: Any) -> dict[str, Any]:
 
 
 def test_every_intake_event_type_has_a_sample() -> None:
-    assert set(CATALOGUE.event_types()) == set(PAYLOADS)
+    intake = {t for t in CATALOGUE.event_types() if CATALOGUE.writer(t).path.startswith("intake/")}
+    assert intake == set(PAYLOADS)
     assert all(CATALOGUE.versions(t) == [1] for t in PAYLOADS)
 
 
@@ -251,8 +252,8 @@ def _read(path: Path) -> dict[str, Any]:
 
 def test_duplicate_version_is_refused(tmp_path: Path) -> None:
     root = _copy(tmp_path)
-    (root / "referral").mkdir()
-    shutil.copy(root / "intake" / "CaseClosed.v1.avsc", root / "referral" / "CaseClosed.v1.avsc")
+    (root / "elsewhere").mkdir()
+    shutil.copy(root / "intake" / "CaseClosed.v1.avsc", root / "elsewhere" / "CaseClosed.v1.avsc")
     with pytest.raises(SchemaDirectoryError, match="CaseClosed version 1 is defined twice"):
         Catalogue.load(root)
 

@@ -1,11 +1,11 @@
-"""The referral service's view of cases, folded from intake events (pure)."""
+"""A service's view of cases, folded from intake events (pure)."""
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import date
 
-from services.referral.cases import KnownCase, apply
+from likvard.known_cases import KnownCase, apply
 
 
 def fold(*events: tuple[str, Mapping[str, object]]) -> KnownCase:

@@ -1,6 +1,7 @@
-"""What the referral service knows of cases, learnt only from `likvard.intake.v1`.
+"""What a service knows of cases, learnt only from `likvard.intake.v1`.
 
-The service never calls intake: it folds the intake events it consumes into its own table
+The referral and follow-up services never call intake: each folds the intake events it
+consumes into a table of its own schema
 `known_cases` (district, open or closed, consents in force), in the same transaction as the
 inbox records the event ids, so a re-delivered event changes nothing. Events of one case
 arrive in stream order (one key, one partition); an event older than what is stored (a
