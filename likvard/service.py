@@ -69,13 +69,25 @@ class StreamService(Generic[C, S, E]):
         return state, len(events), events
 
     def execute(
-        self, stream_id: str, command: C, expected_version: int | None, ctx: RequestContext
+        self,
+        stream_id: str,
+        command: C,
+        expected_version: int | None,
+        ctx: RequestContext,
+        *,
+        decide: Callable[[C, S], Sequence[E]] | None = None,
+        district: str | None = None,
+        case_id: str | None = None,
     ) -> Decided[S]:
-        """Decide on the current state and append at exactly the version decided on."""
+        """Decide on the current state and append at exactly the version decided on.
+
+        `decide` replaces the service's decider for this call (when the decision needs facts
+        the caller looked up first); `district` and `case_id` go into the events' metadata
+        when the state does not know them."""
         state, version, _ = self.load(stream_id)
         if expected_version is not None and expected_version != version:
             raise ConcurrencyError(stream_id, expected_version, version)
-        new_events = list(self._decide(command, state))
+        new_events = list((decide or self._decide)(command, state))
         to_store: list[NewEvent] = []
         for event in new_events:
             state = self._evolve(state, event)
@@ -84,7 +96,8 @@ class StreamService(Generic[C, S, E]):
                     event_type=event.type,
                     data=event.data,
                     occurred_at=event.occurred_at,
-                    district=self._district_of(state, event),
+                    district=district or self._district_of(state, event),
+                    case_id=case_id,
                     actor=ctx.actor,
                     correlation_id=ctx.correlation_id,
                     traceparent=ctx.traceparent,
