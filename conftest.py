@@ -8,22 +8,20 @@ its own schema and topic prefix, so tests never see each other's data.
 from __future__ import annotations
 
 import os
-import threading
 import uuid
 from collections.abc import Iterator
 
 import psycopg
 import pytest
-import uvicorn
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from likvard.codec import Catalogue
 from likvard.config import Settings
-from likvard.devstack import TansuBroker, broker_from, free_port, postgres_from, wait_until
+from likvard.devstack import TansuBroker, broker_from, postgres_from
 from likvard.eventstore import EventStore
 from likvard.topics import SERVICE_TOPICS, ensure_topics, load_topics
-from tests.support import RunningService
+from tests.support import RunningService, serving
 
 
 @pytest.fixture(scope="session")
@@ -101,17 +99,35 @@ def intake(
         database_url=database_url, pseudonym_secret=TEST_SECRET, topic_prefix=topic_prefix
     )
     app = create_app(settings, schema=schema, catalogue=catalogue)
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", lifespan="on")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started or not thread.is_alive(), 30, "the intake test server")
-    assert server.started, "the intake test server did not start"
     topic = topic_prefix + SERVICE_TOPICS["intake"]
     store = EventStore(pool, schema, catalogue, producer="likvard-intake", topic=topic)
-    try:
-        yield RunningService(f"http://127.0.0.1:{server.config.port}", schema, topic, store)
-    finally:
-        server.should_exit = True
-        thread.join(30)
+    with serving(app) as base_url:
+        yield RunningService(base_url, schema, topic, store)
+
+
+@pytest.fixture
+def referral_schema(database_url: str) -> Iterator[str]:
+    """The referral service's own schema (a service has one; tests need two at once)."""
+    name = f"r_{uuid.uuid4().hex[:12]}"
+    yield name
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def referral(
+    database_url: str,
+    referral_schema: str,
+    topic_prefix: str,
+    catalogue: Catalogue,
+    pool: ConnectionPool,
+) -> Iterator[RunningService]:
+    """The referral service on a real uvicorn server, on its own schema."""
+    from services.referral.api import create_app
+
+    settings = Settings(database_url=database_url, topic_prefix=topic_prefix)
+    app = create_app(settings, schema=referral_schema, catalogue=catalogue, case_wait=0.5)
+    topic = topic_prefix + SERVICE_TOPICS["referral"]
+    store = EventStore(pool, referral_schema, catalogue, producer="likvard-referral", topic=topic)
+    with serving(app) as base_url:
+        yield RunningService(base_url, referral_schema, topic, store)

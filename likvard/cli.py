@@ -24,8 +24,17 @@ app = typer.Typer(
 )
 console = Console(stderr=True)
 
-# Write services that exist so far: name -> ASGI app factory.
-APPS = {"intake": "services.intake.api:create_app"}
+# Write services: name -> ASGI app factory, and the consumer (if the service consumes
+# other services' topics) as "module:build", build(settings) -> (InboxConsumer, topics).
+APPS = {
+    "intake": "services.intake.api:create_app",
+    "referral": "services.referral.api:create_app",
+    "followup": "services.followup.api:create_app",
+}
+CONSUMERS = {
+    "referral": "services.referral.consumer:build",
+    "followup": "services.followup.consumer:build",
+}
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -87,7 +96,7 @@ def topics() -> None:
 
 @app.command()
 def serve(
-    service: str = typer.Argument(..., help="intake"),
+    service: str = typer.Argument(..., help="intake | referral | followup"),
     host: str = typer.Option("127.0.0.1", help="Address to listen on"),
     port: int = typer.Option(0, help="Port (default: the service's standard port)"),
     workers: int = typer.Option(1, min=1, help="Worker processes (each has its own pool)"),
@@ -100,7 +109,8 @@ def serve(
     settings = _settings()
     try:
         settings.require_database()
-        settings.require_pseudonym_secret()
+        if service == "intake":
+            settings.require_pseudonym_secret()
     except ConfigError as exc:
         raise _fail(str(exc)) from exc
     uvicorn.run(
@@ -114,7 +124,7 @@ def serve(
 
 
 @app.command()
-def relay(service: str = typer.Argument(..., help="intake")) -> None:
+def relay(service: str = typer.Argument(..., help="intake | referral | followup")) -> None:
     """Publish the service's outbox to Kafka until stopped (SIGTERM/SIGINT)."""
     from likvard.relay import OutboxRelay
     from likvard.topics import load_topics
@@ -147,7 +157,46 @@ def relay(service: str = typer.Argument(..., help="intake")) -> None:
 
 
 @app.command()
-def republish(service: str = typer.Argument(..., help="intake")) -> None:
+def consume(service: str = typer.Argument(..., help="referral | followup")) -> None:
+    """Consume the topics SERVICE learns from (exactly-once effect) until stopped."""
+    import importlib
+
+    from confluent_kafka import Consumer
+
+    from likvard.inbox import consumer_config
+
+    if service not in CONSUMERS:
+        raise _fail(
+            f"{service!r} consumes nothing; services with a consumer: {', '.join(CONSUMERS)}"
+        )
+    _logging()
+    settings = _settings()
+    try:
+        bootstrap = settings.require_kafka()
+        module, _, func = CONSUMERS[service].partition(":")
+        inbox, topics = getattr(importlib.import_module(module), func)(settings)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from exc
+    stop = threading.Event()
+
+    def on_signal(_sig: int, _frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    group = f"{settings.topic_prefix}likvard-{service}"
+    overrides: dict[str, int] = {}
+    session = os.environ.get("LIKVARD_CONSUMER_SESSION_TIMEOUT_MS")
+    if session:  # the dev broker takes half the session timeout to let a member join
+        overrides = {
+            "session.timeout.ms": int(session),
+            "heartbeat.interval.ms": int(session) // 10,
+        }
+    inbox.run(Consumer(consumer_config(bootstrap, group, **overrides)), topics, stop)
+
+
+@app.command()
+def republish(service: str = typer.Argument(..., help="intake | referral | followup")) -> None:
     """Produce every stored event of SERVICE to Kafka again (refills an empty broker)."""
     from likvard.republish import RepublishError
     from likvard.republish import republish as do_republish
@@ -179,7 +228,7 @@ def republish(service: str = typer.Argument(..., help="intake")) -> None:
 
 @app.command()
 def verify(
-    service: str = typer.Argument(..., help="intake"),
+    service: str = typer.Argument(..., help="intake | referral | followup"),
     stream: str = typer.Option(None, help="Only this stream (case id)"),
 ) -> None:
     """Verify the hash chain of every stream; exit code 1 if any break is found."""
@@ -199,7 +248,9 @@ def verify(
 
 @app.command()
 def up(
-    services: str = typer.Option("intake", help="Comma-separated services to run"),
+    services: str = typer.Option(
+        "intake,referral,followup", help="Comma-separated services to run"
+    ),
     broker_port: int = typer.Option(9092, help="Port of the development broker"),
 ) -> None:
     """Run the whole stack on this machine, until Ctrl-C.
@@ -233,6 +284,7 @@ def up(
         if not env.get("KAFKA_BOOTSTRAP_SERVERS"):
             broker = TansuBroker(broker_port)
             env["KAFKA_BOOTSTRAP_SERVERS"] = broker.start()
+            env.setdefault("LIKVARD_CONSUMER_SESSION_TIMEOUT_MS", "4000")
             console.print(f"Kafka        Tansu dev broker on {broker.bootstrap} (memory only)")
         else:
             console.print(f"Kafka        {env['KAFKA_BOOTSTRAP_SERVERS']}")
@@ -253,6 +305,8 @@ def up(
             port = ports[name]
             sup.spawn(f"{name}", ["serve", name, "--port", str(port)])
             sup.spawn(f"{name}-relay", ["relay", name])
+            if name in CONSUMERS:
+                sup.spawn(f"{name}-consumer", ["consume", name])
 
         def all_ready() -> bool:
             if sup.dead():

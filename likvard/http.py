@@ -9,13 +9,14 @@ import traceback
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from opentelemetry import trace
-from pydantic import BaseModel
+from pydantic import BaseModel, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
@@ -26,6 +27,29 @@ log = logging.getLogger("likvard.http")
 
 PROBLEM_JSON = "application/problem+json"
 _ACTOR = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+class Timed(BaseModel):
+    """A command body: when it happened, defaulting to now, never in the future."""
+
+    occurred_at: datetime | None = Field(
+        None,
+        description="When it happened (ISO 8601 with offset); defaults to now. Not in the future.",
+    )
+
+    @field_validator("occurred_at")
+    @classmethod
+    def _not_future_and_aware(cls, v: datetime | None) -> datetime | None:
+        if v is None:
+            return v
+        if v.tzinfo is None:
+            raise ValueError("occurred_at needs a time-zone offset, e.g. 2026-11-22T10:00:00+01:00")
+        if v > datetime.now(UTC):
+            raise ValueError("occurred_at may not be in the future")
+        return v
+
+    def when(self) -> datetime:
+        return (self.occurred_at or datetime.now(UTC)).astimezone(UTC)
 
 
 class Problem(BaseModel):

@@ -78,12 +78,13 @@ class StreamService(Generic[C, S, E]):
         decide: Callable[[C, S], Sequence[E]] | None = None,
         district: str | None = None,
         case_id: str | None = None,
+        causation_id: str | None = None,
     ) -> Decided[S]:
         """Decide on the current state and append at exactly the version decided on.
 
         `decide` replaces the service's decider for this call (when the decision needs facts
-        the caller looked up first); `district` and `case_id` go into the events' metadata
-        when the state does not know them."""
+        the caller looked up first); `district`, `case_id` and `causation_id` (the event that
+        caused this decision) go into the events' metadata."""
         state, version, _ = self.load(stream_id)
         if expected_version is not None and expected_version != version:
             raise ConcurrencyError(stream_id, expected_version, version)
@@ -98,6 +99,7 @@ class StreamService(Generic[C, S, E]):
                     occurred_at=event.occurred_at,
                     district=district or self._district_of(state, event),
                     case_id=case_id,
+                    causation_id=causation_id,
                     actor=ctx.actor,
                     correlation_id=ctx.correlation_id,
                     traceparent=ctx.traceparent,

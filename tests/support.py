@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import Consumer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
 if TYPE_CHECKING:
+    from fastapi import FastAPI
+
     from likvard.eventstore import EventStore, NewEvent
+    from likvard.inbox import Incoming
 
 
 @dataclass
@@ -131,3 +136,42 @@ def closed(district: str = "nordost") -> NewEvent:
 
 def reopened(district: str = "nordost") -> NewEvent:
     return kernel_event("CaseReopened", {"reason": "RELAPSE"}, district)
+
+
+@contextmanager
+def serving(app: FastAPI) -> Iterator[str]:
+    """Run an ASGI app on a real uvicorn server in a thread; yields its base URL."""
+    import uvicorn
+
+    from likvard.devstack import free_port
+
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", lifespan="on")
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for(lambda: server.started or not thread.is_alive(), 30, "the test server to start")
+    assert server.started, "the test server did not start"
+    try:
+        yield f"http://127.0.0.1:{server.config.port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def intake_event(
+    case_id: str, event_type: str, data: dict[str, Any], version: int, district: str = "nordost"
+) -> Incoming:
+    """An intake event as a consuming service receives it (for seeding known cases)."""
+    from likvard.inbox import Incoming
+
+    event_id = str(uuid.uuid4())
+    metadata = {
+        "event_id": event_id,
+        "event_type": event_type,
+        "case_id": case_id,
+        "stream_version": version,
+        "district": district,
+        "correlation_id": "seed",
+    }
+    return Incoming("likvard.intake.v1", 0, version, event_id, event_type, case_id, metadata, data)

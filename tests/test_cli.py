@@ -32,6 +32,9 @@ def test_up_runs_the_stack_and_stops_cleanly(tmp_path: Path) -> None:
         )
     }
     env["LIKVARD_INTAKE_PORT"] = str(port)
+    referral_port, followup_port = free_port(), free_port()
+    env["LIKVARD_REFERRAL_PORT"] = str(referral_port)
+    env["LIKVARD_FOLLOWUP_PORT"] = str(followup_port)
     log = tmp_path / "up.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -64,6 +67,24 @@ def test_up_runs_the_stack_and_stops_cleanly(tmp_path: Path) -> None:
         assert r.status_code == 201, r.text
         records = consume(f"127.0.0.1:{broker_port}", "likvard.intake.v1", at_least=1)
         assert [x.headers["event_type"] for x in records] == [b"IntakeRegistered"]
+        case = r.json()["case_id"]
+        # The referral service learns the case from Kafka, then takes a referral for it.
+        referral: dict[str, str] = {
+            "case_id": case,
+            "unit_id": "region-beroendevard",
+            "intervention_code": "x",
+        }
+        answers: list[httpx.Response] = []
+
+        def referral_answered() -> bool:
+            url = f"http://127.0.0.1:{referral_port}/referrals"
+            answers.append(httpx.post(url, json=referral, timeout=30))
+            return "case-not-found" not in answers[-1].text
+
+        wait_for(referral_answered, 60, "the referral service to learn the case")
+        # The case is known (the unit's code is wrong on purpose): a rule answer, not unknown.
+        assert answers[-1].status_code == 422, answers[-1].text
+        assert httpx.get(f"http://127.0.0.1:{followup_port}/readyz", timeout=5).status_code == 200
     finally:
         proc.send_signal(signal.SIGINT)
         try:

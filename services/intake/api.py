@@ -9,7 +9,7 @@ from datetime import UTC, date, datetime
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Path, Request, Response
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 
 from likvard import http
 from likvard.codec import Catalogue
@@ -51,28 +51,7 @@ IfMatch = Annotated[
 ]
 
 
-class Timed(BaseModel):
-    occurred_at: datetime | None = Field(
-        None,
-        description="When it happened (ISO 8601 with offset); defaults to now. Not in the future.",
-    )
-
-    @field_validator("occurred_at")
-    @classmethod
-    def _not_future_and_aware(cls, v: datetime | None) -> datetime | None:
-        if v is None:
-            return v
-        if v.tzinfo is None:
-            raise ValueError("occurred_at needs a time-zone offset, e.g. 2026-11-22T10:00:00+01:00")
-        if v > datetime.now(UTC):
-            raise ValueError("occurred_at may not be in the future")
-        return v
-
-    def when(self) -> datetime:
-        return (self.occurred_at or datetime.now(UTC)).astimezone(UTC)
-
-
-class RegisterCase(Timed):
+class RegisterCase(http.Timed):
     personal_identity_number: str = Field(
         ...,
         description="Swedish personal identity or coordination number. Only its keyed "
@@ -98,13 +77,13 @@ class ScoreIn(BaseModel):
     value: int
 
 
-class CompleteAssessment(Timed):
+class CompleteAssessment(http.Timed):
     instrument: Instrument
     scores: list[ScoreIn] = Field(..., min_length=1, max_length=20)
     need_level: NeedLevel
 
 
-class AgreeCarePlan(Timed):
+class AgreeCarePlan(http.Timed):
     goals: list[str] = Field(
         ..., min_length=1, max_length=20, description="The person's own goals, in their words"
     )
@@ -112,25 +91,25 @@ class AgreeCarePlan(Timed):
     review_on: date | None = None
 
 
-class RecordConsent(Timed):
+class RecordConsent(http.Timed):
     recipients: list[ConsentRecipient] = Field(..., min_length=1)
     valid_until: date | None = None
 
 
-class WithdrawConsent(Timed):
+class WithdrawConsent(http.Timed):
     pass
 
 
-class TransferCase(Timed):
+class TransferCase(http.Timed):
     to_district: str = Field(..., max_length=64)
     reason: TransferReason
 
 
-class CloseCase(Timed):
+class CloseCase(http.Timed):
     reason: CloseReason
 
 
-class ReopenCase(Timed):
+class ReopenCase(http.Timed):
     reason: ReopenReason
 
 

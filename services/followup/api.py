@@ -1,0 +1,512 @@
+"""HTTP entrypoint of the follow-up service: it only translates HTTP to commands and back.
+
+The service learns which cases exist only from `likvard.intake.v1` (its `known_cases`
+table, filled by the consumer in `services.followup.process`); a command on a case it has
+not seen yet waits a moment for the intake event, then answers 404 "case-not-known".
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import UTC, date, datetime
+from typing import Annotated, Any
+
+from fastapi import Depends, FastAPI, Header, Path, Query, Request, Response
+from pydantic import BaseModel, Field, field_validator
+
+from likvard import http
+from likvard.codec import Catalogue
+from likvard.config import Settings, load_settings
+from likvard.db import make_pool
+from likvard.eventstore import EventStore
+from likvard.known_cases import CaseDirectory, KnownCase
+from likvard.telemetry import setup_tracing
+from likvard.topics import SERVICE_TOPICS
+from services.followup import domain as d
+from services.followup.domain import (
+    GoalsReached,
+    Housing,
+    Improvement,
+    MissedReason,
+    Occupation,
+    Relation,
+    Support,
+)
+from services.followup.service import (
+    FollowUpService,
+    case_of_followup,
+    due,
+    make_service,
+    prepare,
+)
+
+ETAG_HEADER = {
+    "description": 'The case\'s follow-up stream version as an entity tag, e.g. "3": send it'
+    " in If-Match.",
+    "schema": {"type": "string"},
+}
+COMMAND_RESPONSES: dict[int | str, dict[str, Any]] = {200: {"headers": {"ETag": ETAG_HEADER}}}
+
+CaseId = Annotated[uuid.UUID, Path(description="The case id (as registered by intake)")]
+FollowUpId = Annotated[uuid.UUID, Path(description="The follow-up id (see GET followups)")]
+IfMatch = Annotated[
+    str | None,
+    Header(description='Stream version the client last saw, e.g. "3"; a stale one gives 409.'),
+]
+
+POLL_INTERVAL = 0.1
+
+
+class Timed(BaseModel):
+    occurred_at: datetime | None = Field(
+        None,
+        description="When it happened (ISO 8601 with offset); defaults to now. Not in the future.",
+    )
+
+    @field_validator("occurred_at")
+    @classmethod
+    def _not_future_and_aware(cls, v: datetime | None) -> datetime | None:
+        if v is None:
+            return v
+        if v.tzinfo is None:
+            raise ValueError("occurred_at needs a time-zone offset, e.g. 2026-11-22T10:00:00+01:00")
+        if v > datetime.now(UTC):
+            raise ValueError("occurred_at may not be in the future")
+        return v
+
+    def when(self) -> datetime:
+        return (self.occurred_at or datetime.now(UTC)).astimezone(UTC)
+
+
+class RecordChildren(Timed):
+    number_of_children: int = Field(
+        ..., ge=0, le=d.MAX_CHILDREN, description="Children under 18 in the household; 0 if none"
+    )
+    youngest_age: int | None = Field(
+        None, ge=0, le=d.MAX_CHILD_AGE, description="Age of the youngest child, if known"
+    )
+
+
+class EngageFamilyMember(Timed):
+    member_id: uuid.UUID | None = Field(
+        None,
+        description="Id of the family member within the case; leave out for a new member"
+        " (one is generated), give it again to engage the same member again.",
+    )
+    relation: Relation
+    is_child: bool = Field(..., description="Whether the member is under 18 now")
+    support_offered: list[Support] = Field(..., min_length=1, max_length=7)
+    accepted: bool
+
+
+class CompleteFollowUp(Timed):
+    days_of_use_last_30: int | None = Field(None, ge=0, le=d.MAX_DAYS_OF_USE)
+    housing: Housing
+    occupation: Occupation
+    self_rated_health: int | None = Field(None, ge=1, le=5)
+    goals_reached: GoalsReached
+    situation_improved: Improvement
+
+
+class MarkMissed(Timed):
+    reason: MissedReason
+
+
+class EventRef(BaseModel):
+    event_id: uuid.UUID
+    event_type: str
+    stream_version: int
+
+
+class CommandResult(BaseModel):
+    case_id: uuid.UUID
+    version: int = Field(..., description="The case's follow-up stream version after the command")
+    events: list[EventRef]
+    member_id: uuid.UUID | None = Field(None, description="The family member's id (family only)")
+
+
+class FollowUpView(BaseModel):
+    followup_id: uuid.UUID
+    kind: str
+    due_on: date | None
+    status: str
+    district: str | None
+
+
+class CaseFollowUpsView(BaseModel):
+    case_id: uuid.UUID
+    version: int
+    number_of_children: int | None
+    youngest_age: int | None
+    family_members: dict[str, str] = Field(..., description="member_id -> relation")
+    child_engaged: bool
+    followups: list[FollowUpView]
+
+
+class DueView(BaseModel):
+    case_id: uuid.UUID
+    followup_id: uuid.UUID
+    kind: str
+    due_on: date
+    district: str
+    intervention_id: uuid.UUID | None
+    referral_id: uuid.UUID | None
+
+
+class Health(BaseModel):
+    status: str
+
+
+def _service(request: Request) -> FollowUpService:
+    svc: FollowUpService = request.app.state.service
+    return svc
+
+
+def _directory(request: Request) -> CaseDirectory:
+    directory: CaseDirectory = request.app.state.directory
+    return directory
+
+
+Svc = Annotated[FollowUpService, Depends(_service)]
+Directory = Annotated[CaseDirectory, Depends(_directory)]
+Ctx = Annotated[http.RequestContext, Depends(http.request_context)]
+
+
+def _known(svc: FollowUpService, directory: CaseDirectory, case_id: str) -> KnownCase | None:
+    with svc.store.pool.connection() as conn:
+        return directory.get(conn, case_id)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    schema: str = "followup",
+    catalogue: Catalogue | None = None,
+    case_wait: float = 5.0,
+) -> FastAPI:
+    """Build the follow-up app; the pool and migrations are set up when it starts."""
+    settings = settings or load_settings()
+    dsn = settings.require_database()
+    catalogue = catalogue or Catalogue.load()
+    setup_tracing("followup")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pool = make_pool(dsn, max_size=20, name="likvard-followup")
+        store = EventStore(
+            pool,
+            schema,
+            catalogue,
+            producer="likvard-followup",
+            topic=settings.topic(SERVICE_TOPICS["followup"]),
+        )
+        store.migrate()
+        directory = CaseDirectory(schema)
+        with pool.connection() as conn:
+            directory.migrate(conn)
+            conn.commit()
+            prepare(conn, schema)
+        app.state.service = make_service(store)
+        app.state.directory = directory
+        try:
+            yield
+        finally:
+            pool.close()
+
+    app = FastAPI(
+        title="Likvärd follow-up service",
+        version="1.0.0",
+        description="Records the work with the person's family (children in the household,"
+        " family members engaged and the support offered them) and the follow-ups after an"
+        " intervention: scheduled by the service when an intervention ends (an interview"
+        " within a month for interventions longer than 7 days, ASI at 6 and 12 months),"
+        " completed with their outcomes or marked missed. Send the version you last saw in"
+        " `If-Match` to be told (409) when someone changed the case meanwhile.",
+        lifespan=lifespan,
+        responses=http.PROBLEM_RESPONSES,
+    )
+    http.install(app, "followup")
+
+    def await_case(svc: FollowUpService, directory: CaseDirectory, case_id: str) -> KnownCase:
+        """The case as learnt from intake, waiting up to `case_wait` for its intake event.
+        A closed case is fine: family work and follow-up go on after closing."""
+        deadline = time.monotonic() + case_wait
+        while True:
+            known = _known(svc, directory, case_id)
+            if known is not None and known.status != "unknown":
+                return known
+            if time.monotonic() >= deadline:
+                raise http.ProblemError(
+                    404,
+                    "case-not-known",
+                    "Case not known",
+                    "The follow-up service has not (yet) seen a case with this id from intake:"
+                    " the case is unknown or its registration is still on its way. Check the"
+                    " id and retry in a few seconds.",
+                )
+            time.sleep(POLL_INTERVAL)
+
+    def run(
+        svc: Svc,
+        case_id: str,
+        command: d.Command,
+        if_match: str | None,
+        ctx: http.RequestContext,
+        response: Response,
+        district: str | None,
+    ) -> CommandResult:
+        expected = http.parse_if_match(if_match)
+        try:
+            decided = svc.execute(case_id, command, expected, ctx, district=district)
+        except d.FollowUpNotFound as exc:
+            raise http.ProblemError(404, exc.code, "Follow-up not found", exc.detail) from exc
+        except d.DomainError as exc:
+            raise http.ProblemError(422, exc.code, "Rule violated", exc.detail) from exc
+        response.headers["ETag"] = http.etag(decided.version)
+        return CommandResult(
+            case_id=uuid.UUID(case_id),
+            version=decided.version,
+            events=[
+                EventRef(
+                    event_id=s.event_id, event_type=s.event_type, stream_version=s.stream_version
+                )
+                for s in decided.stored
+            ],
+            member_id=None,
+        )
+
+    def followup_case(svc: FollowUpService, followup_id: uuid.UUID) -> str:
+        case_id = case_of_followup(svc.store, str(followup_id))
+        if case_id is None:
+            raise http.ProblemError(
+                404, "followup-not-found", "Follow-up not found", "No follow-up has this id."
+            )
+        return case_id
+
+    def followup_district(
+        svc: FollowUpService, directory: CaseDirectory, case_id: str, followup_id: uuid.UUID
+    ) -> str | None:
+        """The case's district now (it may have moved), else the one it was scheduled in."""
+        known = _known(svc, directory, case_id)
+        if known is not None and known.district:
+            return known.district
+        state, _, _ = svc.load(case_id)
+        followup = state.followups.get(str(followup_id))
+        return None if followup is None else followup.district
+
+    @app.post(
+        "/cases/{case_id}/children",
+        response_model=CommandResult,
+        responses=COMMAND_RESPONSES,
+        tags=["family"],
+        summary="Record how many children live in the person's household",
+    )
+    def record_children(
+        case_id: CaseId,
+        body: RecordChildren,
+        svc: Svc,
+        directory: Directory,
+        ctx: Ctx,
+        response: Response,
+        if_match: IfMatch = None,
+    ) -> CommandResult:
+        http.parse_if_match(if_match)  # a malformed one is refused before waiting
+        known = await_case(svc, directory, str(case_id))
+        command = d.RecordChildrenInHousehold(
+            case_id=str(case_id),
+            occurred_at=body.when(),
+            number_of_children=body.number_of_children,
+            youngest_age=body.youngest_age,
+        )
+        return run(svc, str(case_id), command, if_match, ctx, response, known.district)
+
+    @app.post(
+        "/cases/{case_id}/family",
+        response_model=CommandResult,
+        responses=COMMAND_RESPONSES,
+        tags=["family"],
+        summary="Record that a family member was engaged and offered support",
+    )
+    def engage_family_member(
+        case_id: CaseId,
+        body: EngageFamilyMember,
+        svc: Svc,
+        directory: Directory,
+        ctx: Ctx,
+        response: Response,
+        if_match: IfMatch = None,
+    ) -> CommandResult:
+        http.parse_if_match(if_match)
+        known = await_case(svc, directory, str(case_id))
+        member_id = body.member_id or uuid.uuid4()
+        command = d.EngageFamilyMember(
+            case_id=str(case_id),
+            occurred_at=body.when(),
+            member_id=str(member_id),
+            relation=body.relation,
+            is_child=body.is_child,
+            support_offered=tuple(body.support_offered),
+            accepted=body.accepted,
+        )
+        result = run(svc, str(case_id), command, if_match, ctx, response, known.district)
+        result.member_id = member_id
+        return result
+
+    @app.post(
+        "/followups/{followup_id}/complete",
+        response_model=CommandResult,
+        responses=COMMAND_RESPONSES,
+        tags=["follow-ups"],
+        summary="Record a follow-up as done, with its outcomes",
+    )
+    def complete_followup(
+        followup_id: FollowUpId,
+        body: CompleteFollowUp,
+        svc: Svc,
+        directory: Directory,
+        ctx: Ctx,
+        response: Response,
+        if_match: IfMatch = None,
+    ) -> CommandResult:
+        case_id = followup_case(svc, followup_id)
+        command = d.CompleteFollowUp(
+            case_id=case_id,
+            occurred_at=body.when(),
+            followup_id=str(followup_id),
+            days_of_use_last_30=body.days_of_use_last_30,
+            housing=body.housing,
+            occupation=body.occupation,
+            self_rated_health=body.self_rated_health,
+            goals_reached=body.goals_reached,
+            situation_improved=body.situation_improved,
+        )
+        district = followup_district(svc, directory, case_id, followup_id)
+        return run(svc, case_id, command, if_match, ctx, response, district)
+
+    @app.post(
+        "/followups/{followup_id}/missed",
+        response_model=CommandResult,
+        responses=COMMAND_RESPONSES,
+        tags=["follow-ups"],
+        summary="Record that a follow-up could not be done, and why",
+    )
+    def mark_followup_missed(
+        followup_id: FollowUpId,
+        body: MarkMissed,
+        svc: Svc,
+        directory: Directory,
+        ctx: Ctx,
+        response: Response,
+        if_match: IfMatch = None,
+    ) -> CommandResult:
+        case_id = followup_case(svc, followup_id)
+        command = d.MarkFollowUpMissed(
+            case_id=case_id,
+            occurred_at=body.when(),
+            followup_id=str(followup_id),
+            reason=body.reason,
+        )
+        district = followup_district(svc, directory, case_id, followup_id)
+        return run(svc, case_id, command, if_match, ctx, response, district)
+
+    @app.get(
+        "/cases/{case_id}/followups",
+        response_model=CaseFollowUpsView,
+        responses={200: {"headers": {"ETag": ETAG_HEADER}}},
+        tags=["follow-ups"],
+        summary="The case's family work and follow-ups, folded from its events",
+    )
+    def get_case_followups(
+        case_id: CaseId, svc: Svc, directory: Directory, response: Response
+    ) -> CaseFollowUpsView:
+        state, version, _ = svc.load(str(case_id))
+        if version == 0 and _known(svc, directory, str(case_id)) is None:
+            raise http.ProblemError(
+                404,
+                "case-not-known",
+                "Case not known",
+                "The follow-up service has not (yet) seen a case with this id: the case is"
+                " unknown or its registration is still on its way. Retry in a few seconds.",
+            )
+        response.headers["ETag"] = http.etag(version)
+        return CaseFollowUpsView(
+            case_id=case_id,
+            version=version,
+            number_of_children=state.number_of_children,
+            youngest_age=state.youngest_age,
+            family_members=dict(state.family_members),
+            child_engaged=state.child_engaged,
+            followups=sorted(
+                (
+                    FollowUpView(
+                        followup_id=uuid.UUID(fid),
+                        kind=f.kind,
+                        due_on=f.due_on,
+                        status=f.status,
+                        district=f.district,
+                    )
+                    for fid, f in state.followups.items()
+                ),
+                key=lambda f: (f.due_on or date.max, str(f.followup_id)),
+            ),
+        )
+
+    @app.get(
+        "/followups/due",
+        response_model=list[DueView],
+        tags=["follow-ups"],
+        summary="Follow-ups still to do (neither completed nor missed) due before a date",
+    )
+    def get_due(
+        svc: Svc,
+        before: Annotated[
+            date, Query(description="Only follow-ups due before this date (exclusive)")
+        ],
+        district: Annotated[
+            str | None,
+            Query(
+                max_length=64,
+                description="Only follow-ups scheduled in this district, e.g. 'nordost'",
+            ),
+        ] = None,
+    ) -> list[DueView]:
+        return [
+            DueView(
+                case_id=uuid.UUID(f.case_id),
+                followup_id=uuid.UUID(f.followup_id),
+                kind=f.kind,
+                due_on=f.due_on,
+                district=f.district,
+                intervention_id=None if f.intervention_id is None else uuid.UUID(f.intervention_id),
+                referral_id=None if f.referral_id is None else uuid.UUID(f.referral_id),
+            )
+            for f in due(svc.store, district, before)
+        ]
+
+    @app.get(
+        "/healthz",
+        response_model=Health,
+        tags=["operations"],
+        summary="Liveness: the process answers",
+    )
+    def healthz() -> Health:
+        return Health(status="ok")
+
+    @app.get(
+        "/readyz",
+        response_model=Health,
+        tags=["operations"],
+        responses={503: {"model": http.Problem, "content": {http.PROBLEM_JSON: {}}}},
+        summary="Readiness: the event store answers",
+    )
+    def readyz(svc: Svc) -> Any:
+        try:
+            svc.store.ping()
+        except Exception:
+            return http.problem(503, "not-ready", "Not ready", "The event store does not answer.")
+        return Health(status="ready")
+
+    return app

@@ -1,0 +1,36 @@
+"""The follow-up service's consumer: learns cases from the intake topic and schedules
+follow-ups from the referral topic (the process manager)."""
+
+from __future__ import annotations
+
+from likvard.codec import Catalogue
+from likvard.config import Settings
+from likvard.db import make_pool
+from likvard.eventstore import EventStore
+from likvard.inbox import InboxConsumer
+from likvard.known_cases import CaseDirectory
+from likvard.topics import SERVICE_TOPICS
+from services.followup.process import make_handler
+from services.followup.service import make_service, prepare
+
+
+def build(settings: Settings, schema: str = "followup") -> tuple[InboxConsumer, list[str]]:
+    dsn = settings.require_database()
+    catalogue = Catalogue.load()
+    # The pool lives as long as the process: the scheduler appends through it.
+    pool = make_pool(dsn, max_size=4, name="likvard-followup-consumer")
+    store = EventStore(
+        pool,
+        schema,
+        catalogue,
+        producer="likvard-followup",
+        topic=settings.topic(SERVICE_TOPICS["followup"]),
+    )
+    store.migrate()
+    directory = CaseDirectory(schema)
+    with pool.connection() as conn:
+        directory.migrate(conn)
+        prepare(conn, schema)
+    handler = make_handler(make_service(store), directory)
+    topics = [settings.topic(SERVICE_TOPICS["intake"]), settings.topic(SERVICE_TOPICS["referral"])]
+    return InboxConsumer(dsn, schema, catalogue, handler), topics

@@ -1,0 +1,425 @@
+"""HTTP entrypoint of the referral service: it only translates HTTP to commands and back."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from datetime import date, datetime
+from typing import Annotated, Any, Literal
+
+from fastapi import Depends, FastAPI, Header, Path, Query, Request, Response
+from pydantic import BaseModel, Field
+
+from likvard import http
+from likvard.catalogue import ReferenceCatalogue
+from likvard.codec import Catalogue
+from likvard.config import Settings, load_settings
+from likvard.db import make_pool
+from likvard.eventstore import EventStore
+from likvard.known_cases import CaseDirectory
+from likvard.service import Decided
+from likvard.telemetry import setup_tracing
+from likvard.topics import SERVICE_TOPICS
+from services.referral import domain as d
+from services.referral.domain import (
+    ConsentOverride,
+    DeclineReason,
+    InterventionOutcome,
+    WithdrawReason,
+)
+from services.referral.service import ReferralService
+
+ReferralId = Annotated[uuid.UUID, Path(description="The referral id returned by POST /referrals")]
+IfMatch = Annotated[
+    str | None,
+    Header(description='Stream version the client last saw, e.g. "3"; a stale one gives 409.'),
+]
+ETAG = {"description": 'The referral\'s stream version, e.g. "3"', "schema": {"type": "string"}}
+COMMAND_RESPONSES: dict[int | str, dict[str, Any]] = {200: {"headers": {"ETag": ETAG}}}
+
+
+class RequestReferralBody(http.Timed):
+    case_id: uuid.UUID
+    unit_id: str = Field(..., max_length=64, examples=["region-beroendevard"])
+    intervention_code: str = Field(..., max_length=64)
+    consent_id: uuid.UUID | None = Field(
+        None, description="The recorded consent relied on (units outside social services)"
+    )
+    consent_override: ConsentOverride | None = Field(
+        None, description="Why information is shared without consent, if it is"
+    )
+
+
+class AcceptBody(http.Timed):
+    planned_start: date | None = None
+
+
+class DeclineBody(http.Timed):
+    reason: DeclineReason
+
+
+class WithdrawBody(http.Timed):
+    reason: WithdrawReason
+
+
+class StartBody(http.Timed):
+    intervention_code: str | None = Field(
+        None, max_length=64, description="Defaults to the referral's intervention"
+    )
+
+
+class EndBody(http.Timed):
+    outcome: InterventionOutcome
+
+
+class EventRef(BaseModel):
+    event_id: uuid.UUID
+    event_type: str
+    stream_version: int
+
+
+class ReferralResult(BaseModel):
+    referral_id: uuid.UUID
+    case_id: uuid.UUID | None
+    version: int
+    events: list[EventRef]
+    intervention_id: uuid.UUID | None = None
+
+
+class ReferralView(BaseModel):
+    referral_id: uuid.UUID
+    case_id: uuid.UUID | None
+    version: int
+    status: str
+    unit_id: str | None
+    intervention_code: str | None
+    recipient_kind: str | None
+    person_district: str | None
+    unit_district: str | None
+    across_district: bool
+    running_interventions: list[uuid.UUID]
+    ended_interventions: list[uuid.UUID]
+
+
+class InboxEntry(BaseModel):
+    referral_id: uuid.UUID
+    case_id: uuid.UUID
+    intervention_code: str
+    person_district: str
+    status: str
+    requested_at: datetime
+
+
+class Health(BaseModel):
+    status: str
+
+
+def _service(request: Request) -> ReferralService:
+    svc: ReferralService = request.app.state.service
+    return svc
+
+
+Svc = Annotated[ReferralService, Depends(_service)]
+Ctx = Annotated[http.RequestContext, Depends(http.request_context)]
+
+
+def _result(
+    referral_id: str,
+    case_id: str | None,
+    decided: Decided[d.ReferralState],
+    response: Response,
+    intervention_id: str | None = None,
+) -> ReferralResult:
+    response.headers["ETag"] = http.etag(decided.version)
+    return ReferralResult(
+        referral_id=uuid.UUID(referral_id),
+        case_id=uuid.UUID(case_id) if case_id else None,
+        version=decided.version,
+        events=[
+            EventRef(event_id=s.event_id, event_type=s.event_type, stream_version=s.stream_version)
+            for s in decided.stored
+        ],
+        intervention_id=uuid.UUID(intervention_id) if intervention_id else None,
+    )
+
+
+def _domain_problem(exc: d.DomainError) -> http.ProblemError:
+    if isinstance(exc, d.ReferralNotFound):
+        return http.ProblemError(404, exc.code, "Referral not found", exc.detail)
+    if isinstance(exc, d.CaseNotFound):
+        return http.ProblemError(422, exc.code, "Unknown case", exc.detail)
+    return http.ProblemError(422, exc.code, "Rule violated", exc.detail)
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    schema: str = "referral",
+    catalogue: Catalogue | None = None,
+    reference: ReferenceCatalogue | None = None,
+    case_wait: float = 5.0,
+) -> FastAPI:
+    """Build the referral app; the pool, migrations and the case table are set up at start."""
+    settings = settings or load_settings()
+    dsn = settings.require_database()
+    catalogue = catalogue or Catalogue.load()
+    reference = reference or ReferenceCatalogue.load()
+    setup_tracing("referral")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pool = make_pool(dsn, max_size=20, name="likvard-referral")
+        store = EventStore(
+            pool,
+            schema,
+            catalogue,
+            producer="likvard-referral",
+            topic=settings.topic(SERVICE_TOPICS["referral"]),
+        )
+        store.migrate()
+        directory = CaseDirectory(schema)
+        with pool.connection() as conn:
+            directory.migrate(conn)
+        app.state.service = ReferralService(store, directory, reference, case_wait=case_wait)
+        try:
+            yield
+        finally:
+            pool.close()
+
+    app = FastAPI(
+        title="Likvärd referral service",
+        version="1.0.0",
+        description="Referrals to specialist units in any district, acceptance, and the"
+        " interventions given (codes from the national guidelines). A referral to a unit in"
+        " another district than the person's also records `ReferredAcrossDistrict`. A unit"
+        " outside the city's social services needs a recorded consent covering it, or an"
+        " override with its reason. The service knows cases only from the intake topic: a"
+        " case registered a moment ago may take a few seconds to be known here.",
+        lifespan=lifespan,
+        responses=http.PROBLEM_RESPONSES,
+    )
+    http.install(app, "referral")
+
+    def act(
+        svc: ReferralService,
+        referral_id: uuid.UUID,
+        command: Any,
+        if_match: str | None,
+        ctx: http.RequestContext,
+        response: Response,
+        intervention_id: str | None = None,
+    ) -> ReferralResult:
+        expected = http.parse_if_match(if_match)
+        try:
+            decided = svc.act(str(referral_id), command, expected, ctx)
+        except d.DomainError as exc:
+            raise _domain_problem(exc) from exc
+        _, _, case_id = svc.load(str(referral_id))
+        return _result(str(referral_id), case_id, decided, response, intervention_id)
+
+    @app.post(
+        "/referrals",
+        status_code=201,
+        response_model=ReferralResult,
+        tags=["referrals"],
+        summary="Refer a case to a specialist unit (in any district)",
+        responses={201: {"headers": {"ETag": ETAG, "Location": {"schema": {"type": "string"}}}}},
+    )
+    def request_referral(
+        body: RequestReferralBody, svc: Svc, ctx: Ctx, response: Response
+    ) -> ReferralResult:
+        referral_id = str(uuid.uuid4())
+        command = d.RequestReferral(
+            referral_id=referral_id,
+            occurred_at=body.when(),
+            case_id=str(body.case_id),
+            unit_id=body.unit_id,
+            intervention_code=body.intervention_code,
+            consent_id=str(body.consent_id) if body.consent_id else None,
+            consent_override=body.consent_override,
+        )
+        try:
+            decided = svc.request(command, ctx)
+        except d.DomainError as exc:
+            raise _domain_problem(exc) from exc
+        response.headers["Location"] = f"/referrals/{referral_id}"
+        return _result(referral_id, str(body.case_id), decided, response)
+
+    @app.post(
+        "/referrals/{referral_id}/accept",
+        response_model=ReferralResult,
+        responses=COMMAND_RESPONSES,
+        tags=["referrals"],
+        summary="The unit accepts the referral",
+    )
+    def accept(
+        referral_id: ReferralId,
+        body: AcceptBody,
+        svc: Svc,
+        ctx: Ctx,
+        response: Response,
+        if_match: IfMatch = None,
+    ) -> ReferralResult:
+        command = d.AcceptReferral(str(referral_id), body.when(), body.planned_start)
+        return act(svc, referral_id, command, if_match, ctx, response)
+
+    @app.post(
+        "/referrals/{referral_id}/decline",
+        response_model=ReferralResult,
+        responses=COMMAND_RESPONSES,
+        tags=["referrals"],
+        summary="The unit declines the referral, with its reason",
+    )
+    def decline(
+        referral_id: ReferralId,
+        body: DeclineBody,
+        svc: Svc,
+        ctx: Ctx,
+        response: Response,
+        if_match: IfMatch = None,
+    ) -> ReferralResult:
+        command = d.DeclineReferral(str(referral_id), body.when(), body.reason)
+        return act(svc, referral_id, command, if_match, ctx, response)
+
+    @app.post(
+        "/referrals/{referral_id}/withdraw",
+        response_model=ReferralResult,
+        responses=COMMAND_RESPONSES,
+        tags=["referrals"],
+        summary="The referring district withdraws the referral",
+    )
+    def withdraw(
+        referral_id: ReferralId,
+        body: WithdrawBody,
+        svc: Svc,
+        ctx: Ctx,
+        response: Response,
+        if_match: IfMatch = None,
+    ) -> ReferralResult:
+        command = d.WithdrawReferral(str(referral_id), body.when(), body.reason)
+        return act(svc, referral_id, command, if_match, ctx, response)
+
+    @app.post(
+        "/referrals/{referral_id}/interventions",
+        status_code=201,
+        response_model=ReferralResult,
+        responses={201: {"headers": {"ETag": ETAG}}},
+        tags=["interventions"],
+        summary="Start an intervention under an accepted referral",
+    )
+    def start_intervention(
+        referral_id: ReferralId,
+        body: StartBody,
+        svc: Svc,
+        ctx: Ctx,
+        response: Response,
+        if_match: IfMatch = None,
+    ) -> ReferralResult:
+        intervention_id = str(uuid.uuid4())
+        command = d.StartIntervention(
+            str(referral_id), body.when(), intervention_id, body.intervention_code
+        )
+        return act(svc, referral_id, command, if_match, ctx, response, intervention_id)
+
+    @app.post(
+        "/interventions/{intervention_id}/end",
+        response_model=ReferralResult,
+        responses=COMMAND_RESPONSES,
+        tags=["interventions"],
+        summary="End an intervention, with its outcome",
+    )
+    def end_intervention(
+        intervention_id: uuid.UUID,
+        body: EndBody,
+        svc: Svc,
+        ctx: Ctx,
+        response: Response,
+        if_match: IfMatch = None,
+    ) -> ReferralResult:
+        referral_id = svc.referral_of_intervention(str(intervention_id))
+        if referral_id is None:
+            raise http.ProblemError(
+                404,
+                "intervention-not-found",
+                "Intervention not found",
+                "No intervention has this id.",
+            )
+        command = d.EndIntervention(referral_id, body.when(), str(intervention_id), body.outcome)
+        return act(
+            svc, uuid.UUID(referral_id), command, if_match, ctx, response, str(intervention_id)
+        )
+
+    @app.get(
+        "/referrals/{referral_id}",
+        response_model=ReferralView,
+        responses={200: {"headers": {"ETag": ETAG}}},
+        tags=["referrals"],
+        summary="The referral's current state, folded from its events",
+    )
+    def get_referral(referral_id: ReferralId, svc: Svc, response: Response) -> ReferralView:
+        state, version, case_id = svc.load(str(referral_id))
+        if version == 0:
+            raise http.ProblemError(
+                404, "referral-not-found", "Referral not found", "No referral has this id."
+            )
+        response.headers["ETag"] = http.etag(version)
+        return ReferralView(
+            referral_id=referral_id,
+            case_id=uuid.UUID(case_id) if case_id else None,
+            version=version,
+            status=state.status,
+            unit_id=state.unit_id,
+            intervention_code=state.intervention_code,
+            recipient_kind=state.recipient_kind,
+            person_district=state.person_district,
+            unit_district=state.unit_district,
+            across_district=state.across_district,
+            running_interventions=[uuid.UUID(i) for i in state.running],
+            ended_interventions=[uuid.UUID(i) for i in sorted(state.ended)],
+        )
+
+    @app.get(
+        "/units/{unit_id}/referrals",
+        response_model=list[InboxEntry],
+        tags=["units"],
+        summary="A specialist unit's inbox of referrals, from every district",
+    )
+    def unit_inbox(
+        unit_id: str,
+        svc: Svc,
+        status: Literal["requested", "accepted", "declined", "withdrawn"] | None = Query(None),
+    ) -> list[InboxEntry]:
+        if svc.reference.unit(unit_id) is None:
+            raise http.ProblemError(404, "unknown-unit", "Unknown unit", "No unit has this id.")
+        return [
+            InboxEntry(
+                referral_id=uuid.UUID(i.referral_id),
+                case_id=uuid.UUID(i.case_id),
+                intervention_code=i.intervention_code,
+                person_district=i.person_district,
+                status=i.status,
+                requested_at=i.requested_at,
+            )
+            for i in svc.unit_inbox(unit_id, status)
+        ]
+
+    @app.get("/healthz", response_model=Health, tags=["operations"], summary="Liveness")
+    def healthz() -> Health:
+        return Health(status="ok")
+
+    @app.get(
+        "/readyz",
+        response_model=Health,
+        tags=["operations"],
+        responses={503: {"model": http.Problem, "content": {http.PROBLEM_JSON: {}}}},
+        summary="Readiness: the event store answers",
+    )
+    def readyz(svc: Svc) -> Any:
+        try:
+            svc.store.ping()
+        except Exception:
+            return http.problem(503, "not-ready", "Not ready", "The event store does not answer.")
+        return Health(status="ready")
+
+    return app
