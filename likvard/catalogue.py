@@ -7,7 +7,7 @@ guideline text. Specialist units are the units a case worker can refer a person 
 hosted by a current district and belonging to the city's social services or to another
 organisation (healthcare, the Prison and Probation Service, a non-profit), which decides
 whether a referral needs the person's consent.
-Data: likvard/reference/interventions.json and likvard/reference/specialist_units.json.
+Data: the `interventions` and `units` of likvard/reference/reference.json (one versioned file).
 """
 
 from __future__ import annotations
@@ -35,8 +35,8 @@ __all__ = [
 ]
 
 _REFERENCE = Path(__file__).resolve().parent / "reference"
-INTERVENTIONS_PATH = _REFERENCE / "interventions.json"
-UNITS_PATH = _REFERENCE / "specialist_units.json"
+INTERVENTIONS_PATH = _REFERENCE / "reference.json"
+UNITS_PATH = _REFERENCE / "reference.json"
 
 INTERVENTION_KINDS = frozenset(
     {"psychosocial", "medication-assisted", "housing-support", "family-support"}

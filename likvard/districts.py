@@ -3,7 +3,7 @@
 The city reorganises its districts (ten district committees 2011-2020, four social services
 areas from 2021). Events keep the district code that was valid when they happened, and
 reports map old codes to their successors, so figures stay comparable across a
-reorganisation. Data: likvard/reference/districts.json.
+reorganisation. Data: the `districts` of likvard/reference/reference.json.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from typing import Any
 
 __all__ = ["DEFAULT_PATH", "KINDS", "District", "DistrictRegistry", "ReferenceDataError"]
 
-DEFAULT_PATH = Path(__file__).resolve().parent / "reference" / "districts.json"
+DEFAULT_PATH = Path(__file__).resolve().parent / "reference" / "reference.json"
 KINDS = frozenset({"district-committee", "social-services-area"})
 """district-committee: stadsdelsnämnd (2011-2020); social-services-area: socialförvaltning
 (from 2021)."""

@@ -69,7 +69,9 @@ def test_a_code_in_the_structure_of_a_date() -> None:
 
 def test_the_data_file_says_what_it_is() -> None:
     doc = json.loads(DEFAULT_PATH.read_text(encoding="utf-8"))
-    assert doc["version"] and doc["source"]
+    assert doc["version"] and all(
+        doc["sources"][k] for k in ("districts", "units", "interventions")
+    )
 
 
 def _d(code: str, start: int, end: int | None, successor: str | None = None) -> District:
