@@ -31,6 +31,7 @@ class Settings:
     pseudonym_secret: bytes | None = None
     topic_prefix: str = ""
     relay_batch_size: int = 500
+    case_wait_seconds: float = 5.0
     extra: dict[str, str] = field(default_factory=dict)
 
     def require_database(self) -> str:
@@ -62,6 +63,16 @@ class Settings:
         return f"{self.topic_prefix}{name}"
 
 
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 <= value <= 60:
+        raise ConfigError(f"LIKVARD_CASE_WAIT_SECONDS must be 0-60 seconds, not {text!r}")
+    return value
+
+
 def load_settings(env: dict[str, str] | None = None) -> Settings:
     e = os.environ if env is None else env
     secret = e.get("LIKVARD_PSEUDONYM_SECRET")
@@ -76,4 +87,5 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         pseudonym_secret=secret.encode() if secret else None,
         topic_prefix=e.get("LIKVARD_TOPIC_PREFIX", ""),
         relay_batch_size=int(batch),
+        case_wait_seconds=_seconds(e.get("LIKVARD_CASE_WAIT_SECONDS", "5")),
     )

@@ -185,10 +185,11 @@ def create_app(
     *,
     schema: str = "followup",
     catalogue: Catalogue | None = None,
-    case_wait: float = 5.0,
+    case_wait: float | None = None,
 ) -> FastAPI:
     """Build the follow-up app; the pool and migrations are set up when it starts."""
     settings = settings or load_settings()
+    wait = settings.case_wait_seconds if case_wait is None else case_wait
     dsn = settings.require_database()
     catalogue = catalogue or Catalogue.load()
     setup_tracing("followup")
@@ -233,7 +234,7 @@ def create_app(
     def await_case(svc: FollowUpService, directory: CaseDirectory, case_id: str) -> KnownCase:
         """The case as learnt from intake, waiting up to `case_wait` for its intake event.
         A closed case is fine: family work and follow-up go on after closing."""
-        deadline = time.monotonic() + case_wait
+        deadline = time.monotonic() + wait
         while True:
             known = _known(svc, directory, case_id)
             if known is not None and known.status != "unknown":

@@ -158,10 +158,11 @@ def create_app(
     schema: str = "referral",
     catalogue: Catalogue | None = None,
     reference: ReferenceCatalogue | None = None,
-    case_wait: float = 5.0,
+    case_wait: float | None = None,
 ) -> FastAPI:
     """Build the referral app; the pool, migrations and the case table are set up at start."""
     settings = settings or load_settings()
+    wait = settings.case_wait_seconds if case_wait is None else case_wait
     dsn = settings.require_database()
     catalogue = catalogue or Catalogue.load()
     reference = reference or ReferenceCatalogue.load()
@@ -181,7 +182,7 @@ def create_app(
         directory = CaseDirectory(schema)
         with pool.connection() as conn:
             directory.migrate(conn)
-        app.state.service = ReferralService(store, directory, reference, case_wait=case_wait)
+        app.state.service = ReferralService(store, directory, reference, case_wait=wait)
         try:
             yield
         finally:
