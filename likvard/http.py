@@ -177,6 +177,33 @@ def unexpected(request: Request, exc: Exception) -> JSONResponse:
     )
 
 
+class Health(BaseModel):
+    status: str
+
+
+def add_health(app: FastAPI, ping: Callable[[Request], None]) -> None:
+    """`/healthz` (the process answers) and `/readyz` (`ping` succeeds: the event store
+    answers), as the compose file and Kubernetes probes call them."""
+
+    @app.get("/healthz", response_model=Health, tags=["operations"], summary="Liveness")
+    def healthz() -> Health:
+        return Health(status="ok")
+
+    @app.get(
+        "/readyz",
+        response_model=Health,
+        tags=["operations"],
+        responses={503: {"model": Problem, "content": {PROBLEM_JSON: {}}}},
+        summary="Readiness: the event store answers",
+    )
+    def readyz(request: Request) -> Any:
+        try:
+            ping(request)
+        except Exception:
+            return problem(503, "not-ready", "Not ready", "The event store does not answer.")
+        return Health(status="ready")
+
+
 def install(app: FastAPI, service: str) -> None:
     """Error handlers and tracing for a service's app."""
     tracer = telemetry.tracer(f"likvard.{service}.http")

@@ -11,11 +11,11 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, date, datetime
+from datetime import date
 from typing import Annotated, Any
 
 from fastapi import Depends, FastAPI, Header, Path, Query, Request, Response
-from pydantic import BaseModel, Field, field_validator
+from pydantic import BaseModel, Field
 
 from likvard import http
 from likvard.codec import Catalogue
@@ -60,28 +60,7 @@ IfMatch = Annotated[
 POLL_INTERVAL = 0.1
 
 
-class Timed(BaseModel):
-    occurred_at: datetime | None = Field(
-        None,
-        description="When it happened (ISO 8601 with offset); defaults to now. Not in the future.",
-    )
-
-    @field_validator("occurred_at")
-    @classmethod
-    def _not_future_and_aware(cls, v: datetime | None) -> datetime | None:
-        if v is None:
-            return v
-        if v.tzinfo is None:
-            raise ValueError("occurred_at needs a time-zone offset, e.g. 2026-11-22T10:00:00+01:00")
-        if v > datetime.now(UTC):
-            raise ValueError("occurred_at may not be in the future")
-        return v
-
-    def when(self) -> datetime:
-        return (self.occurred_at or datetime.now(UTC)).astimezone(UTC)
-
-
-class RecordChildren(Timed):
+class RecordChildren(http.Timed):
     number_of_children: int = Field(
         ..., ge=0, le=d.MAX_CHILDREN, description="Children under 18 in the household; 0 if none"
     )
@@ -90,7 +69,7 @@ class RecordChildren(Timed):
     )
 
 
-class EngageFamilyMember(Timed):
+class EngageFamilyMember(http.Timed):
     member_id: uuid.UUID | None = Field(
         None,
         description="Id of the family member within the case; leave out for a new member"
@@ -102,7 +81,7 @@ class EngageFamilyMember(Timed):
     accepted: bool
 
 
-class CompleteFollowUp(Timed):
+class CompleteFollowUp(http.Timed):
     days_of_use_last_30: int | None = Field(None, ge=0, le=d.MAX_DAYS_OF_USE)
     housing: Housing
     occupation: Occupation
@@ -111,7 +90,7 @@ class CompleteFollowUp(Timed):
     situation_improved: Improvement
 
 
-class MarkMissed(Timed):
+class MarkMissed(http.Timed):
     reason: MissedReason
 
 
@@ -154,10 +133,6 @@ class DueView(BaseModel):
     district: str
     intervention_id: uuid.UUID | None
     referral_id: uuid.UUID | None
-
-
-class Health(BaseModel):
-    status: str
 
 
 def _service(request: Request) -> FollowUpService:
@@ -487,27 +462,6 @@ def create_app(
             for f in due(svc.store, district, before)
         ]
 
-    @app.get(
-        "/healthz",
-        response_model=Health,
-        tags=["operations"],
-        summary="Liveness: the process answers",
-    )
-    def healthz() -> Health:
-        return Health(status="ok")
-
-    @app.get(
-        "/readyz",
-        response_model=Health,
-        tags=["operations"],
-        responses={503: {"model": http.Problem, "content": {http.PROBLEM_JSON: {}}}},
-        summary="Readiness: the event store answers",
-    )
-    def readyz(svc: Svc) -> Any:
-        try:
-            svc.store.ping()
-        except Exception:
-            return http.problem(503, "not-ready", "Not ready", "The event store does not answer.")
-        return Health(status="ready")
+    http.add_health(app, lambda request: request.app.state.service.store.ping())
 
     return app

@@ -153,10 +153,6 @@ class EventView(BaseModel):
     prev_hash: str
 
 
-class Health(BaseModel):
-    status: str
-
-
 def _service(request: Request) -> IntakeService:
     svc: IntakeService = request.app.state.service
     return svc
@@ -483,27 +479,6 @@ def create_app(
             raise http.ProblemError(404, "case-not-found", "Case not found", "No case has this id.")
         return [_event_view(e) for e in events]
 
-    @app.get(
-        "/healthz",
-        response_model=Health,
-        tags=["operations"],
-        summary="Liveness: the process answers",
-    )
-    def healthz() -> Health:
-        return Health(status="ok")
-
-    @app.get(
-        "/readyz",
-        response_model=Health,
-        tags=["operations"],
-        responses={503: {"model": http.Problem, "content": {http.PROBLEM_JSON: {}}}},
-        summary="Readiness: the event store answers",
-    )
-    def readyz(svc: Svc) -> Any:
-        try:
-            svc.store.ping()
-        except Exception:
-            return http.problem(503, "not-ready", "Not ready", "The event store does not answer.")
-        return Health(status="ready")
+    http.add_health(app, lambda request: request.app.state.service.store.ping())
 
     return app

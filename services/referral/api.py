@@ -111,10 +111,6 @@ class InboxEntry(BaseModel):
     requested_at: datetime
 
 
-class Health(BaseModel):
-    status: str
-
-
 def _service(request: Request) -> ReferralService:
     svc: ReferralService = request.app.state.service
     return svc
@@ -405,22 +401,6 @@ def create_app(
             for i in svc.unit_inbox(unit_id, status)
         ]
 
-    @app.get("/healthz", response_model=Health, tags=["operations"], summary="Liveness")
-    def healthz() -> Health:
-        return Health(status="ok")
-
-    @app.get(
-        "/readyz",
-        response_model=Health,
-        tags=["operations"],
-        responses={503: {"model": http.Problem, "content": {http.PROBLEM_JSON: {}}}},
-        summary="Readiness: the event store answers",
-    )
-    def readyz(svc: Svc) -> Any:
-        try:
-            svc.store.ping()
-        except Exception:
-            return http.problem(503, "not-ready", "Not ready", "The event store does not answer.")
-        return Health(status="ready")
+    http.add_health(app, lambda request: request.app.state.service.store.ping())
 
     return app
