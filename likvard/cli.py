@@ -198,8 +198,7 @@ def consume(service: str = typer.Argument(..., help="referral | followup")) -> N
 @app.command()
 def republish(service: str = typer.Argument(..., help="intake | referral | followup")) -> None:
     """Produce every stored event of SERVICE to Kafka again (refills an empty broker)."""
-    from likvard.republish import RepublishError
-    from likvard.republish import republish as do_republish
+    from likvard.republish import RepublishError, republish as do_republish
 
     _check_service(service)
     settings = _settings()

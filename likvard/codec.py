@@ -36,8 +36,7 @@ from typing import Any
 
 from fastavro import schemaless_reader, schemaless_writer
 from fastavro.read import SchemaResolutionError
-from fastavro.schema import fingerprint as avro_fingerprint
-from fastavro.schema import parse_schema, to_parsing_canonical_form
+from fastavro.schema import fingerprint as avro_fingerprint, parse_schema, to_parsing_canonical_form
 from fastavro.validation import ValidationError, validate
 
 __all__ = [

@@ -15,8 +15,7 @@ from typing import Any
 import fastavro
 import pytest
 from fastavro.schema import fingerprint, to_parsing_canonical_form
-from hypothesis import given, settings
-from hypothesis import strategies as st
+from hypothesis import given, settings, strategies as st
 
 from likvard.codec import (
     SCHEMAS_DIR_ENV,

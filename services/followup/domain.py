@@ -15,12 +15,20 @@ new: exactly-once effect on at-least-once delivery.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 from typing import Any, Literal, assert_never, get_args
-from zoneinfo import ZoneInfo
+
+from likvard.domain import (
+    CITY_TZ as CITY_TZ,
+    DomainError as DomainError,
+    DomainEvent as DomainEvent,
+    RuleViolation as RuleViolation,
+    local_date as local_date,
+    require_symbol,
+    require_uuid,
+)
 
 # --- Avro enum symbols ---------------------------------------------------------------
 Relation = Literal["CHILD", "PARTNER", "PARENT", "SIBLING", "OTHER"]
@@ -62,8 +70,6 @@ EVENT_TYPES: tuple[str, ...] = (
     "FollowUpMissed",
 )
 
-CITY_TZ = ZoneInfo("Europe/Stockholm")
-"""Dates (due dates) are the city's calendar dates."""
 
 MAX_CHILDREN = 20
 MAX_CHILD_AGE = 17
@@ -71,34 +77,12 @@ MAX_DAYS_OF_USE = 30
 HEALTH_RATINGS = range(1, 6)
 
 
-def local_date(moment: datetime) -> date:
-    """The city's calendar date at this moment."""
-    return moment.astimezone(CITY_TZ).date()
-
-
 # --- errors ----------------------------------------------------------------------------
-class DomainError(Exception):
-    """A refused command: `code` is for machines (kebab-case, stable), `detail` for people.
-
-    The detail never repeats submitted values, so it cannot leak personal data into
-    responses or logs.
-    """
-
-    def __init__(self, code: str, detail: str) -> None:
-        super().__init__(f"{code}: {detail}")
-        self.code = code
-        self.detail = detail
-
-
 class FollowUpNotFound(DomainError):
     """Completing or missing a follow-up the case never scheduled (HTTP 404)."""
 
     def __init__(self) -> None:
         super().__init__("followup-not-found", "No follow-up with this id is scheduled.")
-
-
-class RuleViolation(DomainError):
-    """A command that breaks a rule of the case's follow-up (HTTP 422)."""
 
 
 # --- commands --------------------------------------------------------------------------
@@ -164,14 +148,6 @@ Command = (
 
 
 # --- events and state ------------------------------------------------------------------
-@dataclass(frozen=True)
-class DomainEvent:
-    """An event as the domain sees it: `data` is the Avro payload (arrays as lists, enums
-    as symbols, dates as `date`), the metadata is added by the event store."""
-
-    type: str
-    data: dict[str, Any]
-    occurred_at: datetime
 
 
 @dataclass(frozen=True)
@@ -300,18 +276,6 @@ def decide(command: Command, state: FollowUpState) -> list[DomainEvent]:
     return [DomainEvent(_EVENT_OF[type(command)], data, command.occurred_at)]
 
 
-def _require_symbol(value: str, allowed: frozenset[str], code: str, what: str) -> None:
-    if value not in allowed:
-        raise RuleViolation(code, f"The {what} must be one of " + ", ".join(sorted(allowed)) + ".")
-
-
-def _require_uuid(value: str, what: str) -> None:
-    try:
-        uuid.UUID(value)
-    except (ValueError, TypeError, AttributeError):
-        raise RuleViolation("invalid-id", f"The {what} must be a UUID.") from None
-
-
 def _require_int_in(value: object, low: int, high: int, code: str, what: str) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
         raise RuleViolation(code, f"The {what} must be a whole number from {low} to {high}.")
@@ -342,8 +306,8 @@ def _engage(c: EngageFamilyMember, state: FollowUpState) -> dict[str, Any]:
     The same member may be engaged again (support offered again, or accepted this time);
     an engagement identical to an earlier one (same relation, same support offered, same
     answer) adds nothing and is refused as a double registration."""
-    _require_uuid(c.member_id, "family member id")
-    _require_symbol(c.relation, RELATIONS, "unknown-relation", "relation")
+    require_uuid(c.member_id, "family member id")
+    require_symbol(c.relation, RELATIONS, "unknown-relation", "relation")
     if c.is_child and c.relation not in RELATIONS_THAT_CAN_BE_A_CHILD:
         raise RuleViolation(
             "relation-cannot-be-a-child",
@@ -383,16 +347,16 @@ def _engage(c: EngageFamilyMember, state: FollowUpState) -> dict[str, Any]:
 
 
 def _schedule(c: ScheduleFollowUp, state: FollowUpState) -> dict[str, Any] | None:
-    _require_uuid(c.followup_id, "follow-up id")
+    require_uuid(c.followup_id, "follow-up id")
     if c.followup_id in state.followups:
         # Idempotent: checked before the due date, so a re-delivery long after the
         # original scheduling still yields nothing rather than an error.
         return None
-    _require_symbol(c.kind, FOLLOWUP_KINDS, "unknown-followup-kind", "follow-up kind")
+    require_symbol(c.kind, FOLLOWUP_KINDS, "unknown-followup-kind", "follow-up kind")
     if c.intervention_id is not None:
-        _require_uuid(c.intervention_id, "intervention id")
+        require_uuid(c.intervention_id, "intervention id")
     if c.referral_id is not None:
-        _require_uuid(c.referral_id, "referral id")
+        require_uuid(c.referral_id, "referral id")
     if not isinstance(c.district, str) or not c.district.strip():
         raise RuleViolation("district-missing", "The responsible district is needed.")
     if c.due_on < local_date(c.occurred_at):
@@ -430,8 +394,8 @@ def _complete(c: CompleteFollowUp, state: FollowUpState) -> dict[str, Any]:
             "days-of-use-out-of-range",
             "number of days of use in the last 30 days",
         )
-    _require_symbol(c.housing, HOUSING, "unknown-housing", "housing")
-    _require_symbol(c.occupation, OCCUPATIONS, "unknown-occupation", "occupation")
+    require_symbol(c.housing, HOUSING, "unknown-housing", "housing")
+    require_symbol(c.occupation, OCCUPATIONS, "unknown-occupation", "occupation")
     if c.self_rated_health is not None:
         _require_int_in(
             c.self_rated_health,
@@ -440,8 +404,8 @@ def _complete(c: CompleteFollowUp, state: FollowUpState) -> dict[str, Any]:
             "self-rated-health-out-of-range",
             "self-rated health",
         )
-    _require_symbol(c.goals_reached, GOALS_REACHED, "unknown-goals-reached", "goals answer")
-    _require_symbol(c.situation_improved, IMPROVEMENTS, "unknown-improvement", "improvement answer")
+    require_symbol(c.goals_reached, GOALS_REACHED, "unknown-goals-reached", "goals answer")
+    require_symbol(c.situation_improved, IMPROVEMENTS, "unknown-improvement", "improvement answer")
     return {
         "followup_id": c.followup_id,
         "kind": followup.kind,
@@ -456,5 +420,5 @@ def _complete(c: CompleteFollowUp, state: FollowUpState) -> dict[str, Any]:
 
 def _missed(c: MarkFollowUpMissed, state: FollowUpState) -> dict[str, Any]:
     followup = _require_scheduled(c.followup_id, state)
-    _require_symbol(c.reason, MISSED_REASONS, "unknown-missed-reason", "reason")
+    require_symbol(c.reason, MISSED_REASONS, "unknown-missed-reason", "reason")
     return {"followup_id": c.followup_id, "kind": followup.kind, "reason": c.reason}

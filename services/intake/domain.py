@@ -11,15 +11,21 @@ events without going through it.
 from __future__ import annotations
 
 import re
-import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 from typing import Any, Literal, Protocol, assert_never, get_args
-from zoneinfo import ZoneInfo
 
-from services.intake.instruments import INSTRUMENTS, score_problems
-from services.intake.instruments import Score as Score
+from likvard.domain import (
+    CITY_TZ as CITY_TZ,
+    DomainError as DomainError,
+    DomainEvent as DomainEvent,
+    RuleViolation as RuleViolation,
+    local_date as local_date,
+    require_symbol,
+    require_uuid,
+)
+from services.intake.instruments import INSTRUMENTS, Score as Score, score_problems
 
 # --- Avro enum symbols ---------------------------------------------------------------
 Substance = Literal["ALCOHOL", "NARCOTICS", "PHARMACEUTICALS", "GAMBLING"]
@@ -64,19 +70,11 @@ EVENT_TYPES: tuple[str, ...] = (
     "CaseReopened",
 )
 
-CITY_TZ = ZoneInfo("Europe/Stockholm")
-"""Dates (district validity, review and expiry dates) are the city's calendar dates: a
-command at 00:30 on 1 January local time belongs to the new year's districts."""
 
 MAX_GOALS = 20
 MAX_GOAL_LENGTH = 500
 ADULT_AGE = 18
 _PSEUDONYM = re.compile(r"[0-9a-f]{64}")
-
-
-def local_date(moment: datetime) -> date:
-    """The city's calendar date at this moment."""
-    return moment.astimezone(CITY_TZ).date()
 
 
 class DistrictLookup(Protocol):
@@ -87,19 +85,6 @@ class DistrictLookup(Protocol):
 
 
 # --- errors ----------------------------------------------------------------------------
-class DomainError(Exception):
-    """A refused command: `code` is for machines (kebab-case, stable), `detail` for people.
-
-    The detail never repeats submitted free text, so it cannot leak personal data into
-    responses or logs.
-    """
-
-    def __init__(self, code: str, detail: str) -> None:
-        super().__init__(f"{code}: {detail}")
-        self.code = code
-        self.detail = detail
-
-
 class CaseNotFound(DomainError):
     """A command on a case that was never registered (HTTP 404)."""
 
@@ -112,10 +97,6 @@ class CaseAlreadyExists(DomainError):
 
     def __init__(self) -> None:
         super().__init__("case-already-exists", "A case with this id is already registered.")
-
-
-class RuleViolation(DomainError):
-    """A command that breaks a rule of the case (HTTP 422)."""
 
 
 # --- commands --------------------------------------------------------------------------
@@ -202,14 +183,6 @@ Command = (
 
 
 # --- events and state ------------------------------------------------------------------
-@dataclass(frozen=True)
-class DomainEvent:
-    """An event as the domain sees it: `data` is the Avro payload (arrays as lists, records
-    as dicts, enums as symbols, dates as `date`), the metadata is added by the event store."""
-
-    type: str
-    data: dict[str, Any]
-    occurred_at: datetime
 
 
 @dataclass(frozen=True)
@@ -367,18 +340,6 @@ def _require_open(state: CaseState) -> None:
         raise RuleViolation("case-closed", "The case is closed; reopen it first.")
 
 
-def _require_symbol(value: str, allowed: frozenset[str], code: str, what: str) -> None:
-    if value not in allowed:
-        raise RuleViolation(code, f"The {what} must be one of " + ", ".join(sorted(allowed)) + ".")
-
-
-def _require_uuid(value: str, what: str) -> None:
-    try:
-        uuid.UUID(value)
-    except (ValueError, TypeError, AttributeError):
-        raise RuleViolation("invalid-id", f"The {what} must be a UUID.") from None
-
-
 def _require_district(code: str, day: date, districts: DistrictLookup, what: str) -> None:
     if not districts.is_known(code):
         raise RuleViolation("unknown-district", f"The {what} is not a known district code.")
@@ -416,10 +377,10 @@ def _register(c: RegisterIntake, state: CaseState, districts: DistrictLookup) ->
     day = local_date(c.occurred_at)
     _require_district(c.district, day, districts, "district")
     _require_symbols(c.substances, SUBSTANCES, "substance", "substances")
-    _require_symbol(
+    require_symbol(
         c.referral_source, REFERRAL_SOURCES, "unknown-referral-source", "referral source"
     )
-    _require_symbol(
+    require_symbol(
         c.children_in_household,
         CHILDREN_IN_HOUSEHOLD,
         "unknown-children-in-household",
@@ -443,17 +404,17 @@ def _register(c: RegisterIntake, state: CaseState, districts: DistrictLookup) ->
 
 def _assess(c: CompleteAssessment, state: CaseState) -> dict[str, Any]:
     _require_open(state)
-    _require_uuid(c.assessment_id, "assessment id")
+    require_uuid(c.assessment_id, "assessment id")
     if c.assessment_id in state.assessment_ids:
         raise RuleViolation(
             "assessment-id-used", "This assessment is already recorded on the case."
         )
-    _require_symbol(c.instrument, INSTRUMENT_CODES, "unknown-instrument", "instrument")
+    require_symbol(c.instrument, INSTRUMENT_CODES, "unknown-instrument", "instrument")
     problems = score_problems(c.instrument, c.scores)
     if problems:
         sentence = "; ".join(problems)
         raise RuleViolation("invalid-scores", sentence[0].upper() + sentence[1:] + ".")
-    _require_symbol(c.need_level, NEED_LEVELS, "unknown-need-level", "need level")
+    require_symbol(c.need_level, NEED_LEVELS, "unknown-need-level", "need level")
     return {
         "assessment_id": c.assessment_id,
         "instrument": c.instrument,
@@ -464,7 +425,7 @@ def _assess(c: CompleteAssessment, state: CaseState) -> dict[str, Any]:
 
 def _care_plan(c: AgreeCarePlan, state: CaseState) -> dict[str, Any]:
     _require_open(state)
-    _require_uuid(c.plan_id, "care plan id")
+    require_uuid(c.plan_id, "care plan id")
     if c.plan_id in state.care_plan_ids:
         raise RuleViolation("care-plan-id-used", "This care plan is already recorded on the case.")
     if not 1 <= len(c.goals) <= MAX_GOALS:
@@ -487,7 +448,7 @@ def _care_plan(c: AgreeCarePlan, state: CaseState) -> dict[str, Any]:
 
 def _consent(c: RecordConsent, state: CaseState) -> dict[str, Any]:
     _require_open(state)
-    _require_uuid(c.consent_id, "consent id")
+    require_uuid(c.consent_id, "consent id")
     if c.consent_id in state.consent_ids:
         raise RuleViolation("consent-id-used", "This consent is already recorded on the case.")
     _require_symbols(c.recipients, CONSENT_RECIPIENTS, "consent recipient", "consent-recipients")
@@ -520,7 +481,7 @@ def _transfer(c: TransferCase, state: CaseState, districts: DistrictLookup) -> d
     _require_district(c.to_district, local_date(c.occurred_at), districts, "target district")
     if c.to_district == state.district:
         raise RuleViolation("same-district", "The case is already in this district.")
-    _require_symbol(c.reason, TRANSFER_REASONS, "unknown-transfer-reason", "transfer reason")
+    require_symbol(c.reason, TRANSFER_REASONS, "unknown-transfer-reason", "transfer reason")
     return {"from_district": state.district, "to_district": c.to_district, "reason": c.reason}
 
 
@@ -529,7 +490,7 @@ def _close(c: CloseCase, state: CaseState) -> dict[str, Any]:
         raise CaseNotFound()
     if state.status == "closed":
         raise RuleViolation("case-already-closed", "The case is already closed.")
-    _require_symbol(c.reason, CLOSE_REASONS, "unknown-close-reason", "close reason")
+    require_symbol(c.reason, CLOSE_REASONS, "unknown-close-reason", "close reason")
     return {"reason": c.reason}
 
 
@@ -538,5 +499,5 @@ def _reopen(c: ReopenCase, state: CaseState) -> dict[str, Any]:
         raise CaseNotFound()
     if state.status != "closed":
         raise RuleViolation("case-not-closed", "Only a closed case can be reopened.")
-    _require_symbol(c.reason, REOPEN_REASONS, "unknown-reopen-reason", "reopen reason")
+    require_symbol(c.reason, REOPEN_REASONS, "unknown-reopen-reason", "reopen reason")
     return {"reason": c.reason}

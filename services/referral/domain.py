@@ -13,14 +13,21 @@ consent in force that covers the recipient, or a recorded override with its reas
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from datetime import date, datetime
 from typing import Any, Literal, Protocol, assert_never, get_args
-from zoneinfo import ZoneInfo
 
 from likvard.catalogue import Intervention, SpecialistUnit
+from likvard.domain import (
+    CITY_TZ as CITY_TZ,
+    DomainError as DomainError,
+    DomainEvent as DomainEvent,
+    RuleViolation as RuleViolation,
+    local_date as local_date,
+    require_symbol,
+    require_uuid,
+)
 
 # --- Avro enum symbols ---------------------------------------------------------------
 RecipientKind = Literal["CITY_SOCIAL_SERVICES", "HEALTHCARE", "PRISON_PROBATION", "NON_PROFIT"]
@@ -59,13 +66,6 @@ EVENT_TYPES: tuple[str, ...] = (
     "InterventionEnded",
 )
 
-CITY_TZ = ZoneInfo("Europe/Stockholm")
-
-
-def local_date(moment: datetime) -> date:
-    """The city's calendar date at this moment."""
-    return moment.astimezone(CITY_TZ).date()
-
 
 class CatalogueLookup(Protocol):
     """What the decider needs of `likvard.catalogue.ReferenceCatalogue`."""
@@ -88,18 +88,6 @@ class CaseSnapshot:
 
 
 # --- errors ----------------------------------------------------------------------------
-class DomainError(Exception):
-    """A refused command: `code` is for machines (kebab-case, stable), `detail` for people.
-
-    The detail never repeats submitted free text, so it cannot leak personal data.
-    """
-
-    def __init__(self, code: str, detail: str) -> None:
-        super().__init__(f"{code}: {detail}")
-        self.code = code
-        self.detail = detail
-
-
 class CaseNotFound(DomainError):
     """A referral for a case the service has never seen (HTTP 422 "unknown case")."""
 
@@ -119,10 +107,6 @@ class ReferralAlreadyExists(DomainError):
 
     def __init__(self) -> None:
         super().__init__("referral-already-exists", "A referral with this id already exists.")
-
-
-class RuleViolation(DomainError):
-    """A command that breaks a rule of the referral (HTTP 422)."""
 
 
 # --- commands --------------------------------------------------------------------------
@@ -186,14 +170,6 @@ Command = (
 
 
 # --- events and state ------------------------------------------------------------------
-@dataclass(frozen=True)
-class DomainEvent:
-    """An event as the domain sees it: `data` is the Avro payload (enums as symbols, dates as
-    `date`, timestamps as aware `datetime`), the metadata is added by the event store."""
-
-    type: str
-    data: dict[str, Any]
-    occurred_at: datetime
 
 
 @dataclass(frozen=True)
@@ -320,18 +296,6 @@ def _event(event_type: str, data: dict[str, Any], command: Command) -> DomainEve
     return DomainEvent(event_type, data, command.occurred_at)
 
 
-def _require_symbol(value: str | None, allowed: frozenset[str], code: str, what: str) -> None:
-    if value not in allowed:
-        raise RuleViolation(code, f"The {what} must be one of " + ", ".join(sorted(allowed)) + ".")
-
-
-def _require_uuid(value: str, what: str) -> None:
-    try:
-        uuid.UUID(value)
-    except (ValueError, TypeError, AttributeError):
-        raise RuleViolation("invalid-id", f"The {what} must be a UUID.") from None
-
-
 def _require_exists(state: ReferralState) -> None:
     if not state.exists:
         raise ReferralNotFound()
@@ -358,7 +322,7 @@ def _request(
 ) -> list[DomainEvent]:
     if state.exists:
         raise ReferralAlreadyExists()
-    _require_uuid(c.referral_id, "referral id")
+    require_uuid(c.referral_id, "referral id")
     if case is None or not case.exists or case.case_id != c.case_id:
         raise CaseNotFound()
     if case.status != "open":
@@ -405,7 +369,7 @@ def _check_consent(c: RequestReferral, unit: SpecialistUnit, case: CaseSnapshot)
             "Give either the consent relied on or the override reason, not both.",
         )
     if c.consent_override is not None:
-        _require_symbol(
+        require_symbol(
             c.consent_override, CONSENT_OVERRIDES, "unknown-consent-override", "consent override"
         )
         return
@@ -415,7 +379,7 @@ def _check_consent(c: RequestReferral, unit: SpecialistUnit, case: CaseSnapshot)
             f"A referral to {unit.recipient_kind} needs the person's consent or an override"
             " with its reason.",
         )
-    _require_uuid(c.consent_id, "consent id")
+    require_uuid(c.consent_id, "consent id")
     recipients = case.consents.get(c.consent_id)
     if recipients is None:
         raise RuleViolation(
@@ -446,7 +410,7 @@ def _decline(c: DeclineReferral, state: ReferralState) -> dict[str, Any]:
         raise RuleViolation(
             "referral-not-requested", f"Only a requested referral can be declined ({state.status})."
         )
-    _require_symbol(c.reason, DECLINE_REASONS, "unknown-decline-reason", "decline reason")
+    require_symbol(c.reason, DECLINE_REASONS, "unknown-decline-reason", "decline reason")
     return {"referral_id": c.referral_id, "reason": c.reason}
 
 
@@ -461,7 +425,7 @@ def _withdraw(c: WithdrawReferral, state: ReferralState) -> dict[str, Any]:
         raise RuleViolation(
             "intervention-running", "End the running intervention before withdrawing the referral."
         )
-    _require_symbol(c.reason, WITHDRAW_REASONS, "unknown-withdraw-reason", "withdraw reason")
+    require_symbol(c.reason, WITHDRAW_REASONS, "unknown-withdraw-reason", "withdraw reason")
     return {"referral_id": c.referral_id, "reason": c.reason}
 
 
@@ -474,7 +438,7 @@ def _start(
             "referral-not-accepted",
             f"An intervention starts only under an accepted referral ({state.status}).",
         )
-    _require_uuid(c.intervention_id, "intervention id")
+    require_uuid(c.intervention_id, "intervention id")
     if c.intervention_id in state.intervention_codes:
         raise RuleViolation(
             "intervention-id-used", "This intervention is already recorded on the referral."
@@ -513,7 +477,7 @@ def _end(c: EndIntervention, state: ReferralState) -> dict[str, Any]:
         raise RuleViolation(
             "intervention-ends-before-start", "An intervention cannot end before it started."
         )
-    _require_symbol(c.outcome, INTERVENTION_OUTCOMES, "unknown-outcome", "outcome")
+    require_symbol(c.outcome, INTERVENTION_OUTCOMES, "unknown-outcome", "outcome")
     return {
         "intervention_id": c.intervention_id,
         "referral_id": c.referral_id,

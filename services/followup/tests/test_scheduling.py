@@ -8,8 +8,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 import pytest
-from hypothesis import given as for_all
-from hypothesis import strategies as st
+from hypothesis import given as for_all, strategies as st
 
 from services.followup import domain as d
 from services.followup.domain import DomainEvent, ScheduleFollowUp
