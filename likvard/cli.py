@@ -10,12 +10,16 @@ import sys
 import threading
 import time
 from types import FrameType
+from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from likvard.config import ConfigError, Settings, load_settings, service_port
+
+if TYPE_CHECKING:
+    from likvard.eventstore import EventStore
 
 app = typer.Typer(
     help="Likvärd: event-sourced case tracking for the city's addiction care.",
@@ -62,22 +66,10 @@ def _logging() -> None:
     )
 
 
-def _store(settings: Settings, service: str):  # type: ignore[no-untyped-def]
-    from likvard.codec import Catalogue
-    from likvard.db import make_pool
-    from likvard.eventstore import EventStore
-    from likvard.topics import SERVICE_TOPICS
+def _store(settings: Settings, service: str) -> EventStore:
+    from likvard.eventstore import open_store
 
-    pool = make_pool(settings.require_database(), max_size=4, name=f"likvard-cli-{service}")
-    store = EventStore(
-        pool,
-        service,
-        Catalogue.load(),
-        producer=f"likvard-{service}",
-        topic=settings.topic(SERVICE_TOPICS[service]),
-    )
-    store.migrate()
-    return store
+    return open_store(settings, service, max_size=4)
 
 
 @app.command()

@@ -22,7 +22,9 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
 from likvard.codec import Catalogue, CodecError
-from likvard.db import check_schema_name, migrate
+from likvard.config import Settings
+from likvard.db import check_schema_name, make_pool, migrate
+from likvard.topics import SERVICE_TOPICS
 
 GENESIS_HASH = bytes(32)
 
@@ -403,3 +405,29 @@ def verify_chain(
         expected_prev = e.hash
         expected_version = e.stream_version + 1
     return breaks
+
+
+def open_store(
+    settings: Settings,
+    service: str,
+    *,
+    schema: str | None = None,
+    catalogue: Catalogue | None = None,
+    max_size: int = 10,
+) -> EventStore:
+    """The migrated event store of `service` (schema: the service's name unless given), on a
+    pool of its own; the caller closes it with `store.pool.close()`."""
+    pool = make_pool(settings.require_database(), max_size=max_size, name=f"likvard-{service}")
+    store = EventStore(
+        pool,
+        schema or service,
+        catalogue or Catalogue.load(),
+        producer=f"likvard-{service}",
+        topic=settings.topic(SERVICE_TOPICS[service]),
+    )
+    try:
+        store.migrate()
+    except Exception:
+        pool.close()
+        raise
+    return store

@@ -20,11 +20,9 @@ from pydantic import BaseModel, Field
 from likvard import http
 from likvard.codec import Catalogue
 from likvard.config import Settings, load_settings
-from likvard.db import make_pool
-from likvard.eventstore import EventStore
+from likvard.eventstore import open_store
 from likvard.known_cases import CaseDirectory, KnownCase
 from likvard.telemetry import setup_tracing
-from likvard.topics import SERVICE_TOPICS
 from services.followup import domain as d
 from services.followup.domain import (
     GoalsReached,
@@ -165,23 +163,15 @@ def create_app(
     """Build the follow-up app; the pool and migrations are set up when it starts."""
     settings = settings or load_settings()
     wait = settings.case_wait_seconds if case_wait is None else case_wait
-    dsn = settings.require_database()
+    settings.require_database()
     catalogue = catalogue or Catalogue.load()
     setup_tracing("followup")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        pool = make_pool(dsn, max_size=20, name="likvard-followup")
-        store = EventStore(
-            pool,
-            schema,
-            catalogue,
-            producer="likvard-followup",
-            topic=settings.topic(SERVICE_TOPICS["followup"]),
-        )
-        store.migrate()
+        store = open_store(settings, "followup", schema=schema, catalogue=catalogue, max_size=20)
         directory = CaseDirectory(schema)
-        with pool.connection() as conn:
+        with store.pool.connection() as conn:
             directory.migrate(conn)
             conn.commit()
             prepare(conn, schema)
@@ -190,7 +180,7 @@ def create_app(
         try:
             yield
         finally:
-            pool.close()
+            store.pool.close()
 
     app = FastAPI(
         title="Likvärd follow-up service",

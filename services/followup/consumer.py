@@ -5,8 +5,7 @@ from __future__ import annotations
 
 from likvard.codec import Catalogue
 from likvard.config import Settings
-from likvard.db import make_pool
-from likvard.eventstore import EventStore
+from likvard.eventstore import open_store
 from likvard.inbox import InboxConsumer
 from likvard.known_cases import CaseDirectory
 from likvard.topics import SERVICE_TOPICS
@@ -15,22 +14,13 @@ from services.followup.service import make_service, prepare
 
 
 def build(settings: Settings, schema: str = "followup") -> tuple[InboxConsumer, list[str]]:
-    dsn = settings.require_database()
     catalogue = Catalogue.load()
     # The pool lives as long as the process: the scheduler appends through it.
-    pool = make_pool(dsn, max_size=4, name="likvard-followup-consumer")
-    store = EventStore(
-        pool,
-        schema,
-        catalogue,
-        producer="likvard-followup",
-        topic=settings.topic(SERVICE_TOPICS["followup"]),
-    )
-    store.migrate()
+    store = open_store(settings, "followup", schema=schema, catalogue=catalogue, max_size=4)
     directory = CaseDirectory(schema)
-    with pool.connection() as conn:
+    with store.pool.connection() as conn:
         directory.migrate(conn)
         prepare(conn, schema)
     handler = make_handler(make_service(store), directory)
     topics = [settings.topic(SERVICE_TOPICS["intake"]), settings.topic(SERVICE_TOPICS["referral"])]
-    return InboxConsumer(dsn, schema, catalogue, handler), topics
+    return InboxConsumer(settings.require_database(), schema, catalogue, handler), topics

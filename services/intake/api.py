@@ -14,12 +14,10 @@ from pydantic import BaseModel, Field
 from likvard import http
 from likvard.codec import Catalogue
 from likvard.config import Settings, load_settings
-from likvard.db import make_pool
 from likvard.districts import DistrictRegistry
-from likvard.eventstore import EventStore, StoredEvent
+from likvard.eventstore import StoredEvent, open_store
 from likvard.pseudonym import InvalidIdentityNumber, pseudonymise
 from likvard.telemetry import setup_tracing
-from likvard.topics import SERVICE_TOPICS
 from services.intake import domain as d
 from services.intake.domain import (
     ChildrenInHousehold,
@@ -218,27 +216,19 @@ def create_app(
     """Build the intake app; the pool and migrations are set up when it starts."""
     settings = settings or load_settings()
     secret = settings.require_pseudonym_secret()
-    dsn = settings.require_database()
+    settings.require_database()
     catalogue = catalogue or Catalogue.load()
     districts = districts or DistrictRegistry.load()
     setup_tracing("intake")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        pool = make_pool(dsn, max_size=20, name="likvard-intake")
-        store = EventStore(
-            pool,
-            schema,
-            catalogue,
-            producer="likvard-intake",
-            topic=settings.topic(SERVICE_TOPICS["intake"]),
-        )
-        store.migrate()
+        store = open_store(settings, "intake", schema=schema, catalogue=catalogue, max_size=20)
         app.state.service = make_service(store, districts)
         try:
             yield
         finally:
-            pool.close()
+            store.pool.close()
 
     app = FastAPI(
         title="Likvärd intake service",

@@ -15,12 +15,10 @@ from likvard import http
 from likvard.catalogue import ReferenceCatalogue
 from likvard.codec import Catalogue
 from likvard.config import Settings, load_settings
-from likvard.db import make_pool
-from likvard.eventstore import EventStore
+from likvard.eventstore import open_store
 from likvard.known_cases import CaseDirectory
 from likvard.service import Decided
 from likvard.telemetry import setup_tracing
-from likvard.topics import SERVICE_TOPICS
 from services.referral import domain as d
 from services.referral.domain import (
     ConsentOverride,
@@ -159,30 +157,22 @@ def create_app(
     """Build the referral app; the pool, migrations and the case table are set up at start."""
     settings = settings or load_settings()
     wait = settings.case_wait_seconds if case_wait is None else case_wait
-    dsn = settings.require_database()
+    settings.require_database()
     catalogue = catalogue or Catalogue.load()
     reference = reference or ReferenceCatalogue.load()
     setup_tracing("referral")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        pool = make_pool(dsn, max_size=20, name="likvard-referral")
-        store = EventStore(
-            pool,
-            schema,
-            catalogue,
-            producer="likvard-referral",
-            topic=settings.topic(SERVICE_TOPICS["referral"]),
-        )
-        store.migrate()
+        store = open_store(settings, "referral", schema=schema, catalogue=catalogue, max_size=20)
         directory = CaseDirectory(schema)
-        with pool.connection() as conn:
+        with store.pool.connection() as conn:
             directory.migrate(conn)
         app.state.service = ReferralService(store, directory, reference, case_wait=wait)
         try:
             yield
         finally:
-            pool.close()
+            store.pool.close()
 
     app = FastAPI(
         title="Likvärd referral service",

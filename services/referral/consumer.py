@@ -4,23 +4,20 @@ from __future__ import annotations
 
 from likvard.codec import Catalogue
 from likvard.config import Settings
-from likvard.db import make_pool
+from likvard.eventstore import open_store
 from likvard.inbox import InboxConsumer
 from likvard.known_cases import CaseDirectory
 from likvard.topics import SERVICE_TOPICS
 
 
 def build(settings: Settings, schema: str = "referral") -> tuple[InboxConsumer, list[str]]:
-    dsn = settings.require_database()
+    catalogue = Catalogue.load()
     directory = CaseDirectory(schema)
-    pool = make_pool(dsn, max_size=2, name="likvard-referral-consumer")
+    store = open_store(settings, "referral", schema=schema, catalogue=catalogue, max_size=1)
     try:
-        from likvard.eventstore import EventStore
-
-        EventStore(pool, schema, Catalogue.load(), producer="likvard-referral", topic="").migrate()
-        with pool.connection() as conn:
+        with store.pool.connection() as conn:
             directory.migrate(conn)
     finally:
-        pool.close()
-    inbox = InboxConsumer(dsn, schema, Catalogue.load(), directory.handle)
+        store.pool.close()
+    inbox = InboxConsumer(settings.require_database(), schema, catalogue, directory.handle)
     return inbox, [settings.topic(SERVICE_TOPICS["intake"])]
