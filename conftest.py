@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import psycopg
 import pytest
@@ -93,41 +93,65 @@ def intake(
     database_url: str, schema: str, topic_prefix: str, catalogue: Catalogue, pool: ConnectionPool
 ) -> Iterator[RunningService]:
     """The intake service on a real uvicorn server in this process, on its own schema."""
-    from services.intake.api import create_app
-
     settings = Settings(
         database_url=database_url, pseudonym_secret=TEST_SECRET, topic_prefix=topic_prefix
     )
-    app = create_app(settings, schema=schema, catalogue=catalogue)
-    topic = topic_prefix + SERVICE_TOPICS["intake"]
-    store = EventStore(pool, schema, catalogue, producer="likvard-intake", topic=topic)
+    yield from _running("intake", schema, settings, catalogue, pool)
+
+
+@pytest.fixture
+def new_schema(database_url: str) -> Iterator[Callable[[str], str]]:
+    """Makes more schemas for a test (each service has its own); all dropped afterwards."""
+    made: list[str] = []
+
+    def make(prefix: str) -> str:
+        made.append(f"{prefix}_{uuid.uuid4().hex[:12]}")
+        return made[-1]
+
+    yield make
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        for name in made:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+
+
+def _running(
+    service: str,
+    schema: str,
+    settings: Settings,
+    catalogue: Catalogue,
+    pool: ConnectionPool,
+    **app_options: object,
+) -> Iterator[RunningService]:
+    """A write service's app on a real uvicorn server, on its own schema."""
+    import importlib
+
+    create_app = importlib.import_module(f"services.{service}.api").create_app
+    app = create_app(settings, schema=schema, catalogue=catalogue, **app_options)
+    topic = settings.topic(SERVICE_TOPICS[service])
+    store = EventStore(pool, schema, catalogue, producer=f"likvard-{service}", topic=topic)
     with serving(app) as base_url:
         yield RunningService(base_url, schema, topic, store)
 
 
 @pytest.fixture
-def referral_schema(database_url: str) -> Iterator[str]:
-    """The referral service's own schema (a service has one; tests need two at once)."""
-    name = f"r_{uuid.uuid4().hex[:12]}"
-    yield name
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
-
-
-@pytest.fixture
 def referral(
     database_url: str,
-    referral_schema: str,
+    new_schema: Callable[[str], str],
     topic_prefix: str,
     catalogue: Catalogue,
     pool: ConnectionPool,
 ) -> Iterator[RunningService]:
-    """The referral service on a real uvicorn server, on its own schema."""
-    from services.referral.api import create_app
-
     settings = Settings(database_url=database_url, topic_prefix=topic_prefix)
-    app = create_app(settings, schema=referral_schema, catalogue=catalogue, case_wait=0.5)
-    topic = topic_prefix + SERVICE_TOPICS["referral"]
-    store = EventStore(pool, referral_schema, catalogue, producer="likvard-referral", topic=topic)
-    with serving(app) as base_url:
-        yield RunningService(base_url, referral_schema, topic, store)
+    yield from _running("referral", new_schema("r"), settings, catalogue, pool, case_wait=0.5)
+
+
+@pytest.fixture
+def followup(
+    database_url: str,
+    new_schema: Callable[[str], str],
+    topic_prefix: str,
+    catalogue: Catalogue,
+    pool: ConnectionPool,
+) -> Iterator[RunningService]:
+    settings = Settings(database_url=database_url, topic_prefix=topic_prefix)
+    yield from _running("followup", new_schema("f"), settings, catalogue, pool, case_wait=0.5)

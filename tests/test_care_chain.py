@@ -6,56 +6,24 @@ from __future__ import annotations
 
 import threading
 import uuid
-from collections.abc import Iterator
 from contextlib import ExitStack
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 from confluent_kafka import Consumer
-from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from likvard.codec import Catalogue
-from likvard.config import Settings
-from likvard.eventstore import EventStore
 from likvard.inbox import InboxConsumer, consumer_config
 from likvard.known_cases import CaseDirectory
 from likvard.relay import OutboxRelay
 from likvard.republish import republish
-from likvard.topics import SERVICE_TOPICS
-from tests.support import RunningService, consume, serving, wait_for
+from tests.support import RunningService, consume, wait_for
 
 pytestmark = pytest.mark.integration
 
 FAST_GROUP = {"session.timeout.ms": 2000, "heartbeat.interval.ms": 200, "fetch.wait.max.ms": 10}
-
-
-@pytest.fixture
-def followup_schema(database_url: str) -> Iterator[str]:
-    name = f"f_{uuid.uuid4().hex[:12]}"
-    yield name
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
-
-
-@pytest.fixture
-def followup(
-    database_url: str,
-    followup_schema: str,
-    topic_prefix: str,
-    catalogue: Catalogue,
-    pool: ConnectionPool,
-) -> Iterator[RunningService]:
-    from services.followup.api import create_app
-
-    settings = Settings(database_url=database_url, topic_prefix=topic_prefix)
-    app = create_app(settings, schema=followup_schema, catalogue=catalogue, case_wait=0.5)
-    topic = topic_prefix + SERVICE_TOPICS["followup"]
-    store = EventStore(pool, followup_schema, catalogue, producer="likvard-followup", topic=topic)
-    with serving(app) as base_url:
-        yield RunningService(base_url, followup_schema, topic, store)
 
 
 class Background:

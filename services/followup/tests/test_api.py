@@ -6,7 +6,6 @@ would; InterventionEnded is handed to the process manager's handler directly (no
 
 from __future__ import annotations
 
-import threading
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -16,12 +15,10 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-import uvicorn
 from psycopg_pool import ConnectionPool
 
 from likvard.codec import Catalogue
 from likvard.config import Settings
-from likvard.devstack import free_port, wait_until
 from likvard.eventstore import EventStore
 from likvard.inbox import InboxConsumer, Incoming
 from likvard.known_cases import CaseDirectory
@@ -29,6 +26,7 @@ from likvard.topics import SERVICE_TOPICS
 from services.followup.process import ACTOR, make_handler
 from services.followup.scheduling import followup_id
 from services.followup.service import FollowUpService, make_service
+from tests.support import serving
 
 pytestmark = pytest.mark.integration
 
@@ -57,13 +55,6 @@ def followup(
     prefix = f"t{uuid.uuid4().hex[:10]}."
     settings = Settings(database_url=database_url, topic_prefix=prefix)
     app = create_app(settings, schema=schema, catalogue=catalogue, case_wait=0.2)
-    server = uvicorn.Server(
-        uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", lifespan="on")
-    )
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started or not thread.is_alive(), 30, "the follow-up test server")
-    assert server.started, "the follow-up test server did not start"
     store = EventStore(
         pool,
         schema,
@@ -71,9 +62,9 @@ def followup(
         producer="likvard-followup",
         topic=prefix + SERVICE_TOPICS["followup"],
     )
-    try:
+    with serving(app) as base_url:
         yield Followup(
-            f"http://127.0.0.1:{server.config.port}",
+            base_url,
             schema,
             store,
             make_service(store),
@@ -82,9 +73,6 @@ def followup(
             database_url,
             catalogue,
         )
-    finally:
-        server.should_exit = True
-        thread.join(30)
 
 
 @pytest.fixture
