@@ -10,6 +10,7 @@ replay) is ignored by its stream version.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
 from datetime import date
 from typing import Any
@@ -17,6 +18,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
+from psycopg_pool import ConnectionPool
 
 from likvard.inbox import Incoming
 
@@ -100,6 +102,19 @@ class CaseDirectory:
             (case_id,),
         ).fetchone()
         return None if row is None else _row(row)
+
+    def wait_for(
+        self, pool: ConnectionPool, case_id: str, timeout: float, interval: float = 0.1
+    ) -> KnownCase | None:
+        """The case, waiting up to `timeout` seconds for one registered a moment ago whose
+        intake event is still on its way (None if it is still unknown then)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            with pool.connection() as conn:
+                case = self.get(conn, case_id)
+            if (case is not None and case.status != "unknown") or time.monotonic() >= deadline:
+                return case
+            time.sleep(interval)
 
     def handle(self, conn: psycopg.Connection[Any], events: list[Incoming]) -> None:
         """Inbox handler: fold a batch into `known_cases` with one read and one write."""

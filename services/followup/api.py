@@ -7,7 +7,6 @@ not seen yet waits a moment for the intake event, then answers 404 "case-not-kno
 
 from __future__ import annotations
 
-import time
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -54,8 +53,6 @@ IfMatch = Annotated[
     str | None,
     Header(description='Stream version the client last saw, e.g. "3"; a stale one gives 409.'),
 ]
-
-POLL_INTERVAL = 0.1
 
 
 class RecordChildren(http.Timed):
@@ -199,21 +196,17 @@ def create_app(
     def await_case(svc: FollowUpService, directory: CaseDirectory, case_id: str) -> KnownCase:
         """The case as learnt from intake, waiting up to `case_wait` for its intake event.
         A closed case is fine: family work and follow-up go on after closing."""
-        deadline = time.monotonic() + wait
-        while True:
-            known = _known(svc, directory, case_id)
-            if known is not None and known.status != "unknown":
-                return known
-            if time.monotonic() >= deadline:
-                raise http.ProblemError(
-                    404,
-                    "case-not-known",
-                    "Case not known",
-                    "The follow-up service has not (yet) seen a case with this id from intake:"
-                    " the case is unknown or its registration is still on its way. Check the"
-                    " id and retry in a few seconds.",
-                )
-            time.sleep(POLL_INTERVAL)
+        known = directory.wait_for(svc.store.pool, case_id, wait)
+        if known is None or known.status == "unknown":
+            raise http.ProblemError(
+                404,
+                "case-not-known",
+                "Case not known",
+                "The follow-up service has not (yet) seen a case with this id from intake:"
+                " the case is unknown or its registration is still on its way. Check the"
+                " id and retry in a few seconds.",
+            )
+        return known
 
     def run(
         svc: Svc,

@@ -6,7 +6,6 @@ so they are keyed by case on Kafka like every other event of the case.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -67,13 +66,7 @@ class ReferralService:
     def known_case(self, case_id: str) -> KnownCase | None:
         """The case as learnt from the intake topic, waiting up to `case_wait` seconds for
         a case registered a moment ago whose event is still on its way."""
-        deadline = time.monotonic() + self.case_wait
-        while True:
-            with self.store.pool.connection() as conn:
-                case = self.directory.get(conn, case_id)
-            if (case is not None and case.status != "unknown") or time.monotonic() >= deadline:
-                return case
-            time.sleep(0.1)
+        return self.directory.wait_for(self.store.pool, case_id, self.case_wait)
 
     def request(self, command: d.RequestReferral, ctx: RequestContext) -> Decided[d.ReferralState]:
         known = self.known_case(command.case_id)
