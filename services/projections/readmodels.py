@@ -1,0 +1,383 @@
+"""Read models folded from every topic: `case_facts` (one row per case) and `timeline`.
+
+`apply` turns a batch of decoded events into a few set-based statements in the caller's
+transaction: the event ids go into `processed` first (one statement, ON CONFLICT DO
+NOTHING RETURNING), and only the events new there are projected, so re-delivery, a worker
+killed mid-batch and a replay never count anything twice.
+
+Events of different topics arrive in any order (a referral may come before its intake), so
+every column of `case_facts` is merged with a commutative, idempotent-per-event operation:
+
+* ``once``: the value of the one event that carries it (IntakeRegistered): COALESCE;
+* ``sum``: counters add;
+* ``min`` / ``max``: LEAST / GREATEST (first and last times);
+* ``or``: booleans OR;
+* ``latest``: the value of the event with the greatest key (occurred_at, or the intake
+  stream version), ties broken by the value's text in byte order, so Python's fold of a
+  batch and the SQL merge in ON CONFLICT agree.
+
+The batch is grouped per case in Python (the same operations), then one upsert row per
+case is written with one executemany of one statement, in case id order (stable lock order
+for concurrent workers). Whatever the arrival order or batch split, the rows end identical;
+`checksum` proves it by comparing live and replayed read models.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import UTC, date, datetime
+from decimal import Decimal
+from enum import Enum
+from typing import Any
+
+import psycopg
+from psycopg import sql
+
+from likvard.db import check_schema_name
+from likvard.inbox import Incoming
+
+
+class Merge(Enum):
+    ONCE = "once"
+    SUM = "sum"
+    MIN = "min"
+    MAX = "max"
+    OR = "or"
+    LATEST = "latest"
+    KEY = "key"  # the ordering key of a LATEST column
+
+
+@dataclass(frozen=True)
+class Column:
+    name: str
+    sql_type: str
+    merge: Merge
+    key: str | None = None  # for LATEST: the column holding its ordering key
+
+
+def _col(name: str, sql_type: str, merge: Merge, key: str | None = None) -> Column:
+    return Column(name, sql_type, merge, key)
+
+
+# The columns of case_facts after case_id, with how each merges.
+FACTS: tuple[Column, ...] = (
+    _col("person", "text", Merge.ONCE),
+    _col("district_at_intake", "text", Merge.ONCE),
+    _col("substances", "text[]", Merge.ONCE),
+    _col("referral_source", "text", Merge.ONCE),
+    _col("children_in_household", "text", Merge.ONCE),
+    _col("birth_year", "integer", Merge.ONCE),
+    _col("intake_at", "timestamptz", Merge.MIN),
+    _col("district_now", "text", Merge.LATEST, "district_now_version"),
+    _col("district_now_version", "integer", Merge.KEY),
+    _col("transfers", "integer", Merge.SUM),
+    _col("status", "text", Merge.LATEST, "status_version"),
+    _col("status_version", "integer", Merge.KEY),
+    _col("closed_at", "timestamptz", Merge.MAX),
+    _col("closings", "integer", Merge.SUM),
+    _col("reopened", "integer", Merge.SUM),
+    _col("assessments", "integer", Merge.SUM),
+    _col("need_level", "text", Merge.LATEST, "need_level_at"),
+    _col("need_level_at", "timestamptz", Merge.KEY),
+    _col("referrals", "integer", Merge.SUM),
+    _col("referrals_across", "integer", Merge.SUM),
+    _col("referrals_accepted", "integer", Merge.SUM),
+    _col("referrals_declined", "integer", Merge.SUM),
+    _col("first_referral_at", "timestamptz", Merge.MIN),
+    _col("interventions", "integer", Merge.SUM),
+    _col("interventions_guideline_top", "integer", Merge.SUM),
+    _col("interventions_ended", "integer", Merge.SUM),
+    _col("first_intervention_at", "timestamptz", Merge.MIN),
+    _col("family_members_engaged", "integer", Merge.SUM),
+    _col("family_support_accepted", "integer", Merge.SUM),
+    _col("child_engaged", "boolean", Merge.OR),
+    _col("children_recorded", "integer", Merge.LATEST, "children_recorded_at"),
+    _col("children_recorded_at", "timestamptz", Merge.KEY),
+    _col("followups_scheduled", "integer", Merge.SUM),
+    _col("followups_completed", "integer", Merge.SUM),
+    _col("followups_missed", "integer", Merge.SUM),
+    _col("goals_reached_yes", "integer", Merge.SUM),
+    _col("situation_improved_better", "integer", Merge.SUM),
+    _col("events", "integer", Merge.SUM),
+    _col("first_event_at", "timestamptz", Merge.MIN),
+    _col("last_event_at", "timestamptz", Merge.MAX),
+)
+FACT_NAMES = ("case_id", *(c.name for c in FACTS))
+TABLES = {"case_facts": 'case_id COLLATE "C"', "timeline": "event_id"}
+
+
+def migrate(conn: psycopg.Connection[Any], schema: str) -> None:
+    t = sql.Identifier(check_schema_name(schema))
+    conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(t))
+    conn.execute(
+        sql.SQL("CREATE TABLE IF NOT EXISTS {}.processed (event_id uuid PRIMARY KEY)").format(t)
+    )
+    columns = []
+    for c in FACTS:
+        default = {Merge.SUM: " NOT NULL DEFAULT 0", Merge.OR: " NOT NULL DEFAULT false"}
+        columns.append(f"{c.name} {c.sql_type}{default.get(c.merge, '')}")
+    conn.execute(
+        sql.SQL("CREATE TABLE IF NOT EXISTS {}.case_facts (case_id text PRIMARY KEY, {})").format(
+            t, sql.SQL(", ".join(columns))
+        )
+    )
+    conn.execute(
+        sql.SQL(
+            "CREATE TABLE IF NOT EXISTS {}.timeline (event_id uuid PRIMARY KEY,"
+            " case_id text NOT NULL, occurred_at timestamptz NOT NULL,"
+            " recorded_at timestamptz NOT NULL, topic text NOT NULL, event_type text NOT NULL,"
+            " stream_version integer NOT NULL, district text, actor text, payload jsonb NOT NULL)"
+        ).format(t)
+    )
+    conn.execute(
+        sql.SQL(
+            "CREATE INDEX IF NOT EXISTS timeline_case ON {}.timeline"
+            " (case_id, occurred_at, stream_version, event_id)"
+        ).format(t)
+    )
+
+
+# --- the fold of one batch, per case (pure) ---------------------------------------------
+
+
+def _empty(case_id: str) -> dict[str, Any]:
+    acc: dict[str, Any] = {"case_id": case_id}
+    for c in FACTS:
+        acc[c.name] = 0 if c.merge is Merge.SUM else False if c.merge is Merge.OR else None
+    return acc
+
+
+def _latest(acc: dict[str, Any], name: str, key_name: str, value: Any, key: Any) -> None:
+    """Keep the value with the greatest (key, text of value); same order as the SQL merge."""
+    old_key = acc[key_name]
+    if old_key is None or (key, str(value)) > (old_key, str(acc[name])):
+        acc[name], acc[key_name] = value, key
+
+
+def _least(acc: dict[str, Any], name: str, value: Any) -> None:
+    if value is not None and (acc[name] is None or value < acc[name]):
+        acc[name] = value
+
+
+def _greatest(acc: dict[str, Any], name: str, value: Any) -> None:
+    if value is not None and (acc[name] is None or value > acc[name]):
+        acc[name] = value
+
+
+def fold(acc: dict[str, Any], e: Incoming) -> None:
+    """Add one event to a case's partial facts (every operation commutative)."""
+    data, at, version = e.data, e.metadata["occurred_at"], int(e.metadata["stream_version"])
+    acc["events"] += 1
+    _least(acc, "first_event_at", at)
+    _greatest(acc, "last_event_at", at)
+    match e.event_type:
+        case "IntakeRegistered":
+            for name, value in (
+                ("person", data["person"]),
+                ("district_at_intake", data["district"]),
+                ("substances", [str(s) for s in data["substances"]]),
+                ("referral_source", data["referral_source"]),
+                ("children_in_household", data["children_in_household"]),
+                ("birth_year", data.get("birth_year")),
+            ):
+                if acc[name] is None:
+                    acc[name] = value
+            _least(acc, "intake_at", at)
+            _latest(acc, "district_now", "district_now_version", data["district"], version)
+            _latest(acc, "status", "status_version", "open", version)
+        case "CaseTransferred":
+            acc["transfers"] += 1
+            _latest(acc, "district_now", "district_now_version", data["to_district"], version)
+        case "CaseClosed":
+            acc["closings"] += 1
+            _greatest(acc, "closed_at", at)
+            _latest(acc, "status", "status_version", "closed", version)
+        case "CaseReopened":
+            acc["reopened"] += 1
+            _latest(acc, "status", "status_version", "open", version)
+        case "AssessmentCompleted":
+            acc["assessments"] += 1
+            _latest(acc, "need_level", "need_level_at", data["need_level"], at)
+        case "ReferralRequested":
+            acc["referrals"] += 1
+            _least(acc, "first_referral_at", at)
+        case "ReferredAcrossDistrict":
+            acc["referrals_across"] += 1
+        case "ReferralAccepted":
+            acc["referrals_accepted"] += 1
+        case "ReferralDeclined":
+            acc["referrals_declined"] += 1
+        case "InterventionStarted":
+            acc["interventions"] += 1
+            priority = data.get("guideline_priority")
+            if priority is not None and priority <= 2:
+                acc["interventions_guideline_top"] += 1
+            _least(acc, "first_intervention_at", at)
+        case "InterventionEnded":
+            acc["interventions_ended"] += 1
+        case "FamilyMemberEngaged":
+            acc["family_members_engaged"] += 1
+            acc["family_support_accepted"] += 1 if data["accepted"] else 0
+            acc["child_engaged"] = acc["child_engaged"] or bool(data["is_child"])
+        case "ChildrenInHouseholdRecorded":
+            _latest(
+                acc, "children_recorded", "children_recorded_at", data["number_of_children"], at
+            )
+        case "FollowUpScheduled":
+            acc["followups_scheduled"] += 1
+        case "FollowUpCompleted":
+            acc["followups_completed"] += 1
+            acc["goals_reached_yes"] += 1 if data["goals_reached"] == "YES" else 0
+            acc["situation_improved_better"] += 1 if data["situation_improved"] == "BETTER" else 0
+        case "FollowUpMissed":
+            acc["followups_missed"] += 1
+
+
+def _merge_sql(c: Column) -> str:
+    """How an upsert merges the stored value (t) with the batch's (excluded)."""
+    old, new = f"t.{c.name}", f"excluded.{c.name}"
+    match c.merge:
+        case Merge.ONCE:
+            return f"COALESCE({old}, {new})"
+        case Merge.SUM:
+            return f"{old} + {new}"
+        case Merge.MIN:
+            return f"LEAST({old}, {new})"
+        case Merge.MAX | Merge.KEY:  # the winner of a LATEST pair has the greatest key
+            return f"GREATEST({old}, {new})"
+        case Merge.OR:
+            return f"{old} OR {new}"
+        case Merge.LATEST:
+            k = c.key
+            return (
+                f"CASE WHEN excluded.{k} IS NOT NULL AND (t.{k} IS NULL OR"
+                f' (excluded.{k}, {new}::text COLLATE "C") > (t.{k}, {old}::text COLLATE "C"))'
+                f" THEN {new} ELSE {old} END"
+            )
+
+
+def _upsert(schema: str) -> sql.Composed:
+    return sql.SQL(
+        "INSERT INTO {}.case_facts AS t ({}) VALUES ({}) ON CONFLICT (case_id) DO UPDATE SET {}"
+    ).format(
+        sql.Identifier(schema),
+        sql.SQL(", ").join(sql.Identifier(n) for n in FACT_NAMES),
+        sql.SQL(", ").join(sql.Placeholder() for _ in FACT_NAMES),
+        sql.SQL(", ".join(f"{c.name} = {_merge_sql(c)}" for c in FACTS)),
+    )
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, datetime):
+        return value.astimezone(UTC).isoformat()
+    if isinstance(value, date):
+        return value.isoformat()
+    if isinstance(value, uuid.UUID | Decimal):
+        return str(value)
+    if isinstance(value, bytes):
+        return value.hex()
+    if isinstance(value, Enum):
+        return value.value
+    raise TypeError(f"not JSON serialisable: {type(value).__name__}")
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, default=_json_default, sort_keys=True, separators=(",", ":"))
+
+
+def apply(conn: psycopg.Connection[Any], schema: str, events: Sequence[Incoming]) -> int:
+    """Project a batch in the caller's transaction; returns how many events were new."""
+    t = sql.Identifier(check_schema_name(schema))
+    unique: dict[str, Incoming] = {}
+    for e in events:
+        unique.setdefault(str(uuid.UUID(e.event_id)), e)
+    if not unique:
+        return 0
+    rows = conn.execute(
+        sql.SQL(
+            "INSERT INTO {}.processed (event_id) SELECT * FROM unnest(%s::uuid[])"
+            " ON CONFLICT (event_id) DO NOTHING RETURNING event_id::text"
+        ).format(t),
+        (sorted(unique),),
+    ).fetchall()
+    fresh = [unique[r[0]] for r in rows]
+    if not fresh:
+        return 0
+    fresh.sort(key=lambda e: e.event_id)
+    conn.execute(
+        sql.SQL(
+            "INSERT INTO {}.timeline (event_id, case_id, occurred_at, recorded_at, topic,"
+            " event_type, stream_version, district, actor, payload)"
+            " SELECT i, c, o, r, tp, et, v, d, a, p::jsonb FROM unnest(%s::uuid[], %s::text[],"
+            " %s::timestamptz[], %s::timestamptz[], %s::text[], %s::text[], %s::int[],"
+            " %s::text[], %s::text[], %s::text[]) AS u(i, c, o, r, tp, et, v, d, a, p)"
+        ).format(t),
+        (
+            [e.event_id for e in fresh],
+            [e.case_id for e in fresh],
+            [e.metadata["occurred_at"] for e in fresh],
+            [e.metadata.get("recorded_at", e.metadata["occurred_at"]) for e in fresh],
+            [e.topic for e in fresh],
+            [e.event_type for e in fresh],
+            [int(e.metadata["stream_version"]) for e in fresh],
+            [e.metadata.get("district") for e in fresh],
+            [e.metadata.get("actor") for e in fresh],
+            [_json(e.data) for e in fresh],
+        ),
+    )
+    cases: dict[str, dict[str, Any]] = {}
+    for e in fresh:
+        fold(cases.setdefault(e.case_id, _empty(e.case_id)), e)
+    conn.cursor().executemany(
+        _upsert(schema), [tuple(cases[c][n] for n in FACT_NAMES) for c in sorted(cases)]
+    )
+    return len(fresh)
+
+
+def case_facts(conn: psycopg.Connection[Any], schema: str, case_id: str) -> dict[str, Any] | None:
+    """One case's facts as a dict (None if no event of it has been seen)."""
+    cur = conn.execute(
+        sql.SQL("SELECT * FROM {}.case_facts WHERE case_id = %s").format(
+            sql.Identifier(check_schema_name(schema))
+        ),
+        (case_id,),
+    )
+    row = cur.fetchone()
+    names = [d.name for d in cur.description or ()]
+    return None if row is None else dict(zip(names, row, strict=True))
+
+
+def timeline(conn: psycopg.Connection[Any], schema: str, case_id: str) -> list[dict[str, Any]]:
+    """Every event of a case in occurrence order (stream version, then id, break ties)."""
+    cur = conn.execute(
+        sql.SQL(
+            "SELECT * FROM {}.timeline WHERE case_id = %s"
+            " ORDER BY occurred_at, stream_version, event_id"
+        ).format(sql.Identifier(check_schema_name(schema))),
+        (case_id,),
+    )
+    names = [d.name for d in cur.description or ()]
+    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+
+
+def checksum(conn: psycopg.Connection[Any], schema: str) -> dict[str, str]:
+    """SHA-256 per read model over its rows in primary-key order, each row in a canonical
+    text form (JSON, times in UTC), independent of the session's time zone."""
+    t = sql.Identifier(check_schema_name(schema))
+    sums: dict[str, str] = {}
+    for table, pk in TABLES.items():
+        digest = hashlib.sha256()
+        cur = conn.cursor()
+        cur.execute(
+            sql.SQL("SELECT * FROM {}.{} ORDER BY {}").format(t, sql.Identifier(table), sql.SQL(pk))
+        )
+        names = [d.name for d in cur.description or ()]
+        digest.update(_json(names).encode())
+        for row in cur:
+            digest.update(b"\n" + _json(list(row)).encode())
+        sums[table] = digest.hexdigest()
+    return sums
