@@ -188,6 +188,21 @@ def consume(service: str = typer.Argument(..., help="referral | followup")) -> N
 
 
 @app.command()
+def project(schema: str = typer.Option("projections", help="Read-model schema")) -> None:
+    """Run the live projection worker (faust) into the read models until stopped."""
+    from services.projections.worker import run
+
+    _logging()
+    settings = _settings()
+    try:
+        settings.require_database()
+        settings.require_kafka()
+    except ConfigError as exc:
+        raise _fail(str(exc)) from exc
+    run(settings, schema)
+
+
+@app.command()
 def republish(service: str = typer.Argument(..., help="intake | referral | followup")) -> None:
     """Produce every stored event of SERVICE to Kafka again (refills an empty broker)."""
     from likvard.republish import RepublishError, republish as do_republish

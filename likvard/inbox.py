@@ -42,6 +42,25 @@ class Incoming:
     data: dict[str, Any]  # the payload, without metadata
 
 
+def decode_event(
+    catalogue: Catalogue, topic: str, partition: int, offset: int, value: bytes
+) -> Incoming:
+    """An event record from any service topic; raises CodecError if it does not decode."""
+    decoded = catalogue.decode(value)
+    record = dict(decoded.record)
+    metadata = record.pop("metadata")
+    return Incoming(
+        topic=topic,
+        partition=partition,
+        offset=offset,
+        event_id=str(metadata["event_id"]),
+        event_type=decoded.event_type,
+        case_id=str(metadata["case_id"]),
+        metadata=metadata,
+        data=record,
+    )
+
+
 Handler = Callable[[psycopg.Connection[Any], list[Incoming]], None]
 
 
@@ -87,25 +106,13 @@ class InboxConsumer:
         """The event in a message, or None (logged and counted) if it does not decode: on
         the services' own topics that means a bug or a foreign producer, not a reason to
         stop consuming. District systems' records are validated on the ingest path."""
-        value = msg.value()
+        where = (str(msg.topic()), int(msg.partition() or 0), int(msg.offset() or 0))
         try:
-            decoded = self.catalogue.decode(value or b"")
+            return decode_event(self.catalogue, *where, msg.value() or b"")
         except CodecError as exc:
             self.stats.undecodable += 1
-            log.warning("skipping %s[%s]@%s: %s", msg.topic(), msg.partition(), msg.offset(), exc)
+            log.warning("skipping %s[%s]@%s: %s", *where, exc)
             return None
-        record = dict(decoded.record)
-        metadata = record.pop("metadata")
-        return Incoming(
-            topic=str(msg.topic()),
-            partition=int(msg.partition() or 0),
-            offset=int(msg.offset() or 0),
-            event_id=str(metadata["event_id"]),
-            event_type=decoded.event_type,
-            case_id=str(metadata["case_id"]),
-            metadata=metadata,
-            data=record,
-        )
 
     def handle(self, conn: psycopg.Connection[Any], events: Sequence[Incoming]) -> int:
         """Apply a batch once: record the ids, hand only the unseen ones to the handler,
