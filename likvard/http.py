@@ -7,7 +7,7 @@ import logging
 import re
 import traceback
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -21,7 +21,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
 
 from likvard import telemetry
-from likvard.eventstore import ConcurrencyError
+from likvard.eventstore import ConcurrencyError, StoredEvent
 
 log = logging.getLogger("likvard.http")
 
@@ -175,6 +175,21 @@ def unexpected(request: Request, exc: Exception) -> JSONResponse:
         "The request could not be completed; it has been logged.",
         request.url.path,
     )
+
+
+class EventRef(BaseModel):
+    """An event a command stored, as its answer names it."""
+
+    event_id: uuid.UUID
+    event_type: str
+    stream_version: int
+
+
+def event_refs(stored: Sequence[StoredEvent]) -> list[EventRef]:
+    return [
+        EventRef(event_id=e.event_id, event_type=e.event_type, stream_version=e.stream_version)
+        for e in stored
+    ]
 
 
 class Health(BaseModel):

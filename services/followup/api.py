@@ -89,16 +89,10 @@ class MarkMissed(http.Timed):
     reason: MissedReason
 
 
-class EventRef(BaseModel):
-    event_id: uuid.UUID
-    event_type: str
-    stream_version: int
-
-
 class CommandResult(BaseModel):
     case_id: uuid.UUID
     version: int = Field(..., description="The case's follow-up stream version after the command")
-    events: list[EventRef]
+    events: list[http.EventRef]
     member_id: uuid.UUID | None = Field(None, description="The family member's id (family only)")
 
 
@@ -228,12 +222,7 @@ def create_app(
         return CommandResult(
             case_id=uuid.UUID(case_id),
             version=decided.version,
-            events=[
-                EventRef(
-                    event_id=s.event_id, event_type=s.event_type, stream_version=s.stream_version
-                )
-                for s in decided.stored
-            ],
+            events=http.event_refs(decided.stored),
             member_id=None,
         )
 

@@ -111,16 +111,10 @@ class ReopenCase(http.Timed):
     reason: ReopenReason
 
 
-class EventRef(BaseModel):
-    event_id: uuid.UUID
-    event_type: str
-    stream_version: int
-
-
 class CommandResult(BaseModel):
     case_id: uuid.UUID
     version: int = Field(..., description="The case's stream version after the command")
-    events: list[EventRef]
+    events: list[http.EventRef]
 
 
 class CaseView(BaseModel):
@@ -165,10 +159,7 @@ def _result(case_id: uuid.UUID, decided: Any, response: Response) -> CommandResu
     return CommandResult(
         case_id=case_id,
         version=decided.version,
-        events=[
-            EventRef(event_id=s.event_id, event_type=s.event_type, stream_version=s.stream_version)
-            for s in decided.stored
-        ],
+        events=http.event_refs(decided.stored),
     )
 
 

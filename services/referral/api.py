@@ -71,17 +71,11 @@ class EndBody(http.Timed):
     outcome: InterventionOutcome
 
 
-class EventRef(BaseModel):
-    event_id: uuid.UUID
-    event_type: str
-    stream_version: int
-
-
 class ReferralResult(BaseModel):
     referral_id: uuid.UUID
     case_id: uuid.UUID | None
     version: int
-    events: list[EventRef]
+    events: list[http.EventRef]
     intervention_id: uuid.UUID | None = None
 
 
@@ -130,10 +124,7 @@ def _result(
         referral_id=uuid.UUID(referral_id),
         case_id=uuid.UUID(case_id) if case_id else None,
         version=decided.version,
-        events=[
-            EventRef(event_id=s.event_id, event_type=s.event_type, stream_version=s.stream_version)
-            for s in decided.stored
-        ],
+        events=http.event_refs(decided.stored),
         intervention_id=uuid.UUID(intervention_id) if intervention_id else None,
     )
 
