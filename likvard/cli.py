@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import time
+from datetime import datetime
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,7 @@ from likvard.config import ConfigError, Settings, load_settings, service_port
 
 if TYPE_CHECKING:
     from likvard.eventstore import EventStore
+    from services.projections.replay import ReplayResult
 
 app = typer.Typer(
     help="Likvärd: event-sourced case tracking for the city's addiction care.",
@@ -35,6 +37,8 @@ APPS = {
     "referral": "services.referral.api:create_app",
     "followup": "services.followup.api:create_app",
 }
+# Read side: the reporting API (served like the write services) and its worker.
+READ_APPS = {"projections": "services.projections.api:create_app"}
 CONSUMERS = {
     "referral": "services.referral.consumer:build",
     "followup": "services.followup.consumer:build",
@@ -53,9 +57,9 @@ def _settings() -> Settings:
         raise _fail(str(exc)) from exc
 
 
-def _check_service(service: str) -> str:
-    if service not in APPS:
-        raise _fail(f"unknown service {service!r}; known: {', '.join(sorted(APPS))}")
+def _check_service(service: str, known: dict[str, str] = APPS) -> str:
+    if service not in known:
+        raise _fail(f"unknown service {service!r}; known: {', '.join(sorted(known))}")
     return service
 
 
@@ -88,15 +92,16 @@ def topics() -> None:
 
 @app.command()
 def serve(
-    service: str = typer.Argument(..., help="intake | referral | followup"),
+    service: str = typer.Argument(..., help="intake | referral | followup | projections"),
     host: str = typer.Option("127.0.0.1", help="Address to listen on"),
     port: int = typer.Option(0, help="Port (default: the service's standard port)"),
     workers: int = typer.Option(1, min=1, help="Worker processes (each has its own pool)"),
 ) -> None:
-    """Serve a service's HTTP API (its event store is migrated at start)."""
+    """Serve a service's HTTP API (its event store, or the read models, migrated at start)."""
     import uvicorn
 
-    _check_service(service)
+    apps = APPS | READ_APPS
+    _check_service(service, apps)
     _logging()
     settings = _settings()
     try:
@@ -106,7 +111,7 @@ def serve(
     except ConfigError as exc:
         raise _fail(str(exc)) from exc
     uvicorn.run(
-        APPS[service],
+        apps[service],
         factory=True,
         host=host,
         port=port or service_port(service),
@@ -203,6 +208,97 @@ def project(schema: str = typer.Option("projections", help="Read-model schema"))
 
 
 @app.command()
+def replay(
+    as_of: datetime | None = typer.Option(
+        None, "--as-of", formats=["%Y-%m-%d"], help="Only events that occurred up to this date"
+    ),
+    schema: str | None = typer.Option(
+        None, help="Fresh schema to build (default: projections_replay_<time>)"
+    ),
+    swap: bool = typer.Option(False, "--swap", help="Make the rebuilt read models live"),
+    live: str = typer.Option("projections", help="The live read-model schema (for --swap)"),
+    batch_size: int = typer.Option(5000, min=1, help="Events per transaction"),
+) -> None:
+    """Rebuild every read model from offset 0 into a fresh schema, verifying every stream's
+    hash chain; prints a checksum per read model. Exit 1 if the chain is broken."""
+    from likvard.db import check_schema_name
+    from likvard.topics import SERVICE_TOPICS
+    from services.projections.replay import Replay, ReplayError, replay_schema_name
+
+    settings = _settings()
+    try:
+        dsn, bootstrap = settings.require_database(), settings.require_kafka()
+    except ConfigError as exc:
+        raise _fail(str(exc)) from exc
+    if swap and as_of is not None:
+        raise _fail("--swap cannot go with --as-of: a replay as of a date shows the past")
+    target = schema or replay_schema_name()
+    topics = [settings.topic(t) for t in SERVICE_TOPICS.values()]
+    try:
+        check_schema_name(live)
+        run = Replay(
+            dsn, bootstrap, topics, target, as_of=as_of.date() if as_of else None,
+            batch_size=batch_size,
+        )
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    try:
+        with Progress(
+            TextColumn("replay"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("records"),
+            TimeElapsedColumn(),
+            console=console,
+        ) as progress:
+            task = progress.add_task(target, total=None)
+            result = run.run(lambda done, total: progress.update(task, completed=done, total=total))
+        _print_replay(result)
+        if result.breaks:
+            raise typer.Exit(1)
+        if swap:
+            retired = run.swap(live)
+            console.print(
+                f"[green]swapped[/green]: {target} is now live as {live}"
+                + (f"; the old read models are kept as {retired}" if retired else "")
+            )
+    except ReplayError as exc:
+        raise _fail(str(exc), 1) from exc
+    finally:
+        run.close()
+
+
+def _print_replay(result: ReplayResult) -> None:
+    """Summary on stdout (the progress bar is on stderr), so it can be kept as a record."""
+    out = Console(soft_wrap=True)
+    out.print(f"replayed into schema [bold]{result.schema}[/bold] in {result.seconds:.1f}s")
+    for topic, n in sorted(result.per_topic.items()):
+        out.print(f"  {topic}: {n} records")
+    out.print(
+        f"  events projected: {result.projected}; left out as after the as-of date:"
+        f" {result.after_as_of}; undecodable: {result.undecodable}"
+    )
+    for example in result.undecodable_examples:
+        out.print(f"    undecodable {example}")
+    if result.breaks:
+        out.print(f"[red]hash chain: {len(result.breaks)} breaks[/red]")
+        for b in result.breaks[:50]:
+            out.print(
+                f"  [red]break[/red] {b.topic}[{b.partition}]@{b.offset} stream {b.stream_id}"
+                f" version {b.stream_version}: {b.reason}"
+            )
+        if len(result.breaks) > 50:
+            out.print(f"  ... and {len(result.breaks) - 50} more")
+    else:
+        out.print(
+            f"  hash chain: [green]intact[/green] ({result.chain_events} events in"
+            f" {result.streams} streams)"
+        )
+    for table, digest in sorted(result.checksums.items()):
+        out.print(f"  checksum {table}: {digest}")
+
+
+@app.command()
 def republish(service: str = typer.Argument(..., help="intake | referral | followup")) -> None:
     """Produce every stored event of SERVICE to Kafka again (refills an empty broker)."""
     from likvard.republish import RepublishError, republish as do_republish
@@ -255,7 +351,7 @@ def verify(
 @app.command()
 def up(
     services: str = typer.Option(
-        "intake,referral,followup", help="Comma-separated services to run"
+        "intake,referral,followup,projections", help="Comma-separated services to run"
     ),
     broker_port: int = typer.Option(9092, help="Port of the development broker"),
 ) -> None:
@@ -267,7 +363,9 @@ def up(
     from likvard.devstack import EmbeddedPostgres, StackError, Supervisor, TansuBroker, wait_until
     from likvard.topics import TopicError, ensure_topics, load_topics
 
-    wanted = [_check_service(s.strip()) for s in services.split(",") if s.strip()]
+    wanted = [
+        _check_service(s.strip(), APPS | READ_APPS) for s in services.split(",") if s.strip()
+    ]
     started = time.monotonic()
     env = dict(os.environ)
     pg: EmbeddedPostgres | None = None
@@ -310,6 +408,9 @@ def up(
         for name in wanted:
             port = ports[name]
             sup.spawn(f"{name}", ["serve", name, "--port", str(port)])
+            if name in READ_APPS:
+                sup.spawn(f"{name}-worker", ["project"])
+                continue
             sup.spawn(f"{name}-relay", ["relay", name])
             if name in CONSUMERS:
                 sup.spawn(f"{name}-consumer", ["consume", name])

@@ -49,6 +49,8 @@ class OutboxRow:
     topic: str
     value: bytes
     traceparent: str | None
+    prev_hash: bytes | None = None
+    hash: bytes | None = None
 
 
 @dataclass
@@ -77,12 +79,18 @@ Headers = list[tuple[str, str | bytes | None]]
 
 
 def event_headers(row: OutboxRow, traceparent: str | None) -> Headers:
+    """The record headers. `stream_id`, `prev_hash` and `hash` (hex) carry the event's link
+    in its stream's hash chain, so an auditor can verify the chain from Kafka alone."""
     headers: Headers = [
         ("event_type", row.event_type.encode()),
         ("event_id", row.event_id.encode()),
+        ("stream_id", row.stream_id.encode()),
         ("stream_version", str(row.stream_version).encode()),
         ("content-type", CONTENT_TYPE),
     ]
+    if row.prev_hash is not None and row.hash is not None:
+        headers.append(("prev_hash", row.prev_hash.hex().encode()))
+        headers.append(("hash", row.hash.hex().encode()))
     if traceparent:
         headers.append(("traceparent", traceparent.encode()))
     return headers
@@ -185,13 +193,28 @@ class OutboxRelay:
     def _claim(self, conn: psycopg.Connection[Any]) -> list[OutboxRow]:
         rows = conn.execute(
             sql.SQL(
-                "SELECT id, stream_id, stream_version, key, event_id::text, event_type, topic,"
-                " value, traceparent FROM {}.outbox ORDER BY id LIMIT %s FOR UPDATE SKIP LOCKED"
-            ).format(self._t),
+                "SELECT o.id, o.stream_id, o.stream_version, o.key, o.event_id::text,"
+                " o.event_type, o.topic, o.value, o.traceparent, e.prev_hash, e.hash"
+                " FROM {t}.outbox o LEFT JOIN {t}.events e USING (global_position)"
+                " ORDER BY o.id LIMIT %s FOR UPDATE OF o SKIP LOCKED"
+            ).format(t=self._t),
             (self.batch_size,),
         ).fetchall()
         return [
-            OutboxRow(r[0], r[1], r[2], r[3], r[4], r[5], r[6], bytes(r[7]), r[8]) for r in rows
+            OutboxRow(
+                r[0],
+                r[1],
+                r[2],
+                r[3],
+                r[4],
+                r[5],
+                r[6],
+                bytes(r[7]),
+                r[8],
+                None if r[9] is None else bytes(r[9]),
+                None if r[10] is None else bytes(r[10]),
+            )
+            for r in rows
         ]
 
     def _publish(self, rows: list[OutboxRow]) -> set[int]:

@@ -47,6 +47,8 @@ def republish(
             topic=store.topic,
             value=event.data,
             traceparent=event.metadata.get("traceparent"),
+            prev_hash=event.prev_hash,
+            hash=event.hash,
         )
         produce(producer, row, event_headers(row, row.traceparent), on_delivery)
         pending += 1

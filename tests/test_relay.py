@@ -57,6 +57,10 @@ def test_relay_publishes_decodable_events_with_headers(
         assert r.key == decoded.record["metadata"]["case_id"].encode()
         assert r.headers["event_type"].decode() == decoded.event_type
         assert str(decoded.record["metadata"]["event_id"]) == event_id
+        # the hash-chain link travels with the record, so Kafka alone can be verified
+        assert r.headers["stream_id"].decode() == stored[event_id].stream_id
+        assert bytes.fromhex(r.headers["prev_hash"].decode()) == stored[event_id].prev_hash
+        assert bytes.fromhex(r.headers["hash"].decode()) == stored[event_id].hash
     assert relay.stats.published == 10
 
 

@@ -110,8 +110,17 @@ FACT_NAMES = ("case_id", *(c.name for c in FACTS))
 TABLES = {"case_facts": 'case_id COLLATE "C"', "timeline": "event_id"}
 
 
+def lock_key(schema: str) -> str:
+    """The advisory lock of a read-model schema: live batches take it shared, migrations and
+    a replay's swap exclusively (so a swap never lands in the middle of a batch)."""
+    return f"proj.{schema}"
+
+
 def migrate(conn: psycopg.Connection[Any], schema: str) -> None:
+    """Create the read models (idempotent); call it inside a transaction, which holds the
+    schema's lock so processes starting at once do not race."""
     t = sql.Identifier(check_schema_name(schema))
+    conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (lock_key(schema),))
     conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(t))
     conn.execute(
         sql.SQL("CREATE TABLE IF NOT EXISTS {}.processed (event_id uuid PRIMARY KEY)").format(t)

@@ -47,7 +47,6 @@ class Projector:
     def migrate(self) -> None:
         conn = self.connection()
         with conn.transaction():
-            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"proj.{self.schema}",))
             readmodels.migrate(conn, self.schema)
 
     def apply(self, events: Sequence[Incoming]) -> int:
@@ -57,6 +56,9 @@ class Projector:
         conn = self.connection()
         try:
             with conn.transaction():
+                # shared: batches run side by side; a replay's swap takes it exclusively
+                key = readmodels.lock_key(self.schema)
+                conn.execute("SELECT pg_advisory_xact_lock_shared(hashtext(%s))", (key,))
                 new = readmodels.apply(conn, self.schema, events)
         except psycopg.OperationalError:
             self._conn = None  # reconnect next time; the batch is re-delivered

@@ -1,0 +1,345 @@
+"""The auditors' replay: rebuild every read model from offset 0 into a fresh schema.
+
+The same `readmodels.apply` as the live worker folds the events, so a replay of the whole
+history gives the live read models' checksums. A fast batch consumer (confluent-kafka,
+partitions assigned at offset 0, no consumer group, nothing committed) reads every service
+topic; decoding and the hash-chain check run in this thread while a second thread applies
+the previous batch to PostgreSQL, so the two overlap.
+
+When is the replay done? A queried end offset alone cannot say (the dev broker under-reports
+it: see DESIGN.md), so the replay reads at least up to the end offsets it was told, then
+keeps reading until the broker has nothing more for `settle` seconds.
+
+`--as-of DATE` projects only events that occurred before the end of DATE in the city's
+time zone; every record is still read and its chain link verified, since the history up to
+a date is only trustworthy if the whole chain is intact.
+
+`swap` makes a rebuilt schema live. It takes the lock every live batch takes (shared), so
+no batch is half-way; applies what arrived since the rebuild ended; checks that every event
+the live read models have seen is in the rebuilt ones; then renames the schemas in one
+transaction. The live worker goes on writing into the new schema under the same name.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import psycopg
+from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from psycopg import sql
+
+from likvard.chain import ChainCheck, RecordBreak
+from likvard.codec import Catalogue, CodecError
+from likvard.db import check_schema_name
+from likvard.inbox import Incoming, decode_event
+from services.projections import readmodels
+
+CITY_TZ = ZoneInfo("Europe/Stockholm")
+LIVE_SCHEMA = "projections"
+
+
+class ReplayError(RuntimeError):
+    """The replay could not run or could not be swapped in; the message says why."""
+
+
+def as_of_cutoff(day: date) -> datetime:
+    """Events that occurred before this instant are 'as of' `day` (end of the local day)."""
+    return datetime.combine(day + timedelta(days=1), datetime.min.time(), CITY_TZ)
+
+
+def replay_schema_name(now: datetime | None = None) -> str:
+    return f"{LIVE_SCHEMA}_replay_{(now or datetime.now(UTC)):%Y%m%d_%H%M%S}"
+
+
+@dataclass
+class ReplayResult:
+    schema: str
+    records: int = 0  # records read from Kafka
+    projected: int = 0  # distinct events newly applied to the read models
+    after_as_of: int = 0  # events left out because they occurred after the as-of date
+    undecodable: int = 0
+    undecodable_examples: list[str] = field(default_factory=list)
+    per_topic: dict[str, int] = field(default_factory=dict)
+    breaks: list[RecordBreak] = field(default_factory=list)
+    chain_events: int = 0
+    streams: int = 0
+    checksums: dict[str, str] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _headers(msg: Message) -> dict[str, bytes]:
+    raw = msg.headers() or []
+    pairs = list(raw.items()) if isinstance(raw, dict) else list(raw)
+    return {str(k): v if isinstance(v, bytes) else str(v or "").encode() for k, v in pairs}
+
+
+class _Applier:
+    """Applies batches on its own connection in a thread, so decoding overlaps the SQL."""
+
+    def __init__(self, dsn: str, schema: str) -> None:
+        self.dsn, self.schema = dsn, schema
+        self.queue: queue.Queue[list[Incoming] | None] = queue.Queue(maxsize=4)
+        self.applied = 0
+        self.error: BaseException | None = None
+        self.thread = threading.Thread(target=self._run, name="replay-apply", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            with psycopg.connect(self.dsn, autocommit=True) as conn:
+                while (batch := self.queue.get()) is not None:
+                    with conn.transaction():
+                        # A replay is rebuilt from Kafka if lost: no need to wait for fsync.
+                        conn.execute("SET LOCAL synchronous_commit = off")
+                        self.applied += readmodels.apply(conn, self.schema, batch)
+        except BaseException as exc:
+            self.error = exc
+            while self.queue.get() is not None:  # unblock the producer side until it stops
+                pass
+
+    def put(self, batch: list[Incoming]) -> None:
+        if self.error is not None:
+            raise ReplayError(f"applying to the read models failed: {self.error}")
+        self.queue.put(batch)
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.thread.join()
+        if self.error is not None:
+            raise ReplayError(f"applying to the read models failed: {self.error}")
+
+
+class TopicReader:
+    """Reads topics from offset 0 with assign(); knows when it has read everything."""
+
+    def __init__(self, bootstrap: str, topics: Sequence[str], *, settle: float = 1.0) -> None:
+        self.settle = settle
+        self.consumer = Consumer(
+            {
+                "bootstrap.servers": bootstrap,
+                "group.id": f"likvard-replay-{uuid.uuid4()}",  # never joined or committed
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "fetch.wait.max.ms": 50,
+                "queued.max.messages.kbytes": 262144,
+            }
+        )
+        meta = self.consumer.list_topics(timeout=15)
+        self.partitions: list[TopicPartition] = []
+        for topic in topics:
+            info = meta.topics.get(topic)
+            if info is None or info.error is not None:
+                self.consumer.close()
+                raise ReplayError(
+                    f"topic {topic} is not on the broker: run `likvard topics`, and"
+                    " `likvard republish SERVICE` if the broker lost its data"
+                )
+            self.partitions += [TopicPartition(topic, p, 0) for p in sorted(info.partitions)]
+        self.ends: dict[tuple[str, int], int] = {}
+        for tp in self.partitions:
+            _low, high = self.consumer.get_watermark_offsets(tp, timeout=15)
+            self.ends[(tp.topic, tp.partition)] = high
+        self.next: dict[tuple[str, int], int] = {k: 0 for k in self.ends}
+        self.consumer.assign(self.partitions)
+
+    @property
+    def expected(self) -> int:
+        """Records up to the end offsets the broker reported (a lower bound on the dev broker)."""
+        return sum(self.ends.values())
+
+    def _reached_ends(self) -> bool:
+        return all(self.next[k] >= end for k, end in self.ends.items())
+
+    def batches(self, size: int, *, within: float | None = None) -> Iterator[list[Message]]:
+        """Yield lists of messages until the ends are reached and nothing more comes (or,
+        with `within`, after that many seconds whatever still comes)."""
+        quiet_since: float | None = None
+        give_up = None if within is None else time.monotonic() + within
+        while give_up is None or time.monotonic() < give_up:
+            messages = self.consumer.consume(size, timeout=0.2)
+            good: list[Message] = []
+            for m in messages:
+                err = m.error()
+                if err is None:
+                    good.append(m)
+                    key = (str(m.topic()), int(m.partition() or 0))
+                    self.next[key] = max(self.next[key], int(m.offset() or 0) + 1)
+                elif err.code() != KafkaError._PARTITION_EOF:
+                    raise ReplayError(f"reading {m.topic()} failed: {err}")
+            if good:
+                quiet_since = None
+                yield good
+                continue
+            if not self._reached_ends():
+                continue
+            now = time.monotonic()
+            if quiet_since is None:
+                quiet_since = now
+            elif now - quiet_since >= self.settle:
+                return
+
+    def close(self) -> None:
+        self.consumer.close()
+
+
+def _schema_exists(conn: psycopg.Connection[Any], schema: str) -> bool:
+    row = conn.execute(
+        "SELECT 1 FROM information_schema.schemata WHERE schema_name = %s", (schema,)
+    ).fetchone()
+    return row is not None
+
+
+class Replay:
+    """One replay run: read, verify, project; then optionally `swap` it in."""
+
+    def __init__(
+        self,
+        dsn: str,
+        bootstrap: str,
+        topics: Sequence[str],
+        schema: str,
+        *,
+        as_of: date | None = None,
+        batch_size: int = 5000,
+        settle: float = 1.0,
+        catalogue: Catalogue | None = None,
+    ) -> None:
+        self.dsn, self.bootstrap, self.topics = dsn, bootstrap, list(topics)
+        self.schema = check_schema_name(schema)
+        self.cutoff = as_of_cutoff(as_of) if as_of else None
+        self.batch_size = batch_size
+        self.settle = settle
+        self.catalogue = catalogue or Catalogue.load()
+        self.chain = ChainCheck()
+        self.result = ReplayResult(schema=self.schema)
+        self.reader: TopicReader | None = None
+
+    def _events(self, messages: list[Message]) -> list[Incoming]:
+        r = self.result
+        events: list[Incoming] = []
+        for m in messages:
+            topic, partition, offset = str(m.topic()), int(m.partition() or 0), int(m.offset() or 0)
+            value = m.value() or b""
+            r.records += 1
+            r.per_topic[topic] = r.per_topic.get(topic, 0) + 1
+            self.chain.add(topic, partition, offset, _headers(m), value)
+            try:
+                e = decode_event(self.catalogue, topic, partition, offset, value)
+            except CodecError as exc:
+                r.undecodable += 1
+                if len(r.undecodable_examples) < 10:
+                    r.undecodable_examples.append(f"{topic}[{partition}]@{offset}: {exc}")
+                continue
+            if self.cutoff is not None and e.metadata["occurred_at"] >= self.cutoff:
+                r.after_as_of += 1
+                continue
+            events.append(e)
+        return events
+
+    def run(self, progress: Callable[[int, int], None] | None = None) -> ReplayResult:
+        """Rebuild into the fresh schema; `progress(done, expected)` after every batch."""
+        started = time.monotonic()
+        with psycopg.connect(self.dsn, autocommit=True) as conn:
+            if _schema_exists(conn, self.schema):
+                raise ReplayError(
+                    f"schema {self.schema} already exists: a replay builds a fresh schema"
+                    " (choose another --schema, or drop that one)"
+                )
+            with conn.transaction():
+                readmodels.migrate(conn, self.schema)
+        self.reader = TopicReader(self.bootstrap, self.topics, settle=self.settle)
+        applier = _Applier(self.dsn, self.schema)
+        applier.thread.start()
+        try:
+            for messages in self.reader.batches(self.batch_size):
+                events = self._events(messages)
+                if events:
+                    applier.put(events)
+                if progress:
+                    progress(self.result.records, max(self.reader.expected, self.result.records))
+        finally:
+            applier.close()
+        r = self.result
+        r.projected = applier.applied
+        r.breaks = self.chain.finish()
+        r.chain_events, r.streams = self.chain.events, len(self.chain.streams)
+        with psycopg.connect(self.dsn) as conn:
+            r.checksums = readmodels.checksum(conn, self.schema)
+        r.seconds = time.monotonic() - started
+        return r
+
+    def close(self) -> None:
+        if self.reader is not None:
+            self.reader.close()
+            self.reader = None
+
+    def swap(self, live: str = LIVE_SCHEMA) -> str | None:
+        """Make the rebuilt schema `live`; returns the name the old live schema was given
+        (None if there was none). Refused for an as-of replay or a broken chain."""
+        check_schema_name(live)
+        if self.cutoff is not None:
+            raise ReplayError("an as-of replay shows the past: it cannot be made live")
+        if self.result.breaks:
+            raise ReplayError(
+                f"{len(self.result.breaks)} hash-chain breaks found: not swapping in read models"
+                " built from a history that does not verify"
+            )
+        if self.reader is None:
+            raise ReplayError("run the replay before swapping it in")
+        retired = f"{live}_retired_{datetime.now(UTC):%Y%m%d_%H%M%S}"
+        self._catch_up(None, within=60)  # most of what came meanwhile, before the lock
+        with psycopg.connect(self.dsn, autocommit=True) as conn, conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (readmodels.lock_key(live),))
+            self._catch_up(conn, within=10)  # the rest, now that no live batch is in flight
+            if self.chain.breaks:
+                raise ReplayError("events that arrived during the swap break the hash chain")
+            if not _schema_exists(conn, live):
+                retired_name = None
+            else:
+                row = conn.execute(
+                    sql.SQL(
+                        "SELECT count(*) FROM (SELECT event_id FROM {}.processed"
+                        " EXCEPT SELECT event_id FROM {}.processed) AS missing"
+                    ).format(sql.Identifier(live), sql.Identifier(self.schema))
+                ).fetchone()
+                missing = int(row[0]) if row else 0
+                if missing:
+                    raise ReplayError(
+                        f"{missing} events in the live read models are not in the rebuilt ones"
+                        " (not on Kafka any more?): not swapping; run `likvard republish`"
+                    )
+                conn.execute(
+                    sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(
+                        sql.Identifier(live), sql.Identifier(retired)
+                    )
+                )
+                retired_name = retired
+            conn.execute(
+                sql.SQL("ALTER SCHEMA {} RENAME TO {}").format(
+                    sql.Identifier(self.schema), sql.Identifier(live)
+                )
+            )
+        self.schema = self.result.schema = live
+        return retired_name
+
+    def _catch_up(self, conn: psycopg.Connection[Any] | None, *, within: float) -> None:
+        """Apply what arrived after the rebuild (in `conn`'s transaction, or a new one). A
+        busy topic may never go quiet, so reading stops after `within` seconds; the check
+        that every live event is in the rebuilt schema keeps the swap correct anyway."""
+        assert self.reader is not None
+        for messages in self.reader.batches(self.batch_size, within=within):
+            events = self._events(messages)
+            if not events:
+                continue
+            if conn is not None:
+                self.result.projected += readmodels.apply(conn, self.schema, events)
+                continue
+            with psycopg.connect(self.dsn, autocommit=True) as own, own.transaction():
+                self.result.projected += readmodels.apply(own, self.schema, events)
