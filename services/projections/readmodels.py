@@ -294,7 +294,8 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
-def _json(value: Any) -> str:
+def canonical_json(value: Any) -> str:
+    """Sorted keys, no spaces, times in UTC: the same text for the same value, always."""
     return json.dumps(value, default=_json_default, sort_keys=True, separators=(",", ":"))
 
 
@@ -335,7 +336,7 @@ def apply(conn: psycopg.Connection[Any], schema: str, events: Sequence[Incoming]
             [int(e.metadata["stream_version"]) for e in fresh],
             [e.metadata.get("district") for e in fresh],
             [e.metadata.get("actor") for e in fresh],
-            [_json(e.data) for e in fresh],
+            [canonical_json(e.data) for e in fresh],
         ),
     )
     cases: dict[str, dict[str, Any]] = {}
@@ -385,8 +386,8 @@ def checksum(conn: psycopg.Connection[Any], schema: str) -> dict[str, str]:
             sql.SQL("SELECT * FROM {}.{} ORDER BY {}").format(t, sql.Identifier(table), sql.SQL(pk))
         )
         names = [d.name for d in cur.description or ()]
-        digest.update(_json(names).encode())
+        digest.update(canonical_json(names).encode())
         for row in cur:
-            digest.update(b"\n" + _json(list(row)).encode())
+            digest.update(b"\n" + canonical_json(list(row)).encode())
         sums[table] = digest.hexdigest()
     return sums

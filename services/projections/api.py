@@ -1,0 +1,214 @@
+"""The reporting API over the read models: the follow-up report, the equal-access audit and
+case timelines, as JSON or CSV (`?format=csv`). It only reads; every figure comes from the
+events that the projection workers folded into the read models."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager
+from datetime import date, datetime
+from typing import Annotated, Any, Literal
+
+import psycopg
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.responses import JSONResponse, Response
+from psycopg_pool import ConnectionPool
+
+from likvard import http
+from likvard.config import Settings, load_settings
+from likvard.db import check_schema_name, make_pool
+from likvard.districts import DistrictRegistry
+from likvard.telemetry import setup_tracing
+from services.projections import readmodels, reports
+from services.projections.audit import AuditCell, audit
+
+Format = Literal["json", "csv"]
+Structure = Literal["current", "as-recorded"]
+FORMAT = Query(description="`json` (default) or `csv`")
+STRUCTURE = Query(
+    description="`current`: old district codes are counted in the district that succeeded"
+    " them (comparable across the 2021 reorganisation); `as-recorded`: as recorded at intake"
+)
+
+
+def _conn(request: Request) -> Iterator[psycopg.Connection[Any]]:
+    pool: ConnectionPool = request.app.state.pool
+    with pool.connection() as conn:
+        yield conn
+
+
+Conn = Annotated[psycopg.Connection[Any], Depends(_conn)]
+
+
+def _cell(value: Any) -> Any:
+    """JSON-ready value: times and dates as ISO text, ids as text."""
+    if isinstance(value, datetime | date):
+        return value.isoformat()
+    if isinstance(value, list | tuple):
+        return [_cell(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _cell(v) for k, v in value.items()}
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
+
+
+def _rows(items: Sequence[Any]) -> list[dict[str, Any]]:
+    plain = [
+        dataclasses.asdict(i) if dataclasses.is_dataclass(i) and not isinstance(i, type) else i
+        for i in items
+    ]
+    return [{k: _cell(v) for k, v in row.items()} for row in plain]
+
+
+def _csv(rows: list[dict[str, Any]], columns: Sequence[str]) -> Response:
+    """CSV with a header even when there are no rows; empty cells for None."""
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: _csv_cell(v) for k, v in row.items()})
+    return Response(out.getvalue(), media_type="text/csv; charset=utf-8")
+
+
+def _csv_cell(value: Any) -> Any:
+    if value is None:
+        return ""
+    return ("true" if value else "false") if isinstance(value, bool) else value
+
+
+def _respond(rows: list[dict[str, Any]], columns: Sequence[str], fmt: Format) -> Response:
+    return _csv(rows, columns) if fmt == "csv" else JSONResponse(rows)
+
+
+def _field_names(cls: type) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
+def create_app(settings: Settings | None = None, *, schema: str = "projections") -> FastAPI:
+    settings = settings or load_settings()
+    dsn = settings.require_database()
+    check_schema_name(schema)
+    registry = DistrictRegistry.load()
+    setup_tracing("projections")
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        pool = make_pool(dsn, max_size=10, name="likvard-projections")
+        try:
+            with pool.connection() as conn, conn.transaction():
+                readmodels.migrate(conn, schema)
+        except Exception:
+            pool.close()
+            raise
+        app.state.pool = pool
+        try:
+            yield
+        finally:
+            pool.close()
+
+    app = FastAPI(
+        title="Likvärd reporting",
+        version="1.0.0",
+        description="Follow-up reports per district and city-wide, the equal-access audit and"
+        " case timelines, computed from the read models that the projection workers fold from"
+        " every event. One person is counted once city-wide; cells under 5 persons are"
+        " suppressed, never shown. Add `format=csv` for CSV.",
+        lifespan=lifespan,
+        responses=http.PROBLEM_RESPONSES,
+    )
+    http.install(app, "projections")
+
+    def check_district(code: str | None, structure: Structure) -> None:
+        if code is None or code == reports.CITY:
+            return
+        known = registry.get(code)
+        if known is None:
+            raise http.ProblemError(
+                422, "unknown-district", "Unknown district", f"No district has the code {code!r}."
+            )
+        if structure == "current" and registry.successor_of(code) != code:
+            raise http.ProblemError(
+                422,
+                "district-not-in-structure",
+                "District not in this structure",
+                f"{code!r} was succeeded by {registry.successor_of(code)!r}; ask for that"
+                " district, or for structure=as-recorded.",
+            )
+
+    @app.get(
+        "/reports/followup",
+        tags=["reports"],
+        summary="The follow-up report",
+        description="Per period (month or year of intake, city time zone) and district, with a"
+        " city-wide row (`district=city`) after each period's districts.",
+    )
+    def followup_report(
+        conn: Conn,
+        start: Annotated[date, Query(alias="from", description="First intake day")],
+        end: Annotated[date, Query(alias="to", description="Last intake day")],
+        district: Annotated[str | None, Query(description="Only this district (or `city`)")] = None,
+        structure: Annotated[Structure, STRUCTURE] = "current",
+        period: Annotated[Literal["month", "year"], Query(description="Rows per")] = "month",
+        format: Annotated[Format, FORMAT] = "json",
+    ) -> Response:
+        if end < start:
+            raise http.ProblemError(422, "bad-period", "Bad period", "`to` is before `from`.")
+        check_district(district, structure)
+        rows = reports.followup_report(
+            conn,
+            schema,
+            start=start,
+            end=end,
+            period=period,
+            structure=structure,
+            district=district,
+            registry=registry,
+        )
+        return _respond(_rows(rows), _field_names(reports.ReportRow), format)
+
+    @app.get(
+        "/reports/equal-access",
+        tags=["reports"],
+        summary="The equal-access audit",
+        description="Per district and metric, for persons with the same assessed need level:"
+        " the rate, the rest of the city's rate, the crude and need-adjusted ratio with its 95%"
+        " interval, the Mantel-Haenszel ratio, and a flag when the interval excludes 1 and the"
+        " ratio is outside 0.8-1.25. Cells under 5 persons are suppressed.",
+    )
+    def equal_access(
+        conn: Conn,
+        structure: Annotated[Structure, STRUCTURE] = "current",
+        district: Annotated[str | None, Query(description="Only this district")] = None,
+        format: Annotated[Format, FORMAT] = "json",
+    ) -> Response:
+        check_district(district, structure)
+        cells = audit(reports.audit_rows(conn, schema, structure=structure, registry=registry))
+        if district is not None:
+            cells = [c for c in cells if c.district == district]
+        return _respond(_rows(cells), _field_names(AuditCell), format)
+
+    @app.get("/cases/{case_id}/timeline", tags=["cases"], summary="A case's events in order")
+    def case_timeline(
+        case_id: str, conn: Conn, format: Annotated[Format, FORMAT] = "json"
+    ) -> Response:
+        rows = readmodels.timeline(conn, schema, case_id)
+        if not rows:
+            raise http.ProblemError(
+                404, "case-not-found", "Case not found", "No event of this case has been seen."
+            )
+        columns = list(rows[0])
+        if format == "csv":
+            for row in rows:
+                row["payload"] = readmodels.canonical_json(row["payload"])
+        return _respond(_rows(rows), columns, format)
+
+    def ping(request: Request) -> None:
+        with request.app.state.pool.connection() as conn:
+            conn.execute("SELECT 1")
+
+    http.add_health(app, ping)
+    return app

@@ -1,0 +1,163 @@
+"""The reporting API on a real uvicorn server and PostgreSQL, over the generated cases of
+`test_reports` (58 cases, 57 persons, four current districts and the old code lundby)."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+from collections.abc import Iterator
+from datetime import date
+
+import httpx
+import psycopg
+import pytest
+
+from likvard.config import Settings
+from services.projections import readmodels, reports
+from services.projections.api import create_app
+from services.projections.audit import AuditCell, audit
+from services.projections.tests.test_reports import EVENTS
+from tests.support import serving
+
+pytestmark = pytest.mark.integration
+
+PROBLEM = "application/problem+json"
+
+
+@pytest.fixture
+def api(database_url: str, schema: str) -> Iterator[httpx.Client]:
+    with psycopg.connect(database_url, autocommit=True) as conn, conn.transaction():
+        readmodels.migrate(conn, schema)
+        readmodels.apply(conn, schema, EVENTS)
+    app = create_app(Settings(database_url=database_url), schema=schema)
+    with serving(app) as base_url, httpx.Client(base_url=base_url, timeout=30) as client:
+        yield client
+
+
+def test_followup_report_json_is_the_report_of_the_read_models(
+    api: httpx.Client, database_url: str, schema: str
+) -> None:
+    r = api.get("/reports/followup", params={"from": "2024-01-01", "to": "2024-12-31"})
+    assert r.status_code == 200, r.text
+    with psycopg.connect(database_url) as conn:
+        expected = reports.followup_report(
+            conn, schema, start=date(2024, 1, 1), end=date(2024, 12, 31), period="month"
+        )
+    assert r.json() == [dataclasses.asdict(row) for row in expected]
+    by_key = {(row["period"], row["district"]): row for row in r.json()}
+    assert by_key["2024-01", "city"]["persons"] == 35
+    sydvast = by_key["2024-01", "sydvast"]
+    assert sydvast["suppressed"] is True
+    assert all(sydvast[n] is None for n in reports.NUMBERS)
+
+
+def test_followup_report_as_csv(api: httpx.Client) -> None:
+    r = api.get(
+        "/reports/followup",
+        params={"from": "2024-01-01", "to": "2024-12-31", "period": "year", "format": "csv"},
+    )
+    assert r.status_code == 200
+    assert r.headers["content-type"].startswith("text/csv")
+    rows = list(csv.DictReader(io.StringIO(r.text)))
+    assert list(rows[0]) == [f.name for f in dataclasses.fields(reports.ReportRow)]
+    assert [(row["period"], row["district"]) for row in rows] == [
+        ("2024", "centrum"),
+        ("2024", "hisingen"),
+        ("2024", "nordost"),
+        ("2024", "sydvast"),
+        ("2024", "city"),
+    ]
+    city = rows[-1]
+    assert (city["persons"], city["new_intakes"], city["suppressed"]) == ("57", "58", "false")
+    sydvast = rows[3]
+    assert sydvast["suppressed"] == "true"
+    assert all(sydvast[n] == "" for n in reports.NUMBERS)
+
+
+def test_district_filter_and_structures(api: httpx.Client) -> None:
+    window = {"from": "2024-01-01", "to": "2024-12-31", "period": "year"}
+    only = api.get("/reports/followup", params=window | {"district": "hisingen"}).json()
+    assert [(row["district"], row["persons"]) for row in only] == [("hisingen", 16)]
+    # lundby was succeeded by hisingen: not a district of the current structure...
+    r = api.get("/reports/followup", params=window | {"district": "lundby"})
+    assert r.status_code == 422
+    assert r.headers["content-type"] == PROBLEM
+    assert r.json()["type"].endswith("district-not-in-structure")
+    assert "hisingen" in r.json()["detail"]
+    # ...but it is as recorded (4 persons: suppressed)
+    recorded = api.get(
+        "/reports/followup",
+        params=window | {"district": "lundby", "structure": "as-recorded"},
+    ).json()
+    assert [(row["district"], row["suppressed"]) for row in recorded] == [("lundby", True)]
+
+
+@pytest.mark.parametrize(
+    ("params", "status", "code"),
+    [
+        ({"from": "2024-02-01", "to": "2024-01-01"}, 422, "bad-period"),
+        ({"from": "2024-01-01", "to": "2024-12-31", "district": "x"}, 422, "unknown-district"),
+        ({"from": "2024-01-01", "to": "2024-12-31", "format": "xml"}, 422, None),
+        ({"from": "2024-13-01", "to": "2024-12-31"}, 422, None),
+        ({"to": "2024-12-31"}, 422, None),
+    ],
+)
+def test_bad_report_requests_are_problems(
+    api: httpx.Client, params: dict[str, str], status: int, code: str | None
+) -> None:
+    r = api.get("/reports/followup", params=params)
+    assert r.status_code == status
+    assert r.headers["content-type"] == PROBLEM
+    if code:
+        assert r.json()["type"].endswith(code)
+
+
+def test_equal_access_is_the_audit_of_the_read_models(
+    api: httpx.Client, database_url: str, schema: str
+) -> None:
+    r = api.get("/reports/equal-access")
+    assert r.status_code == 200, r.text
+    with psycopg.connect(database_url) as conn:
+        expected = audit(reports.audit_rows(conn, schema))
+    assert r.json() == [dataclasses.asdict(c) for c in expected]
+    assert {c["district"] for c in r.json()} == {"centrum", "hisingen", "nordost", "sydvast"}
+    for cell in r.json():
+        if cell["suppressed"]:
+            assert cell["persons"] is None and cell["rate"] is None and not cell["flagged"]
+
+    only = api.get("/reports/equal-access", params={"district": "nordost"}).json()
+    assert only and {c["district"] for c in only} == {"nordost"}
+    as_csv = api.get("/reports/equal-access", params={"format": "csv"})
+    header = as_csv.text.splitlines()[0].split(",")
+    assert header == [f.name for f in dataclasses.fields(AuditCell)]
+    assert len(as_csv.text.splitlines()) == len(expected) + 1
+
+
+def test_case_timeline_in_order_json_and_csv(api: httpx.Client) -> None:
+    case = "case-centrum-01-00"
+    r = api.get(f"/cases/{case}/timeline")
+    assert r.status_code == 200
+    events = r.json()
+    types = [e["event_type"] for e in events]
+    assert types[0] == "IntakeRegistered"
+    assert types == [
+        e.event_type
+        for e in sorted(
+            (e for e in EVENTS if e.case_id == case),
+            key=lambda e: (e.metadata["occurred_at"], e.metadata["stream_version"], e.event_id),
+        )
+    ]
+    assert [e["occurred_at"] for e in events] == sorted(e["occurred_at"] for e in events)
+    as_csv = list(csv.DictReader(io.StringIO(api.get(f"/cases/{case}/timeline?format=csv").text)))
+    assert [row["event_type"] for row in as_csv] == types
+    assert as_csv[0]["payload"].startswith("{")
+
+    missing = api.get("/cases/no-such-case/timeline")
+    assert missing.status_code == 404
+    assert missing.headers["content-type"] == PROBLEM
+
+
+def test_health_and_readiness(api: httpx.Client) -> None:
+    assert api.get("/healthz").status_code == 200
+    assert api.get("/readyz").status_code == 200
