@@ -318,30 +318,37 @@ def apply(conn: psycopg.Connection[Any], schema: str, events: Sequence[Incoming]
     if not fresh:
         return 0
     fresh.sort(key=lambda e: e.event_id)
-    conn.execute(
+    # COPY: the fresh events are new to the timeline by construction (their ids were just
+    # recorded in `processed`), so no conflict handling is needed, and COPY is several times
+    # faster than an INSERT of the same rows.
+    with conn.cursor().copy(
         sql.SQL(
-            "INSERT INTO {}.timeline (event_id, case_id, occurred_at, recorded_at, topic,"
-            " event_type, stream_version, district, actor, payload)"
-            " SELECT i, c, o, r, tp, et, v, d, a, p::jsonb FROM unnest(%s::uuid[], %s::text[],"
-            " %s::timestamptz[], %s::timestamptz[], %s::text[], %s::text[], %s::int[],"
-            " %s::text[], %s::text[], %s::text[]) AS u(i, c, o, r, tp, et, v, d, a, p)"
-        ).format(t),
-        (
-            [e.event_id for e in fresh],
-            [e.case_id for e in fresh],
-            [e.metadata["occurred_at"] for e in fresh],
-            [e.metadata.get("recorded_at", e.metadata["occurred_at"]) for e in fresh],
-            [e.topic for e in fresh],
-            [e.event_type for e in fresh],
-            [int(e.metadata["stream_version"]) for e in fresh],
-            [e.metadata.get("district") for e in fresh],
-            [e.metadata.get("actor") for e in fresh],
-            [canonical_json(e.data) for e in fresh],
-        ),
-    )
+            "COPY {}.timeline (event_id, case_id, occurred_at, recorded_at, topic, event_type,"
+            " stream_version, district, actor, payload) FROM STDIN"
+        ).format(t)
+    ) as copy:
+        for e in fresh:
+            m = e.metadata
+            copy.write_row(
+                (
+                    e.event_id,
+                    e.case_id,
+                    m["occurred_at"],
+                    m.get("recorded_at", m["occurred_at"]),
+                    e.topic,
+                    e.event_type,
+                    int(m["stream_version"]),
+                    m.get("district"),
+                    m.get("actor"),
+                    canonical_json(e.data),
+                )
+            )
     cases: dict[str, dict[str, Any]] = {}
     for e in fresh:
-        fold(cases.setdefault(e.case_id, _empty(e.case_id)), e)
+        acc = cases.get(e.case_id)
+        if acc is None:
+            acc = cases[e.case_id] = _empty(e.case_id)
+        fold(acc, e)
     conn.cursor().executemany(
         _upsert(schema), [tuple(cases[c][n] for n in FACT_NAMES) for c in sorted(cases)]
     )

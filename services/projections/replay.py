@@ -72,6 +72,7 @@ class ReplayResult:
     chain_events: int = 0
     streams: int = 0
     checksums: dict[str, str] = field(default_factory=dict)
+    checksum_seconds: float = 0.0
     seconds: float = 0.0
 
 
@@ -270,8 +271,10 @@ class Replay:
         r.projected = applier.applied
         r.breaks = self.chain.finish()
         r.chain_events, r.streams = self.chain.events, len(self.chain.streams)
+        summed = time.monotonic()
         with psycopg.connect(self.dsn) as conn:
             r.checksums = readmodels.checksum(conn, self.schema)
+        r.checksum_seconds = time.monotonic() - summed
         r.seconds = time.monotonic() - started
         return r
 
