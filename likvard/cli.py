@@ -10,6 +10,7 @@ import sys
 import threading
 import time
 from datetime import datetime
+from pathlib import Path
 from types import FrameType
 from typing import TYPE_CHECKING
 
@@ -296,6 +297,49 @@ def _print_replay(result: ReplayResult) -> None:
         )
     for table, digest in sorted(result.checksums.items()):
         out.print(f"  checksum {table}: {digest}")
+
+
+@app.command()
+def report(
+    out: Path = typer.Option(..., "--out", help="The HTML file to write"),
+    start: datetime = typer.Option(
+        ..., "--from", formats=["%Y-%m-%d"], help="First intake day of the follow-up report"
+    ),
+    end: datetime = typer.Option(
+        None, "--to", formats=["%Y-%m-%d"], help="Last intake day (default: today)"
+    ),
+    structure: str = typer.Option("current", help="District structure: current | as-recorded"),
+    period: str = typer.Option("year", help="Rows per year | month"),
+    schema: str = typer.Option("projections", help="Read-model schema"),
+) -> None:
+    """Write a self-contained HTML report (follow-up report and equal-access audit, with
+    charts) that opens offline."""
+    import psycopg
+
+    from services.projections.html_report import build
+
+    settings = _settings()
+    try:
+        dsn = settings.require_database()
+    except ConfigError as exc:
+        raise _fail(str(exc)) from exc
+    last = (end or datetime.now()).date()
+    try:
+        with psycopg.connect(dsn) as conn:
+            document = build(
+                conn, schema, start=start.date(), end=last, structure=structure, period=period
+            )
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    except psycopg.errors.UndefinedTable as exc:
+        raise _fail(
+            f"no read models in schema {schema!r}: run `likvard project` or `likvard replay`"
+        ) from exc
+    try:
+        out.write_text(document, encoding="utf-8")
+    except OSError as exc:
+        raise _fail(f"cannot write {out}: {exc.strerror}") from exc
+    console.print(f"wrote {out} ({len(document) // 1024} KiB)")
 
 
 @app.command()
