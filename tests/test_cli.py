@@ -35,6 +35,8 @@ def test_up_runs_the_stack_and_stops_cleanly(tmp_path: Path) -> None:
     referral_port, followup_port = free_port(), free_port()
     env["LIKVARD_REFERRAL_PORT"] = str(referral_port)
     env["LIKVARD_FOLLOWUP_PORT"] = str(followup_port)
+    projections_port = free_port()
+    env["LIKVARD_PROJECTIONS_PORT"] = str(projections_port)
     log = tmp_path / "up.log"
     with log.open("wb") as out:
         proc = subprocess.Popen(
@@ -85,6 +87,15 @@ def test_up_runs_the_stack_and_stops_cleanly(tmp_path: Path) -> None:
         # The case is known (the unit's code is wrong on purpose): a rule answer, not unknown.
         assert answers[-1].status_code == 422, answers[-1].text
         assert httpx.get(f"http://127.0.0.1:{followup_port}/readyz", timeout=5).status_code == 200
+        # The projection worker folds the case into the read models the reporting API serves.
+        timeline = f"http://127.0.0.1:{projections_port}/cases/{case}/timeline"
+        wait_for(
+            lambda: httpx.get(timeline, timeout=5).status_code == 200,
+            60,
+            "the case in the reporting API's timeline",
+        )
+        events = httpx.get(timeline, timeout=5).json()
+        assert [e["event_type"] for e in events] == ["IntakeRegistered"]
     finally:
         proc.send_signal(signal.SIGINT)
         try:
