@@ -343,6 +343,30 @@ def report(
 
 
 @app.command()
+def demo(
+    persons: int = typer.Option(2000, min=1, help="Synthetic persons"),
+    years: int = typer.Option(3, min=1, max=15, help="Years of activity, up to today"),
+    bias: list[str] = typer.Option(
+        [], help="Planted disparity DISTRICT:metric:factor (repeatable)"
+    ),
+    seed: int = typer.Option(1, help="Same seed, same activity"),
+) -> None:
+    """Generate realistic synthetic activity through the public APIs of a running stack
+    (`likvard up`), which publishes it to Kafka, with optional planted disparities."""
+    from likvard.demo import DemoFailed, DemoUrls, main
+
+    try:
+        urls = DemoUrls(
+            *(f"http://127.0.0.1:{service_port(s)}" for s in ("intake", "referral", "followup"))
+        )
+        main(persons, years, bias, seed, urls, console)
+    except (ValueError, ConfigError) as exc:
+        raise _fail(str(exc)) from exc
+    except DemoFailed as exc:
+        raise _fail(str(exc), 1) from exc
+
+
+@app.command()
 def republish(service: str = typer.Argument(..., help="intake | referral | followup")) -> None:
     """Produce every stored event of SERVICE to Kafka again (refills an empty broker)."""
     from likvard.republish import RepublishError, republish as do_republish

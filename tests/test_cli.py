@@ -134,3 +134,15 @@ def test_serve_without_database_says_what_to_set() -> None:
     )
     assert r.returncode == 2
     assert "LIKVARD_DATABASE_URL" in r.stderr
+
+
+def test_demo_with_a_bad_bias_says_what_is_wrong() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "likvard.cli", "demo", "--bias", "nordost:happiness:0.5"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "happiness" in result.stderr
+    assert "specialist_access" in result.stderr  # the metrics that can be biased are listed
