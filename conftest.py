@@ -21,7 +21,7 @@ from likvard.config import Settings
 from likvard.devstack import TansuBroker, broker_from, postgres_from
 from likvard.eventstore import EventStore
 from likvard.topics import SERVICE_TOPICS, ensure_topics, load_topics
-from tests.support import RunningService, serving
+from tests.support import FAST_GROUP, Background, CareStack, RunningService, serving
 
 
 @pytest.fixture(scope="session")
@@ -155,3 +155,55 @@ def followup(
 ) -> Iterator[RunningService]:
     settings = Settings(database_url=database_url, topic_prefix=topic_prefix)
     yield from _running("followup", new_schema("f"), settings, catalogue, pool, case_wait=0.5)
+
+
+@pytest.fixture
+def care_stack(
+    intake: RunningService,
+    referral: RunningService,
+    followup: RunningService,
+    database_url: str,
+    kafka_bootstrap: str,
+    catalogue: Catalogue,
+    pool: ConnectionPool,
+) -> Iterator[CareStack]:
+    """The three services with their relays and consumers running in threads."""
+    from confluent_kafka import Consumer
+
+    from likvard.inbox import InboxConsumer, consumer_config
+    from likvard.known_cases import CaseDirectory
+    from likvard.relay import OutboxRelay
+    from services.followup.process import make_handler
+    from services.followup.service import make_service, prepare
+
+    directory = CaseDirectory(followup.schema)
+    with pool.connection() as conn:
+        directory.migrate(conn)
+        prepare(conn, followup.schema)
+    referral_inbox = InboxConsumer(
+        database_url, referral.schema, catalogue, CaseDirectory(referral.schema).handle
+    )
+    followup_inbox = InboxConsumer(
+        database_url,
+        followup.schema,
+        catalogue,
+        make_handler(make_service(followup.store), directory),
+    )
+    bg = Background()
+    try:
+        for svc in (intake, referral, followup):
+            bg.start(OutboxRelay(database_url, svc.schema, kafka_bootstrap, idle_wait=0.2).run)
+        group = f"t-{uuid.uuid4()}"
+        bg.start(
+            referral_inbox.run,
+            Consumer(consumer_config(kafka_bootstrap, group + "-r", **FAST_GROUP)),
+            [intake.topic],
+        )
+        bg.start(
+            followup_inbox.run,
+            Consumer(consumer_config(kafka_bootstrap, group + "-f", **FAST_GROUP)),
+            [intake.topic, referral.topic],
+        )
+        yield CareStack(intake, referral, followup, followup_inbox)
+    finally:
+        bg.close()

@@ -17,7 +17,6 @@ from typing import Any
 
 import psycopg
 from confluent_kafka import Producer
-from psycopg import sql
 
 from bench.common import database, kafka, machine, report
 from likvard.codec import Catalogue
@@ -83,13 +82,7 @@ def synthetic_events(catalogue: Catalogue, n: int) -> list[tuple[str, bytes]]:
 
 def count(url: str, schema: str) -> int:
     with psycopg.connect(url) as conn:
-        try:
-            row = conn.execute(
-                sql.SQL("SELECT count(*) FROM {}.processed").format(sql.Identifier(schema))
-            ).fetchone()
-        except psycopg.errors.UndefinedTable:
-            return 0
-    return int(row[0]) if row else 0
+        return readmodels.processed_count(conn, schema)
 
 
 def main() -> None:

@@ -17,7 +17,28 @@ if TYPE_CHECKING:
     from fastapi import FastAPI
 
     from likvard.eventstore import EventStore, NewEvent
-    from likvard.inbox import Incoming
+    from likvard.inbox import InboxConsumer, Incoming
+
+
+FAST_GROUP = {"session.timeout.ms": 2000, "heartbeat.interval.ms": 200, "fetch.wait.max.ms": 10}
+
+
+class Background:
+    """Relays and consumers running in threads, stopped together."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.threads: list[threading.Thread] = []
+
+    def start(self, target: Any, *args: Any) -> None:
+        t = threading.Thread(target=target, args=(*args, self.stop), daemon=True)
+        t.start()
+        self.threads.append(t)
+
+    def close(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(30)
 
 
 @dataclass
@@ -28,6 +49,16 @@ class RunningService:
     schema: str
     topic: str
     store: EventStore
+
+
+@dataclass
+class CareStack:
+    """The three write services with their relays and consumers, as `likvard up` runs them."""
+
+    intake: RunningService
+    referral: RunningService
+    followup: RunningService
+    followup_inbox: InboxConsumer
 
 
 @dataclass(frozen=True)

@@ -4,32 +4,22 @@ found, none is invented), and the executor over the three real services."""
 
 from __future__ import annotations
 
-import threading
-import uuid
 from collections import Counter
-from collections.abc import Iterator
-from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import psycopg
 import pytest
-from confluent_kafka import Consumer
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
 from likvard import demo
-from likvard.codec import Catalogue
 from likvard.districts import DistrictRegistry
-from likvard.inbox import InboxConsumer, consumer_config
-from likvard.known_cases import CaseDirectory
 from likvard.pseudonym import normalise
-from likvard.relay import OutboxRelay
 from services.followup.scheduling import followup_id
 from services.projections import readmodels
 from services.projections.audit import BASE_RATES, AuditCell, audit
 from services.projections.reports import audit_rows
-from tests.support import RunningService, wait_for
+from tests.support import CareStack, wait_for
 
 NOW = datetime(2026, 11, 1, 12, 0, tzinfo=UTC)
 NORDOST_HALF = "nordost:specialist_access:0.5"
@@ -220,70 +210,6 @@ def test_audit_flags_nothing_without_a_planted_disparity(database_url: str, sche
 FAST_GROUP = {"session.timeout.ms": 2000, "heartbeat.interval.ms": 200, "fetch.wait.max.ms": 10}
 
 
-class Background:
-    """Relays and consumers in threads, stopped together."""
-
-    def __init__(self) -> None:
-        self.stop = threading.Event()
-        self.threads: list[threading.Thread] = []
-
-    def start(self, target: Any, *args: Any) -> None:
-        t = threading.Thread(target=target, args=(*args, self.stop), daemon=True)
-        t.start()
-        self.threads.append(t)
-
-    def close(self) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(30)
-
-
-@pytest.fixture
-def stack(
-    intake: RunningService,
-    referral: RunningService,
-    followup: RunningService,
-    database_url: str,
-    kafka_bootstrap: str,
-    catalogue: Catalogue,
-    pool: ConnectionPool,
-) -> Iterator[tuple[RunningService, RunningService, RunningService]]:
-    """The three services with their relays and consumers, as `likvard up` runs them."""
-    from services.followup.process import make_handler
-    from services.followup.service import make_service, prepare
-
-    directory = CaseDirectory(followup.schema)
-    with pool.connection() as conn:
-        directory.migrate(conn)
-        prepare(conn, followup.schema)
-    referral_inbox = InboxConsumer(
-        database_url, referral.schema, catalogue, CaseDirectory(referral.schema).handle
-    )
-    followup_inbox = InboxConsumer(
-        database_url,
-        followup.schema,
-        catalogue,
-        make_handler(make_service(followup.store), directory),
-    )
-    bg = Background()
-    with ExitStack() as stack:
-        stack.callback(bg.close)
-        for svc in (intake, referral, followup):
-            bg.start(OutboxRelay(database_url, svc.schema, kafka_bootstrap, idle_wait=0.2).run)
-        group = f"t-{uuid.uuid4()}"
-        bg.start(
-            referral_inbox.run,
-            Consumer(consumer_config(kafka_bootstrap, group + "-r", **FAST_GROUP)),
-            [intake.topic],
-        )
-        bg.start(
-            followup_inbox.run,
-            Consumer(consumer_config(kafka_bootstrap, group + "-f", **FAST_GROUP)),
-            [intake.topic, referral.topic],
-        )
-        yield intake, referral, followup
-
-
 def _stored(pool: ConnectionPool, schemas: list[str]) -> Counter[str]:
     counts: Counter[str] = Counter()
     with pool.connection() as conn:
@@ -298,9 +224,9 @@ def _stored(pool: ConnectionPool, schemas: list[str]) -> Counter[str]:
 
 @pytest.mark.integration
 def test_executor_sends_every_due_step_through_the_services(
-    stack: tuple[RunningService, RunningService, RunningService], pool: ConnectionPool
+    care_stack: CareStack, pool: ConnectionPool
 ) -> None:
-    intake, referral, followup = stack
+    intake, referral, followup = care_stack.intake, care_stack.referral, care_stack.followup
     plans = demo.plan(4, 15, 3, [], datetime.now(UTC))
     urls = demo.DemoUrls(intake.base_url, referral.base_url, followup.base_url)
     seen: list[int] = []

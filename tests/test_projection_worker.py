@@ -13,7 +13,6 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from likvard.eventstore import EventStore
 from likvard.inbox import decode_event
@@ -24,15 +23,9 @@ from tests.support import closed, registered, reopened, wait_for
 pytestmark = pytest.mark.integration
 
 
-def processed(database_url: str, schema: str) -> int:
-    with psycopg.connect(database_url) as conn:
-        try:
-            row = conn.execute(
-                sql.SQL("SELECT count(*) FROM {}.processed").format(sql.Identifier(schema))
-            ).fetchone()
-        except psycopg.errors.UndefinedTable:
-            return 0
-        return int(row[0]) if row else 0
+def processed(url: str, schema: str) -> int:
+    with psycopg.connect(url) as conn:
+        return readmodels.processed_count(conn, schema)
 
 
 def test_sigkill_mid_stream_then_restart_gives_the_undisturbed_read_models(

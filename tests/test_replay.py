@@ -98,15 +98,9 @@ def stored(*stores: EventStore) -> list[Incoming]:
     ]
 
 
-def processed(database_url: str, schema: str) -> int:
-    with psycopg.connect(database_url) as conn:
-        try:
-            row = conn.execute(
-                sql.SQL("SELECT count(*) FROM {}.processed").format(sql.Identifier(schema))
-            ).fetchone()
-        except psycopg.errors.UndefinedTable:
-            return 0
-        return int(row[0]) if row else 0
+def processed(url: str, schema: str) -> int:
+    with psycopg.connect(url) as conn:
+        return readmodels.processed_count(conn, schema)
 
 
 def direct(database_url: str, schema: str, events: list[Incoming]) -> dict[str, str]:

@@ -355,6 +355,18 @@ def apply(conn: psycopg.Connection[Any], schema: str, events: Sequence[Incoming]
     return len(fresh)
 
 
+def processed_count(conn: psycopg.Connection[Any], schema: str) -> int:
+    """How many distinct events the read models in `schema` have seen (0 before migration):
+    what a watcher compares with the number of events it expects."""
+    t = sql.Identifier(check_schema_name(schema))
+    try:
+        with conn.transaction():
+            row = conn.execute(sql.SQL("SELECT count(*) FROM {}.processed").format(t)).fetchone()
+    except psycopg.errors.UndefinedTable:
+        return 0
+    return int(row[0]) if row else 0
+
+
 def case_facts(conn: psycopg.Connection[Any], schema: str, case_id: str) -> dict[str, Any] | None:
     """One case's facts as a dict (None if no event of it has been seen)."""
     cur = conn.execute(
