@@ -34,6 +34,8 @@ integration: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python -m bench.bench_append
 	$(BIN)/python -m bench.bench_relay
+	$(BIN)/python -m bench.bench_projection
+	$(BIN)/python -m bench.bench_replay
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

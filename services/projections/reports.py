@@ -237,8 +237,9 @@ def audit_rows(
         " <= make_interval(days => %(timely_days)s) END,"
         " CASE WHEN interventions = 0 THEN NULL ELSE interventions_guideline_top > 0 END,"
         " CASE WHEN children_in_household = 'YES' THEN family_members_engaged > 0 END,"
-        " CASE WHEN followups_scheduled > 0 OR followups_completed > 0"
-        "      OR followups_missed > 0 THEN followups_completed > 0 END"
+        # follow-ups still pending (not yet due) say nothing about completion yet
+        " CASE WHEN followups_completed > 0 OR followups_missed > 0"
+        "      THEN followups_completed > 0 END"
         " FROM ({}) c ORDER BY person, intake_at DESC, case_id DESC"
     ).format(facts)
     out: list[PersonOutcome] = []

@@ -263,3 +263,23 @@ def test_audit_rows(projected: psycopg.Connection[Any], schema: str) -> None:
     assert "person-centrum-01-03" not in rows  # never assessed
     recorded = {r.person: r for r in audit_rows(projected, schema, structure="as-recorded")}
     assert recorded["person-lundby-01-00"].district == "lundby"
+
+
+def test_a_follow_up_not_yet_due_says_nothing_about_completion(
+    database_url: str, schema: str
+) -> None:
+    pending = Case("case-pending", "centrum", JAN)
+    intake(pending, "person-pending", children=False)
+    pending("i", "AssessmentCompleted", 1, need_level="LOW")
+    pending("f", "FollowUpScheduled", 5)
+    done = Case("case-done", "centrum", JAN)
+    intake(done, "person-done", children=False)
+    done("i", "AssessmentCompleted", 1, need_level="LOW")
+    done("f", "FollowUpScheduled", 5)
+    done("f", "FollowUpMissed", 60)
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        with conn.transaction():
+            readmodels.migrate(conn, schema)
+            readmodels.apply(conn, schema, pending.events + done.events)
+        rows = {r.person: r.outcomes["followup_completion"] for r in audit_rows(conn, schema)}
+    assert rows == {"person-pending": None, "person-done": False}
