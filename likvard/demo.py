@@ -42,7 +42,8 @@ from likvard.codec import Catalogue
 from likvard.districts import DistrictRegistry
 from likvard.domain import CITY_TZ, local_date
 from likvard.inbox import Incoming, decode_event
-from likvard.pseudonym import pseudonymise
+from likvard.pseudonym import luhn_check_digit, pseudonymise
+from services.followup import domain as followup_domain
 from services.followup.scheduling import (
     followup_id as derived_followup_id,
     followups_for_intervention_end,
@@ -204,14 +205,6 @@ class PersonPlan:
     steps: tuple[Step, ...]
 
 
-def _luhn_digit(nine: str) -> int:
-    total = 0
-    for i, ch in enumerate(nine):
-        d = int(ch) * (2 if i % 2 == 0 else 1)
-        total += d - 9 if d > 9 else d
-    return (10 - total % 10) % 10
-
-
 def _identity_number(rng: random.Random, birth_year: int, taken: set[str]) -> str:
     """A synthetic Swedish personal identity number (YYYYMMDD-NNNC, correct check digit),
     distinct within the plan so every person is counted once."""
@@ -219,7 +212,7 @@ def _identity_number(rng: random.Random, birth_year: int, taken: set[str]) -> st
         born = date(birth_year, rng.randint(1, 12), rng.randint(1, 28))
         serial = f"{rng.randint(0, 999):03d}"
         nine = born.strftime("%y%m%d") + serial
-        number = f"{born:%Y%m%d}-{serial}{_luhn_digit(nine)}"
+        number = f"{born:%Y%m%d}-{serial}{luhn_check_digit(nine)}"
         if number not in taken:
             taken.add(number)
             return number
@@ -813,24 +806,18 @@ def _simulate(plan: PersonPlan, out: _Emitter, reference: ReferenceCatalogue) ->
                 }
                 ended_id = emit("referral", rid, "InterventionEnded", data, at, where)
                 for c in followups_for_intervention_end(data, at, where, case_id):
-                    scheduled = {
-                        "followup_id": c.followup_id,
-                        "kind": c.kind,
-                        "due_on": c.due_on,
-                        "intervention_id": c.intervention_id,
-                        "referral_id": c.referral_id,
-                        "district": c.district,
-                    }
-                    emit(
-                        "followup",
-                        "followup",
-                        "FollowUpScheduled",
-                        scheduled,
-                        c.occurred_at,
-                        c.district,
-                        "likvard-followup-scheduler",
-                        ended_id,
-                    )
+                    # the follow-up decider makes the payload, exactly as the service does
+                    for e in followup_domain.decide(c, followup_domain.initial_state()):
+                        emit(
+                            "followup",
+                            "followup",
+                            e.type,
+                            e.data,
+                            e.occurred_at,
+                            c.district,
+                            "likvard-followup-scheduler",
+                            ended_id,
+                        )
             case "children":
                 emit("followup", "followup", "ChildrenInHouseholdRecorded", dict(b), at, district)
             case "family":

@@ -19,12 +19,17 @@ class InvalidIdentityNumber(ValueError):
     without repeating the number)."""
 
 
-def _luhn_ok(ten_digits: str) -> bool:
+def luhn_check_digit(nine_digits: str) -> int:
+    """The check digit of an identity number's first nine digits (YYMMDDNNN), by Luhn."""
     total = 0
-    for i, ch in enumerate(ten_digits):
+    for i, ch in enumerate(nine_digits):
         d = int(ch) * (2 if i % 2 == 0 else 1)
         total += d - 9 if d > 9 else d
-    return total % 10 == 0
+    return (10 - total % 10) % 10
+
+
+def _luhn_ok(ten_digits: str) -> bool:
+    return luhn_check_digit(ten_digits[:9]) == int(ten_digits[9])
 
 
 def normalise(number: str) -> str:
