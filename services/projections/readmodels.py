@@ -300,13 +300,17 @@ def canonical_json(value: Any) -> str:
 
 
 def apply(conn: psycopg.Connection[Any], schema: str, events: Sequence[Incoming]) -> int:
-    """Project a batch in the caller's transaction; returns how many events were new."""
+    """Project a batch in the caller's transaction; returns how many events were new.
+
+    The batch holds the schema's lock shared until the transaction ends: batches run side by
+    side, and a replay's swap (which takes it exclusively) never lands in the middle of one."""
     t = sql.Identifier(check_schema_name(schema))
     unique: dict[str, Incoming] = {}
     for e in events:
         unique.setdefault(str(uuid.UUID(e.event_id)), e)
     if not unique:
         return 0
+    conn.execute("SELECT pg_advisory_xact_lock_shared(hashtext(%s))", (lock_key(schema),))
     rows = conn.execute(
         sql.SQL(
             "INSERT INTO {}.processed (event_id) SELECT * FROM unnest(%s::uuid[])"

@@ -56,9 +56,6 @@ class Projector:
         conn = self.connection()
         try:
             with conn.transaction():
-                # shared: batches run side by side; a replay's swap takes it exclusively
-                key = readmodels.lock_key(self.schema)
-                conn.execute("SELECT pg_advisory_xact_lock_shared(hashtext(%s))", (key,))
                 new = readmodels.apply(conn, self.schema, events)
         except psycopg.OperationalError:
             self._conn = None  # reconnect next time; the batch is re-delivered
