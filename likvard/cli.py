@@ -507,6 +507,13 @@ def up(
         for name in wanted:
             port = ports[name]
             console.print(f"  {name:<12} http://127.0.0.1:{port}  (API docs: /docs)")
+        if pg is not None or broker is not None:  # the dev servers: nothing secret to show
+            console.print(
+                "Other likvard commands (replay, report, verify, ...) reach this stack with:\n"
+                f"  export LIKVARD_DATABASE_URL='{env['LIKVARD_DATABASE_URL']}'"
+                f" KAFKA_BOOTSTRAP_SERVERS={env['KAFKA_BOOTSTRAP_SERVERS']}",
+                soft_wrap=True,
+            )
         console.print("Press Ctrl-C to stop.")
         while not stopping.wait(0.5):
             if sup.dead():

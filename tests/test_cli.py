@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -10,9 +11,11 @@ from pathlib import Path
 
 import httpx
 import psutil
+import psycopg
 import pytest
 
 from likvard.devstack import free_port
+from services.projections import readmodels
 from tests.support import consume, wait_for
 
 pytestmark = pytest.mark.integration
@@ -96,6 +99,14 @@ def test_up_runs_the_stack_and_stops_cleanly(tmp_path: Path) -> None:
         )
         events = httpx.get(timeline, timeout=5).json()
         assert [e["event_type"] for e in events] == ["IntakeRegistered"]
+        # The printed settings reach the same stack from another process.
+        exported = re.search(
+            r"export LIKVARD_DATABASE_URL='([^']+)' KAFKA_BOOTSTRAP_SERVERS=(\S+)", log.read_text()
+        )
+        assert exported is not None, log.read_text()
+        assert exported.group(2) == f"127.0.0.1:{broker_port}"
+        with psycopg.connect(exported.group(1)) as conn:
+            assert readmodels.case_facts(conn, "projections", case) is not None
     finally:
         proc.send_signal(signal.SIGINT)
         try:
