@@ -89,12 +89,15 @@ _COLUMNS: tuple[tuple[str, str, str], ...] = (
     ("family_engaged_share_with_children", "Family engaged (cases with children)", "share"),
     ("followups_completed", "Follow-ups completed", "int"),
     ("followups_missed", "Follow-ups missed", "int"),
+    ("goals_reached_share", "Own goals reached (completed follow-ups)", "share"),
+    ("situation_improved_share", "Situation better than at intake (completed follow-ups)", "share"),
     ("closed_not_reopened_share", "Closed, not reopened within a year", "share"),
 )
 _CHARTED: tuple[tuple[str, str], ...] = (
     ("referrals_across_share", "Referrals across districts"),
     ("top_guideline_share", "Interventions of top guideline priority"),
     ("family_engaged_share_with_children", "Family engaged, cases with children"),
+    ("situation_improved_share", "Situation better than at intake (follow-ups)"),
     ("closed_not_reopened_share", "Closed cases not reopened within a year"),
 )
 

@@ -19,6 +19,11 @@ district codes and shapes the rows.
   year before ``as_of`` (default: now), the share with no reopening within 365 days of that
   closing (closing and reopening times from `timeline`). Cases closed less than a year ago
   cannot be judged yet and are left out of the share.
+* Outcome change between intake and follow-up: the intake records no baseline for the
+  follow-up's measures (days of use, housing, health), so the change is the person's own
+  answer at the follow-up interview, as the national open comparisons ask it: the share of
+  completed follow-ups where the situation is BETTER than at intake, and where the person's
+  own goals were reached (YES).
 """
 
 from __future__ import annotations
@@ -66,6 +71,8 @@ class ReportRow:
     family_engaged_share_with_children: float | None
     followups_completed: int | None
     followups_missed: int | None
+    goals_reached_share: float | None  # of completed follow-ups: own goals reached (YES)
+    situation_improved_share: float | None  # of completed follow-ups: situation BETTER
     closed_not_reopened_share: float | None
 
 
@@ -136,6 +143,10 @@ SELECT period_start,
            AS family_share,
        sum(followups_completed)::int AS followups_completed,
        sum(followups_missed)::int AS followups_missed,
+       (sum(goals_reached_yes)::float8 / NULLIF(sum(followups_completed), 0))
+           AS goals_reached_share,
+       (sum(situation_improved_better)::float8 / NULLIF(sum(followups_completed), 0))
+           AS situation_improved_share,
        (count(*) FILTER (WHERE reopened_within_year = false)::float8
         / NULLIF(count(reopened_within_year), 0)) AS closed_not_reopened_share
 FROM cases

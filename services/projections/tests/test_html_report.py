@@ -121,6 +121,8 @@ def report_row(district: str, persons: int, **numbers: float | int | None) -> Re
         "family_engaged_share_with_children": 0.44,
         "followups_completed": 20,
         "followups_missed": 4,
+        "goals_reached_share": 0.55,
+        "situation_improved_share": 0.6,
         "closed_not_reopened_share": 0.81,
     }
     return ReportRow("2024", district, False, **(base | numbers))  # type: ignore[arg-type]
@@ -275,7 +277,7 @@ def test_none_values_show_a_dash_and_the_note() -> None:
     (plot,) = TREE.root.find("svg", aria_labelledby="forest-timely_start-t forest-timely_start-d")
     assert "not computable" in plot.content()
     nordost = numeric_cells(followup_row(TREE.root, "2024", "nordost"))
-    assert nordost[4] == "—" and nordost[13] == "—"  # the two None shares
+    assert nordost[4] == "—" and nordost[15] == "—"  # the two None shares
 
 
 def test_numbers_are_formatted() -> None:
@@ -293,8 +295,8 @@ def test_charts_are_svg_with_text_alternatives() -> None:
     forests = [s for s in svgs if s.attrs["aria-labelledby"].startswith("forest-")]
     bars = [s for s in svgs if s.attrs["aria-labelledby"].startswith("bars-")]
     assert len(forests) == len(METRICS)
-    # four shares charted, but top guideline share is None everywhere: skipped
-    assert len(bars) == 3
+    # five shares charted, but top guideline share is None everywhere: skipped
+    assert len(bars) == 4
     assert not any("top_guideline_share" in s.attrs["aria-labelledby"] for s in bars)
     for svg in svgs:
         assert svg.attrs.get("role") == "img"

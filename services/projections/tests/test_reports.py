@@ -103,7 +103,13 @@ def generated() -> Iterator[Incoming]:
             if k % 5 in (0, 1):
                 c("f", "FollowUpScheduled", 5)
                 if k % 5 == 0:
-                    c("f", "FollowUpCompleted", 60, goals_reached="YES", situation_improved="SAME")
+                    c(
+                        "f",
+                        "FollowUpCompleted",
+                        60,
+                        goals_reached="YES" if k < 10 else "PARTLY",
+                        situation_improved="BETTER" if k % 2 == 0 else "SAME",
+                    )
                 else:
                     c("f", "FollowUpMissed", 60)
             if k % 3 == 1:
@@ -165,6 +171,8 @@ def test_month_report_numbers(projected: psycopg.Connection[Any], schema: str) -
         family_engaged_share_with_children=0.5,
         followups_completed=3,
         followups_missed=3,
+        goals_reached_share=2 / 3,  # completed at k = 0, 5, 10; goals reached for k < 10
+        situation_improved_share=2 / 3,  # better for even k: 0 and 10
         closed_not_reopened_share=0.75,  # k=1 reopened after 80 days; k=7 after 400
     )
     # lundby (old structure) rolls up: hisingen's 6 cases plus lundby's 4
@@ -227,12 +235,13 @@ def test_csv(projected: psycopg.Connection[Any], schema: str) -> None:
         "referrals_across_share,days_to_first_intervention_median,"
         "days_to_first_intervention_p90,top_guideline_share,family_members_engaged,"
         "cases_with_children,family_engaged_share_with_children,followups_completed,"
-        "followups_missed,closed_not_reopened_share"
+        "followups_missed,goals_reached_share,situation_improved_share,closed_not_reopened_share"
     )
     assert lines[1] == (
-        "2024-01,centrum,false,12,12,9,6,0.5000,18.0000,30.0000,0.5000,2,4,0.5000,3,3,0.7500"
+        "2024-01,centrum,false,12,12,9,6,0.5000,18.0000,30.0000,0.5000,2,4,0.5000,3,3,"
+        "0.6667,0.6667,0.7500"
     )
-    assert "2024-01,sydvast,true,,,,,,,,,,,,,," in lines
+    assert "2024-01,sydvast,true,,,,,,,,,,,,,,,," in lines  # 16 empty numbers
     assert len(lines) == 1 + 5
 
 
