@@ -21,7 +21,14 @@ from likvard.config import Settings
 from likvard.devstack import TansuBroker, broker_from, postgres_from
 from likvard.eventstore import EventStore
 from likvard.topics import SERVICE_TOPICS, ensure_topics, load_topics
-from tests.support import FAST_GROUP, Background, CareStack, RunningService, serving
+from tests.support import (
+    FAST_GROUP,
+    Background,
+    CareStack,
+    IngestStack,
+    RunningService,
+    serving,
+)
 
 
 @pytest.fixture(scope="session")
@@ -207,3 +214,107 @@ def care_stack(
         yield CareStack(intake, referral, followup, followup_inbox)
     finally:
         bg.close()
+
+
+@pytest.fixture
+def ingest_stack(
+    database_url: str,
+    kafka_bootstrap: str,
+    topic_prefix: str,
+    new_schema: Callable[[str], str],
+    catalogue: Catalogue,
+    pool: ConnectionPool,
+) -> Iterator[IngestStack]:
+    """The three services as district ingest needs them, each on its own schema: relays,
+    the referral and follow-up consumers (cases learnt from intake), and an ingest worker
+    per service in its own consumer group, counting into an in-memory metric reader."""
+    from confluent_kafka import Consumer
+    from opentelemetry.sdk.metrics import MeterProvider
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
+
+    from likvard.inbox import InboxConsumer, consumer_config
+    from likvard.ingest import (
+        DEAD_LETTER_TOPIC,
+        INGEST_TOPIC,
+        DeadLetterSink,
+        IngestMetrics,
+        IngestWorker,
+    )
+    from likvard.known_cases import CaseDirectory
+    from likvard.relay import OutboxRelay
+    from services.followup import ingest as followup_ingest
+    from services.followup.process import make_handler
+    from services.followup.service import make_service
+    from services.intake import ingest as intake_ingest
+    from services.referral import ingest as referral_ingest
+
+    settings = Settings(
+        database_url=database_url,
+        kafka_bootstrap=kafka_bootstrap,
+        topic_prefix=topic_prefix,
+        case_wait_seconds=15,
+    )
+    schemas = {s: new_schema(s[0]) for s in ("intake", "referral", "followup")}
+    processors = {
+        "intake": intake_ingest.build(settings, schemas["intake"]),
+        "referral": referral_ingest.build(settings, schemas["referral"]),
+        "followup": followup_ingest.build(settings, schemas["followup"]),
+    }
+    reader = InMemoryMetricReader()
+    meter = MeterProvider(metric_readers=[reader]).get_meter("test-ingest")
+    bg = Background()
+    workers = {}
+    try:
+        group = f"t-{uuid.uuid4()}"
+        for schema in schemas.values():
+            bg.start(OutboxRelay(database_url, schema, kafka_bootstrap, idle_wait=0.2).run)
+        topic = {s: settings.topic(SERVICE_TOPICS[s]) for s in schemas}
+        referral_inbox = InboxConsumer(
+            database_url,
+            schemas["referral"],
+            catalogue,
+            CaseDirectory(schemas["referral"]).handle,
+        )
+        followup_store = processors["followup"].store
+        followup_inbox = InboxConsumer(
+            database_url,
+            schemas["followup"],
+            catalogue,
+            make_handler(make_service(followup_store), CaseDirectory(schemas["followup"])),
+        )
+        bg.start(
+            referral_inbox.run,
+            Consumer(consumer_config(kafka_bootstrap, group + "-r", **FAST_GROUP)),
+            [topic["intake"]],
+        )
+        bg.start(
+            followup_inbox.run,
+            Consumer(consumer_config(kafka_bootstrap, group + "-f", **FAST_GROUP)),
+            [topic["intake"], topic["referral"]],
+        )
+        for service, processor in processors.items():
+            worker = IngestWorker(
+                processor,
+                DeadLetterSink(kafka_bootstrap, settings.topic(DEAD_LETTER_TOPIC), service),
+                batch_size=50,
+                metrics_=IngestMetrics(meter, service),
+            )
+            workers[service] = worker
+            bg.start(
+                worker.run,
+                Consumer(consumer_config(kafka_bootstrap, f"{group}-{service}-i", **FAST_GROUP)),
+                settings.topic(INGEST_TOPIC),
+            )
+        yield IngestStack(
+            settings,
+            {s: p.store for s, p in processors.items()},
+            workers,
+            topic,
+            settings.topic(INGEST_TOPIC),
+            settings.topic(DEAD_LETTER_TOPIC),
+            reader,
+        )
+    finally:
+        bg.close()
+        for processor in processors.values():
+            processor.store.pool.close()

@@ -9,6 +9,7 @@ import signal
 import sys
 import threading
 import time
+from collections import Counter
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
@@ -21,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from likvard.config import ConfigError, Settings, load_settings, service_port
 
 if TYPE_CHECKING:
+    from likvard import dlq
     from likvard.eventstore import EventStore
     from services.projections.replay import ReplayResult
 
@@ -44,6 +46,8 @@ CONSUMERS = {
     "referral": "services.referral.consumer:build",
     "followup": "services.followup.consumer:build",
 }
+# District ingest: each write service judges the district records of its own event types.
+INGESTERS = {service: f"services.{service}.ingest:build" for service in APPS}
 
 
 def _fail(message: str, code: int = 2) -> typer.Exit:
@@ -138,13 +142,7 @@ def relay(service: str = typer.Argument(..., help="intake | referral | followup"
 
     setup_tracing(f"{service}-relay")
     _store(settings, service).pool.close()  # migrate before relaying
-    stop = threading.Event()
-
-    def on_signal(_sig: int, _frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stop = _stop_on_signals()
     OutboxRelay(
         dsn,
         service,
@@ -175,6 +173,26 @@ def consume(service: str = typer.Argument(..., help="referral | followup")) -> N
         inbox, topics = getattr(importlib.import_module(module), func)(settings)
     except ConfigError as exc:
         raise _fail(str(exc)) from exc
+    stop = _stop_on_signals()
+    group = f"{settings.topic_prefix}likvard-{service}"
+    inbox.run(Consumer(consumer_config(bootstrap, group, **_group_overrides())), topics, stop)
+
+
+def _group_overrides() -> dict[str, int]:
+    """LIKVARD_CONSUMER_SESSION_TIMEOUT_MS for consumer groups (the dev broker takes half
+    the session timeout to let a member join)."""
+    session = os.environ.get("LIKVARD_CONSUMER_SESSION_TIMEOUT_MS")
+    if not session:
+        return {}
+    if not session.isdigit() or int(session) < 1000:
+        raise _fail(
+            f"LIKVARD_CONSUMER_SESSION_TIMEOUT_MS must be milliseconds (>= 1000), not {session!r}"
+        )
+    return {"session.timeout.ms": int(session), "heartbeat.interval.ms": int(session) // 10}
+
+
+def _stop_on_signals() -> threading.Event:
+    """An event set by SIGTERM or SIGINT: long-running commands stop cleanly on it."""
     stop = threading.Event()
 
     def on_signal(_sig: int, _frame: FrameType | None) -> None:
@@ -182,15 +200,63 @@ def consume(service: str = typer.Argument(..., help="referral | followup")) -> N
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    group = f"{settings.topic_prefix}likvard-{service}"
-    overrides: dict[str, int] = {}
-    session = os.environ.get("LIKVARD_CONSUMER_SESSION_TIMEOUT_MS")
-    if session:  # the dev broker takes half the session timeout to let a member join
-        overrides = {
-            "session.timeout.ms": int(session),
-            "heartbeat.interval.ms": int(session) // 10,
-        }
-    inbox.run(Consumer(consumer_config(bootstrap, group, **overrides)), topics, stop)
+    return stop
+
+
+@app.command()
+def ingest(
+    service: str = typer.Argument(..., help="intake | referral | followup"),
+    batch_size: int = typer.Option(
+        500, min=1, envvar="LIKVARD_INGEST_BATCH_SIZE", help="Records per batch"
+    ),
+) -> None:
+    """Judge district systems' records on likvard.district-ingest.v1 whose event types
+    SERVICE owns: store the valid ones, dead-letter the rest with the reason."""
+    import importlib
+
+    from confluent_kafka import Consumer
+
+    from likvard import telemetry
+    from likvard.inbox import consumer_config
+    from likvard.ingest import (
+        DEAD_LETTER_TOPIC,
+        INGEST_TOPIC,
+        DeadLetterSink,
+        IngestMetrics,
+        IngestWorker,
+    )
+
+    _check_service(service, INGESTERS)
+    _logging()
+    settings = _settings()
+    try:
+        bootstrap = settings.require_kafka()
+        settings.require_database()
+        module, _, func = INGESTERS[service].partition(":")
+        processor = getattr(importlib.import_module(module), func)(settings)
+    except ConfigError as exc:
+        raise _fail(str(exc)) from exc
+    telemetry.setup_tracing(f"{service}-ingest")
+    telemetry.setup_metrics(f"{service}-ingest")
+    stop = _stop_on_signals()
+    worker = IngestWorker(
+        processor,
+        DeadLetterSink(bootstrap, settings.topic(DEAD_LETTER_TOPIC), service),
+        batch_size=batch_size,
+        metrics_=IngestMetrics(telemetry.meter("likvard.ingest"), service),
+    )
+    group = f"{settings.topic_prefix}likvard-{service}-ingest"
+    consumer = Consumer(consumer_config(bootstrap, group, **_group_overrides()))
+    try:
+        worker.run(consumer, settings.topic(INGEST_TOPIC), stop)
+    finally:
+        processor.store.pool.close()
+    s = worker.stats
+    console.print(
+        f"ingest {service}: {s.accepted} accepted, {s.duplicates} duplicates,"
+        f" {sum(s.dead_lettered.values())} dead-lettered"
+        + "".join(f", {stage} {n}" for stage, n in sorted(s.dead_lettered.items()))
+    )
 
 
 @app.command()
@@ -223,8 +289,9 @@ def replay(
     """Rebuild every read model from offset 0 into a fresh schema, verifying every stream's
     hash chain; prints a checksum per read model. Exit 1 if the chain is broken."""
     from likvard.db import check_schema_name
+    from likvard.topic_reader import TopicReadError
     from likvard.topics import SERVICE_TOPICS
-    from services.projections.replay import Replay, ReplayError, replay_schema_name
+    from services.projections.replay import Replay, replay_schema_name
 
     settings = _settings()
     try:
@@ -238,7 +305,11 @@ def replay(
     try:
         check_schema_name(live)
         run = Replay(
-            dsn, bootstrap, topics, target, as_of=as_of.date() if as_of else None,
+            dsn,
+            bootstrap,
+            topics,
+            target,
+            as_of=as_of.date() if as_of else None,
             batch_size=batch_size,
         )
     except ValueError as exc:
@@ -263,7 +334,7 @@ def replay(
                 f"[green]swapped[/green]: {target} is now live as {live}"
                 + (f"; the old read models are kept as {retired}" if retired else "")
             )
-    except ReplayError as exc:
+    except TopicReadError as exc:  # a ReplayError, or a topic that could not be read
         raise _fail(str(exc), 1) from exc
     finally:
         run.close()
@@ -431,21 +502,13 @@ def up(
     from likvard.devstack import EmbeddedPostgres, StackError, Supervisor, TansuBroker, wait_until
     from likvard.topics import TopicError, ensure_topics, load_topics
 
-    wanted = [
-        _check_service(s.strip(), APPS | READ_APPS) for s in services.split(",") if s.strip()
-    ]
+    wanted = [_check_service(s.strip(), APPS | READ_APPS) for s in services.split(",") if s.strip()]
     started = time.monotonic()
     env = dict(os.environ)
     pg: EmbeddedPostgres | None = None
     broker: TansuBroker | None = None
     sup = Supervisor(env)
-    stopping = threading.Event()
-
-    def on_signal(_sig: int, _frame: FrameType | None) -> None:
-        stopping.set()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
+    stopping = _stop_on_signals()
     try:
         if not env.get("LIKVARD_DATABASE_URL"):
             pg = EmbeddedPostgres()
@@ -482,6 +545,7 @@ def up(
             sup.spawn(f"{name}-relay", ["relay", name])
             if name in CONSUMERS:
                 sup.spawn(f"{name}-consumer", ["consume", name])
+            sup.spawn(f"{name}-ingest", ["ingest", name])
 
         def all_ready() -> bool:
             if sup.dead():
@@ -535,6 +599,252 @@ def up(
             pg.stop()
         console.print("stopped")
     sys.exit(code)
+
+
+# --- dead letters -------------------------------------------------------------------------
+dlq_app = typer.Typer(
+    help="Read the dead-letter topic (district records the ingest path refused) and"
+    " re-submit records after a fix.",
+    no_args_is_help=True,
+)
+app.add_typer(dlq_app, name="dlq")
+
+
+def _dead_letters(settings: Settings) -> list[dlq.DeadLetter]:
+    from likvard import dlq
+    from likvard.ingest import DEAD_LETTER_TOPIC
+
+    try:
+        return dlq.read_all(settings.require_kafka(), settings.topic(DEAD_LETTER_TOPIC))
+    except (ConfigError, dlq.DeadLetterError) as exc:
+        raise _fail(str(exc)) from exc
+
+
+def _source(letter: dlq.DeadLetter) -> str:
+    source = letter.source
+    return "?" if source is None else f"{source[0]}[{source[1]}]@{source[2]}"
+
+
+@dlq_app.command("list")
+def dlq_list(
+    stage: str = typer.Option(None, help="Only this stage: decode | schema | rule | internal"),
+    code: str = typer.Option(None, help="Only this code, e.g. case-closed"),
+    service: str = typer.Option(None, help="Only those judged by this service"),
+    event_type: str = typer.Option(None, "--event-type", help="Only this event type"),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per line"),
+) -> None:
+    """List the dead letters, oldest first, with why each was refused."""
+    import json
+
+    from rich.table import Table
+
+    from likvard import dlq
+
+    if stage is not None and stage not in dlq.STAGES:
+        raise _fail(f"unknown stage {stage!r}; stages: {', '.join(dlq.STAGES)}")
+    letters = _dead_letters(_settings())
+    retried = dlq.retried_by(letters)
+    chosen = dlq.select(letters, stage=stage, code=code, service=service, event_type=event_type)
+    out = Console(soft_wrap=True)
+    if as_json:
+        for x in chosen:
+            out.print_json(
+                json.dumps(
+                    {
+                        "id": x.id,
+                        "failed_at": x.failed_at,
+                        "stage": x.stage,
+                        "code": x.code,
+                        "service": x.service,
+                        "event_type": x.event_type,
+                        "event_id": x.event_id,
+                        "source": _source(x),
+                        "retry_of": x.retry_of or None,
+                        "retried_as": retried.get(x.id, []),
+                        "reason": x.reason,
+                    }
+                ),
+                indent=None,
+            )
+        return
+    if not chosen:
+        console.print(f"no dead letters{' match' if len(letters) else ''}")
+        return
+    table = Table("id", "failed at", "stage", "code", "event type", "source", "retries", "reason")
+    for x in chosen:
+        notes = []
+        if x.retry_of:
+            notes.append(f"retry of {x.retry_of}")
+        notes += [f"failed again as {i}" for i in retried.get(x.id, [])]
+        table.add_row(
+            x.id,
+            x.failed_at[:19],
+            x.stage,
+            x.code,
+            x.event_type or "-",
+            _source(x),
+            "; ".join(notes),
+            x.reason,
+        )
+    out.print(table)
+    by_stage = Counter(x.stage for x in chosen)
+    out.print(
+        f"{len(chosen)} dead letter(s): "
+        + ", ".join(f"{stage} {n}" for stage, n in sorted(by_stage.items()))
+    )
+
+
+@dlq_app.command("show")
+def dlq_show(
+    letter_id: str = typer.Argument(..., metavar="ID", help="<partition>:<offset>, from list"),
+    payload: bool = typer.Option(
+        False, "--payload", help="Also print the decoded event (it may hold personal data)"
+    ),
+) -> None:
+    """Show one dead letter: why it was refused, its headers, and what it holds."""
+    import json
+
+    from likvard import dlq
+    from likvard.codec import Catalogue, CodecError
+
+    try:
+        dlq.parse_id(letter_id)
+        (letter,) = dlq.find(_dead_letters(_settings()), [letter_id])
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    out = Console(soft_wrap=True)
+    out.print(f"[bold]dead letter {letter.id}[/bold]: {letter.stage}/{letter.code}")
+    out.print(f"  reason:  {letter.reason}")
+    out.print(f"  judged by the {letter.service} service at {letter.failed_at}")
+    out.print(f"  source:  {_source(letter)}")
+    if letter.retry_of:
+        out.print(f"  retries: dead letter {letter.retry_of}")
+    key = (letter.key or b"").decode("utf-8", errors="replace")
+    out.print(f"  key:     {key or '(none)'}")
+    value = letter.value or b""
+    out.print(f"  value:   {len(value)} bytes, starting {value[:10].hex(' ') or '(empty)'}")
+    out.print("  headers:")
+    for name, raw in letter.headers:
+        text = (raw or b"").decode("utf-8", errors="replace")
+        out.print(f"    {name}: {text}")
+    try:
+        decoded = Catalogue.load().decode(value)
+    except CodecError as exc:
+        out.print(f"  decoded: no ({exc})")
+        return
+    record = dict(decoded.record)
+    meta = record.pop("metadata")
+    out.print(f"  decoded: {decoded.event_type} v{decoded.version}")
+    for name in ("event_id", "case_id", "producer", "district", "actor", "occurred_at"):
+        out.print(f"    metadata.{name}: {meta.get(name)}")
+    if payload:
+        out.print(json.dumps(record, default=str, ensure_ascii=False, indent=2))
+    else:
+        out.print(f"    fields: {', '.join(record)} (--payload prints their values)")
+
+
+@dlq_app.command("retry")
+def dlq_retry(
+    ids: list[str] = typer.Argument(None, metavar="[ID]...", help="Dead letters to re-submit"),
+    retry_all: bool = typer.Option(
+        False, "--all", help="Every dead letter that matches the filters (not yet retried)"
+    ),
+    stage: str = typer.Option(None, help="With --all: only this stage"),
+    code: str = typer.Option(None, help="With --all: only this code"),
+    service: str = typer.Option(None, help="With --all: only those judged by this service"),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Say what would be re-submitted"),
+) -> None:
+    """Re-submit dead letters to the ingest topic after a fix; the ingest path judges them
+    again (a stored event is a duplicate then, a still wrong one a new dead letter)."""
+    from likvard import dlq
+    from likvard.ingest import INGEST_TOPIC
+
+    if bool(ids) == retry_all:
+        raise _fail("give dead-letter ids, or --all (with filters) to retry every match")
+    if ids and (stage or code or service):
+        raise _fail("--stage, --code and --service go with --all, not with ids")
+    settings = _settings()
+    letters = _dead_letters(settings)
+    try:
+        if ids:
+            chosen = dlq.find(letters, ids)
+        else:
+            retried = dlq.retried_by(letters)
+            chosen = [
+                x
+                for x in dlq.select(letters, stage=stage, code=code, service=service)
+                if x.id not in retried  # its newest dead letter is retried instead
+            ]
+    except ValueError as exc:
+        raise _fail(str(exc)) from exc
+    for x in chosen:
+        console.print(
+            f"{'would re-submit' if dry_run else 're-submitting'} {x.id}"
+            f" ({x.event_type or 'unknown type'}, {x.stage}/{x.code})"
+        )
+    if dry_run or not chosen:
+        console.print(f"{len(chosen)} dead letter(s) {'would be ' if dry_run else ''}re-submitted")
+        return
+    try:
+        sent = dlq.retry(settings.require_kafka(), settings.topic(INGEST_TOPIC), chosen)
+    except (ConfigError, dlq.DeadLetterError) as exc:
+        raise _fail(str(exc), 1) from exc
+    console.print(f"re-submitted {sent} dead letter(s) to {settings.topic(INGEST_TOPIC)}")
+
+
+# --- the contract ------------------------------------------------------------------------
+schemas_app = typer.Typer(
+    help="The event contract (schemas/): fingerprints and standalone schemas for producers.",
+    no_args_is_help=True,
+)
+app.add_typer(schemas_app, name="schemas")
+
+
+@schemas_app.command("list")
+def schemas_list() -> None:
+    """Every event type and version with the fingerprint its records' header carries."""
+    from rich.table import Table
+
+    from likvard.codec import Catalogue
+
+    catalogue = Catalogue.load()
+    table = Table("event type", "version", "owner", "fingerprint (header bytes 3-10)", "file")
+    for w in catalogue.writers():
+        if w.primary:
+            table.add_row(
+                w.event_type,
+                str(w.version),
+                catalogue.owner(w.event_type),
+                w.fingerprint.hex(" "),
+                f"schemas/{w.path}",
+            )
+    Console(soft_wrap=True).print(table)
+
+
+@schemas_app.command("export")
+def schemas_export(
+    out: Path = typer.Argument(..., help="Folder to write <EventType>.v<N>.avsc files into"),
+) -> None:
+    """Write every event version as one standalone schema (common types inlined): parsed
+    by any Avro library, it gives the fingerprint Likvärd expects."""
+    import json
+
+    from likvard.codec import Catalogue
+
+    catalogue = Catalogue.load()
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        written = 0
+        for w in catalogue.writers():
+            if w.primary:
+                path = out / f"{w.event_type}.v{w.version}.avsc"
+                path.write_text(
+                    json.dumps(w.schema, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+                )
+                written += 1
+    except OSError as exc:
+        raise _fail(f"cannot write to {out}: {exc.strerror}") from exc
+    console.print(f"wrote {written} schemas to {out}")
 
 
 if __name__ == "__main__":

@@ -52,6 +52,7 @@ __all__ = [
     "Decoded",
     "EncodeError",
     "IncompatibleSchema",
+    "MalformedValue",
     "NotSingleObjectEncoded",
     "SchemaDirectoryError",
     "SchemaVersion",
@@ -109,6 +110,11 @@ class UnknownFingerprint(CodecError):
 
 class CorruptRecord(CodecError):
     """A known header followed by a body that does not decode with that writer schema."""
+
+
+class MalformedValue(CorruptRecord):
+    """A body that decodes, but a field breaks its logical type (a uuid that is not a UUID):
+    the bytes are well-formed Avro that breaks the contract."""
 
 
 class IncompatibleSchema(CodecError):
@@ -393,6 +399,15 @@ class Catalogue:
         """The 8 fingerprint bytes of the header `encode` writes for this version."""
         return self.writer(event_type, version).fingerprint
 
+    def writer_for(self, fingerprint: bytes) -> SchemaVersion | None:
+        """The writer schema with this fingerprint, or None if it is not in schemas/."""
+        return self._by_fingerprint.get(bytes(fingerprint))
+
+    def owner(self, event_type: str) -> str:
+        """The service that owns an event type: the folder of its schema files."""
+        self._versions(event_type)
+        return self._newest[event_type].path.split("/", 1)[0]
+
     def _versions(self, event_type: str) -> dict[int, SchemaVersion]:
         versions = self._primary.get(event_type)
         if versions is None:
@@ -464,6 +479,16 @@ class Catalogue:
             raise IncompatibleSchema(
                 f"A {what} event cannot be read with the newest schema (v{reader.version}):"
                 " the schemas are not backward compatible."
+            ) from None
+        except ValueError as exc:
+            if "UUID" not in str(exc):  # fastavro's reading of a uuid field
+                raise CorruptRecord(
+                    f"The body of a {what} event does not decode (ValueError);"
+                    " the bytes are truncated or corrupt."
+                ) from None
+            raise MalformedValue(
+                f"A {what} event has a uuid field whose value is not a UUID"
+                " (written as 8-4-4-4-12 hexadecimal digits)."
             ) from None
         except Exception as exc:  # arbitrary bytes may fail in any way
             raise CorruptRecord(

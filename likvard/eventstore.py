@@ -55,6 +55,8 @@ class NewEvent:
     traceparent: str | None = None
     case_id: str | None = None  # defaults to the stream id
     event_id: uuid.UUID = field(default_factory=uuid.uuid4)
+    producer: str | None = None
+    """Who produced it, if not this service (a district system's id, for ingested events)."""
 
 
 @dataclass(frozen=True)
@@ -188,7 +190,7 @@ class EventStore:
             "stream_version": version,
             "occurred_at": event.occurred_at,
             "recorded_at": recorded_at,
-            "producer": self.producer,
+            "producer": event.producer or self.producer,
             "district": event.district,
             "actor": event.actor,
             "correlation_id": event.correlation_id,
@@ -317,6 +319,34 @@ class EventStore:
                 (stream_id,),
             )
             return [_row_to_event(r) for r in cur.fetchall()]
+
+    def read_streams(self, stream_ids: Sequence[str]) -> dict[str, list[StoredEvent]]:
+        """Several streams in one query (every id is a key of the answer, [] if unknown)."""
+        streams: dict[str, list[StoredEvent]] = {sid: [] for sid in stream_ids}
+        if not streams:
+            return streams
+        with self.pool.connection() as conn:
+            cur = conn.execute(
+                self._q(
+                    f"SELECT {_COLUMNS} FROM {{s}}.events WHERE stream_id = ANY(%s)"
+                    " ORDER BY stream_id, stream_version"
+                ),
+                (list(streams),),
+            )
+            for row in cur.fetchall():
+                streams[row[1]].append(_row_to_event(row))
+        return streams
+
+    def find_events(self, event_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, StoredEvent]:
+        """The stored events with these ids (those not stored are absent), in one query."""
+        if not event_ids:
+            return {}
+        with self.pool.connection() as conn:
+            cur = conn.execute(
+                self._q(f"SELECT {_COLUMNS} FROM {{s}}.events WHERE event_id = ANY(%s)"),
+                (list(event_ids),),
+            )
+            return {e.event_id: e for e in map(_row_to_event, cur.fetchall())}
 
     def read_all(self, from_position: int = 0, batch_size: int = 1000) -> Iterator[StoredEvent]:
         """Every event in global order, fetched in batches (for republish and replay)."""

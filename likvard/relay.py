@@ -98,20 +98,16 @@ def event_headers(row: OutboxRow, traceparent: str | None) -> Headers:
 
 def produce(
     producer: Producer,
-    row: OutboxRow,
+    topic: str,
+    key: bytes | None,
+    value: bytes | None,
     headers: Headers,
     on_delivery: Callable[[KafkaError | None, Message], None],
 ) -> None:
-    """Queue one event; when the producer's queue is full, serve callbacks and retry."""
+    """Queue one record; when the producer's queue is full, serve callbacks and retry."""
     while True:
         try:
-            producer.produce(
-                row.topic,
-                key=row.key.encode(),
-                value=row.value,
-                headers=headers,
-                on_delivery=on_delivery,
-            )
+            producer.produce(topic, key=key, value=value, headers=headers, on_delivery=on_delivery)
             return
         except BufferError:
             producer.poll(0.05)
@@ -242,7 +238,9 @@ class OutboxRelay:
                 },
             ):
                 headers = event_headers(row, telemetry.current_traceparent())
-                produce(producer, row, headers, on_delivery(row.id))
+                produce(
+                    producer, row.topic, row.key.encode(), row.value, headers, on_delivery(row.id)
+                )
         remaining = producer.flush(self.flush_timeout)
         failed = {rid for rid, err in results.items() if err is not None}
         failed |= {row.id for row in rows if row.id not in results}

@@ -50,7 +50,14 @@ def republish(
             prev_hash=event.prev_hash,
             hash=event.hash,
         )
-        produce(producer, row, event_headers(row, row.traceparent), on_delivery)
+        produce(
+            producer,
+            row.topic,
+            row.key.encode(),
+            row.value,
+            event_headers(row, row.traceparent),
+            on_delivery,
+        )
         pending += 1
         if pending >= batch_size:
             sent += _flush(producer, pending, errors)

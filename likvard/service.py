@@ -61,12 +61,23 @@ class StreamService(Generic[C, S, E]):
         record.pop("metadata", None)
         return self._to_domain(stored.event_type, record, stored.occurred_at)
 
-    def load(self, stream_id: str) -> tuple[S, int, list[StoredEvent]]:
-        events = self.store.read_stream(stream_id)
+    def fold(self, events: Sequence[StoredEvent]) -> S:
+        """The state a stream's stored events fold to."""
         state = self._initial()
         for e in events:
             state = self._evolve(state, self.domain_event(e))
-        return state, len(events), events
+        return state
+
+    def evolve(self, state: S, event: E) -> S:
+        return self._evolve(state, event)
+
+    def district_of(self, state: S, event: E) -> str:
+        """The district responsible after `event` (what goes into its metadata)."""
+        return self._district_of(state, event)
+
+    def load(self, stream_id: str) -> tuple[S, int, list[StoredEvent]]:
+        events = self.store.read_stream(stream_id)
+        return self.fold(events), len(events), events
 
     def execute(
         self,

@@ -1,7 +1,8 @@
 """OpenTelemetry set up in one place.
 
 Tracing is on in every process; spans go nowhere unless OTEL_EXPORTER_OTLP_ENDPOINT is set
-(OTLP over HTTP) or LIKVARD_TRACE_CONSOLE=1 (console, for debugging). The W3C
+(OTLP over HTTP) or LIKVARD_TRACE_CONSOLE=1 (console, for debugging); metrics likewise
+go to OTLP when it is set. The W3C
 `traceparent` of a request travels in the stored event metadata and the Kafka headers, so
 one trace follows a decision from HTTP to the read models. Span attributes never carry
 personal data: only ids that are pseudonymous (case ids, event ids) and types.
@@ -12,7 +13,9 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 
-from opentelemetry import context as otel_context, trace
+from opentelemetry import context as otel_context, metrics, trace
+from opentelemetry.sdk.metrics import MeterProvider
+from opentelemetry.sdk.metrics.export import MetricReader, PeriodicExportingMetricReader
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor, ConsoleSpanExporter
@@ -61,3 +64,26 @@ def context_from_headers(headers: Mapping[str, str]) -> otel_context.Context:
 
 def context_from_traceparent(traceparent: str | None) -> otel_context.Context:
     return _propagator.extract({"traceparent": traceparent} if traceparent else {})
+
+
+_metrics_configured = False
+
+
+def setup_metrics(service_name: str) -> None:
+    """Install the meter provider once per process. Metrics are exported with OTLP when
+    OTEL_EXPORTER_OTLP_ENDPOINT is set; otherwise instruments count into nothing."""
+    global _metrics_configured
+    if _metrics_configured:
+        return
+    readers: list[MetricReader] = []
+    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
+        from opentelemetry.exporter.otlp.proto.http.metric_exporter import OTLPMetricExporter
+
+        readers.append(PeriodicExportingMetricReader(OTLPMetricExporter()))
+    resource = Resource.create({"service.name": f"likvard-{service_name}"})
+    metrics.set_meter_provider(MeterProvider(resource=resource, metric_readers=readers))
+    _metrics_configured = True
+
+
+def meter(name: str) -> metrics.Meter:
+    return metrics.get_meter(name)

@@ -15,9 +15,12 @@ from confluent_kafka.admin import AdminClient
 
 if TYPE_CHECKING:
     from fastapi import FastAPI
+    from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
+    from likvard.config import Settings
     from likvard.eventstore import EventStore, NewEvent
     from likvard.inbox import InboxConsumer, Incoming
+    from likvard.ingest import IngestWorker
 
 
 FAST_GROUP = {"session.timeout.ms": 2000, "heartbeat.interval.ms": 200, "fetch.wait.max.ms": 10}
@@ -59,6 +62,19 @@ class CareStack:
     referral: RunningService
     followup: RunningService
     followup_inbox: InboxConsumer
+
+
+@dataclass
+class IngestStack:
+    """The three services with their relays, consumers and district ingest workers."""
+
+    settings: Settings
+    stores: dict[str, EventStore]
+    workers: dict[str, IngestWorker]
+    topics: dict[str, str]
+    ingest_topic: str
+    dead_letter_topic: str
+    metrics: InMemoryMetricReader
 
 
 @dataclass(frozen=True)

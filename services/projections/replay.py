@@ -25,28 +25,28 @@ from __future__ import annotations
 import queue
 import threading
 import time
-import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
 import psycopg
-from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
+from confluent_kafka import Message
 from psycopg import sql
 
 from likvard.chain import ChainCheck, RecordBreak
 from likvard.codec import Catalogue, CodecError
 from likvard.db import check_schema_name
 from likvard.inbox import Incoming, decode_event
+from likvard.topic_reader import TopicReader, TopicReadError
 from services.projections import readmodels
 
 CITY_TZ = ZoneInfo("Europe/Stockholm")
 LIVE_SCHEMA = "projections"
 
 
-class ReplayError(RuntimeError):
+class ReplayError(TopicReadError):
     """The replay could not run or could not be swapped in; the message says why."""
 
 
@@ -115,79 +115,6 @@ class _Applier:
         self.thread.join()
         if self.error is not None:
             raise ReplayError(f"applying to the read models failed: {self.error}")
-
-
-class TopicReader:
-    """Reads topics from offset 0 with assign(); knows when it has read everything."""
-
-    def __init__(self, bootstrap: str, topics: Sequence[str], *, settle: float = 1.0) -> None:
-        self.settle = settle
-        self.consumer = Consumer(
-            {
-                "bootstrap.servers": bootstrap,
-                "group.id": f"likvard-replay-{uuid.uuid4()}",  # never joined or committed
-                "enable.auto.commit": False,
-                "enable.auto.offset.store": False,
-                "fetch.wait.max.ms": 50,
-                "queued.max.messages.kbytes": 262144,
-            }
-        )
-        meta = self.consumer.list_topics(timeout=15)
-        self.partitions: list[TopicPartition] = []
-        for topic in topics:
-            info = meta.topics.get(topic)
-            if info is None or info.error is not None:
-                self.consumer.close()
-                raise ReplayError(
-                    f"topic {topic} is not on the broker: run `likvard topics`, and"
-                    " `likvard republish SERVICE` if the broker lost its data"
-                )
-            self.partitions += [TopicPartition(topic, p, 0) for p in sorted(info.partitions)]
-        self.ends: dict[tuple[str, int], int] = {}
-        for tp in self.partitions:
-            _low, high = self.consumer.get_watermark_offsets(tp, timeout=15)
-            self.ends[(tp.topic, tp.partition)] = high
-        self.next: dict[tuple[str, int], int] = {k: 0 for k in self.ends}
-        self.consumer.assign(self.partitions)
-
-    @property
-    def expected(self) -> int:
-        """Records up to the end offsets the broker reported (a lower bound on the dev broker)."""
-        return sum(self.ends.values())
-
-    def _reached_ends(self) -> bool:
-        return all(self.next[k] >= end for k, end in self.ends.items())
-
-    def batches(self, size: int, *, within: float | None = None) -> Iterator[list[Message]]:
-        """Yield lists of messages until the ends are reached and nothing more comes (or,
-        with `within`, after that many seconds whatever still comes)."""
-        quiet_since: float | None = None
-        give_up = None if within is None else time.monotonic() + within
-        while give_up is None or time.monotonic() < give_up:
-            messages = self.consumer.consume(size, timeout=0.2)
-            good: list[Message] = []
-            for m in messages:
-                err = m.error()
-                if err is None:
-                    good.append(m)
-                    key = (str(m.topic()), int(m.partition() or 0))
-                    self.next[key] = max(self.next[key], int(m.offset() or 0) + 1)
-                elif err.code() != KafkaError._PARTITION_EOF:
-                    raise ReplayError(f"reading {m.topic()} failed: {err}")
-            if good:
-                quiet_since = None
-                yield good
-                continue
-            if not self._reached_ends():
-                continue
-            now = time.monotonic()
-            if quiet_since is None:
-                quiet_since = now
-            elif now - quiet_since >= self.settle:
-                return
-
-    def close(self) -> None:
-        self.consumer.close()
 
 
 def _schema_exists(conn: psycopg.Connection[Any], schema: str) -> bool:

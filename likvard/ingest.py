@@ -1,0 +1,932 @@
+"""District ingest: events that district systems produce straight to Kafka.
+
+A district system produces any event of the catalogue to `likvard.district-ingest.v1`
+(Avro single-object encoding, key = case id, headers `event_type` and `event_id`). Each
+write service runs an ingest worker that judges the records whose event type it owns, and
+either appends the event to its own event store (from where its relay publishes it on the
+service's topic like any other) or copies the record to `likvard.dead-letter.v1` with the
+reason (`likvard.dlq`). The stages of refusal:
+
+- decode: not Avro single-object encoded, or a body that does not decode;
+- schema: a writer schema that is not in `schemas/`, or a key, headers or metadata that
+  break the contract (key = case id, headers repeat the event, pseudonymous actor ...);
+- rule: the owning service's decider refuses it against the current state of the case,
+  with the same rules as its HTTP API (`IngestRules` maps the event to the command);
+- internal: Likvärd failed while checking it (a bug): kept, to retry after the fix.
+
+Which worker judges a record: the owner of its event type, known from the fingerprint, else
+from the `event_type` header, else intake. Every worker reads every record and judges only
+its own, so each record is counted and dead-lettered by exactly one service.
+
+Exactly once in effect: the event keeps the district system's event id, so one already in
+the store (or earlier in the batch) is a duplicate and skipped. Offsets are committed only
+after every record of a batch is stored, skipped or acknowledged by the dead-letter topic;
+after a crash the batch comes again, and what was stored is then a duplicate.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+import traceback
+import uuid
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, Protocol
+
+import psycopg
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from opentelemetry import metrics, trace
+
+from likvard import dlq, telemetry
+from likvard.codec import (
+    HEADER_SIZE,
+    SINGLE_OBJECT_MARKER,
+    Catalogue,
+    CodecError,
+    CorruptRecord,
+    EncodeError,
+    IncompatibleSchema,
+    MalformedValue,
+    NotSingleObjectEncoded,
+    UnknownFingerprint,
+)
+from likvard.domain import DomainError
+from likvard.eventstore import ConcurrencyError, NewEvent, StoredEvent
+from likvard.inbox import Incoming
+from likvard.known_cases import CaseDirectory, KnownCase
+from likvard.pseudonym import InvalidIdentityNumber, normalise
+from likvard.relay import produce, producer_config
+from likvard.service import DomainEventLike, StreamService
+from likvard.topic_reader import record_headers
+
+log = logging.getLogger("likvard.ingest")
+
+INGEST_TOPIC = "likvard.district-ingest.v1"
+DEAD_LETTER_TOPIC = "likvard.dead-letter.v1"
+DEFAULT_OWNER = "intake"
+"""Judges records whose event type cannot be told (random bytes, an unknown schema)."""
+FUTURE_TOLERANCE = timedelta(minutes=5)
+"""How far ahead of Likvärd's clock `occurred_at` may be (the district system's clock may
+run a little fast); further is refused, as the HTTP API refuses a time in the future."""
+DERIVED_NAMESPACE = uuid.UUID("5b0e4c8e-55f4-5d0a-9f0e-6f1c0d1e2a3b")
+"""Namespace of the ids of events Likvärd derives from an ingested one. Never change it."""
+STREAM_ATTEMPTS = 5
+
+Stage = Literal["decode", "schema", "rule", "internal"]
+Status = Literal["accepted", "duplicate", "dead-lettered"]
+
+_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+
+
+# --- records and refusals ----------------------------------------------------------------
+@dataclass(frozen=True)
+class SourceRecord:
+    """A record as it came from the ingest topic, before anything is trusted."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: tuple[tuple[str, bytes | None], ...] = ()
+
+    @classmethod
+    def from_message(cls, msg: Message) -> SourceRecord:
+        headers = record_headers(msg)
+        return cls(
+            str(msg.topic()),
+            int(msg.partition() or 0),
+            int(msg.offset() or 0),
+            msg.key(),
+            msg.value(),
+            headers,
+        )
+
+    def header_values(self, name: str) -> list[bytes | None]:
+        return [v for k, v in self.headers if k == name]
+
+
+class Rejected(Exception):
+    """A record refused at a stage; `reason` is for people and never quotes its values."""
+
+    def __init__(self, stage: Stage, code: str, reason: str) -> None:
+        super().__init__(f"{stage}/{code}: {reason}")
+        self.stage: Stage = stage
+        self.code = code
+        self.reason = reason
+
+
+def _internal(exc: BaseException) -> Rejected:
+    """A fault of Likvärd's while judging a record: logged with where it happened (not its
+    text, which may quote values), kept as a dead letter to retry after the fix."""
+    log.error(
+        "internal error while judging a record (%s); where:\n%s",
+        type(exc).__name__,
+        "".join(traceback.format_tb(exc.__traceback__)),
+    )
+    return Rejected(
+        "internal",
+        "internal-error",
+        f"Likvärd failed while checking this record ({type(exc).__name__}); it is not"
+        " necessarily wrong. Operations: see the ingest worker's log, then retry it.",
+    )
+
+
+# --- the envelope: decode and schema stages (pure) ---------------------------------------
+def owner_of(record: SourceRecord, catalogue: Catalogue, owners: Mapping[str, str]) -> str:
+    """The service whose worker judges this record (see the module doc)."""
+    value = record.value or b""
+    if len(value) >= HEADER_SIZE and value[:2] == SINGLE_OBJECT_MARKER:
+        writer = catalogue.writer_for(value[2:HEADER_SIZE])
+        if writer is not None:
+            return owners[writer.event_type]
+    for header in record.header_values("event_type"):
+        name = (header or b"").decode("utf-8", errors="replace")
+        if name in owners:
+            return owners[name]
+    return DEFAULT_OWNER
+
+
+def _decode(record: SourceRecord, catalogue: Catalogue) -> Incoming:
+    if not record.value:
+        raise Rejected(
+            "decode",
+            "empty-record",
+            "The record has no value: an event must be the Avro single-object encoding of"
+            " one of Likvärd's event schemas.",
+        )
+    try:
+        decoded = catalogue.decode(record.value)
+    except UnknownFingerprint as exc:
+        raise Rejected("schema", "unknown-schema", str(exc)) from None
+    except IncompatibleSchema as exc:
+        raise Rejected("schema", "incompatible-schema", str(exc)) from None
+    except MalformedValue as exc:
+        raise Rejected("schema", "malformed-value", str(exc)) from None
+    except NotSingleObjectEncoded as exc:
+        raise Rejected("decode", "not-single-object", str(exc)) from None
+    except CorruptRecord as exc:
+        raise Rejected("decode", "corrupt-body", str(exc)) from None
+    except CodecError as exc:
+        raise Rejected("decode", "undecodable", str(exc)) from None
+    body = dict(decoded.record)
+    metadata = body.pop("metadata")
+    return Incoming(
+        topic=record.topic,
+        partition=record.partition,
+        offset=record.offset,
+        event_id=str(metadata["event_id"]),
+        event_type=decoded.event_type,
+        case_id=str(metadata["case_id"]),
+        metadata=metadata,
+        data=body,
+    )
+
+
+def _schema(reason: str, code: str) -> Rejected:
+    return Rejected("schema", code, reason)
+
+
+def _one_header(record: SourceRecord, name: str, expected: str) -> None:
+    values = record.header_values(name)
+    if not values:
+        raise _schema(
+            f"The record has no '{name}' header: every record must repeat its event's"
+            f" {name} in a header of that name.",
+            "header-missing",
+        )
+    if any(v is None or v.decode("utf-8", errors="replace") != expected for v in values):
+        raise _schema(
+            f"The '{name}' header does not equal the event's {name} in its metadata.",
+            "header-mismatch",
+        )
+
+
+def _check_id(value: str, what: str, code: str) -> None:
+    if not _ID.match(value):
+        raise _schema(
+            f"metadata.{what} must be 1 to 64 letters, digits or . _ : - (a pseudonymous id,"
+            " never a name).",
+            code,
+        )
+
+
+def _is_identity_number(text: str) -> bool:
+    try:
+        normalise(text)
+    except InvalidIdentityNumber:
+        return False
+    return True
+
+
+def _has_nul(value: object) -> bool:
+    if isinstance(value, str):
+        return "\x00" in value
+    if isinstance(value, dict):
+        return any(_has_nul(v) for v in value.values())
+    if isinstance(value, list):
+        return any(_has_nul(v) for v in value)
+    return False
+
+
+def open_envelope(
+    record: SourceRecord,
+    catalogue: Catalogue,
+    is_district: Callable[[str], bool],
+    now: datetime,
+) -> Incoming:
+    """The event in a record, if the record keeps the contract; raises Rejected."""
+    event = _decode(record, catalogue)
+    meta = event.metadata
+    if meta["event_type"] != event.event_type:
+        raise _schema(
+            f"metadata.event_type does not name the schema the event was written with"
+            f" ({event.event_type}).",
+            "event-type-mismatch",
+        )
+    _one_header(record, "event_type", event.event_type)
+    _one_header(record, "event_id", event.event_id)
+    try:
+        canonical = str(uuid.UUID(event.case_id))
+    except ValueError:
+        canonical = ""
+    if canonical != event.case_id:
+        raise _schema(
+            "metadata.case_id must be the case's UUID in canonical form (lowercase, with hyphens).",
+            "case-id-not-uuid",
+        )
+    if record.key is None:
+        raise _schema(
+            "The record has no key: records must be keyed by case id, so that a case's"
+            " events stay in order.",
+            "key-missing",
+        )
+    if record.key != event.case_id.encode():
+        raise _schema(
+            "The record's key is not its event's case id (metadata.case_id): records must be"
+            " keyed by case id, so that a case's events stay in order.",
+            "key-mismatch",
+        )
+    _check_id(meta["producer"], "producer", "producer-invalid")
+    if meta["producer"].lower().startswith("likvard"):
+        raise _schema(
+            "metadata.producer names a Likvärd service; a district system gives its own id"
+            " (for example nordost-treserva).",
+            "producer-reserved",
+        )
+    _check_id(meta["actor"], "actor", "actor-invalid")
+    if _is_identity_number(meta["actor"]):
+        raise _schema(
+            "metadata.actor is a personal identity number; give the case worker's"
+            " pseudonymous staff id.",
+            "actor-is-identity-number",
+        )
+    for name in ("correlation_id", "causation_id"):
+        value = meta.get(name)
+        if value is not None and not 1 <= len(value) <= 128:
+            raise _schema(f"metadata.{name} must be 1 to 128 characters.", f"{name}-invalid")
+    if _has_nul(meta) or _has_nul(event.data):
+        raise _schema(
+            "A text field holds the NUL character (code 0), which no Likvärd text may hold.",
+            "nul-character",
+        )
+    traceparent = meta.get("traceparent")
+    if traceparent is not None and not _TRACEPARENT.match(traceparent):
+        raise _schema(
+            "metadata.traceparent must be a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)"
+            " or null.",
+            "traceparent-invalid",
+        )
+    if not is_district(meta["district"]):
+        raise Rejected(
+            "rule",
+            "unknown-district",
+            "metadata.district is not a known district code (see the districts of the"
+            " city's reference data).",
+        )
+    if meta["occurred_at"] > now + FUTURE_TOLERANCE:
+        raise Rejected(
+            "rule",
+            "occurred-in-future",
+            "metadata.occurred_at is in the future: an event records what has happened.",
+        )
+    return event
+
+
+# --- the rule stage: one service's rules ------------------------------------------------
+@dataclass(frozen=True)
+class StreamView:
+    """A stream as the rules see it: its folded state, its version, and the case its events
+    belong to (None for a stream not yet started)."""
+
+    state: Any
+    version: int
+    case_id: str | None
+
+
+class IngestRules(Protocol):
+    """What a service supplies to judge its district events (`services/*/ingest.py`)."""
+
+    @property
+    def service(self) -> str: ...
+
+    def stream_id(self, event: Incoming) -> str:
+        """The stream the event belongs to; raises DomainError if it names none."""
+        ...
+
+    def needs_case(self, event: Incoming) -> bool:
+        """Whether deciding needs what the service knows of the case (from intake)."""
+        ...
+
+    def decide(
+        self, event: Incoming, stream: StreamView, case: KnownCase | None
+    ) -> Sequence[DomainEventLike]:
+        """The events the service's decider makes of it: the event itself first, then any
+        Likvärd derives; [] if it changes nothing (a repeat). Raises DomainError."""
+        ...
+
+    def district(self, event: Incoming, state: Any, case: KnownCase | None) -> str | None:
+        """The district responsible (for the metadata), None for the service's default."""
+        ...
+
+
+def derived_event_id(event_id: str, index: int, event_type: str) -> uuid.UUID:
+    """The id of the index-th event Likvärd derives from an ingested one (deterministic)."""
+    return uuid.uuid5(DERIVED_NAMESPACE, f"{event_id}:{index}:{event_type}")
+
+
+def check_matches(event: Incoming, decided: Sequence[DomainEventLike]) -> None:
+    """The decider must make exactly the event the district system sent: fields Likvärd
+    derives (a transfer's from_district, a referral's districts ...) must agree."""
+    if not decided:
+        return
+    first = decided[0]
+    if first.type != event.event_type:
+        raise RuntimeError(f"the rules made a {first.type} of a {event.event_type}")
+    differ = sorted(
+        name
+        for name in set(first.data) | set(event.data)
+        if first.data.get(name) != event.data.get(name)
+    )
+    if differ:
+        raise Rejected(
+            "rule",
+            "derived-fields-differ",
+            f"The field(s) {', '.join(differ)} of this {event.event_type} do not match what"
+            " Likvärd derives from the case's history and the city's reference data.",
+        )
+
+
+# --- outcomes ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one record: stored, skipped as a duplicate, or dead-lettered."""
+
+    record: SourceRecord
+    status: Status
+    event_id: str | None = None
+    event_type: str | None = None
+    rejection: Rejected | None = None
+    stored: int = 0
+    """Events appended (an accepted ReferralRequested may bring ReferredAcrossDistrict)."""
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    outcomes: list[Outcome]
+    """One per record this service judged, in the batch's order."""
+    skipped: int
+    """Records other services judge."""
+
+    @property
+    def dead_letters(self) -> list[Outcome]:
+        return [o for o in self.outcomes if o.status == "dead-lettered"]
+
+    def count(self, status: Status) -> int:
+        return sum(1 for o in self.outcomes if o.status == status)
+
+
+_Comparable = tuple[str, str, dict[str, Any]]
+"""(event type, case id, payload): what makes two events with one id the same event."""
+
+
+@dataclass
+class _Pending:
+    index: int
+    record: SourceRecord
+    event: Incoming
+
+
+# --- the processor: one batch, no Kafka --------------------------------------------------
+class IngestProcessor:
+    """Judges batches of ingest records for one service and stores the accepted events.
+
+    It touches PostgreSQL only (the service's event store and what it knows of cases); the
+    worker around it reads Kafka and writes the dead letters."""
+
+    def __init__(
+        self,
+        streams: StreamService[Any, Any, Any],
+        rules: IngestRules,
+        catalogue: Catalogue,
+        is_district: Callable[[str], bool],
+        *,
+        directory: CaseDirectory | None = None,
+        case_wait: float = 5.0,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.streams = streams
+        self.store = streams.store
+        self.rules = rules
+        self.service = rules.service
+        self.catalogue = catalogue
+        self.is_district = is_district
+        self.directory = directory
+        self.case_wait = case_wait
+        self.clock = clock
+        self.owners = {t: catalogue.owner(t) for t in catalogue.event_types()}
+        self._tracer = telemetry.tracer("likvard.ingest")
+
+    def owns(self, record: SourceRecord) -> bool:
+        return owner_of(record, self.catalogue, self.owners) == self.service
+
+    def process(self, records: Sequence[SourceRecord]) -> BatchResult:
+        """Judge a batch; stores what is accepted. Raises only on an outage (database),
+        after which the whole batch may be judged again safely."""
+        now = self.clock()
+        outcomes: dict[int, Outcome] = {}
+        pending: dict[str, list[_Pending]] = {}
+        skipped = 0
+        for index, record in enumerate(records):
+            if not self.owns(record):
+                skipped += 1
+                continue
+            try:
+                event = open_envelope(record, self.catalogue, self.is_district, now)
+                stream_id = self.rules.stream_id(event)
+            except Rejected as rejected:
+                outcomes[index] = _dead(record, rejected)
+                continue
+            except DomainError as exc:
+                outcomes[index] = _dead(record, Rejected("rule", exc.code, exc.detail))
+                continue
+            except Exception as exc:  # a bug must not stop the partition or lose the record
+                outcomes[index] = _dead(record, _internal(exc))
+                continue
+            pending.setdefault(stream_id, []).append(_Pending(index, record, event))
+        if pending:
+            outcomes.update(self._judge(pending))
+        return BatchResult([outcomes[i] for i in sorted(outcomes)], skipped)
+
+    def _judge(self, pending: dict[str, list[_Pending]]) -> dict[int, Outcome]:
+        items = [p for ps in pending.values() for p in ps]
+        ids = {uuid.UUID(p.event.event_id) for p in items}
+        seen = {str(k): self._comparable(v) for k, v in self.store.find_events(list(ids)).items()}
+        cases = self._cases(
+            sorted({p.event.case_id for p in items if self.rules.needs_case(p.event)})
+        )
+        stored = self.store.read_streams(list(pending))
+        outcomes: dict[int, Outcome] = {}
+        for stream_id, stream_items in pending.items():
+            outcomes.update(self._stream(stream_id, stream_items, stored[stream_id], seen, cases))
+        return outcomes
+
+    def _comparable(self, stored: StoredEvent) -> _Comparable:
+        record = dict(self.catalogue.decode(stored.data).record)
+        metadata = record.pop("metadata")
+        return stored.event_type, str(metadata["case_id"]), record
+
+    def _cases(self, case_ids: list[str]) -> dict[str, KnownCase]:
+        """What the service knows of these cases, waiting (once for the whole batch) up to
+        `case_wait` seconds for any whose intake event is still on its way."""
+        if not case_ids or self.directory is None:
+            return {}
+        return self.directory.wait_for_many(self.store.pool, case_ids, self.case_wait)
+
+    def _stream(
+        self,
+        stream_id: str,
+        items: list[_Pending],
+        stored: list[StoredEvent],
+        seen: dict[str, _Comparable],
+        cases: Mapping[str, KnownCase],
+    ) -> dict[int, Outcome]:
+        """Decide a stream's records in order on its state, then append what is accepted at
+        the version decided on; on a concurrent write, decide again on the new state."""
+        for _attempt in range(STREAM_ATTEMPTS):
+            new_events, outcomes, accepted = self._decide(stream_id, items, stored, seen, cases)
+            try:
+                if new_events:
+                    self.store.append(stream_id, len(stored), new_events)
+            except ConcurrencyError:
+                stored = self.store.read_stream(stream_id)
+                continue
+            except psycopg.errors.UniqueViolation:
+                # Another worker stored one of these event ids meanwhile: they are repeats.
+                ids = [uuid.UUID(p.event.event_id) for p in items]
+                found = self.store.find_events(ids)
+                seen.update({str(k): self._comparable(v) for k, v in found.items()})
+                stored = self.store.read_stream(stream_id)
+                continue
+            except (EncodeError, psycopg.DataError) as exc:
+                # Something accepted cannot be stored: find which, without losing the rest.
+                return self._one_by_one(stream_id, items, seen, cases, exc)
+            seen.update(accepted)
+            return outcomes
+        raise RuntimeError(f"stream {stream_id} kept changing while its events were ingested")
+
+    def _one_by_one(
+        self,
+        stream_id: str,
+        items: list[_Pending],
+        seen: dict[str, _Comparable],
+        cases: Mapping[str, KnownCase],
+        exc: Exception,
+    ) -> dict[int, Outcome]:
+        if len(items) == 1:
+            return {items[0].index: _dead(items[0].record, _internal(exc), items[0].event)}
+        outcomes: dict[int, Outcome] = {}
+        for p in items:
+            stored = self.store.read_stream(stream_id)
+            outcomes.update(self._stream(stream_id, [p], stored, seen, cases))
+        return outcomes
+
+    def _decide(
+        self,
+        stream_id: str,
+        items: list[_Pending],
+        stored: list[StoredEvent],
+        seen: Mapping[str, _Comparable],
+        cases: Mapping[str, KnownCase],
+    ) -> tuple[list[NewEvent], dict[int, Outcome], dict[str, _Comparable]]:
+        state = self.streams.fold(stored)
+        case_id = str(stored[0].metadata["case_id"]) if stored else None
+        new_events: list[NewEvent] = []
+        outcomes: dict[int, Outcome] = {}
+        accepted: dict[str, _Comparable] = {}
+        for p in items:
+            event, meta = p.event, p.event.metadata
+            this: _Comparable = (event.event_type, event.case_id, event.data)
+            prior = accepted.get(event.event_id) or seen.get(event.event_id)
+            if prior is not None:
+                outcomes[p.index] = (
+                    Outcome(p.record, "duplicate", event.event_id, event.event_type)
+                    if prior == this
+                    else _dead(p.record, _reused_id(), event)
+                )
+                continue
+            case = cases.get(event.case_id)
+            parent = telemetry.context_from_traceparent(_traceparent(p.record, meta))
+            with self._tracer.start_as_current_span(
+                f"ingest {event.event_type}",
+                context=parent,
+                kind=trace.SpanKind.CONSUMER,
+                attributes={
+                    "messaging.system": "kafka",
+                    "messaging.source.name": p.record.topic,
+                    "messaging.kafka.partition": p.record.partition,
+                    "messaging.kafka.offset": p.record.offset,
+                    "likvard.event_type": event.event_type,
+                    "likvard.event_id": event.event_id,
+                },
+            ) as span:
+                try:
+                    view = StreamView(state, len(stored) + len(new_events), case_id)
+                    decided = list(self.rules.decide(event, view, case))
+                    check_matches(event, decided)
+                except Rejected as rejected:
+                    outcomes[p.index] = _dead(p.record, rejected, event)
+                    span.set_attribute("likvard.outcome", f"dead-lettered:{rejected.code}")
+                    continue
+                except DomainError as exc:
+                    outcomes[p.index] = _dead(
+                        p.record, Rejected("rule", exc.code, exc.detail), event
+                    )
+                    span.set_attribute("likvard.outcome", f"dead-lettered:{exc.code}")
+                    continue
+                except Exception as exc:
+                    outcomes[p.index] = _dead(p.record, _internal(exc), event)
+                    span.set_attribute("likvard.outcome", "dead-lettered:internal-error")
+                    continue
+                traceparent = telemetry.current_traceparent()
+                span.set_attribute("likvard.outcome", "accepted" if decided else "duplicate")
+            if not decided:  # the decider's own idempotency: nothing new
+                outcomes[p.index] = Outcome(p.record, "duplicate", event.event_id, event.event_type)
+                continue
+            for n, domain_event in enumerate(decided):
+                state = self.streams.evolve(state, domain_event)
+                district = self.rules.district(event, state, case)
+                new_events.append(
+                    NewEvent(
+                        event_type=domain_event.type,
+                        data=domain_event.data,
+                        occurred_at=domain_event.occurred_at,
+                        district=district or self.streams.district_of(state, domain_event),
+                        actor=meta["actor"],
+                        correlation_id=meta["correlation_id"],
+                        causation_id=meta.get("causation_id") if n == 0 else event.event_id,
+                        traceparent=traceparent,
+                        case_id=event.case_id,
+                        event_id=(
+                            uuid.UUID(event.event_id)
+                            if n == 0
+                            else derived_event_id(event.event_id, n, domain_event.type)
+                        ),
+                        producer=meta["producer"],
+                    )
+                )
+            case_id = case_id or event.case_id
+            accepted[event.event_id] = this
+            outcomes[p.index] = Outcome(
+                p.record, "accepted", event.event_id, event.event_type, stored=len(decided)
+            )
+        return new_events, outcomes, accepted
+
+
+def _traceparent(record: SourceRecord, meta: Mapping[str, Any]) -> str | None:
+    """The sender's trace: the record's traceparent header, else the event's metadata."""
+    for value in record.header_values("traceparent"):
+        text = (value or b"").decode("utf-8", errors="replace")
+        if _TRACEPARENT.match(text):
+            return text
+    found = meta.get("traceparent")
+    return found if isinstance(found, str) else None
+
+
+def _reused_id() -> Rejected:
+    return Rejected(
+        "rule",
+        "event-id-reused",
+        "Another event with this event id is already stored (of another type, case or"
+        " content): every event needs an id of its own; a repeat must be byte-for-byte the"
+        " same event.",
+    )
+
+
+def _dead(record: SourceRecord, rejected: Rejected, event: Incoming | None = None) -> Outcome:
+    return Outcome(
+        record,
+        "dead-lettered",
+        event.event_id if event else None,
+        event.event_type if event else None,
+        rejection=rejected,
+    )
+
+
+# --- counting ---------------------------------------------------------------------------
+@dataclass
+class IngestStats:
+    accepted: int = 0
+    duplicates: int = 0
+    dead_lettered: Counter[str] = field(default_factory=Counter)
+    """By stage."""
+    skipped: int = 0
+    stored_events: int = 0
+    batches: int = 0
+    failures: int = 0
+
+    @property
+    def judged(self) -> int:
+        return self.accepted + self.duplicates + sum(self.dead_lettered.values())
+
+
+class IngestMetrics:
+    """The OpenTelemetry instruments of an ingest worker."""
+
+    def __init__(self, meter: metrics.Meter, service: str) -> None:
+        self.service = service
+        self.records = meter.create_counter(
+            "likvard.ingest.records",
+            unit="{record}",
+            description="District records judged by the ingest worker, by outcome"
+            " (accepted, duplicate, dead_lettered) and, for dead letters, stage.",
+        )
+
+    def count(self, result: BatchResult) -> None:
+        counts: Counter[tuple[str, str]] = Counter(
+            (o.status.replace("-", "_"), o.rejection.stage if o.rejection else "")
+            for o in result.outcomes
+        )
+        for (outcome, stage), n in counts.items():
+            attributes = {"service": self.service, "outcome": outcome}
+            if stage:
+                attributes["stage"] = stage
+            self.records.add(n, attributes)
+
+
+# --- the worker: Kafka around the processor ----------------------------------------------
+class DeadLetterSink:
+    """Writes dead letters and waits for the broker's acknowledgement of every one."""
+
+    def __init__(
+        self,
+        bootstrap: str,
+        topic: str,
+        service: str,
+        *,
+        producer_overrides: Mapping[str, Any] | None = None,
+        producer_factory: Callable[[dict[str, Any]], Producer] = Producer,
+        flush_timeout: float = 20.0,
+    ) -> None:
+        self.bootstrap = bootstrap
+        self.topic = topic
+        self.service = service
+        self.overrides = dict(producer_overrides or {})
+        self.factory = producer_factory
+        self.flush_timeout = flush_timeout
+        self._producer: Producer | None = None
+
+    def _get(self) -> Producer:
+        if self._producer is None:
+            self._producer = self.factory(producer_config(self.bootstrap, **self.overrides))
+        return self._producer
+
+    def send(self, outcomes: Sequence[Outcome]) -> None:
+        """Raises DeadLetterError unless the broker acknowledged every dead letter (the
+        producer is rebuilt then: an idempotent producer stalls after a broker restart)."""
+        if not outcomes:
+            return
+        producer = self._get()
+        results: dict[int, KafkaError | None] = {}
+
+        def on_delivery(n: int) -> Callable[[KafkaError | None, Message], None]:
+            def callback(err: KafkaError | None, _msg: Message) -> None:
+                results[n] = err
+
+            return callback
+
+        failed_at = datetime.now(UTC)
+        for n, o in enumerate(outcomes):
+            assert o.rejection is not None
+            r = o.record
+            headers = dlq.dead_letter_headers(
+                r.headers,
+                stage=o.rejection.stage,
+                code=o.rejection.code,
+                reason=o.rejection.reason,
+                service=self.service,
+                source=(r.topic, r.partition, r.offset),
+                failed_at=failed_at,
+            )
+            produce(producer, self.topic, r.key, r.value, headers, on_delivery(n))
+        producer.flush(self.flush_timeout)
+        failed = [n for n in range(len(outcomes)) if n not in results or results[n] is not None]
+        if failed:
+            first = next((e for e in results.values() if e is not None), "no delivery report")
+            self.close(purge=True)
+            raise dlq.DeadLetterError(
+                f"{len(failed)} of {len(outcomes)} dead letters were not acknowledged ({first})"
+            )
+
+    def close(self, *, purge: bool = False) -> None:
+        old, self._producer = self._producer, None
+        if old is None:
+            return
+        try:
+            if purge:
+                old.purge()
+            old.flush(0 if purge else 5)
+        except Exception:  # the producer is being thrown away either way
+            log.debug("closing the dead-letter producer failed", exc_info=True)
+
+
+class IngestWorker:
+    """Consumes the ingest topic as one member of the service's consumer group."""
+
+    def __init__(
+        self,
+        processor: IngestProcessor,
+        sink: DeadLetterSink,
+        *,
+        batch_size: int = 500,
+        metrics_: IngestMetrics | None = None,
+    ) -> None:
+        self.processor = processor
+        self.sink = sink
+        self.batch_size = batch_size
+        self.metrics = metrics_
+        self.stats = IngestStats()
+        self._lock = threading.Lock()
+
+    def handle(self, records: Sequence[SourceRecord]) -> BatchResult:
+        """Judge a batch and write its dead letters; raises if either fails (the caller
+        must then not commit the batch's offsets)."""
+        result = self.processor.process(records)
+        self.sink.send(result.dead_letters)
+        self._count(result)
+        for o in result.dead_letters:
+            assert o.rejection is not None
+            log.warning(
+                "dead-lettered %s[%d]@%d (%s, %s/%s)",
+                o.record.topic,
+                o.record.partition,
+                o.record.offset,
+                o.event_type or "unknown type",
+                o.rejection.stage,
+                o.rejection.code,
+            )
+        return result
+
+    def _count(self, result: BatchResult) -> None:
+        with self._lock:
+            s = self.stats
+            s.batches += 1
+            s.skipped += result.skipped
+            s.accepted += result.count("accepted")
+            s.duplicates += result.count("duplicate")
+            s.stored_events += sum(o.stored for o in result.outcomes)
+            for o in result.dead_letters:
+                assert o.rejection is not None
+                s.dead_lettered[o.rejection.stage] += 1
+        if self.metrics is not None:
+            self.metrics.count(result)
+
+    def run(self, consumer: Consumer, topic: str, stop: threading.Event) -> None:
+        """Consume until `stop` is set. A batch's offsets are committed only after it is
+        handled; a failed batch is read again after a pause (what it stored is then a
+        duplicate)."""
+        consumer.subscribe([topic])
+        backoff = 0.5
+        try:
+            while not stop.is_set():
+                messages = consumer.consume(self.batch_size, timeout=0.2)
+                good = []
+                for m in messages:
+                    err = m.error()
+                    if err is None:
+                        good.append(m)
+                    elif err.code() != KafkaError._PARTITION_EOF:
+                        log.warning("consumer error: %s", err)
+                if not good:
+                    continue
+                records = [SourceRecord.from_message(m) for m in good]
+                try:
+                    self.handle(records)
+                except Exception as exc:
+                    with self._lock:
+                        self.stats.failures += 1
+                    log.warning(
+                        "ingest batch failed (%s); reading it again in %.1fs",
+                        type(exc).__name__,
+                        backoff,
+                    )
+                    _rewind(consumer, records)
+                    stop.wait(backoff)
+                    backoff = min(backoff * 2, 10.0)
+                    continue
+                backoff = 0.5
+                _commit(consumer, records)
+        finally:
+            consumer.close()
+            self.sink.close()
+
+
+def _positions(records: Sequence[SourceRecord], first: bool) -> list[TopicPartition]:
+    out: dict[tuple[str, int], int] = {}
+    for r in records:
+        key = (r.topic, r.partition)
+        current = out.get(key)
+        if first:
+            out[key] = r.offset if current is None else min(current, r.offset)
+        else:
+            out[key] = r.offset + 1 if current is None else max(current, r.offset + 1)
+    return [TopicPartition(t, p, o) for (t, p), o in out.items()]
+
+
+def _rewind(consumer: Consumer, records: Sequence[SourceRecord]) -> None:
+    for tp in _positions(records, first=True):
+        try:
+            consumer.seek(tp)
+        except KafkaException as exc:  # no longer assigned: its new owner reads it
+            log.info("could not rewind %s[%d]: %s", tp.topic, tp.partition, exc)
+
+
+def _commit(consumer: Consumer, records: Sequence[SourceRecord]) -> None:
+    try:
+        consumer.commit(offsets=_positions(records, first=False), asynchronous=False)
+    except KafkaException as exc:  # a rebalance: the batch comes again, as duplicates
+        log.warning("committing ingest offsets failed: %s", exc)
+
+
+__all__ = [
+    "DEAD_LETTER_TOPIC",
+    "INGEST_TOPIC",
+    "BatchResult",
+    "DeadLetterSink",
+    "IngestMetrics",
+    "IngestProcessor",
+    "IngestRules",
+    "IngestStats",
+    "IngestWorker",
+    "Outcome",
+    "Rejected",
+    "SourceRecord",
+    "StreamView",
+    "open_envelope",
+    "owner_of",
+]

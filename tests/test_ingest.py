@@ -1,0 +1,199 @@
+"""District systems produce straight to Kafka: valid events reach the owning service's event
+store and topic exactly once; every bad record is in the dead-letter topic with its stage
+and reason; the counts add up with nothing missing."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections import Counter
+from typing import Any
+
+import pytest
+from confluent_kafka import KafkaError, Message, Producer
+
+from likvard import dlq
+from likvard.codec import Catalogue
+from tests.district import DistrictRecord, DistrictSystem, assessment, registered
+from tests.support import IngestStack, Record, consume, wait_for
+
+pytestmark = pytest.mark.integration
+
+
+def produce_all(bootstrap: str, topic: str, records: list[DistrictRecord]) -> list[tuple[int, int]]:
+    """Produce as an outside system would (a plain producer); returns (partition, offset)
+    of each record, in order."""
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    where: dict[int, tuple[int, int]] = {}
+
+    def on_delivery(n: int) -> Any:
+        def callback(err: KafkaError | None, msg: Message) -> None:
+            assert err is None, err
+            where[n] = (int(msg.partition() or 0), int(msg.offset() or 0))
+
+        return callback
+
+    for n, r in enumerate(records):
+        producer.produce(
+            topic, key=r.key, value=r.value, headers=r.headers, on_delivery=on_delivery(n)
+        )
+    assert producer.flush(30) == 0
+    return [where[n] for n in range(len(records))]
+
+
+def unknown_schema(catalogue: Catalogue) -> dict[str, Any]:
+    """AssessmentCompleted with a field the contract does not have: a fingerprint that is
+    not in schemas/ (a district system that changed its copy of the schema)."""
+    schema = catalogue.schema("AssessmentCompleted")
+    schema["fields"].append({"name": "site_code", "type": "string"})
+    return schema
+
+
+def judged(stack: IngestStack) -> int:
+    return sum(w.stats.judged for w in stack.workers.values())
+
+
+def metric_points(stack: IngestStack) -> Counter[tuple[str, str, str]]:
+    """(service, outcome, stage) -> count, from the in-memory metric reader."""
+    counts: Counter[tuple[str, str, str]] = Counter()
+    data = stack.metrics.get_metrics_data()
+    assert data is not None
+    for rm in data.resource_metrics:
+        for sm in rm.scope_metrics:
+            for metric in sm.metrics:
+                if metric.name != "likvard.ingest.records":
+                    continue
+                for point in metric.data.data_points:
+                    a = point.attributes or {}
+                    key = (str(a["service"]), str(a["outcome"]), str(a.get("stage", "")))
+                    counts[key] += int(point.value)  # type: ignore[union-attr]
+    return counts
+
+
+def test_district_records_are_stored_once_or_dead_lettered_with_their_reason(
+    ingest_stack: IngestStack, catalogue: Catalogue
+) -> None:
+    stack = ingest_stack
+    district = DistrictSystem(catalogue)
+    case_a, case_b = str(uuid.uuid4()), str(uuid.uuid4())
+    referral_id = str(uuid.uuid4())
+    first_assessment = district.record("AssessmentCompleted", case_a, assessment())
+    rng = random.Random(7)
+    random_bytes = DistrictRecord(case_a.encode(), bytes(rng.randrange(256) for _ in range(80)))
+    unknown = district.record(
+        "AssessmentCompleted",
+        case_a,
+        {**assessment(), "site_code": "N1"},
+        schema=unknown_schema(catalogue),
+    )
+    on_closed = district.record("AssessmentCompleted", case_a, assessment())
+    records = [
+        district.record("IntakeRegistered", case_a, registered()),
+        first_assessment,
+        first_assessment,  # the district system sent it twice: a duplicate, not an error
+        district.record("CaseClosed", case_a, {"reason": "GOALS_REACHED"}),
+        on_closed,  # a rule violation: an assessment on a closed case
+        unknown,
+        random_bytes,
+        district.record("IntakeRegistered", case_b, registered("cd")),
+        district.record(
+            "ReferralRequested",
+            case_b,
+            {
+                "referral_id": referral_id,
+                "unit_id": "centrum-beroendeteam",
+                "intervention_code": "relapse-prevention-alcohol",
+                "person_district": "nordost",
+                "unit_district": "centrum",
+                "recipient_kind": "CITY_SOCIAL_SERVICES",
+                "consent_id": None,
+                "consent_override": None,
+            },
+        ),
+        district.record(
+            "ChildrenInHouseholdRecorded", case_b, {"number_of_children": 2, "youngest_age": 7}
+        ),
+    ]
+    where = produce_all(stack.settings.kafka_bootstrap or "", stack.ingest_topic, records)
+
+    wait_for(lambda: judged(stack) >= len(records), 60, "every record to be judged")
+    valid = [r for r in records if r not in (on_closed, unknown, random_bytes)]
+    valid_ids = {r.event_id for r in valid}
+
+    # Counts add up with nothing missing: each record judged by exactly one service.
+    assert judged(stack) == len(records)
+    stats = {s: w.stats for s, w in stack.workers.items()}
+    assert sum(s.accepted for s in stats.values()) == len(valid_ids) == 6
+    assert sum(s.duplicates for s in stats.values()) == 1
+    dead = Counter[str]()
+    for s in stats.values():
+        dead.update(s.dead_lettered)
+    assert dead == Counter({"decode": 1, "schema": 1, "rule": 1})
+    for service, s in stats.items():
+        assert s.skipped == len(records) - s.judged, service
+
+    # The valid ones are in the owning service's event store exactly once ...
+    stored = {service: [e for e in store.read_all()] for service, store in stack.stores.items()}
+    by_id = Counter(str(e.event_id) for events in stored.values() for e in events)
+    assert {i for i in valid_ids if by_id[i] == 1} == valid_ids
+    assert [e.event_type for e in stored["intake"] if e.stream_id == case_a] == [
+        "IntakeRegistered",
+        "AssessmentCompleted",
+        "CaseClosed",
+    ]
+    assert [e.event_type for e in stored["referral"]] == [
+        "ReferralRequested",
+        "ReferredAcrossDistrict",  # Likvärd's own conclusion, caused by the district's event
+    ]
+    assert stored["referral"][1].metadata["causation_id"] == records[8].event_id
+    assert [e.event_type for e in stored["followup"]] == ["ChildrenInHouseholdRecorded"]
+    assert stored["followup"][0].metadata["district"] == "nordost"  # the case's, as for HTTP
+    ingested = stored["intake"][0].metadata
+    assert ingested["producer"] == district.producer  # provenance kept
+    assert ingested["actor"] == district.actor
+
+    # ... and on its topic exactly once (the relay publishes what the store holds).
+    expected = {"intake": 4, "referral": 2, "followup": 1}
+    published: list[Record] = []
+    for service, n in expected.items():
+        records_on_topic = consume(
+            stack.settings.kafka_bootstrap or "", stack.topics[service], at_least=n
+        )
+        assert len(records_on_topic) == n, service
+        published += records_on_topic
+    published_ids = Counter(r.headers["event_id"].decode() for r in published)
+    assert set(published_ids) >= valid_ids
+    assert all(n == 1 for n in published_ids.values())
+
+    # Each bad one is in the dead-letter topic, unchanged, with the right stage and reason.
+    letters = consume(stack.settings.kafka_bootstrap or "", stack.dead_letter_topic, at_least=3)
+    assert len(letters) == 3
+    got = {x.headers[dlq.STAGE].decode(): x for x in letters}
+    assert set(got) == {"decode", "schema", "rule"}
+    for stage, bad in (("decode", random_bytes), ("schema", unknown), ("rule", on_closed)):
+        letter = got[stage]
+        assert letter.value == bad.value and letter.key == bad.key
+        index = records.index(bad)
+        assert letter.headers[dlq.SOURCE_TOPIC].decode() == stack.ingest_topic
+        assert int(letter.headers[dlq.SOURCE_PARTITION]) == where[index][0]
+        assert int(letter.headers[dlq.SOURCE_OFFSET]) == where[index][1]
+        assert letter.headers[dlq.REASON].decode().endswith(".")
+    assert got["decode"].headers[dlq.CODE] == b"not-single-object"
+    assert b"single-object marker" in got["decode"].headers[dlq.REASON]
+    assert got["schema"].headers[dlq.CODE] == b"unknown-schema"
+    assert b"fingerprint" in got["schema"].headers[dlq.REASON]
+    assert got["rule"].headers[dlq.CODE] == b"case-closed"
+    assert b"The case is closed" in got["rule"].headers[dlq.REASON]
+    assert got["rule"].headers[dlq.SERVICE] == b"intake"
+    assert got["rule"].headers["event_id"].decode() == on_closed.event_id  # own headers kept
+
+    # The metrics say the same.
+    points = metric_points(stack)
+    assert points[("intake", "accepted", "")] == 4
+    assert points[("referral", "accepted", "")] == 1
+    assert points[("followup", "accepted", "")] == 1
+    assert points[("intake", "duplicate", "")] == 1
+    assert points[("intake", "dead_lettered", "decode")] == 1
+    assert points[("intake", "dead_lettered", "schema")] == 1
+    assert points[("intake", "dead_lettered", "rule")] == 1
+    assert sum(points.values()) == len(records)
