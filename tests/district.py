@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+from confluent_kafka import KafkaError, Message, Producer
 from fastavro import parse_schema, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
@@ -102,3 +103,24 @@ def assessment(assessment_id: str | None = None) -> dict[str, Any]:
         "scores": [{"scale": "total", "value": 21}],
         "need_level": "HIGH",
     }
+
+
+def produce_all(bootstrap: str, topic: str, records: list[DistrictRecord]) -> list[tuple[int, int]]:
+    """Produce as an outside system would (a plain producer); returns (partition, offset)
+    of each record, in order."""
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    where: dict[int, tuple[int, int]] = {}
+
+    def on_delivery(n: int) -> Any:
+        def callback(err: KafkaError | None, msg: Message) -> None:
+            assert err is None, err
+            where[n] = (int(msg.partition() or 0), int(msg.offset() or 0))
+
+        return callback
+
+    for n, r in enumerate(records):
+        producer.produce(
+            topic, key=r.key, value=r.value, headers=r.headers, on_delivery=on_delivery(n)
+        )
+    assert producer.flush(30) == 0
+    return [where[n] for n in range(len(records))]

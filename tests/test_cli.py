@@ -7,6 +7,7 @@ import re
 import signal
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import httpx
@@ -14,8 +15,10 @@ import psutil
 import psycopg
 import pytest
 
+from likvard.codec import Catalogue
 from likvard.devstack import free_port
 from services.projections import readmodels
+from tests.district import DistrictSystem, produce_all, registered
 from tests.support import consume, wait_for
 
 pytestmark = pytest.mark.integration
@@ -57,6 +60,8 @@ def test_up_runs_the_stack_and_stops_cleanly(tmp_path: Path) -> None:
         assert proc.poll() is None, log.read_text()
         descendants = psutil.Process(proc.pid).children(recursive=True)
         assert len(descendants) >= 3  # broker, service, relay (and PostgreSQL)
+        names = {" ".join(p.cmdline()[-2:]) for p in descendants if p.is_running()}
+        assert {"ingest intake", "ingest referral", "ingest followup"} <= names
 
         r = httpx.post(
             f"http://127.0.0.1:{port}/cases",
@@ -99,6 +104,20 @@ def test_up_runs_the_stack_and_stops_cleanly(tmp_path: Path) -> None:
         )
         events = httpx.get(timeline, timeout=5).json()
         assert [e["event_type"] for e in events] == ["IntakeRegistered"]
+        # A district system's event on the ingest topic reaches the intake service's store
+        # through its ingest worker (`likvard ingest intake`, started by `up`).
+        district_case = str(uuid.uuid4())
+        record = DistrictSystem(Catalogue.load()).record(
+            "IntakeRegistered", district_case, registered()
+        )
+        produce_all(f"127.0.0.1:{broker_port}", "likvard.district-ingest.v1", [record])
+        events_url = f"http://127.0.0.1:{port}/cases/{district_case}/events"
+        wait_for(
+            lambda: httpx.get(events_url, timeout=5).status_code == 200,
+            60,
+            "the district's event in the intake service",
+        )
+        assert httpx.get(events_url, timeout=5).json()[0]["event_id"] == record.event_id
         # The printed settings reach the same stack from another process.
         exported = re.search(
             r"export LIKVARD_DATABASE_URL='([^']+)' KAFKA_BOOTSTRAP_SERVERS=(\S+)", log.read_text()

@@ -14,9 +14,14 @@ import pytest
 
 from likvard import dlq
 from likvard.codec import Catalogue
-from tests.district import DistrictRecord, DistrictSystem, assessment, registered
+from tests.district import (
+    DistrictRecord,
+    DistrictSystem,
+    assessment,
+    produce_all,
+    registered,
+)
 from tests.support import IngestStack, wait_for
-from tests.test_ingest import produce_all
 
 pytestmark = pytest.mark.integration
 

@@ -10,35 +10,19 @@ from collections import Counter
 from typing import Any
 
 import pytest
-from confluent_kafka import KafkaError, Message, Producer
 
 from likvard import dlq
 from likvard.codec import Catalogue
-from tests.district import DistrictRecord, DistrictSystem, assessment, registered
+from tests.district import (
+    DistrictRecord,
+    DistrictSystem,
+    assessment,
+    produce_all,
+    registered,
+)
 from tests.support import IngestStack, Record, consume, wait_for
 
 pytestmark = pytest.mark.integration
-
-
-def produce_all(bootstrap: str, topic: str, records: list[DistrictRecord]) -> list[tuple[int, int]]:
-    """Produce as an outside system would (a plain producer); returns (partition, offset)
-    of each record, in order."""
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
-    where: dict[int, tuple[int, int]] = {}
-
-    def on_delivery(n: int) -> Any:
-        def callback(err: KafkaError | None, msg: Message) -> None:
-            assert err is None, err
-            where[n] = (int(msg.partition() or 0), int(msg.offset() or 0))
-
-        return callback
-
-    for n, r in enumerate(records):
-        producer.produce(
-            topic, key=r.key, value=r.value, headers=r.headers, on_delivery=on_delivery(n)
-        )
-    assert producer.flush(30) == 0
-    return [where[n] for n in range(len(records))]
 
 
 def unknown_schema(catalogue: Catalogue) -> dict[str, Any]:
