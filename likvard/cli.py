@@ -209,11 +209,13 @@ def ingest(
     batch_size: int = typer.Option(
         500, min=1, envvar="LIKVARD_INGEST_BATCH_SIZE", help="Records per batch"
     ),
+    schema: str = typer.Option(None, help="The service's event-store schema (default: its name)"),
 ) -> None:
     """Judge district systems' records on likvard.district-ingest.v1 whose event types
     SERVICE owns: store the valid ones, dead-letter the rest with the reason."""
     import importlib
 
+    import psycopg
     from confluent_kafka import Consumer
 
     from likvard import telemetry
@@ -233,9 +235,11 @@ def ingest(
         bootstrap = settings.require_kafka()
         settings.require_database()
         module, _, func = INGESTERS[service].partition(":")
-        processor = getattr(importlib.import_module(module), func)(settings)
+        processor = getattr(importlib.import_module(module), func)(settings, schema or service)
     except ConfigError as exc:
         raise _fail(str(exc)) from exc
+    except psycopg.OperationalError as exc:
+        raise _fail(f"cannot reach the database: {exc}", 1) from exc
     telemetry.setup_tracing(f"{service}-ingest")
     telemetry.setup_metrics(f"{service}-ingest")
     stop = _stop_on_signals()

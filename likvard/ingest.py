@@ -56,6 +56,7 @@ from likvard.codec import (
 )
 from likvard.domain import DomainError
 from likvard.eventstore import ConcurrencyError, NewEvent, StoredEvent
+from likvard.faults import fault_point
 from likvard.inbox import Incoming
 from likvard.known_cases import CaseDirectory, KnownCase
 from likvard.pseudonym import InvalidIdentityNumber, normalise
@@ -817,7 +818,9 @@ class IngestWorker:
         """Judge a batch and write its dead letters; raises if either fails (the caller
         must then not commit the batch's offsets)."""
         result = self.processor.process(records)
+        fault_point("ingest.after_store")
         self.sink.send(result.dead_letters)
+        fault_point("ingest.before_commit")
         self._count(result)
         for o in result.dead_letters:
             assert o.rejection is not None
