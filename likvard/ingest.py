@@ -80,8 +80,9 @@ STREAM_ATTEMPTS = 5
 Stage = Literal["decode", "schema", "rule", "internal"]
 Status = Literal["accepted", "duplicate", "dead-lettered"]
 
-_ID = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
-_TRACEPARENT = re.compile(r"^[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}$")
+_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
+_TRACEPARENT = re.compile(r"[0-9a-f]{2}-[0-9a-f]{32}-[0-9a-f]{16}-[0-9a-f]{2}")
+"""Both used with fullmatch (`$` would let a trailing newline through)."""
 
 
 # --- records and refusals ----------------------------------------------------------------
@@ -193,6 +194,15 @@ def _schema(reason: str, code: str) -> Rejected:
     return Rejected("schema", code, reason)
 
 
+def _same(name: str, raw: bytes | None, expected: str) -> bool:
+    """A header equals the event's value; an event id in upper case is the same id (Avro
+    reads uuids in lowercase)."""
+    if raw is None:
+        return False
+    text = raw.decode("utf-8", errors="replace")
+    return (text.lower() if name == "event_id" else text) == expected
+
+
 def _one_header(record: SourceRecord, name: str, expected: str) -> None:
     values = record.header_values(name)
     if not values:
@@ -201,7 +211,7 @@ def _one_header(record: SourceRecord, name: str, expected: str) -> None:
             f" {name} in a header of that name.",
             "header-missing",
         )
-    if any(v is None or v.decode("utf-8", errors="replace") != expected for v in values):
+    if not all(_same(name, v, expected) for v in values):
         raise _schema(
             f"The '{name}' header does not equal the event's {name} in its metadata.",
             "header-mismatch",
@@ -209,7 +219,7 @@ def _one_header(record: SourceRecord, name: str, expected: str) -> None:
 
 
 def _check_id(value: str, what: str, code: str) -> None:
-    if not _ID.match(value):
+    if not _ID.fullmatch(value):
         raise _schema(
             f"metadata.{what} must be 1 to 64 letters, digits or . _ : - (a pseudonymous id,"
             " never a name).",
@@ -253,10 +263,10 @@ def open_envelope(
     _one_header(record, "event_type", event.event_type)
     _one_header(record, "event_id", event.event_id)
     try:
-        canonical = str(uuid.UUID(event.case_id))
+        canonical = str(uuid.UUID(event.case_id)) == event.case_id
     except ValueError:
-        canonical = ""
-    if canonical != event.case_id:
+        canonical = False
+    if not canonical:
         raise _schema(
             "metadata.case_id must be the case's UUID in canonical form (lowercase, with hyphens).",
             "case-id-not-uuid",
@@ -297,7 +307,7 @@ def open_envelope(
             "nul-character",
         )
     traceparent = meta.get("traceparent")
-    if traceparent is not None and not _TRACEPARENT.match(traceparent):
+    if traceparent is not None and not _TRACEPARENT.fullmatch(traceparent):
         raise _schema(
             "metadata.traceparent must be a W3C traceparent (00-<32 hex>-<16 hex>-<2 hex>)"
             " or null.",
@@ -653,7 +663,7 @@ def _traceparent(record: SourceRecord, meta: Mapping[str, Any]) -> str | None:
     """The sender's trace: the record's traceparent header, else the event's metadata."""
     for value in record.header_values("traceparent"):
         text = (value or b"").decode("utf-8", errors="replace")
-        if _TRACEPARENT.match(text):
+        if _TRACEPARENT.fullmatch(text):
             return text
     found = meta.get("traceparent")
     return found if isinstance(found, str) else None

@@ -181,3 +181,57 @@ def test_district_records_are_stored_once_or_dead_lettered_with_their_reason(
     assert points[("intake", "dead_lettered", "schema")] == 1
     assert points[("intake", "dead_lettered", "rule")] == 1
     assert sum(points.values()) == len(records)
+
+
+def test_a_concurrent_write_makes_the_batch_decide_again_on_the_new_state(
+    database_url: str, new_schema: Any, catalogue: Catalogue
+) -> None:
+    """A case worker closes the case (HTTP) while an ingest batch decides an assessment on
+    it: the batch's append fails on the stream version, it decides again on the closed
+    case, and refuses the assessment. Never a lost update."""
+    from likvard.config import Settings
+    from likvard.ingest import INGEST_TOPIC, SourceRecord, StreamView
+    from likvard.known_cases import KnownCase
+    from services.intake import ingest as intake_ingest
+    from tests.support import closed
+
+    processor = intake_ingest.build(Settings(database_url=database_url), new_schema("i"))
+    store = processor.store
+    rules = processor.rules
+    case = str(uuid.uuid4())
+    district = DistrictSystem(catalogue)
+    decided_on: list[int] = []
+
+    class CaseWorkerMeanwhile:
+        """The intake rules, while a case worker's close lands during the first decision."""
+
+        service = "intake"
+        stream_id = rules.stream_id
+        needs_case = rules.needs_case
+        district = rules.district
+
+        def decide(self, event: Any, stream: StreamView, known: KnownCase | None) -> Any:
+            decided_on.append(stream.version)
+            if len(decided_on) == 1:
+                store.append(case, stream.version, [closed()])
+            return rules.decide(event, stream, known)
+
+    try:
+        first = district.record("IntakeRegistered", case, registered())
+        processor.process([SourceRecord(INGEST_TOPIC, 0, 0, first.key, first.value, _h(first))])
+        processor.rules = CaseWorkerMeanwhile()
+        late = district.record("AssessmentCompleted", case, assessment())
+        result = processor.process(
+            [SourceRecord(INGEST_TOPIC, 0, 1, late.key, late.value, _h(late))]
+        )
+        assert decided_on == [1, 2]  # decided again on the version the close made
+        (outcome,) = result.outcomes
+        assert outcome.status == "dead-lettered" and outcome.rejection is not None
+        assert outcome.rejection.code == "case-closed"
+        assert [e.event_type for e in store.read_stream(case)] == ["IntakeRegistered", "CaseClosed"]
+    finally:
+        store.pool.close()
+
+
+def _h(record: DistrictRecord) -> tuple[tuple[str, bytes | None], ...]:
+    return tuple((k, v.encode() if isinstance(v, str) else v) for k, v in record.headers)

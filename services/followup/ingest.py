@@ -11,7 +11,7 @@ repeat: nothing is stored and the record counts as a duplicate.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any
 
@@ -82,6 +82,9 @@ class FollowUpRules:
 
     service = "followup"
 
+    def __init__(self, is_district: Callable[[str], bool]) -> None:
+        self.is_district = is_district
+
     def stream_id(self, event: Incoming) -> str:
         return event.case_id
 
@@ -97,6 +100,17 @@ class FollowUpRules:
                 "case-not-known",
                 "The follow-up service has not (yet) seen this case from intake. If the case"
                 " was registered a moment ago, retry the record later (likvard dlq retry).",
+            )
+        district = str(event.data.get("district") or "")
+        if (
+            event.event_type == "FollowUpScheduled"
+            and district.strip()
+            and not self.is_district(district)
+        ):
+            # The scheduler takes districts from stored events; a district system's must
+            # be checked, since reports and the due list count by it.
+            raise d.RuleViolation(
+                "unknown-district", "The follow-up's district is not a known district code."
             )
         occurred_at = event.metadata["occurred_at"]
         command = command_for(event.event_type, event.data, occurred_at, event.case_id)
@@ -124,11 +138,12 @@ def build(settings: Settings, schema: str = "followup") -> IngestProcessor:
         directory.migrate(conn)
         conn.commit()
         prepare(conn, schema)
+    districts = DistrictRegistry.load()
     return IngestProcessor(
         make_service(store),
-        FollowUpRules(),
+        FollowUpRules(districts.is_known),
         catalogue,
-        DistrictRegistry.load().is_known,
+        districts.is_known,
         directory=directory,
         case_wait=settings.case_wait_seconds,
     )
