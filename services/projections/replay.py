@@ -39,7 +39,7 @@ from likvard.chain import ChainCheck, RecordBreak
 from likvard.codec import Catalogue, CodecError
 from likvard.db import check_schema_name
 from likvard.inbox import Incoming, decode_event
-from likvard.topic_reader import TopicReader, TopicReadError
+from likvard.topic_reader import TopicReader, TopicReadError, record_headers
 from services.projections import readmodels
 
 CITY_TZ = ZoneInfo("Europe/Stockholm")
@@ -77,9 +77,7 @@ class ReplayResult:
 
 
 def _headers(msg: Message) -> dict[str, bytes]:
-    raw = msg.headers() or []
-    pairs = list(raw.items()) if isinstance(raw, dict) else list(raw)
-    return {str(k): v if isinstance(v, bytes) else str(v or "").encode() for k, v in pairs}
+    return {k: v or b"" for k, v in record_headers(msg)}
 
 
 class _Applier:
