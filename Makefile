@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.bench_relay
 	$(BIN)/python -m bench.bench_projection
 	$(BIN)/python -m bench.bench_replay
+	$(BIN)/python -m bench.bench_ingest
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

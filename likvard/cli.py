@@ -55,6 +55,13 @@ def _fail(message: str, code: int = 2) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _stdout() -> Console:
+    """Standard output for results; piped, tables are not cut to 80 columns."""
+    columns = os.environ.get("COLUMNS", "")
+    wide = max(200, int(columns) if columns.isdigit() else 0)
+    return Console(soft_wrap=True, width=None if sys.stdout.isatty() else wide)
+
+
 def _settings() -> Settings:
     try:
         return load_settings()
@@ -346,7 +353,7 @@ def replay(
 
 def _print_replay(result: ReplayResult) -> None:
     """Summary on stdout (the progress bar is on stderr), so it can be kept as a record."""
-    out = Console(soft_wrap=True)
+    out = _stdout()
     out.print(f"replayed into schema [bold]{result.schema}[/bold] in {result.seconds:.1f}s")
     for topic, n in sorted(result.per_topic.items()):
         out.print(f"  {topic}: {n} records")
@@ -649,7 +656,7 @@ def dlq_list(
     letters = _dead_letters(_settings())
     retried = dlq.retried_by(letters)
     chosen = dlq.select(letters, stage=stage, code=code, service=service, event_type=event_type)
-    out = Console(soft_wrap=True)
+    out = _stdout()
     if as_json:
         for x in chosen:
             out.print_json(
@@ -716,7 +723,7 @@ def dlq_show(
         (letter,) = dlq.find(_dead_letters(_settings()), [letter_id])
     except ValueError as exc:
         raise _fail(str(exc)) from exc
-    out = Console(soft_wrap=True)
+    out = _stdout()
     out.print(f"[bold]dead letter {letter.id}[/bold]: {letter.stage}/{letter.code}")
     out.print(f"  reason:  {letter.reason}")
     out.print(f"  judged by the {letter.service} service at {letter.failed_at}")
@@ -822,7 +829,7 @@ def schemas_list() -> None:
                 w.fingerprint.hex(" "),
                 f"schemas/{w.path}",
             )
-    Console(soft_wrap=True).print(table)
+    _stdout().print(table)
 
 
 @schemas_app.command("export")

@@ -113,23 +113,28 @@ _APPEND_SQL = f"""
 WITH ev AS (
     INSERT INTO {{s}}.events (stream_id, stream_version, event_id, event_type,
         schema_fingerprint, data, metadata, payload, occurred_at, recorded_at, prev_hash, hash)
-    SELECT * FROM unnest(%s::text[], %s::int[], %s::uuid[], %s::text[], %s::bytea[],
-        %s::bytea[], %s::jsonb[], %s::jsonb[], %s::timestamptz[], %s::timestamptz[],
-        %s::bytea[], %s::bytea[])
+    SELECT * FROM unnest(%b::text[], %b::int[], %b::uuid[], %b::text[], %b::bytea[],
+        %b::bytea[], %b::jsonb[], %b::jsonb[], %b::timestamptz[], %b::timestamptz[],
+        %b::bytea[], %b::bytea[])
     RETURNING {_COLUMNS}
 ), ob AS (
     INSERT INTO {{s}}.outbox (global_position, stream_id, stream_version, key, event_id,
         event_type, topic, value, traceparent)
     SELECT global_position, stream_id, stream_version, metadata->>'case_id', event_id,
-        event_type, %s, data, metadata->>'traceparent'
-    FROM ev ORDER BY stream_version
+        event_type, %b, data, metadata->>'traceparent'
+    FROM ev ORDER BY stream_id, stream_version
 ), head AS (
-    UPDATE {{s}}.streams SET version = %s, last_hash = %s WHERE stream_id = %s
+    UPDATE {{s}}.streams s SET version = h.version, last_hash = h.last_hash
+    FROM unnest(%b::text[], %b::int[], %b::bytea[]) AS h(stream_id, version, last_hash)
+    WHERE s.stream_id = h.stream_id
 ), notified AS (
-    SELECT pg_notify(%s, '')
+    SELECT pg_notify(%b, '')
 )
-SELECT ev.* FROM ev, notified ORDER BY ev.stream_version
+SELECT ev.* FROM ev, notified ORDER BY ev.global_position
 """
+"""One statement writes the events of every stream, their outbox rows (in version order per
+stream, which the relay keeps) and the stream heads, and queues the NOTIFY. The arrays go in
+binary (%b): text form would escape every element."""
 
 
 def _row_to_event(row: tuple[Any, ...]) -> StoredEvent:
@@ -213,91 +218,118 @@ class EventStore:
 
         `before_commit` runs inside the transaction after every row is written: the fault
         tests use it to hold a transaction open while others commit."""
-        if not events:
+        return self.append_many(
+            [(stream_id, expected_version, events)], before_commit=before_commit
+        )
+
+    def append_many(
+        self,
+        appends: Sequence[tuple[str, int, Sequence[NewEvent]]],
+        *,
+        before_commit: Callable[[], None] | None = None,
+    ) -> list[StoredEvent]:
+        """`append` for several streams (each at most once) in one transaction: all or none.
+        Raises ConcurrencyError for a stream not at its expected version. Returns the stored
+        events per stream in the order given, each stream's in version order.
+
+        A batch of many streams costs three statements, not three per stream: the new
+        streams are created in one, the others locked in one (in id order, as every writer
+        does, so two batches do not deadlock on each other's streams), then one writes all."""
+        appends = [(s, v, list(e)) for s, v, e in appends if e]
+        if not appends:
             return []
+        if len({s for s, _, _ in appends}) != len(appends):
+            raise ValueError("append_many takes each stream at most once")
         recorded_at = datetime.now(UTC)
-        # Encode before taking the stream lock: the lock is held only for the writes.
+        # Encode before taking the stream locks: they are held only for the writes.
         encoded = [
-            (event, self._encode(stream_id, expected_version + i, event, recorded_at))
-            for i, event in enumerate(events, start=1)
+            (
+                stream_id,
+                expected,
+                [
+                    (event, self._encode(stream_id, expected + i, event, recorded_at))
+                    for i, event in enumerate(events, start=1)
+                ],
+            )
+            for stream_id, expected, events in appends
         ]
         with self.pool.connection() as conn, conn.transaction():
-            prev_hash = self._lock_stream(conn, stream_id, expected_version)
+            heads = self._lock_streams(conn, {s: v for s, v, _ in appends})
             rows: list[tuple[Any, ...]] = []
-            version = expected_version
-            for event, (data, metadata) in encoded:
-                version += 1
-                digest = chain_hash(prev_hash, data)
-                rows.append(
-                    (
-                        stream_id,
-                        version,
-                        event.event_id,
-                        event.event_type,
-                        data[2:10],
-                        data,
-                        to_json(metadata),
-                        to_json(event.data),
-                        event.occurred_at,
-                        recorded_at,
-                        prev_hash,
-                        digest,
+            new_heads: list[tuple[str, int, bytes]] = []
+            for stream_id, expected, items in encoded:
+                prev_hash, version = heads[stream_id], expected
+                for event, (data, metadata) in items:
+                    version += 1
+                    digest = chain_hash(prev_hash, data)
+                    rows.append(
+                        (
+                            stream_id,
+                            version,
+                            event.event_id,
+                            event.event_type,
+                            data[2:10],
+                            data,
+                            to_json(metadata),
+                            to_json(event.data),
+                            event.occurred_at,
+                            recorded_at,
+                            prev_hash,
+                            digest,
+                        )
                     )
-                )
-                prev_hash = digest
-            # One statement writes the events, their outbox rows and the stream head, and
-            # queues the NOTIFY: a round trip per append, not per event.
-            cols = list(zip(*rows, strict=True))
-            stored = [
-                _row_to_event(r)
-                for r in conn.execute(
-                    self._q(_APPEND_SQL),
-                    (
-                        list(cols[0]),
-                        list(cols[1]),
-                        list(cols[2]),
-                        list(cols[3]),
-                        list(cols[4]),
-                        list(cols[5]),
-                        list(cols[6]),
-                        list(cols[7]),
-                        list(cols[8]),
-                        list(cols[9]),
-                        list(cols[10]),
-                        list(cols[11]),
-                        self.topic,
-                        version,
-                        prev_hash,
-                        stream_id,
-                        self.notify_channel,
-                    ),
-                ).fetchall()
-            ]
+                    prev_hash = digest
+                new_heads.append((stream_id, version, prev_hash))
+            cols = [list(c) for c in zip(*rows, strict=True)]
+            head_cols = [list(c) for c in zip(*new_heads, strict=True)]
+            result = conn.execute(
+                self._q(_APPEND_SQL), (*cols, self.topic, *head_cols, self.notify_channel)
+            ).fetchall()
             if before_commit is not None:
                 before_commit()
-        return stored
+        order = {stream_id: n for n, (stream_id, _, _) in enumerate(appends)}
+        stored = [_row_to_event(r) for r in result]
+        return sorted(stored, key=lambda e: (order[e.stream_id], e.stream_version))
 
-    def _lock_stream(self, conn: psycopg.Connection[Any], stream_id: str, expected: int) -> bytes:
-        """Lock the stream row (or create it) so concurrent appends serialise per stream."""
-        if expected == 0:
-            cur = conn.execute(
+    def _lock_streams(
+        self, conn: psycopg.Connection[Any], expected: dict[str, int]
+    ) -> dict[str, bytes]:
+        """Create the new streams and lock the others (or raise ConcurrencyError for the
+        first not at its expected version); returns each stream's last hash."""
+        new = sorted(s for s, v in expected.items() if v == 0)
+        old = sorted(s for s, v in expected.items() if v > 0)
+        heads: dict[str, bytes] = {}
+        if new:
+            created = {
+                r[0]
+                for r in conn.execute(
+                    self._q(
+                        "INSERT INTO {s}.streams (stream_id, version, last_hash)"
+                        " SELECT unnest(%s::text[]), 0, %s"
+                        " ON CONFLICT (stream_id) DO NOTHING RETURNING stream_id"
+                    ),
+                    (new, GENESIS_HASH),
+                ).fetchall()
+            }
+            for stream_id in new:
+                if stream_id not in created:
+                    raise ConcurrencyError(stream_id, 0, self._version(conn, stream_id))
+                heads[stream_id] = GENESIS_HASH
+        if old:
+            rows = conn.execute(
                 self._q(
-                    "INSERT INTO {s}.streams (stream_id, version, last_hash) VALUES (%s, 0, %s)"
-                    " ON CONFLICT (stream_id) DO NOTHING RETURNING version"
+                    "SELECT stream_id, version, last_hash FROM {s}.streams"
+                    " WHERE stream_id = ANY(%s) ORDER BY stream_id FOR UPDATE"
                 ),
-                (stream_id, GENESIS_HASH),
-            )
-            if cur.fetchone() is None:
-                raise ConcurrencyError(stream_id, expected, self._version(conn, stream_id))
-            return GENESIS_HASH
-        row = conn.execute(
-            self._q("SELECT version, last_hash FROM {s}.streams WHERE stream_id = %s FOR UPDATE"),
-            (stream_id,),
-        ).fetchone()
-        actual = 0 if row is None else int(row[0])
-        if row is None or actual != expected:
-            raise ConcurrencyError(stream_id, expected, actual)
-        return bytes(row[1])
+                (old,),
+            ).fetchall()
+            found = {r[0]: (int(r[1]), bytes(r[2])) for r in rows}
+            for stream_id in old:
+                actual, last_hash = found.get(stream_id, (0, GENESIS_HASH))
+                if actual != expected[stream_id]:
+                    raise ConcurrencyError(stream_id, expected[stream_id], actual)
+                heads[stream_id] = last_hash
+        return heads
 
     def _version(self, conn: psycopg.Connection[Any], stream_id: str) -> int:
         row = conn.execute(

@@ -227,6 +227,10 @@ def _check_id(value: str, what: str, code: str) -> None:
         )
 
 
+def _length_ok(text: str) -> bool:
+    return 1 <= len(text) <= 128
+
+
 def _is_identity_number(text: str) -> bool:
     try:
         normalise(text)
@@ -297,10 +301,12 @@ def open_envelope(
             " pseudonymous staff id.",
             "actor-is-identity-number",
         )
-    for name in ("correlation_id", "causation_id"):
-        value = meta.get(name)
-        if value is not None and not 1 <= len(value) <= 128:
-            raise _schema(f"metadata.{name} must be 1 to 128 characters.", f"{name}-invalid")
+    if not _length_ok(meta["correlation_id"]):
+        raise _schema(
+            "metadata.correlation_id must be 1 to 128 characters.", "correlation-id-invalid"
+        )
+    if meta.get("causation_id") is not None and not _length_ok(meta["causation_id"]):
+        raise _schema("metadata.causation_id must be 1 to 128 characters.", "causation-id-invalid")
     if _has_nul(meta) or _has_nul(event.data):
         raise _schema(
             "A text field holds the NUL character (code 0), which no Likvärd text may hold.",
@@ -422,8 +428,9 @@ class BatchResult:
         return sum(1 for o in self.outcomes if o.status == status)
 
 
-_Comparable = tuple[str, str, dict[str, Any]]
-"""(event type, case id, payload): what makes two events with one id the same event."""
+_Comparable = tuple[str, str, datetime, dict[str, Any]]
+"""(event type, case id, when it occurred, payload): what makes two events with one id the
+same event. Who recorded it and the tracing ids may differ between a send and a resend."""
 
 
 @dataclass
@@ -495,6 +502,9 @@ class IngestProcessor:
         return BatchResult([outcomes[i] for i in sorted(outcomes)], skipped)
 
     def _judge(self, pending: dict[str, list[_Pending]]) -> dict[int, Outcome]:
+        """Decide every stream of the batch, then store them all in one transaction; if
+        that meets a concurrent writer (or something that cannot be stored), decide and
+        store stream by stream instead, each on its current state."""
         items = [p for ps in pending.values() for p in ps]
         ids = {uuid.UUID(p.event.event_id) for p in items}
         seen = {str(k): self._comparable(v) for k, v in self.store.find_events(list(ids)).items()}
@@ -502,15 +512,35 @@ class IngestProcessor:
             sorted({p.event.case_id for p in items if self.rules.needs_case(p.event)})
         )
         stored = self.store.read_streams(list(pending))
+        batch_seen = dict(seen)
         outcomes: dict[int, Outcome] = {}
+        appends: list[tuple[str, int, list[NewEvent]]] = []
         for stream_id, stream_items in pending.items():
-            outcomes.update(self._stream(stream_id, stream_items, stored[stream_id], seen, cases))
+            new_events, decided, accepted = self._decide(
+                stream_id, stream_items, stored[stream_id], batch_seen, cases
+            )
+            batch_seen.update(accepted)
+            outcomes.update(decided)
+            appends.append((stream_id, len(stored[stream_id]), new_events))
+        try:
+            self.store.append_many(appends)
+        except (
+            ConcurrencyError,
+            EncodeError,
+            psycopg.DataError,
+            psycopg.errors.UniqueViolation,
+            psycopg.errors.DeadlockDetected,
+        ):
+            outcomes = {}
+            for stream_id, stream_items in pending.items():
+                latest = self.store.read_stream(stream_id)
+                outcomes.update(self._stream(stream_id, stream_items, latest, seen, cases))
         return outcomes
 
     def _comparable(self, stored: StoredEvent) -> _Comparable:
         record = dict(self.catalogue.decode(stored.data).record)
         metadata = record.pop("metadata")
-        return stored.event_type, str(metadata["case_id"]), record
+        return stored.event_type, str(metadata["case_id"]), metadata["occurred_at"], record
 
     def _cases(self, case_ids: list[str]) -> dict[str, KnownCase]:
         """What the service knows of these cases, waiting (once for the whole batch) up to
@@ -582,7 +612,7 @@ class IngestProcessor:
         accepted: dict[str, _Comparable] = {}
         for p in items:
             event, meta = p.event, p.event.metadata
-            this: _Comparable = (event.event_type, event.case_id, event.data)
+            this: _Comparable = (event.event_type, event.case_id, meta["occurred_at"], event.data)
             prior = accepted.get(event.event_id) or seen.get(event.event_id)
             if prior is not None:
                 outcomes[p.index] = (
@@ -673,9 +703,9 @@ def _reused_id() -> Rejected:
     return Rejected(
         "rule",
         "event-id-reused",
-        "Another event with this event id is already stored (of another type, case or"
-        " content): every event needs an id of its own; a repeat must be byte-for-byte the"
-        " same event.",
+        "Another event with this event id is already stored (of another type or case, or"
+        " with another occurred_at or payload): every event needs an id of its own, and a"
+        " repeat must carry the same event.",
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import re
+from datetime import date
 
 _PNR = re.compile(r"^(\d{2})?(\d{6})[-+]?(\d{4})$")
 
@@ -32,9 +33,10 @@ def _luhn_ok(ten_digits: str) -> bool:
     return luhn_check_digit(ten_digits[:9]) == int(ten_digits[9])
 
 
-def normalise(number: str) -> str:
-    """Twelve digits YYYYMMDDNNNC. A ten-digit number is taken as born 1900s if '+' (over
-    100) or if it would otherwise be in the future, as the Tax Agency's convention does."""
+def normalise(number: str, today: date | None = None) -> str:
+    """Twelve digits YYYYMMDDNNNC. A ten-digit number is born on the latest such date that
+    is not after today, a hundred years earlier with '+' (over 100), as the Tax Agency's
+    convention has it."""
     text = number.strip().replace(" ", "")
     m = _PNR.match(text)
     if not m:
@@ -50,8 +52,17 @@ def normalise(number: str) -> str:
     if not (1 <= month <= 12 and 1 <= day <= 31):
         raise InvalidIdentityNumber("the personal identity number does not hold a valid date")
     if century is None:
-        century = "19" if "+" in text or int(date_part[:2]) > 30 else "20"
+        century = _century(int(date_part[:2]), month, day, "+" in text, today or date.today())
     return century + date_part + tail
+
+
+def _century(yy: int, month: int, day: int, plus: bool, today: date) -> str:
+    year = today.year - (today.year - yy) % 100  # the latest year ending in yy, up to now
+    if (year, month, day) > (today.year, today.month, today.day):
+        year -= 100
+    if plus:
+        year -= 100
+    return str(year // 100)
 
 
 def pseudonymise(number: str, secret: bytes) -> str:

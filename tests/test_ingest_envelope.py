@@ -463,7 +463,8 @@ def test_the_actor_may_not_be_a_personal_identity_number(actor: str) -> None:
     ids=["empty-correlation", "long-correlation", "empty-causation"],
 )
 def test_correlation_and_causation_ids_must_be_1_to_128_characters(field: str, value: str) -> None:
-    rejected = refused(valid(**{field: value}), "schema", f"{field}-invalid")
+    code = field.replace("_", "-") + "-invalid"
+    rejected = refused(valid(**{field: value}), "schema", code)
     if value:
         assert value not in rejected.reason
 

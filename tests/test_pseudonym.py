@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import date
+
 import pytest
 
 from likvard.pseudonym import InvalidIdentityNumber, normalise, pseudonymise
@@ -33,3 +35,20 @@ def test_invalid_numbers_are_refused_without_echoing_them(bad: str) -> None:
         normalise(bad)
     if bad:
         assert bad not in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("number", "born"),
+    [
+        ("261130-0001", "20261130"),  # earlier this year: born this year
+        ("261215-0009", "19261215"),  # later this year: a hundred years ago
+        ("280101-0006", "19280101"),  # 2028 would be in the future
+        ("000101-0008", "20000101"),
+        ("990101-0000", "19990101"),
+        ("000101+0008", "19000101"),  # '+': over 100
+    ],
+)
+def test_a_ten_digit_number_is_born_on_the_latest_date_not_in_the_future(
+    number: str, born: str
+) -> None:
+    assert normalise(number, today=date(2026, 12, 1))[:8] == born
