@@ -399,6 +399,19 @@ def check_matches(event: Incoming, decided: Sequence[DomainEventLike]) -> None:
         )
 
 
+def judge(
+    rules: IngestRules, event: Incoming, stream: StreamView, case: KnownCase | None
+) -> list[DomainEventLike]:
+    """The events a service makes of a district event on this stream: decided by its rules
+    and checked to be the event sent. Raises Rejected (stage rule) if it is refused."""
+    try:
+        decided = list(rules.decide(event, stream, case))
+    except DomainError as exc:
+        raise Rejected("rule", exc.code, exc.detail) from None
+    check_matches(event, decided)
+    return decided
+
+
 # --- outcomes ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Outcome:
@@ -638,17 +651,10 @@ class IngestProcessor:
             ) as span:
                 try:
                     view = StreamView(state, len(stored) + len(new_events), case_id)
-                    decided = list(self.rules.decide(event, view, case))
-                    check_matches(event, decided)
+                    decided = judge(self.rules, event, view, case)
                 except Rejected as rejected:
                     outcomes[p.index] = _dead(p.record, rejected, event)
                     span.set_attribute("likvard.outcome", f"dead-lettered:{rejected.code}")
-                    continue
-                except DomainError as exc:
-                    outcomes[p.index] = _dead(
-                        p.record, Rejected("rule", exc.code, exc.detail), event
-                    )
-                    span.set_attribute("likvard.outcome", f"dead-lettered:{exc.code}")
                     continue
                 except Exception as exc:
                     outcomes[p.index] = _dead(p.record, _internal(exc), event)

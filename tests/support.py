@@ -8,6 +8,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import Consumer, TopicPartition
@@ -222,3 +223,33 @@ def intake_event(
         "correlation_id": "seed",
     }
     return Incoming("likvard.intake.v1", 0, version, event_id, event_type, case_id, metadata, data)
+
+
+def district_incoming(
+    event_type: str,
+    data: dict[str, Any],
+    *,
+    case_id: str,
+    at: datetime,
+    event_id: str = "0d1e2f3a-4b5c-4d6e-8f70-8192a3b4c5d6",
+) -> Incoming:
+    """A district system's event as the ingest path's envelope check hands it to the rules."""
+    from likvard.inbox import Incoming
+
+    metadata = {
+        "event_id": event_id,
+        "event_type": event_type,
+        "case_id": case_id,
+        "stream_version": 0,
+        "occurred_at": at,
+        "recorded_at": at,
+        "producer": "nordost-treserva",
+        "district": "nordost",
+        "actor": "cw-4711",
+        "correlation_id": "corr-17",
+        "causation_id": None,
+        "traceparent": None,
+    }
+    return Incoming(
+        "likvard.district-ingest.v1", 0, 5, event_id, event_type, case_id, metadata, data
+    )

@@ -14,11 +14,12 @@ import pytest
 
 from likvard.districts import DistrictRegistry
 from likvard.inbox import Incoming
-from likvard.ingest import Rejected, StreamView, check_matches
+from likvard.ingest import Rejected, StreamView, judge
 from likvard.known_cases import KnownCase
 from services.followup import domain as d
-from services.followup.domain import DomainError, DomainEvent
+from services.followup.domain import DomainEvent
 from services.followup.ingest import NEEDS_KNOWN_CASE, FollowUpRules
+from tests.support import district_incoming
 
 RULES = FollowUpRules(DistrictRegistry.load().is_known)
 
@@ -108,41 +109,23 @@ def given(*events: DomainEvent) -> StreamView:
 
 def district_event(event_type: str, data: dict[str, Any], at: datetime = T1) -> Incoming:
     """A district system's event as `open_envelope` hands it over."""
-    metadata = {
-        "event_id": EVENT_ID,
-        "event_type": event_type,
-        "case_id": CASE,
-        "stream_version": 0,
-        "occurred_at": at,
-        "recorded_at": at,
-        "producer": "nordost-treserva",
-        "district": "nordost",
-        "actor": "cw-4711",
-        "correlation_id": "corr-17",
-        "causation_id": None,
-        "traceparent": None,
-    }
-    return Incoming("likvard.district-ingest.v1", 0, 5, EVENT_ID, event_type, CASE, metadata, data)
+    return district_incoming(event_type, data, case_id=CASE, at=at, event_id=EVENT_ID)
 
 
 def ingested(
     incoming: Incoming, stream: StreamView, case: KnownCase | None = KNOWN
 ) -> list[DomainEvent]:
     """What the processor stores of it: the rules decide, then the match is checked."""
-    decided = list(RULES.decide(incoming, stream, case))
-    check_matches(incoming, decided)
-    return decided
+    return [
+        DomainEvent(e.type, e.data, e.occurred_at) for e in judge(RULES, incoming, stream, case)
+    ]
 
 
 def refusal(incoming: Incoming, stream: StreamView, case: KnownCase | None = KNOWN) -> Rejected:
-    """How the processor dead-letters it: a DomainError becomes a rule-stage Rejected."""
-    try:
-        ingested(incoming, stream, case)
-    except Rejected as rejected:
-        return rejected
-    except DomainError as exc:
-        return Rejected("rule", exc.code, exc.detail)
-    pytest.fail("the event was accepted")
+    """How the processor dead-letters it."""
+    with pytest.raises(Rejected) as refused:
+        judge(RULES, incoming, stream, case)
+    return refused.value
 
 
 def itself(incoming: Incoming) -> list[DomainEvent]:
