@@ -21,9 +21,9 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import Message, Producer
 
-from likvard.relay import Headers, produce, producer_config
+from likvard.relay import Deliveries, Headers, produce, producer_config
 from likvard.topic_reader import TopicReader, TopicReadError, record_headers
 
 STAGES = ("decode", "schema", "rule", "internal")
@@ -234,22 +234,18 @@ def retry(
     """Re-submit dead letters to the ingest topic, unchanged but for `dlq_retry_of`;
     returns how many the broker acknowledged (raises if any was not)."""
     producer = producer_factory(producer_config(bootstrap))
-    errors: list[KafkaError | None] = []
-
-    def on_delivery(err: KafkaError | None, _msg: Message) -> None:
-        errors.append(err)
-
-    for x in letters:
+    deliveries = Deliveries()
+    for n, x in enumerate(letters):
         headers = [*own_headers((k, v) for k, v in x.headers if k != RETRY_OF)]
         headers.append((RETRY_OF, x.id.encode()))
-        produce(producer, ingest_topic, x.key, x.value, headers, on_delivery)
+        produce(producer, ingest_topic, x.key, x.value, headers, deliveries.report_to(n))
     producer.flush(timeout)
-    acknowledged = sum(1 for e in errors if e is None)
+    acknowledged = len(letters) - len(deliveries.failed(range(len(letters))))
     if acknowledged != len(letters):
-        failed = next((e for e in errors if e is not None), "no delivery report")
         raise DeadLetterError(
-            f"only {acknowledged} of {len(letters)} records were re-submitted ({failed});"
-            " retrying the same ids again is safe: events already stored are skipped"
+            f"only {acknowledged} of {len(letters)} records were re-submitted"
+            f" ({deliveries.first_error()}); retrying the same ids again is safe: events"
+            " already stored are skipped"
         )
     return acknowledged
 

@@ -60,7 +60,7 @@ from likvard.faults import fault_point
 from likvard.inbox import Incoming
 from likvard.known_cases import CaseDirectory, KnownCase
 from likvard.pseudonym import InvalidIdentityNumber, normalise
-from likvard.relay import produce, producer_config
+from likvard.relay import Deliveries, produce, producer_config
 from likvard.service import DomainEventLike, StreamService
 from likvard.topic_reader import record_headers
 
@@ -799,14 +799,7 @@ class DeadLetterSink:
         if not outcomes:
             return
         producer = self._get()
-        results: dict[int, KafkaError | None] = {}
-
-        def on_delivery(n: int) -> Callable[[KafkaError | None, Message], None]:
-            def callback(err: KafkaError | None, _msg: Message) -> None:
-                results[n] = err
-
-            return callback
-
+        deliveries = Deliveries()
         failed_at = datetime.now(UTC)
         for n, o in enumerate(outcomes):
             assert o.rejection is not None
@@ -820,14 +813,14 @@ class DeadLetterSink:
                 source=(r.topic, r.partition, r.offset),
                 failed_at=failed_at,
             )
-            produce(producer, self.topic, r.key, r.value, headers, on_delivery(n))
+            produce(producer, self.topic, r.key, r.value, headers, deliveries.report_to(n))
         producer.flush(self.flush_timeout)
-        failed = [n for n in range(len(outcomes)) if n not in results or results[n] is not None]
+        failed = deliveries.failed(range(len(outcomes)))
         if failed:
-            first = next((e for e in results.values() if e is not None), "no delivery report")
             self.close(purge=True)
             raise dlq.DeadLetterError(
-                f"{len(failed)} of {len(outcomes)} dead letters were not acknowledged ({first})"
+                f"{len(failed)} of {len(outcomes)} dead letters were not acknowledged"
+                f" ({deliveries.first_error()})"
             )
 
     def close(self, *, purge: bool = False) -> None:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -111,6 +111,26 @@ def produce(
             return
         except BufferError:
             producer.poll(0.05)
+
+
+class Deliveries:
+    """The delivery reports of a batch of records produced under keys of the caller's
+    choosing: which failed, or never got a report before the flush gave up."""
+
+    def __init__(self) -> None:
+        self.results: dict[int, KafkaError | None] = {}
+
+    def report_to(self, key: int) -> Callable[[KafkaError | None, Message], None]:
+        def callback(err: KafkaError | None, _msg: Message) -> None:
+            self.results[key] = err
+
+        return callback
+
+    def failed(self, keys: Iterable[int]) -> set[int]:
+        return {k for k in keys if k not in self.results or self.results[k] is not None}
+
+    def first_error(self) -> KafkaError | str:
+        return next((e for e in self.results.values() if e is not None), "no delivery report")
 
 
 def delivered_prefix(rows: list[OutboxRow], failed_ids: set[int]) -> list[int]:
@@ -216,14 +236,7 @@ class OutboxRelay:
     def _publish(self, rows: list[OutboxRow]) -> set[int]:
         """Produce a batch and wait for every delivery report; returns the ids that failed."""
         producer = self.producer()
-        results: dict[int, KafkaError | None] = {}
-
-        def on_delivery(row_id: int) -> Callable[[KafkaError | None, Message], None]:
-            def callback(err: KafkaError | None, _msg: Message) -> None:
-                results[row_id] = err
-
-            return callback
-
+        deliveries = Deliveries()
         for row in rows:
             parent = telemetry.context_from_traceparent(row.traceparent)
             with self._tracer.start_as_current_span(
@@ -239,19 +252,22 @@ class OutboxRelay:
             ):
                 headers = event_headers(row, telemetry.current_traceparent())
                 produce(
-                    producer, row.topic, row.key.encode(), row.value, headers, on_delivery(row.id)
+                    producer,
+                    row.topic,
+                    row.key.encode(),
+                    row.value,
+                    headers,
+                    deliveries.report_to(row.id),
                 )
         remaining = producer.flush(self.flush_timeout)
-        failed = {rid for rid, err in results.items() if err is not None}
-        failed |= {row.id for row in rows if row.id not in results}
+        failed = deliveries.failed(row.id for row in rows)
         if failed:
-            first = next((e for e in results.values() if e is not None), None)
             log.warning(
                 "%d of %d deliveries failed or stalled (%s still queued): %s",
                 len(failed),
                 len(rows),
                 remaining,
-                first,
+                deliveries.first_error(),
             )
         return failed
 

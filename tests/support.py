@@ -19,9 +19,11 @@ if TYPE_CHECKING:
     from opentelemetry.sdk.metrics.export import InMemoryMetricReader
 
     from likvard.config import Settings
+    from likvard.domain import DomainEvent
     from likvard.eventstore import EventStore, NewEvent
     from likvard.inbox import InboxConsumer, Incoming
-    from likvard.ingest import IngestWorker
+    from likvard.ingest import IngestRules, IngestWorker, Rejected, StreamView
+    from likvard.known_cases import KnownCase
 
 
 FAST_GROUP = {"session.timeout.ms": 2000, "heartbeat.interval.ms": 200, "fetch.wait.max.ms": 10}
@@ -253,3 +255,29 @@ def district_incoming(
     return Incoming(
         "likvard.district-ingest.v1", 0, 5, event_id, event_type, case_id, metadata, data
     )
+
+
+def judged(
+    rules: IngestRules, incoming: Incoming, stream: StreamView, case: KnownCase | None
+) -> list[DomainEvent]:
+    """What the ingest processor stores of a district event: its rules decide, then the
+    match with what was sent is checked."""
+    from likvard.domain import DomainEvent
+    from likvard.ingest import judge
+
+    return [
+        DomainEvent(e.type, e.data, e.occurred_at) for e in judge(rules, incoming, stream, case)
+    ]
+
+
+def refused_by(
+    rules: IngestRules, incoming: Incoming, stream: StreamView, case: KnownCase | None
+) -> Rejected:
+    """How the ingest processor refuses a district event (fails the test if it is not)."""
+    import pytest
+
+    from likvard.ingest import Rejected, judge
+
+    with pytest.raises(Rejected) as refused:
+        judge(rules, incoming, stream, case)
+    return refused.value

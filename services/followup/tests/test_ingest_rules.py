@@ -14,12 +14,12 @@ import pytest
 
 from likvard.districts import DistrictRegistry
 from likvard.inbox import Incoming
-from likvard.ingest import Rejected, StreamView, judge
+from likvard.ingest import Rejected, StreamView
 from likvard.known_cases import KnownCase
 from services.followup import domain as d
 from services.followup.domain import DomainEvent
 from services.followup.ingest import NEEDS_KNOWN_CASE, FollowUpRules
-from tests.support import district_incoming
+from tests.support import district_incoming, judged, refused_by
 
 RULES = FollowUpRules(DistrictRegistry.load().is_known)
 
@@ -115,17 +115,11 @@ def district_event(event_type: str, data: dict[str, Any], at: datetime = T1) -> 
 def ingested(
     incoming: Incoming, stream: StreamView, case: KnownCase | None = KNOWN
 ) -> list[DomainEvent]:
-    """What the processor stores of it: the rules decide, then the match is checked."""
-    return [
-        DomainEvent(e.type, e.data, e.occurred_at) for e in judge(RULES, incoming, stream, case)
-    ]
+    return judged(RULES, incoming, stream, case)
 
 
 def refusal(incoming: Incoming, stream: StreamView, case: KnownCase | None = KNOWN) -> Rejected:
-    """How the processor dead-letters it."""
-    with pytest.raises(Rejected) as refused:
-        judge(RULES, incoming, stream, case)
-    return refused.value
+    return refused_by(RULES, incoming, stream, case)
 
 
 def itself(incoming: Incoming) -> list[DomainEvent]:

@@ -15,12 +15,12 @@ import pytest
 
 from likvard.districts import DistrictRegistry
 from likvard.inbox import Incoming
-from likvard.ingest import Rejected, StreamView, judge
+from likvard.ingest import Rejected, StreamView
 from likvard.known_cases import KnownCase
 from services.intake import domain as d
 from services.intake.domain import DomainEvent
 from services.intake.ingest import IntakeRules
-from tests.support import district_incoming
+from tests.support import district_incoming, judged, refused_by
 
 DISTRICTS = DistrictRegistry.load()
 
@@ -107,17 +107,11 @@ def district_event(
 
 
 def ingested(incoming: Incoming, stream: StreamView) -> list[DomainEvent]:
-    """What the processor stores of it: the rules decide, then the match is checked."""
-    return [
-        DomainEvent(e.type, e.data, e.occurred_at) for e in judge(RULES, incoming, stream, None)
-    ]
+    return judged(RULES, incoming, stream, None)
 
 
 def refusal(incoming: Incoming, stream: StreamView) -> Rejected:
-    """How the processor dead-letters it."""
-    with pytest.raises(Rejected) as refused:
-        judge(RULES, incoming, stream, None)
-    return refused.value
+    return refused_by(RULES, incoming, stream, None)
 
 
 def itself(incoming: Incoming) -> list[DomainEvent]:

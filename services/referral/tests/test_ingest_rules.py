@@ -14,12 +14,12 @@ import pytest
 
 from likvard.catalogue import ReferenceCatalogue
 from likvard.inbox import Incoming
-from likvard.ingest import Rejected, StreamView, judge
+from likvard.ingest import Rejected, StreamView
 from likvard.known_cases import KnownCase
 from services.referral import domain as d
 from services.referral.domain import DomainEvent
 from services.referral.ingest import ReferralRules
-from tests.support import district_incoming
+from tests.support import district_incoming, judged, refused_by
 
 CATALOGUE = ReferenceCatalogue.load(on=date(2026, 3, 9))
 
@@ -131,17 +131,11 @@ def district_event(
 def ingested(
     incoming: Incoming, stream: StreamView, case: KnownCase | None = OPEN
 ) -> list[DomainEvent]:
-    """What the processor stores of it: the rules decide, then the match is checked."""
-    return [
-        DomainEvent(e.type, e.data, e.occurred_at) for e in judge(RULES, incoming, stream, case)
-    ]
+    return judged(RULES, incoming, stream, case)
 
 
 def refusal(incoming: Incoming, stream: StreamView, case: KnownCase | None = OPEN) -> Rejected:
-    """How the processor dead-letters it."""
-    with pytest.raises(Rejected) as refused:
-        judge(RULES, incoming, stream, case)
-    return refused.value
+    return refused_by(RULES, incoming, stream, case)
 
 
 def itself(incoming: Incoming) -> DomainEvent:
