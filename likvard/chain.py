@@ -60,8 +60,9 @@ class ChainCheck:
         try:
             stream_id = headers["stream_id"].decode()
             version = int(headers["stream_version"])
-            prev, digest = bytes.fromhex(headers["prev_hash"].decode()), bytes.fromhex(
-                headers["hash"].decode()
+            prev, digest = (
+                bytes.fromhex(headers["prev_hash"].decode()),
+                bytes.fromhex(headers["hash"].decode()),
             )
         except (KeyError, ValueError, UnicodeDecodeError):
             missing = [h for h in CHAIN_HEADERS if h not in headers]

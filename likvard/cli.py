@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 import os
 import secrets
 import signal
@@ -10,6 +9,8 @@ import sys
 import threading
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
 from types import FrameType
@@ -24,6 +25,7 @@ from likvard.config import ConfigError, Settings, load_settings, service_port
 if TYPE_CHECKING:
     from likvard import dlq
     from likvard.eventstore import EventStore
+    from likvard.ops import Heartbeat
     from services.projections.replay import ReplayResult
 
 app = typer.Typer(
@@ -75,11 +77,10 @@ def _check_service(service: str, known: dict[str, str] = APPS) -> str:
     return service
 
 
-def _logging() -> None:
-    logging.basicConfig(
-        level=os.environ.get("LIKVARD_LOG_LEVEL", "INFO"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+def _logging(service: str) -> None:
+    from likvard.logs import setup_logging
+
+    setup_logging(service)
 
 
 def _store(settings: Settings, service: str) -> EventStore:
@@ -112,22 +113,28 @@ def serve(
     """Serve a service's HTTP API (its event store, or the read models, migrated at start)."""
     import uvicorn
 
+    from likvard.logs import log_config
+
     apps = APPS | READ_APPS
     _check_service(service, apps)
-    _logging()
+    _logging(service)
     settings = _settings()
     try:
         settings.require_database()
         if service == "intake":
             settings.require_pseudonym_secret()
+        listen = port or service_port(service)
     except ConfigError as exc:
         raise _fail(str(exc)) from exc
+    from likvard.ops import announce
+
+    announce(f"http://127.0.0.1:{listen}")
     uvicorn.run(
         apps[service],
         factory=True,
         host=host,
-        port=port or service_port(service),
-        log_level="info",
+        port=listen,
+        log_config=log_config(service),
         workers=workers,
     )
 
@@ -135,28 +142,30 @@ def serve(
 @app.command()
 def relay(service: str = typer.Argument(..., help="intake | referral | followup")) -> None:
     """Publish the service's outbox to Kafka until stopped (SIGTERM/SIGINT)."""
-    from likvard.relay import OutboxRelay
+    from likvard.relay import OutboxRelay, register_outbox_gauges
     from likvard.topics import load_topics
 
     _check_service(service)
-    _logging()
+    role = f"{service}-relay"
+    _logging(role)
     settings = _settings()
     try:
         dsn, bootstrap = settings.require_database(), settings.require_kafka()
     except ConfigError as exc:
         raise _fail(str(exc)) from exc
-    from likvard.telemetry import setup_tracing
-
-    setup_tracing(f"{service}-relay")
+    _telemetry(role)
     _store(settings, service).pool.close()  # migrate before relaying
+    register_outbox_gauges(dsn, service, service)
     stop = _stop_on_signals()
-    OutboxRelay(
+    worker = OutboxRelay(
         dsn,
         service,
         bootstrap,
         topics=load_topics(prefix=settings.topic_prefix),
         batch_size=settings.relay_batch_size,
-    ).run(stop)
+    )
+    with _ops(worker.heartbeat, dsn):
+        worker.run(stop)
 
 
 @app.command()
@@ -172,7 +181,10 @@ def consume(service: str = typer.Argument(..., help="referral | followup")) -> N
         raise _fail(
             f"{service!r} consumes nothing; services with a consumer: {', '.join(CONSUMERS)}"
         )
-    _logging()
+    from likvard.telemetry import ConsumerLag
+
+    role = f"{service}-consumer"
+    _logging(role)
     settings = _settings()
     try:
         bootstrap = settings.require_kafka()
@@ -180,9 +192,13 @@ def consume(service: str = typer.Argument(..., help="referral | followup")) -> N
         inbox, topics = getattr(importlib.import_module(module), func)(settings)
     except ConfigError as exc:
         raise _fail(str(exc)) from exc
+    _telemetry(role)
     stop = _stop_on_signals()
     group = f"{settings.topic_prefix}likvard-{service}"
-    inbox.run(Consumer(consumer_config(bootstrap, group, **_group_overrides())), topics, stop)
+    lag = ConsumerLag(group).consumer_config()
+    consumer = Consumer(consumer_config(bootstrap, group, **_group_overrides(), **lag))
+    with _ops(inbox.heartbeat, inbox.dsn):
+        inbox.run(consumer, topics, stop)
 
 
 def _group_overrides() -> dict[str, int]:
@@ -196,6 +212,31 @@ def _group_overrides() -> dict[str, int]:
             f"LIKVARD_CONSUMER_SESSION_TIMEOUT_MS must be milliseconds (>= 1000), not {session!r}"
         )
     return {"session.timeout.ms": int(session), "heartbeat.interval.ms": int(session) // 10}
+
+
+def _telemetry(role: str) -> None:
+    from likvard import telemetry
+
+    telemetry.setup_tracing(role)
+    telemetry.setup_metrics(role)
+
+
+@contextmanager
+def _ops(heartbeat: Heartbeat, dsn: str) -> Iterator[None]:
+    """The worker's ops port (LIKVARD_OPS_PORT) for as long as it runs; ready when its
+    database answers."""
+    from likvard.db import ping
+    from likvard.ops import serve_from_env
+
+    try:
+        server = serve_from_env(heartbeat, lambda: ping(dsn))
+    except (ValueError, OSError) as exc:
+        raise _fail(f"cannot serve the ops port: {exc}") from exc
+    try:
+        yield
+    finally:
+        if server is not None:
+            server.stop()
 
 
 def _stop_on_signals() -> threading.Event:
@@ -234,9 +275,11 @@ def ingest(
         IngestMetrics,
         IngestWorker,
     )
+    from likvard.telemetry import ConsumerLag
 
     _check_service(service, INGESTERS)
-    _logging()
+    role = f"{service}-ingest"
+    _logging(role)
     settings = _settings()
     try:
         bootstrap = settings.require_kafka()
@@ -247,8 +290,7 @@ def ingest(
         raise _fail(str(exc)) from exc
     except psycopg.OperationalError as exc:
         raise _fail(f"cannot reach the database: {exc}", 1) from exc
-    telemetry.setup_tracing(f"{service}-ingest")
-    telemetry.setup_metrics(f"{service}-ingest")
+    _telemetry(role)
     stop = _stop_on_signals()
     worker = IngestWorker(
         processor,
@@ -257,9 +299,11 @@ def ingest(
         metrics_=IngestMetrics(telemetry.meter("likvard.ingest"), service),
     )
     group = f"{settings.topic_prefix}likvard-{service}-ingest"
-    consumer = Consumer(consumer_config(bootstrap, group, **_group_overrides()))
+    lag = ConsumerLag(group).consumer_config()
+    consumer = Consumer(consumer_config(bootstrap, group, **_group_overrides(), **lag))
     try:
-        worker.run(consumer, settings.topic(INGEST_TOPIC), stop)
+        with _ops(worker.heartbeat, settings.require_database()):
+            worker.run(consumer, settings.topic(INGEST_TOPIC), stop)
     finally:
         processor.store.pool.close()
     s = worker.stats
@@ -271,18 +315,65 @@ def ingest(
 
 
 @app.command()
+def probe(
+    target: str | None = typer.Argument(
+        None,
+        help="intake | referral | followup | projections (their port), worker (the ops port);"
+        " none: wherever this container's process said it answers",
+    ),
+    path: str = typer.Option("/readyz", help="/readyz (ready), /healthz (alive)"),
+) -> None:
+    """Exit 0 if the process on this machine answers 200 at PATH: the containers' health
+    check (the port comes from the same settings the process uses)."""
+    import urllib.error
+    import urllib.request
+
+    from likvard.ops import PORT_ENV, announced
+
+    try:
+        if target is None:
+            base = announced()
+            if base is None:
+                raise ConfigError("no process here has said where it answers probes")
+        elif target == "worker":
+            port = os.environ.get(PORT_ENV, "")
+            if not port.isdigit():
+                raise ConfigError(f"{PORT_ENV} is not set: a worker serves no ops port without it")
+            base = f"http://127.0.0.1:{port}"
+        else:
+            base = f"http://127.0.0.1:{service_port(_check_service(target, APPS | READ_APPS))}"
+    except ConfigError as exc:
+        raise _fail(str(exc)) from exc
+    url = f"{base}{path}"
+    try:
+        with urllib.request.urlopen(url, timeout=3) as answer:
+            status = int(answer.status)
+    except urllib.error.HTTPError as exc:
+        status = exc.code
+    except (urllib.error.URLError, OSError) as exc:
+        raise _fail(f"{url} does not answer: {exc}", 1) from exc
+    if status != 200:
+        raise _fail(f"{url} answered {status}", 1)
+
+
+@app.command()
 def project(schema: str = typer.Option("projections", help="Read-model schema")) -> None:
     """Run the live projection worker (faust) into the read models until stopped."""
+    from likvard.ops import Heartbeat
     from services.projections.worker import run
 
-    _logging()
+    role = "projections-worker"
+    _logging(role)
     settings = _settings()
     try:
-        settings.require_database()
+        dsn = settings.require_database()
         settings.require_kafka()
     except ConfigError as exc:
         raise _fail(str(exc)) from exc
-    run(settings, schema)
+    _telemetry(role)
+    heartbeat = Heartbeat()
+    with _ops(heartbeat, dsn):
+        run(settings, schema, heartbeat=heartbeat)
 
 
 @app.command()

@@ -23,6 +23,16 @@ def check_schema_name(schema: str) -> str:
     return schema
 
 
+def ping(dsn: str, timeout: int = 3) -> bool:
+    """Whether the database answers (readiness probes)."""
+    try:
+        with psycopg.connect(dsn, connect_timeout=timeout) as conn:
+            conn.execute("SELECT 1")
+        return True
+    except psycopg.Error:
+        return False
+
+
 def make_pool(
     dsn: str, *, min_size: int = 1, max_size: int = 10, name: str = "likvard"
 ) -> ConnectionPool:

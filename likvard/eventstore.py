@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -21,12 +22,23 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
+from likvard import telemetry
 from likvard.codec import Catalogue, CodecError
 from likvard.config import Settings
 from likvard.db import check_schema_name, make_pool, migrate
 from likvard.topics import SERVICE_TOPICS
 
 GENESIS_HASH = bytes(32)
+
+_meter = telemetry.meter("likvard.eventstore")
+_appended = _meter.create_counter(
+    "likvard.events.appended", unit="{event}", description="Events appended to an event store."
+)
+_append_seconds = _meter.create_histogram(
+    "likvard.eventstore.append.duration",
+    unit="s",
+    description="Time of one append transaction (one or more streams).",
+)
 
 
 class ConcurrencyError(Exception):
@@ -253,6 +265,7 @@ class EventStore:
             )
             for stream_id, expected, events in appends
         ]
+        started = time.monotonic()
         with self.pool.connection() as conn, conn.transaction():
             heads = self._lock_streams(conn, {s: v for s, v, _ in appends})
             rows: list[tuple[Any, ...]] = []
@@ -287,6 +300,9 @@ class EventStore:
             ).fetchall()
             if before_commit is not None:
                 before_commit()
+        attributes = {"service": self.producer}
+        _appended.add(len(result), attributes)
+        _append_seconds.record(time.monotonic() - started, attributes)
         order = {stream_id: n for n, (stream_id, _, _) in enumerate(appends)}
         stored = [_row_to_event(r) for r in result]
         return sorted(stored, key=lambda e: (order[e.stream_id], e.stream_version))

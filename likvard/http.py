@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import re
+import time
 import traceback
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -219,15 +220,24 @@ def add_health(app: FastAPI, ping: Callable[[Request], None]) -> None:
         return Health(status="ready")
 
 
+_duration = telemetry.meter("likvard.http").create_histogram(
+    "http.server.request.duration",
+    unit="s",
+    description="Duration of HTTP requests, by service, method, route and status.",
+)
+
+
 def install(app: FastAPI, service: str) -> None:
-    """Error handlers and tracing for a service's app."""
+    """Error handlers, tracing, request metrics and `/metrics` for a service's app."""
     tracer = telemetry.tracer(f"likvard.{service}.http")
+    telemetry.setup_metrics(service)
 
     @app.middleware("http")
     async def trace_requests(
         request: Request, call_next: Callable[[Request], Awaitable[Response]]
     ) -> Response:
         parent = telemetry.context_from_headers(dict(request.headers))
+        started = time.monotonic()
         with tracer.start_as_current_span(
             f"{request.method} {request.url.path}",
             context=parent,
@@ -240,11 +250,27 @@ def install(app: FastAPI, service: str) -> None:
                 span.set_status(trace.StatusCode.ERROR, type(exc).__name__)
                 response = unexpected(request, exc)
             route = request.scope.get("route")
-            if route is not None and hasattr(route, "path"):
-                span.update_name(f"{request.method} {route.path}")
-                span.set_attribute("http.route", route.path)
+            # The route template, never the path: paths hold ids (many series otherwise).
+            template = route.path if route is not None and hasattr(route, "path") else "other"
+            if template != "other":
+                span.update_name(f"{request.method} {template}")
+                span.set_attribute("http.route", template)
             span.set_attribute("http.response.status_code", response.status_code)
+            _duration.record(
+                time.monotonic() - started,
+                {
+                    "service": service,
+                    "http.request.method": request.method,
+                    "http.route": template,
+                    "http.response.status_code": response.status_code,
+                },
+            )
             return response
+
+    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics of this process")
+    def prometheus_metrics() -> Response:
+        body, content_type = telemetry.prometheus_exposition()
+        return Response(body, media_type=content_type)
 
     @app.exception_handler(ProblemError)
     async def on_problem(request: Request, exc: ProblemError) -> JSONResponse:

@@ -22,10 +22,20 @@ import psycopg
 from confluent_kafka import Consumer, Message
 from psycopg import sql
 
+from likvard import telemetry
 from likvard.codec import Catalogue, CodecError
 from likvard.db import check_schema_name
+from likvard.ops import Heartbeat
 
 log = logging.getLogger("likvard.inbox")
+
+
+_events = telemetry.meter("likvard.inbox").create_counter(
+    "likvard.inbox.events",
+    unit="{event}",
+    description="Events a service consumed from another's topic, by outcome"
+    " (applied, duplicate, undecodable).",
+)
 
 
 @dataclass(frozen=True)
@@ -94,7 +104,9 @@ class InboxConsumer:
         handler: Handler,
         *,
         batch_size: int = 500,
+        heartbeat: Heartbeat | None = None,
     ) -> None:
+        self.heartbeat = heartbeat or Heartbeat()
         self.dsn = dsn
         self.schema = check_schema_name(schema)
         self.catalogue = catalogue
@@ -111,6 +123,7 @@ class InboxConsumer:
             return decode_event(self.catalogue, *where, msg.value() or b"")
         except CodecError as exc:
             self.stats.undecodable += 1
+            _events.add(1, {"service": self.schema, "outcome": "undecodable"})
             log.warning("skipping %s[%s]@%s: %s", *where, exc)
             return None
 
@@ -142,6 +155,9 @@ class InboxConsumer:
         self.stats.handled += len(fresh)
         self.stats.duplicates += len(events) - len(fresh)
         self.stats.batches += 1
+        _events.add(len(fresh), {"service": self.schema, "outcome": "applied"})
+        if len(events) > len(fresh):
+            _events.add(len(events) - len(fresh), {"service": self.schema, "outcome": "duplicate"})
         return len(fresh)
 
     def run(self, consumer: Consumer, topics: list[str], stop: threading.Event) -> None:
@@ -150,6 +166,7 @@ class InboxConsumer:
         try:
             with psycopg.connect(self.dsn) as conn:
                 while not stop.is_set():
+                    self.heartbeat.beat()
                     messages = consumer.consume(self.batch_size, timeout=0.2)
                     good = [m for m in messages if m.error() is None]
                     for m in messages:

@@ -59,6 +59,7 @@ from likvard.eventstore import ConcurrencyError, NewEvent, StoredEvent
 from likvard.faults import fault_point
 from likvard.inbox import Incoming
 from likvard.known_cases import CaseDirectory, KnownCase
+from likvard.ops import Heartbeat
 from likvard.pseudonym import InvalidIdentityNumber, normalise
 from likvard.relay import Deliveries, produce, producer_config
 from likvard.service import DomainEventLike, StreamService
@@ -845,7 +846,9 @@ class IngestWorker:
         *,
         batch_size: int = 500,
         metrics_: IngestMetrics | None = None,
+        heartbeat: Heartbeat | None = None,
     ) -> None:
+        self.heartbeat = heartbeat or Heartbeat()
         self.processor = processor
         self.sink = sink
         self.batch_size = batch_size
@@ -896,6 +899,7 @@ class IngestWorker:
         backoff = 0.5
         try:
             while not stop.is_set():
+                self.heartbeat.beat()
                 messages = consumer.consume(self.batch_size, timeout=0.2)
                 good = []
                 for m in messages:

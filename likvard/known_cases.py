@@ -82,16 +82,25 @@ def _row(row: tuple[Any, ...]) -> KnownCase:
 
 class CaseDirectory:
     def __init__(self, schema: str) -> None:
+        self._schema = schema
         self._t = sql.Identifier(schema)
 
     def migrate(self, conn: psycopg.Connection[Any]) -> None:
-        conn.execute(
-            sql.SQL(
-                "CREATE TABLE IF NOT EXISTS {}.known_cases (case_id text PRIMARY KEY,"
-                " district text, status text NOT NULL, version integer NOT NULL,"
-                " consents jsonb NOT NULL DEFAULT '{{}}')"
-            ).format(self._t)
-        )
+        """Create the table if missing. Under an advisory lock: the API, the consumer and
+        the ingest worker of a service start at once, and CREATE TABLE IF NOT EXISTS run
+        concurrently can still fail on PostgreSQL's catalogue."""
+        with conn.transaction():
+            conn.execute(
+                "SELECT pg_advisory_xact_lock(hashtext(%s))",
+                (f"likvard.known_cases.{self._schema}",),
+            )
+            conn.execute(
+                sql.SQL(
+                    "CREATE TABLE IF NOT EXISTS {}.known_cases (case_id text PRIMARY KEY,"
+                    " district text, status text NOT NULL, version integer NOT NULL,"
+                    " consents jsonb NOT NULL DEFAULT '{{}}')"
+                ).format(self._t)
+            )
 
     def get(self, conn: psycopg.Connection[Any], case_id: str) -> KnownCase | None:
         row = conn.execute(

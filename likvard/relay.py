@@ -27,10 +27,12 @@ from typing import Any
 import psycopg
 from confluent_kafka import KafkaError, Message, Producer
 from opentelemetry import trace
+from opentelemetry.metrics import CallbackOptions, Observation
 from psycopg import sql
 
 from likvard import telemetry
 from likvard.faults import fault_point
+from likvard.ops import Heartbeat
 from likvard.topics import TopicSpec, ensure_topics
 
 log = logging.getLogger("likvard.relay")
@@ -51,6 +53,58 @@ class OutboxRow:
     traceparent: str | None
     prev_hash: bytes | None = None
     hash: bytes | None = None
+
+
+_meter = telemetry.meter("likvard.relay")
+_published = _meter.create_counter(
+    "likvard.relay.published", unit="{event}", description="Events published to Kafka."
+)
+_failures = _meter.create_counter(
+    "likvard.relay.failures",
+    unit="{batch}",
+    description="Batches with a failed or stalled delivery (the producer is rebuilt).",
+)
+
+
+def register_outbox_gauges(dsn: str, schema: str, service: str) -> None:
+    """`likvard.outbox.depth` (rows waiting) and `likvard.outbox.age` (seconds the oldest
+    has waited) of one service, read from the database when metrics are collected."""
+    table = sql.SQL("SELECT count(*), extract(epoch FROM now() - min(created_at)) FROM {}.outbox")
+    query = table.format(sql.Identifier(schema))
+    latest: dict[str, float] = {}
+
+    def read() -> dict[str, float]:
+        try:
+            with psycopg.connect(dsn, connect_timeout=3) as conn:
+                row = conn.execute(query).fetchone()
+            latest.update(
+                depth=float(row[0]) if row else 0.0, age=float(row[1] or 0) if row else 0.0
+            )
+        except psycopg.Error:
+            log.debug("outbox gauges: the database did not answer", exc_info=True)
+        return latest
+
+    def depth(_options: CallbackOptions) -> Iterable[Observation]:
+        values = read()
+        if "depth" in values:
+            yield Observation(values["depth"], {"service": service})
+
+    def age(_options: CallbackOptions) -> Iterable[Observation]:
+        if "age" in latest:  # read by `depth` in the same collection
+            yield Observation(latest["age"], {"service": service})
+
+    _meter.create_observable_gauge(
+        "likvard.outbox.depth",
+        [depth],
+        unit="{event}",
+        description="Outbox rows not yet published.",
+    )
+    _meter.create_observable_gauge(
+        "likvard.outbox.age",
+        [age],
+        unit="s",
+        description="How long the oldest outbox row has waited to be published.",
+    )
 
 
 @dataclass
@@ -165,7 +219,9 @@ class OutboxRelay:
         idle_wait: float = 1.0,
         producer_overrides: dict[str, Any] | None = None,
         producer_factory: Callable[[dict[str, Any]], Producer] = Producer,
+        heartbeat: Heartbeat | None = None,
     ) -> None:
+        self.heartbeat = heartbeat or Heartbeat()
         self.dsn = dsn
         self.schema = schema
         self.bootstrap = bootstrap
@@ -286,8 +342,11 @@ class OutboxRelay:
                 )
         self.stats.batches += 1
         self.stats.published += len(done)
+        attributes = {"service": self.schema}
+        _published.add(len(done), attributes)
         if failed:
             self.stats.failures += 1
+            _failures.add(1, attributes)
             self.rebuild_producer()
         return len(done)
 
@@ -308,6 +367,7 @@ class OutboxRelay:
                     )
                     with psycopg.connect(self.dsn) as work:
                         while not stop.is_set():
+                            self.heartbeat.beat()
                             failures_before = self.stats.failures
                             n = self.run_once(work)
                             if self.stats.failures > failures_before:
@@ -326,6 +386,7 @@ class OutboxRelay:
     def _wait_for_leadership(self, conn: psycopg.Connection[Any], stop: threading.Event) -> None:
         key = f"likvard.relay.{self.schema}"
         while not stop.is_set():
+            self.heartbeat.beat()  # a standby is alive too
             row = conn.execute("SELECT pg_try_advisory_lock(hashtext(%s))", (key,)).fetchone()
             if row and row[0]:
                 return
