@@ -6,6 +6,7 @@ import os
 import secrets
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections import Counter
@@ -606,7 +607,12 @@ def up(
 
     wanted = [_check_service(s.strip(), APPS | READ_APPS) for s in services.split(",") if s.strip()]
     started = time.monotonic()
-    env = dict(os.environ)
+    # Many workers share this machine: none serves an ops port (each would want the same);
+    # and the probe notes would overwrite each other.
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("LIKVARD_OPS_PORT", "LIKVARD_PROBE_FILE")
+    }
+    env["LIKVARD_PROBE_FILE"] = os.path.join(tempfile.gettempdir(), f"likvard-probe-{os.getpid()}")
     pg: EmbeddedPostgres | None = None
     broker: TansuBroker | None = None
     sup = Supervisor(env)
