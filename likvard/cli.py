@@ -129,6 +129,13 @@ def serve(
         raise _fail(str(exc)) from exc
     from likvard.ops import announce
 
+    def stopped(_sig: int, _frame: FrameType | None) -> None:
+        """After uvicorn's graceful shutdown it re-raises the signal it caught: a stop that
+        was asked for is a clean exit (0), not a kill (143)."""
+        raise SystemExit(0)
+
+    signal.signal(signal.SIGTERM, stopped)
+    signal.signal(signal.SIGINT, stopped)
     announce(f"http://127.0.0.1:{listen}")
     uvicorn.run(
         apps[service],
@@ -343,8 +350,8 @@ def probe(
             base = f"http://127.0.0.1:{port}"
         else:
             base = f"http://127.0.0.1:{service_port(_check_service(target, APPS | READ_APPS))}"
-    except ConfigError as exc:
-        raise _fail(str(exc)) from exc
+    except ConfigError as exc:  # 1, not 2: Docker reserves 2 in health checks
+        raise _fail(str(exc), 1) from exc
     url = f"{base}{path}"
     try:
         with urllib.request.urlopen(url, timeout=3) as answer:

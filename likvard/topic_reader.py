@@ -15,6 +15,8 @@ from collections.abc import Iterator, Sequence
 
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
+from likvard.config import kafka_client_settings
+
 
 class TopicReadError(RuntimeError):
     """A topic is missing or could not be read; the message says what to do."""
@@ -27,6 +29,7 @@ class TopicReader:
         self.settle = settle
         self.consumer = Consumer(
             {
+                **kafka_client_settings(),
                 "bootstrap.servers": bootstrap,
                 "group.id": f"likvard-reader-{uuid.uuid4()}",  # never joined or committed
                 "enable.auto.commit": False,

@@ -11,6 +11,8 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
+from likvard.config import kafka_client_settings
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVICE_TOPICS = {
     "intake": "likvard.intake.v1",
@@ -70,7 +72,7 @@ def load_topics(path: Path | None = None, prefix: str = "") -> list[TopicSpec]:
 
 def ensure_topics(bootstrap: str, specs: list[TopicSpec], timeout: float = 30.0) -> dict[str, str]:
     """Create missing topics; existing ones are left as they are. Returns name -> outcome."""
-    admin = AdminClient({"bootstrap.servers": bootstrap})
+    admin = AdminClient({**kafka_client_settings(), "bootstrap.servers": bootstrap})
     futures = admin.create_topics(
         [
             NewTopic(

@@ -12,6 +12,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import ssl
+import tempfile
 import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
@@ -24,7 +26,7 @@ from opentelemetry import trace
 
 from likvard import telemetry
 from likvard.codec import Catalogue, CodecError
-from likvard.config import Settings
+from likvard.config import Settings, kafka_client_settings
 from likvard.inbox import Incoming, decode_event
 from likvard.ops import Heartbeat
 from likvard.telemetry import ConsumerLag
@@ -131,7 +133,11 @@ def make_app(
     session = int(os.environ.get("LIKVARD_CONSUMER_SESSION_TIMEOUT_MS", "10000")) / 1000
     app = faust.App(
         app_id or f"{settings.topic_prefix}likvard-projections",
-        broker=f"kafka://{bootstrap}",
+        broker=[f"kafka://{host.strip()}" for host in bootstrap.split(",")],
+        broker_credentials=faust_credentials(kafka_client_settings()),
+        # Faust wants a data directory even with memory stores: a temporary one, since
+        # the read models live in PostgreSQL and the working directory may be read-only.
+        datadir=tempfile.mkdtemp(prefix="likvard-faust-"),
         store="memory://",
         web_enabled=False,
         topic_allow_declare=False,
@@ -179,6 +185,27 @@ def make_app(
         beat.beat()
 
     return app
+
+
+def faust_credentials(settings: dict[str, str]) -> Any:
+    """The faust (aiokafka) form of the LIKVARD_KAFKA_* TLS and SASL settings that the
+    librdkafka clients take as they are (`likvard.config.kafka_client_settings`)."""
+    protocol = settings.get("security.protocol", "PLAINTEXT").upper()
+    if protocol == "PLAINTEXT":
+        return None
+    context = None
+    if protocol in ("SSL", "SASL_SSL"):
+        context = ssl.create_default_context(cafile=settings.get("ssl.ca.location"))
+    if protocol == "SSL":
+        return faust.SSLCredentials(context)
+    if protocol in ("SASL_PLAINTEXT", "SASL_SSL"):
+        return faust.SASLCredentials(
+            username=settings.get("sasl.username"),
+            password=settings.get("sasl.password"),
+            mechanism=settings.get("sasl.mechanism", "PLAIN").upper(),
+            ssl_context=context,
+        )
+    raise ValueError(f"LIKVARD_KAFKA_SECURITY_PROTOCOL {protocol!r} is not one Likvärd knows")
 
 
 def _header(headers: Any, name: str) -> str | None:
