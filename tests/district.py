@@ -96,6 +96,21 @@ def registered(person_byte: str = "ab", district: str = "nordost") -> dict[str, 
     }
 
 
+def referral_requested(referral_id: str, unit_id: str = "centrum-beroendeteam") -> dict[str, Any]:
+    """A ReferralRequested payload of a Nordost case to a social services unit in Centrum
+    (as Likvärd derives it: across districts, no consent needed)."""
+    return {
+        "referral_id": referral_id,
+        "unit_id": unit_id,
+        "intervention_code": "relapse-prevention-alcohol",
+        "person_district": "nordost",
+        "unit_district": "centrum",
+        "recipient_kind": "CITY_SOCIAL_SERVICES",
+        "consent_id": None,
+        "consent_override": None,
+    }
+
+
 def assessment(assessment_id: str | None = None) -> dict[str, Any]:
     return {
         "assessment_id": assessment_id or str(uuid.uuid4()),

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -9,6 +12,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from confluent_kafka import Consumer, TopicPartition
@@ -281,3 +285,25 @@ def refused_by(
     with pytest.raises(Rejected) as refused:
         judge(rules, incoming, stream, case)
     return refused.value
+
+
+@contextmanager
+def live_worker(env: dict[str, str], schema: str, log: Path) -> Iterator[None]:
+    """`likvard project --schema SCHEMA` as a process, its output in `log`; stopped with
+    SIGTERM (killed if it does not stop) when the block ends."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "likvard.cli", "project", "--schema", schema],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            yield
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

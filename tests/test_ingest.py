@@ -18,6 +18,7 @@ from tests.district import (
     DistrictSystem,
     assessment,
     produce_all,
+    referral_requested,
     registered,
 )
 from tests.support import IngestStack, Record, consume, wait_for
@@ -83,16 +84,7 @@ def test_district_records_are_stored_once_or_dead_lettered_with_their_reason(
         district.record(
             "ReferralRequested",
             case_b,
-            {
-                "referral_id": referral_id,
-                "unit_id": "centrum-beroendeteam",
-                "intervention_code": "relapse-prevention-alcohol",
-                "person_district": "nordost",
-                "unit_district": "centrum",
-                "recipient_kind": "CITY_SOCIAL_SERVICES",
-                "consent_id": None,
-                "consent_override": None,
-            },
+            referral_requested(referral_id),
         ),
         district.record(
             "ChildrenInHouseholdRecorded", case_b, {"number_of_children": 2, "youngest_age": 7}

@@ -27,7 +27,13 @@ from likvard.known_cases import CaseDirectory
 from services.followup import ingest as followup_ingest
 from services.intake import ingest as intake_ingest
 from services.referral import ingest as referral_ingest
-from tests.district import DistrictRecord, DistrictSystem, assessment, registered
+from tests.district import (
+    DistrictRecord,
+    DistrictSystem,
+    assessment,
+    referral_requested,
+    registered,
+)
 from tests.support import consume, intake_event
 
 pytestmark = pytest.mark.integration
@@ -143,16 +149,8 @@ def valid_records(draw: st.DrawFn) -> DistrictRecord:
         }
     else:
         event_type = "ReferralRequested"
-        payload = {
-            "referral_id": str(uuid.uuid4()),
-            "unit_id": draw(st.sampled_from(["centrum-beroendeteam", "region-beroendevard"])),
-            "intervention_code": "relapse-prevention-alcohol",
-            "person_district": "nordost",
-            "unit_district": "centrum",
-            "recipient_kind": "CITY_SOCIAL_SERVICES",
-            "consent_id": None,
-            "consent_override": None,
-        }
+        unit = draw(st.sampled_from(["centrum-beroendeteam", "region-beroendevard"]))
+        payload = referral_requested(str(uuid.uuid4()), unit)
     return _DISTRICT.record(event_type, case, payload, occurred_at=when)
 
 

@@ -10,12 +10,10 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
-import signal
 import subprocess
 import sys
 import uuid
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import UTC, date, datetime
 from pathlib import Path
 
@@ -32,7 +30,7 @@ from likvard.relay import OutboxRelay
 from likvard.topics import SERVICE_TOPICS
 from services.projections import readmodels
 from services.projections.replay import Replay, ReplayError
-from tests.support import closed, consume, kernel_event, registered, reopened, wait_for
+from tests.support import closed, consume, kernel_event, live_worker, registered, reopened, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -93,9 +91,7 @@ def relay_all(store: EventStore, database_url: str, bootstrap: str) -> None:
 
 def stored(*stores: EventStore) -> list[Incoming]:
     """Every event of the stores, decoded, store by store in global order."""
-    return [
-        decode_event(s.catalogue, s.topic, 0, 0, e.data) for s in stores for e in s.read_all()
-    ]
+    return [decode_event(s.catalogue, s.topic, 0, 0, e.data) for s in stores for e in s.read_all()]
 
 
 def processed(url: str, schema: str) -> int:
@@ -135,26 +131,6 @@ def likvard(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]
 
 def checksums_in(output: str) -> dict[str, str]:
     return dict(re.findall(r"checksum (\w+): ([0-9a-f]{64})", output))
-
-
-@contextmanager
-def live_worker(env: dict[str, str], schema: str, log: Path) -> Iterator[None]:
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "likvard.cli", "project", "--schema", schema],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-        try:
-            yield
-        finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
 
 
 def test_referral_published_before_its_intake_and_replay_equals_live(
@@ -289,8 +265,7 @@ def test_swap_makes_the_rebuilt_schema_live_and_the_worker_goes_on_into_it(
             names = {
                 r[0]
                 for r in conn.execute(
-                    "SELECT schema_name FROM information_schema.schemata WHERE schema_name"
-                    " LIKE %s",
+                    "SELECT schema_name FROM information_schema.schemata WHERE schema_name LIKE %s",
                     (f"{live}%",),
                 )
             }

@@ -9,9 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -29,7 +26,7 @@ from likvard.inbox import decode_event
 from likvard.relay import OutboxRelay
 from services.projections import readmodels
 from services.projections.worker import Projector
-from tests.support import RunningService, consume, wait_for
+from tests.support import RunningService, consume, live_worker, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -144,19 +141,9 @@ def test_the_faust_worker_projects_in_the_same_trace(
         "OTEL_BSP_SCHEDULE_DELAY": "200",
     }
     out = tmp_path / "worker.out"
-    with out.open("wb") as sink:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "likvard.cli", "project", "--schema", schema],
-            env=env,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-        )
-    try:
+    with live_worker(env, schema, out):
         wait_for(lambda: projected(database_url, schema) == 1, 90, "the worker to project")
         wait_for(lambda: bool(console_spans(out, trace_id)), 30, "the worker's span")
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(60)
     (span,) = console_spans(out, trace_id)
     assert span["parent_id"] == f"0x{publish.context.span_id:016x}"
     assert span["attributes"]["likvard.event_id"] == str(stored.event_id)
