@@ -24,6 +24,8 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from likvard.config import ConfigError, Settings, load_settings, service_port
 
 if TYPE_CHECKING:
+    from confluent_kafka import Consumer
+
     from likvard import dlq
     from likvard.eventstore import EventStore
     from likvard.ops import Heartbeat
@@ -181,15 +183,10 @@ def consume(service: str = typer.Argument(..., help="referral | followup")) -> N
     """Consume the topics SERVICE learns from (exactly-once effect) until stopped."""
     import importlib
 
-    from confluent_kafka import Consumer
-
-    from likvard.inbox import consumer_config
-
     if service not in CONSUMERS:
         raise _fail(
             f"{service!r} consumes nothing; services with a consumer: {', '.join(CONSUMERS)}"
         )
-    from likvard.telemetry import ConsumerLag
 
     role = f"{service}-consumer"
     _logging(role)
@@ -202,9 +199,7 @@ def consume(service: str = typer.Argument(..., help="referral | followup")) -> N
         raise _fail(str(exc)) from exc
     _telemetry(role)
     stop = _stop_on_signals()
-    group = f"{settings.topic_prefix}likvard-{service}"
-    lag = ConsumerLag(group).consumer_config()
-    consumer = Consumer(consumer_config(bootstrap, group, **_group_overrides(), **lag))
+    consumer = _group_member(bootstrap, f"{settings.topic_prefix}likvard-{service}")
     with _ops(inbox.heartbeat, inbox.dsn):
         inbox.run(consumer, topics, stop)
 
@@ -220,6 +215,17 @@ def _group_overrides() -> dict[str, int]:
             f"LIKVARD_CONSUMER_SESSION_TIMEOUT_MS must be milliseconds (>= 1000), not {session!r}"
         )
     return {"session.timeout.ms": int(session), "heartbeat.interval.ms": int(session) // 10}
+
+
+def _group_member(bootstrap: str, group: str) -> Consumer:
+    """A consumer in `group` that reports its lag per partition (`likvard.consumer.lag`)."""
+    from confluent_kafka import Consumer
+
+    from likvard.inbox import consumer_config
+    from likvard.telemetry import ConsumerLag
+
+    lag = ConsumerLag(group).consumer_config()
+    return Consumer(consumer_config(bootstrap, group, **_group_overrides(), **lag))
 
 
 def _telemetry(role: str) -> None:
@@ -272,10 +278,8 @@ def ingest(
     import importlib
 
     import psycopg
-    from confluent_kafka import Consumer
 
     from likvard import telemetry
-    from likvard.inbox import consumer_config
     from likvard.ingest import (
         DEAD_LETTER_TOPIC,
         INGEST_TOPIC,
@@ -283,15 +287,13 @@ def ingest(
         IngestMetrics,
         IngestWorker,
     )
-    from likvard.telemetry import ConsumerLag
 
     _check_service(service, INGESTERS)
     role = f"{service}-ingest"
     _logging(role)
     settings = _settings()
     try:
-        bootstrap = settings.require_kafka()
-        settings.require_database()
+        bootstrap, dsn = settings.require_kafka(), settings.require_database()
         module, _, func = INGESTERS[service].partition(":")
         processor = getattr(importlib.import_module(module), func)(settings, schema or service)
     except ConfigError as exc:
@@ -306,11 +308,9 @@ def ingest(
         batch_size=batch_size,
         metrics_=IngestMetrics(telemetry.meter("likvard.ingest"), service),
     )
-    group = f"{settings.topic_prefix}likvard-{service}-ingest"
-    lag = ConsumerLag(group).consumer_config()
-    consumer = Consumer(consumer_config(bootstrap, group, **_group_overrides(), **lag))
+    consumer = _group_member(bootstrap, f"{settings.topic_prefix}likvard-{service}-ingest")
     try:
-        with _ops(worker.heartbeat, settings.require_database()):
+        with _ops(worker.heartbeat, dsn):
             worker.run(consumer, settings.topic(INGEST_TOPIC), stop)
     finally:
         processor.store.pool.close()

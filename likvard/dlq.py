@@ -236,7 +236,7 @@ def retry(
     producer = producer_factory(producer_config(bootstrap))
     deliveries = Deliveries()
     for n, x in enumerate(letters):
-        headers = [*own_headers((k, v) for k, v in x.headers if k != RETRY_OF)]
+        headers = own_headers((k, v) for k, v in x.headers if k != RETRY_OF)
         headers.append((RETRY_OF, x.id.encode()))
         produce(producer, ingest_topic, x.key, x.value, headers, deliveries.report_to(n))
     producer.flush(timeout)

@@ -531,7 +531,7 @@ class IngestProcessor:
         appends: list[tuple[str, int, list[NewEvent]]] = []
         for stream_id, stream_items in pending.items():
             new_events, decided, accepted = self._decide(
-                stream_id, stream_items, stored[stream_id], batch_seen, cases
+                stream_items, stored[stream_id], batch_seen, cases
             )
             batch_seen.update(accepted)
             outcomes.update(decided)
@@ -574,7 +574,7 @@ class IngestProcessor:
         """Decide a stream's records in order on its state, then append what is accepted at
         the version decided on; on a concurrent write, decide again on the new state."""
         for _attempt in range(STREAM_ATTEMPTS):
-            new_events, outcomes, accepted = self._decide(stream_id, items, stored, seen, cases)
+            new_events, outcomes, accepted = self._decide(items, stored, seen, cases)
             try:
                 if new_events:
                     self.store.append(stream_id, len(stored), new_events)
@@ -613,7 +613,6 @@ class IngestProcessor:
 
     def _decide(
         self,
-        stream_id: str,
         items: list[_Pending],
         stored: list[StoredEvent],
         seen: Mapping[str, _Comparable],

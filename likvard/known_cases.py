@@ -142,13 +142,7 @@ class CaseDirectory:
     ) -> KnownCase | None:
         """The case, waiting up to `timeout` seconds for one registered a moment ago whose
         intake event is still on its way (None if it is still unknown then)."""
-        deadline = time.monotonic() + timeout
-        while True:
-            with pool.connection() as conn:
-                case = self.get(conn, case_id)
-            if (case is not None and case.status != "unknown") or time.monotonic() >= deadline:
-                return case
-            time.sleep(interval)
+        return self.wait_for_many(pool, [case_id], timeout, interval).get(case_id)
 
     def handle(self, conn: psycopg.Connection[Any], events: list[Incoming]) -> None:
         """Inbox handler: fold a batch into `known_cases` with one read and one write."""

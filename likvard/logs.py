@@ -15,12 +15,18 @@ import logging.config
 import os
 import traceback
 from datetime import UTC, datetime
+from types import TracebackType
 from typing import Any
 
 from opentelemetry import trace
 
 FORMAT_ENV = "LIKVARD_LOG_FORMAT"
 LEVEL_ENV = "LIKVARD_LOG_LEVEL"
+
+
+def _where(tb: TracebackType | None) -> str:
+    """Where an exception happened: its traceback's frames, without its text."""
+    return "".join(traceback.format_tb(tb))
 
 
 class JsonFormatter(logging.Formatter):
@@ -42,7 +48,7 @@ class JsonFormatter(logging.Formatter):
             entry["span_id"] = format(span.span_id, "016x")
         if record.exc_info and record.exc_info[0] is not None:
             entry["exception"] = record.exc_info[0].__name__
-            entry["where"] = "".join(traceback.format_tb(record.exc_info[2]))
+            entry["where"] = _where(record.exc_info[2])
         return json.dumps(entry, ensure_ascii=False)
 
 
@@ -55,7 +61,7 @@ class TextFormatter(logging.Formatter):
     def formatException(self, ei: object) -> str:
         if not isinstance(ei, tuple) or ei[0] is None:
             return ""
-        return f"{ei[0].__name__}; where:\n" + "".join(traceback.format_tb(ei[2])).rstrip()
+        return f"{ei[0].__name__}; where:\n" + _where(ei[2]).rstrip()
 
 
 def formatter_for(service: str) -> logging.Formatter:
