@@ -33,6 +33,9 @@ from likvard.ingest import (
     open_envelope,
     owner_of,
 )
+from services.followup import domain as followup_domain
+from services.intake import domain as intake_domain
+from services.referral import domain as referral_domain
 from tests.district import DistrictSystem, single_object
 
 CATALOGUE = Catalogue.load()
@@ -567,32 +570,10 @@ def test_a_traceparent_with_a_trailing_newline_is_refused() -> None:
 
 
 # --- which service judges a record ------------------------------------------------------
-INTAKE_TYPES = {
-    "IntakeRegistered",
-    "AssessmentCompleted",
-    "CarePlanAgreed",
-    "ConsentRecorded",
-    "ConsentWithdrawn",
-    "CaseTransferred",
-    "CaseClosed",
-    "CaseReopened",
-}
-REFERRAL_TYPES = {
-    "ReferralRequested",
-    "ReferredAcrossDistrict",
-    "ReferralAccepted",
-    "ReferralDeclined",
-    "ReferralWithdrawn",
-    "InterventionStarted",
-    "InterventionEnded",
-}
-FOLLOWUP_TYPES = {
-    "ChildrenInHouseholdRecorded",
-    "FamilyMemberEngaged",
-    "FollowUpScheduled",
-    "FollowUpCompleted",
-    "FollowUpMissed",
-}
+# The event types each service's decider folds: independent of the schema folders.
+INTAKE_TYPES = set(intake_domain.EVENT_TYPES)
+REFERRAL_TYPES = set(referral_domain.EVENT_TYPES)
+FOLLOWUP_TYPES = set(followup_domain.EVENT_TYPES)
 
 
 def test_every_event_type_is_owned_by_the_service_of_its_schema_folder() -> None:
