@@ -172,11 +172,11 @@ def make_app(
                     log.warning("skipping %s[%s]@%s: %s", m.topic, m.partition, m.offset, exc)
             if events:
                 await asyncio.to_thread(projector.apply, events, parents)
-            for e in batch:  # the lag after this batch, per partition it touched
-                m = e.message
-                highwater = app.consumer.highwater(m.tp)
+            last = {e.message.tp: e.message.offset for e in batch}  # per partition touched
+            for tp, offset in last.items():  # the lag after this batch
+                highwater = app.consumer.highwater(tp)
                 if highwater is not None:
-                    lag.set(m.topic, m.partition, highwater - m.offset - 1)
+                    lag.set(tp.topic, tp.partition, highwater - offset - 1)
             yield None
 
     @app.timer(interval=5.0)  # type: ignore[untyped-decorator]
