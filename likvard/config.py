@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 
 SERVICES = ("intake", "referral", "followup")
@@ -49,6 +50,7 @@ class Settings:
     topic_prefix: str = ""
     relay_batch_size: int = 500
     case_wait_seconds: float = 5.0
+    max_request_bytes: int = 1024 * 1024
     extra: dict[str, str] = field(default_factory=dict)
 
     def require_database(self) -> str:
@@ -98,6 +100,12 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         raise ConfigError(
             f"LIKVARD_RELAY_BATCH_SIZE must be a positive whole number, not {batch!r}"
         )
+    max_request = e.get("LIKVARD_MAX_REQUEST_BYTES", str(1024 * 1024))
+    if not re.fullmatch(r"[1-9][0-9]{0,11}", max_request):
+        raise ConfigError(
+            "LIKVARD_MAX_REQUEST_BYTES must be a positive whole number of bytes (the largest"
+            f" request body the HTTP APIs read), not {max_request!r}"
+        )
     return Settings(
         database_url=e.get("LIKVARD_DATABASE_URL") or None,
         kafka_bootstrap=e.get("KAFKA_BOOTSTRAP_SERVERS") or None,
@@ -105,4 +113,5 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         topic_prefix=e.get("LIKVARD_TOPIC_PREFIX", ""),
         relay_batch_size=int(batch),
         case_wait_seconds=_seconds(e.get("LIKVARD_CASE_WAIT_SECONDS", "5")),
+        max_request_bytes=int(max_request),
     )

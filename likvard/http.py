@@ -1,8 +1,10 @@
 """HTTP conventions shared by every service: problem+json errors, If-Match versions,
-request tracing, and the request context that travels into event metadata."""
+bounded dates, the request-size limit, 503 while the database is down, request tracing,
+and the request context that travels into event metadata."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import re
 import time
@@ -10,16 +12,19 @@ import traceback
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
-from typing import Any
+from datetime import UTC, date, datetime
+from typing import Annotated, Any
 
-from fastapi import FastAPI, Request
+import psycopg
+from fastapi import FastAPI, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from opentelemetry import trace
-from pydantic import BaseModel, Field, field_validator
+from psycopg_pool import PoolTimeout
+from pydantic import BaseModel, BeforeValidator, Field, WithJsonSchema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from likvard import telemetry
 from likvard.eventstore import ConcurrencyError, StoredEvent
@@ -30,27 +35,71 @@ PROBLEM_JSON = "application/problem+json"
 _ACTOR = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
 
 
+# Dates and times are bounded to years 1900-2099: before that no case can have happened,
+# and near year 1 or 9999 converting a time to UTC or adding months overflows. The patterns
+# are in the OpenAPI documents, and the same patterns are what the API accepts: the
+# contract states the rule it enforces. (RFC 3339 text only: no Unix times, no bare dates.)
+DATE_PATTERN = r"^(19|20)[0-9]{2}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])$"
+DATE_TIME_PATTERN = (
+    r"^(19|20)[0-9]{2}-(0[1-9]|1[0-2])-(0[1-9]|[12][0-9]|3[01])"
+    r"T([01][0-9]|2[0-3]):[0-5][0-9]:[0-5][0-9](\.[0-9]{1,6})?(Z|[+-]([01][0-9]|2[0-3]):[0-5][0-9])$"
+)
+_DATE = re.compile(DATE_PATTERN)
+_DATE_TIME = re.compile(DATE_TIME_PATTERN)
+
+
+def _date_text(value: object) -> object:
+    if isinstance(value, date) or (isinstance(value, str) and _DATE.fullmatch(value)):
+        return value
+    raise ValueError("must be a date as YYYY-MM-DD, from 1900-01-01 to 2099-12-31")
+
+
+def _date_time_text(value: object) -> object:
+    if isinstance(value, datetime) or (isinstance(value, str) and _DATE_TIME.fullmatch(value)):
+        return value
+    raise ValueError(
+        "must be a time as YYYY-MM-DDThh:mm:ss with a time-zone offset (Z or +01:00),"
+        " in the years 1900-2099"
+    )
+
+
+Day = Annotated[
+    date,
+    BeforeValidator(_date_text),
+    WithJsonSchema({"type": "string", "format": "date", "pattern": DATE_PATTERN}),
+]
+"""A calendar date in 1900-2099 (body field or query parameter)."""
+
+Instant = Annotated[
+    datetime,
+    BeforeValidator(_date_time_text),
+    WithJsonSchema({"type": "string", "format": "date-time", "pattern": DATE_TIME_PATTERN}),
+]
+"""A point in time with its offset, in 1900-2099."""
+
+
 class Timed(BaseModel):
     """A command body: when it happened, defaulting to now, never in the future."""
 
-    occurred_at: datetime | None = Field(
+    occurred_at: Instant | None = Field(
         None,
-        description="When it happened (ISO 8601 with offset); defaults to now. Not in the future.",
+        description="When it happened (RFC 3339 with offset, years 1900-2099); defaults to now."
+        " A time in the future is refused with 422 `occurred-in-future`.",
     )
 
-    @field_validator("occurred_at")
-    @classmethod
-    def _not_future_and_aware(cls, v: datetime | None) -> datetime | None:
-        if v is None:
-            return v
-        if v.tzinfo is None:
-            raise ValueError("occurred_at needs a time-zone offset, e.g. 2026-11-22T10:00:00+01:00")
-        if v > datetime.now(UTC):
-            raise ValueError("occurred_at may not be in the future")
-        return v
-
     def when(self) -> datetime:
-        return (self.occurred_at or datetime.now(UTC)).astimezone(UTC)
+        """The time in UTC. The future is checked here, not by the schema: it is a rule of
+        the clock, which no OpenAPI document can state."""
+        if self.occurred_at is None:
+            return datetime.now(UTC)
+        if self.occurred_at > datetime.now(UTC):
+            raise ProblemError(
+                422,
+                "occurred-in-future",
+                "Time in the future",
+                "occurred_at may not be in the future.",
+            )
+        return self.occurred_at.astimezone(UTC)
 
 
 class Problem(BaseModel):
@@ -64,14 +113,37 @@ class Problem(BaseModel):
     errors: list[dict[str, Any]] | None = None
 
 
+DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024
+RETRY_AFTER_SECONDS = 5
+
+# By reference under application/problem+json (`install` adds the component): with
+# `model`, FastAPI would put the schema under the operation's own media type
+# (application/json, text/plain), which problems are not.
+PROBLEM_CONTENT: dict[str, Any] = {
+    PROBLEM_JSON: {"schema": {"$ref": "#/components/schemas/Problem"}}
+}
+
 PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": Problem, "content": {PROBLEM_JSON: {}}, "description": text}
+    code: {"content": PROBLEM_CONTENT, "description": text}
     for code, text in {
-        400: "Malformed request (for example a malformed If-Match header)",
+        400: "Malformed request: a malformed If-Match, X-Actor or X-Correlation-Id header, or a"
+        " body that could not be read",
         404: "No such resource",
         409: "Version conflict: the resource changed since the given If-Match version",
-        422: "The request is well-formed but breaks a validation or domain rule",
+        413: "The request body is larger than the limit (LIKVARD_MAX_REQUEST_BYTES, 1 MiB by"
+        " default); it was not read",
+        422: "The request does not match this document (`validation-error`, with `errors`), or"
+        " is well-formed but breaks a rule of the domain, stated in `type` and `detail`",
+        503: "The database does not answer; nothing was changed. Retry after the seconds in"
+        " Retry-After",
     }.items()
+}
+PROBLEM_RESPONSES[503] = {**PROBLEM_RESPONSES[503]}
+PROBLEM_RESPONSES[503]["headers"] = {
+    "Retry-After": {
+        "description": "Seconds to wait before retrying",
+        "schema": {"type": "string", "pattern": "^[0-9]+$"},
+    }
 }
 
 
@@ -108,22 +180,37 @@ def problem(
     )
 
 
+IF_MATCH_PATTERN = r'^(W/)?("[0-9]{1,18}"|[0-9]{1,18})$'
+_IF_MATCH = re.compile(IF_MATCH_PATTERN)
+
+IfMatch = Annotated[
+    str | None,
+    # A header is absent or a string, never null: the schema says only the string's form.
+    WithJsonSchema({"type": "string", "pattern": IF_MATCH_PATTERN}),
+    Header(
+        description='Stream version the client last saw as an entity tag, e.g. "3" (1-18 digits;'
+        ' W/"3" and 3 are taken too); a stale one gives 409, a malformed one 400.',
+    ),
+]
+"""The If-Match parameter of every command on an existing stream. The pattern is stated in
+the OpenAPI document but checked by `parse_if_match`, so a malformed one answers 400."""
+
+
 def parse_if_match(value: str | None) -> int | None:
-    """`If-Match: "3"` (or 3, or W/"3") -> 3; absent -> None (use the version just read)."""
+    """`If-Match: "3"` (or 3, or W/"3") -> 3; absent -> None (use the version just read).
+    At most 18 digits: always below 2**63 (a PostgreSQL bigint), and never near Python's
+    limit on converting long digit strings."""
     if value is None:
         return None
-    text = value.strip()
-    if text.startswith("W/"):
-        text = text[2:]
-    text = text.strip('"')
-    if not text.isdigit():
+    m = _IF_MATCH.fullmatch(value.strip())
+    if not m:
         raise ProblemError(
             400,
             "bad-if-match",
             "Malformed If-Match",
-            'If-Match must be the stream version as an entity tag, e.g. "3".',
+            'If-Match must be the stream version as an entity tag of 1-18 digits, e.g. "3".',
         )
-    return int(text)
+    return int(m.group(2).strip('"'))
 
 
 def etag(version: int) -> str:
@@ -209,7 +296,9 @@ def add_health(app: FastAPI, ping: Callable[[Request], None]) -> None:
         "/readyz",
         response_model=Health,
         tags=["operations"],
-        responses={503: {"model": Problem, "content": {PROBLEM_JSON: {}}}},
+        responses={
+            503: {"content": PROBLEM_CONTENT, "description": "The event store does not answer"}
+        },
         summary="Readiness: the event store answers",
     )
     def readyz(request: Request) -> Any:
@@ -227,10 +316,105 @@ _duration = telemetry.meter("likvard.http").create_histogram(
 )
 
 
-def install(app: FastAPI, service: str) -> None:
-    """Error handlers, tracing, request metrics and `/metrics` for a service's app."""
+class BodyLimit:
+    """Pure ASGI middleware: a request body over `max_bytes` is answered 413 and never read
+    to its end, let alone parsed. A declared Content-Length over the limit is refused before
+    the app runs; a body without one (chunked) is counted as the app reads it and refused
+    as soon as the count passes the limit (whatever the app answers then is dropped)."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    def _refusal(self, scope: Scope) -> JSONResponse:
+        return problem(
+            413,
+            "request-too-large",
+            "Request too large",
+            f"The request body is over the limit of {self.max_bytes} bytes.",
+            scope.get("path"),
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = next((v for k, v in scope["headers"] if k == b"content-length"), None)
+        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
+            await self._refusal(scope)(scope, receive, send)
+            return
+        received = 0
+        refused = False
+
+        async def counting_receive() -> Message:
+            nonlocal received, refused
+            message = await receive()
+            if message["type"] == "http.request" and not refused:
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    refused = True
+                    await self._refusal(scope)(scope, receive, send)
+                    raise _BodyTooLarge
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            if not refused:
+                await send(message)
+
+        with contextlib.suppress(_BodyTooLarge):
+            await self.app(scope, counting_receive, guarded_send)
+
+
+class _BodyTooLarge(Exception):
+    """Raised into the app when the body passes the limit; the 413 is already sent."""
+
+
+def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    """503 while the database cannot serve (down, restarting, out of connections): the
+    client may retry, nothing was changed. Logged with the exception's type, not its text."""
+    log.warning(
+        "database unavailable (%s) on %s %s", type(exc).__name__, request.method, request.url.path
+    )
+    return problem(
+        503,
+        "database-unavailable",
+        "Database unavailable",
+        "The database does not answer; nothing was changed. Retry in a few seconds.",
+        request.url.path,
+        headers={"Retry-After": str(RETRY_AFTER_SECONDS)},
+    )
+
+
+METRICS_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The Prometheus text exposition format",
+        "content": {"text/plain": {"schema": {"type": "string"}}},
+    }
+}
+
+
+def _document_problems(app: FastAPI) -> None:
+    """Add the Problem schema that PROBLEM_CONTENT refers to to the app's OpenAPI document."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        document = generate()  # cached by FastAPI: the component is added once
+        schemas = document.setdefault("components", {}).setdefault("schemas", {})
+        schemas.setdefault("Problem", Problem.model_json_schema())
+        return document
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def install(
+    app: FastAPI, service: str, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
+) -> None:
+    """Error handlers, the request-size limit, tracing, request metrics and `/metrics` for a
+    service's app."""
     tracer = telemetry.tracer(f"likvard.{service}.http")
     telemetry.setup_metrics(service)
+    _document_problems(app)
+    # Added before the tracing middleware, so it runs inside it: a 413 is traced and counted.
+    app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
 
     @app.middleware("http")
     async def trace_requests(
@@ -267,7 +451,13 @@ def install(app: FastAPI, service: str) -> None:
             )
             return response
 
-    @app.get("/metrics", tags=["operations"], summary="Prometheus metrics of this process")
+    @app.get(
+        "/metrics",
+        tags=["operations"],
+        summary="Prometheus metrics of this process",
+        response_class=PlainTextResponse,
+        responses=METRICS_RESPONSES,
+    )
     def prometheus_metrics() -> Response:
         body, content_type = telemetry.prometheus_exposition()
         return Response(body, media_type=content_type)
@@ -303,8 +493,22 @@ def install(app: FastAPI, service: str) -> None:
             errors=errors,
         )
 
+    @app.exception_handler(psycopg.OperationalError)
+    async def on_database_error(request: Request, exc: psycopg.OperationalError) -> JSONResponse:
+        return _database_unavailable(request, exc)
+
+    @app.exception_handler(PoolTimeout)
+    async def on_pool_timeout(request: Request, exc: PoolTimeout) -> JSONResponse:
+        return _database_unavailable(request, exc)
+
     @app.exception_handler(StarletteHTTPException)
     async def on_http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        # Its headers are kept: a 405 carries the `Allow` that RFC 9110 requires.
         return problem(
-            exc.status_code, "http-error", str(exc.detail), str(exc.detail), request.url.path
+            exc.status_code,
+            "http-error",
+            str(exc.detail),
+            str(exc.detail),
+            request.url.path,
+            headers=dict(exc.headers) if exc.headers else None,
         )

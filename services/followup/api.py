@@ -13,7 +13,7 @@ from contextlib import asynccontextmanager
 from datetime import date
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Path, Query, Request, Response
+from fastapi import Depends, FastAPI, Path, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from likvard import http
@@ -49,10 +49,7 @@ COMMAND_RESPONSES: dict[int | str, dict[str, Any]] = {200: {"headers": {"ETag": 
 
 CaseId = Annotated[uuid.UUID, Path(description="The case id (as registered by intake)")]
 FollowUpId = Annotated[uuid.UUID, Path(description="The follow-up id (see GET followups)")]
-IfMatch = Annotated[
-    str | None,
-    Header(description='Stream version the client last saw, e.g. "3"; a stale one gives 409.'),
-]
+IfMatch = http.IfMatch
 
 
 class RecordChildren(http.Timed):
@@ -185,7 +182,7 @@ def create_app(
         lifespan=lifespan,
         responses=http.PROBLEM_RESPONSES,
     )
-    http.install(app, "followup")
+    http.install(app, "followup", max_request_bytes=settings.max_request_bytes)
 
     def await_case(svc: FollowUpService, directory: CaseDirectory, case_id: str) -> KnownCase:
         """The case as learnt from intake, waiting up to `case_wait` for its intake event.
@@ -411,11 +408,13 @@ def create_app(
     def get_due(
         svc: Svc,
         before: Annotated[
-            date, Query(description="Only follow-ups due before this date (exclusive)")
+            http.Day,
+            Query(description="Only follow-ups due before this date (exclusive), 1900-2099"),
         ],
         district: Annotated[
             str | None,
             Query(
+                min_length=1,
                 max_length=64,
                 description="Only follow-ups scheduled in this district, e.g. 'nordost'",
             ),

@@ -5,10 +5,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import UTC, date, datetime
+from datetime import UTC, datetime
 from typing import Annotated, Any
 
-from fastapi import Depends, FastAPI, Header, Path, Request, Response
+from fastapi import Depends, FastAPI, Path, Request, Response
 from pydantic import BaseModel, Field
 
 from likvard import http
@@ -43,27 +43,41 @@ LOCATION_HEADER = {
 COMMAND_RESPONSES: dict[int | str, dict[str, Any]] = {200: {"headers": {"ETag": ETAG_HEADER}}}
 
 CaseId = Annotated[uuid.UUID, Path(description="The case id returned by POST /cases")]
-IfMatch = Annotated[
-    str | None,
-    Header(description='Stream version the client last saw, e.g. "3"; a stale one gives 409.'),
+IfMatch = http.IfMatch
+
+# 10 or 12 digits, (YY)YYMMDD-NNNC with the separator optional ('+' for 100 years or older);
+# the day is 61-91 in a coordination number. The Luhn check digit C is checked by the
+# service (422 invalid-identity-number): no pattern can state it.
+IDENTITY_NUMBER_PATTERN = (
+    r"^([0-9]{2})?[0-9]{2}(0[1-9]|1[0-2])(0[1-9]|[12][0-9]|3[01]|6[1-9]|[78][0-9]|9[01])"
+    r"[-+]?[0-9]{4}$"
+)
+District = Annotated[
+    str,
+    Field(
+        description="District code valid on the date, e.g. 'nordost'; an unknown one, or one"
+        " not valid on the date, gives 422.",
+        examples=["nordost"],
+        min_length=1,
+        max_length=64,
+    ),
 ]
 
 
 class RegisterCase(http.Timed):
     personal_identity_number: str = Field(
         ...,
-        description="Swedish personal identity or coordination number. Only its keyed "
-        "pseudonym is stored; the number itself never is.",
+        description="Swedish personal identity or coordination number: 10 or 12 digits as"
+        " (YY)YYMMDD-NNNC, the separator optional ('+' for a person 100 or older), the day"
+        " plus 60 in a coordination number. C is the Luhn (mod 10) check digit of the ten"
+        " digits YYMMDDNNN: a wrong one gives 422 `invalid-identity-number`. Only its keyed"
+        " pseudonym is stored; the number itself never is.",
         examples=["19121212-1212"],
         min_length=10,
         max_length=13,
+        pattern=IDENTITY_NUMBER_PATTERN,
     )
-    district: str = Field(
-        ...,
-        description="District code valid on the date, e.g. 'nordost'",
-        examples=["nordost"],
-        max_length=64,
-    )
+    district: District
     substances: list[Substance] = Field(..., min_length=1)
     referral_source: ReferralSource
     children_in_household: ChildrenInHousehold
@@ -86,12 +100,12 @@ class AgreeCarePlan(http.Timed):
         ..., min_length=1, max_length=20, description="The person's own goals, in their words"
     )
     person_participated: bool
-    review_on: date | None = None
+    review_on: http.Day | None = None
 
 
 class RecordConsent(http.Timed):
     recipients: list[ConsentRecipient] = Field(..., min_length=1)
-    valid_until: date | None = None
+    valid_until: http.Day | None = None
 
 
 class WithdrawConsent(http.Timed):
@@ -99,7 +113,7 @@ class WithdrawConsent(http.Timed):
 
 
 class TransferCase(http.Timed):
-    to_district: str = Field(..., max_length=64)
+    to_district: District
     reason: TransferReason
 
 
@@ -231,7 +245,7 @@ def create_app(
         lifespan=lifespan,
         responses=http.PROBLEM_RESPONSES,
     )
-    http.install(app, "intake")
+    http.install(app, "intake", max_request_bytes=settings.max_request_bytes)
 
     def run(
         svc: Svc,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import uuid
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import date, datetime
@@ -16,6 +17,7 @@ import psycopg
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from psycopg_pool import ConnectionPool
+from pydantic import BaseModel
 
 from likvard import http
 from likvard.config import Settings, load_settings
@@ -27,11 +29,40 @@ from services.projections.audit import AuditCell, audit
 
 Format = Literal["json", "csv"]
 Structure = Literal["current", "as-recorded"]
-FORMAT = Query(description="`json` (default) or `csv`")
+FORMAT = Query(description="`json` (default) or `csv` (`text/csv`, a header row first)")
 STRUCTURE = Query(
     description="`current`: old district codes are counted in the district that succeeded"
     " them (comparable across the 2021 reorganisation); `as-recorded`: as recorded at intake"
 )
+
+
+class TimelineRow(BaseModel):
+    """One event of a case's timeline, as the read model holds it."""
+
+    event_id: uuid.UUID
+    case_id: str
+    occurred_at: datetime
+    recorded_at: datetime
+    topic: str
+    event_type: str
+    stream_version: int
+    district: str | None
+    actor: str | None
+    payload: dict[str, Any]
+
+
+def _table(row: type) -> dict[int | str, dict[str, Any]]:
+    """The 200 answer of a report: a JSON array of `row`, or CSV with `format=csv`."""
+    return {
+        200: {
+            "model": list[row],  # type: ignore[valid-type]
+            "description": "The rows as JSON, or as CSV (a header row first) with `format=csv`",
+            "content": {"text/csv": {"schema": {"type": "string"}}},
+        }
+    }
+
+
+DistrictQuery = Annotated[str | None, Query(min_length=1, max_length=64)]
 
 
 def _conn(request: Request) -> Iterator[psycopg.Connection[Any]]:
@@ -120,7 +151,7 @@ def create_app(settings: Settings | None = None, *, schema: str = "projections")
         lifespan=lifespan,
         responses=http.PROBLEM_RESPONSES,
     )
-    http.install(app, "projections")
+    http.install(app, "projections", max_request_bytes=settings.max_request_bytes)
 
     def check_district(code: str | None, structure: Structure) -> None:
         if code is None or code == reports.CITY:
@@ -143,14 +174,19 @@ def create_app(settings: Settings | None = None, *, schema: str = "projections")
         "/reports/followup",
         tags=["reports"],
         summary="The follow-up report",
+        responses=_table(reports.ReportRow),
         description="Per period (month or year of intake, city time zone) and district, with a"
         " city-wide row (`district=city`) after each period's districts.",
     )
     def followup_report(
         conn: Conn,
-        start: Annotated[date, Query(alias="from", description="First intake day")],
-        end: Annotated[date, Query(alias="to", description="Last intake day")],
-        district: Annotated[str | None, Query(description="Only this district (or `city`)")] = None,
+        start: Annotated[http.Day, Query(alias="from", description="First intake day")],
+        end: Annotated[
+            http.Day, Query(alias="to", description="Last intake day; not before `from`")
+        ],
+        district: Annotated[
+            DistrictQuery, Query(description="Only this district (or `city`)")
+        ] = None,
         structure: Annotated[Structure, STRUCTURE] = "current",
         period: Annotated[Literal["month", "year"], Query(description="Rows per")] = "month",
         format: Annotated[Format, FORMAT] = "json",
@@ -174,6 +210,7 @@ def create_app(settings: Settings | None = None, *, schema: str = "projections")
         "/reports/equal-access",
         tags=["reports"],
         summary="The equal-access audit",
+        responses=_table(AuditCell),
         description="Per district and metric, for persons with the same assessed need level:"
         " the rate, the rest of the city's rate, the crude and need-adjusted ratio with its 95%"
         " interval, the Mantel-Haenszel ratio, and a flag when the interval excludes 1 and the"
@@ -182,7 +219,7 @@ def create_app(settings: Settings | None = None, *, schema: str = "projections")
     def equal_access(
         conn: Conn,
         structure: Annotated[Structure, STRUCTURE] = "current",
-        district: Annotated[str | None, Query(description="Only this district")] = None,
+        district: Annotated[DistrictQuery, Query(description="Only this district")] = None,
         format: Annotated[Format, FORMAT] = "json",
     ) -> Response:
         check_district(district, structure)
@@ -191,7 +228,12 @@ def create_app(settings: Settings | None = None, *, schema: str = "projections")
             cells = [c for c in cells if c.district == district]
         return _respond(_rows(cells), _field_names(AuditCell), format)
 
-    @app.get("/cases/{case_id}/timeline", tags=["cases"], summary="A case's events in order")
+    @app.get(
+        "/cases/{case_id}/timeline",
+        tags=["cases"],
+        summary="A case's events in order",
+        responses=_table(TimelineRow),
+    )
     def case_timeline(
         case_id: str, conn: Conn, format: Annotated[Format, FORMAT] = "json"
     ) -> Response:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import date, datetime
+from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from fastapi import Depends, FastAPI, Header, Path, Query, Request, Response
+from fastapi import Depends, FastAPI, Path, Query, Request, Response
 from pydantic import BaseModel, Field
 
 from likvard import http
@@ -29,10 +29,7 @@ from services.referral.domain import (
 from services.referral.service import ReferralService
 
 ReferralId = Annotated[uuid.UUID, Path(description="The referral id returned by POST /referrals")]
-IfMatch = Annotated[
-    str | None,
-    Header(description='Stream version the client last saw, e.g. "3"; a stale one gives 409.'),
-]
+IfMatch = http.IfMatch
 ETAG = {"description": 'The referral\'s stream version, e.g. "3"', "schema": {"type": "string"}}
 COMMAND_RESPONSES: dict[int | str, dict[str, Any]] = {200: {"headers": {"ETag": ETAG}}}
 
@@ -50,7 +47,7 @@ class RequestReferralBody(http.Timed):
 
 
 class AcceptBody(http.Timed):
-    planned_start: date | None = None
+    planned_start: http.Day | None = None
 
 
 class DeclineBody(http.Timed):
@@ -177,7 +174,7 @@ def create_app(
         lifespan=lifespan,
         responses=http.PROBLEM_RESPONSES,
     )
-    http.install(app, "referral")
+    http.install(app, "referral", max_request_bytes=settings.max_request_bytes)
 
     def act(
         svc: ReferralService,
