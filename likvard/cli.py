@@ -89,7 +89,10 @@ def _logging(service: str) -> None:
 def _store(settings: Settings, service: str) -> EventStore:
     from likvard.eventstore import open_store
 
-    return open_store(settings, service, max_size=4)
+    try:
+        return open_store(settings, service, max_size=4)
+    except ConfigError as exc:  # no LIKVARD_DATABASE_URL: the hint, not a traceback
+        raise _fail(str(exc)) from exc
 
 
 @app.command()
@@ -483,8 +486,11 @@ def _print_replay(result: ReplayResult) -> None:
 @app.command()
 def report(
     out: Path = typer.Option(..., "--out", help="The HTML file to write"),
-    start: datetime = typer.Option(
-        ..., "--from", formats=["%Y-%m-%d"], help="First intake day of the follow-up report"
+    start: datetime | None = typer.Option(
+        None,
+        "--from",
+        formats=["%Y-%m-%d"],
+        help="First intake day of the follow-up report (default: 1 January of the --to year)",
     ),
     end: datetime = typer.Option(
         None, "--to", formats=["%Y-%m-%d"], help="Last intake day (default: today)"
@@ -505,10 +511,11 @@ def report(
     except ConfigError as exc:
         raise _fail(str(exc)) from exc
     last = (end or datetime.now()).date()
+    first = start.date() if start else last.replace(month=1, day=1)
     try:
         with psycopg.connect(dsn) as conn:
             document = build(
-                conn, schema, start=start.date(), end=last, structure=structure, period=period
+                conn, schema, start=first, end=last, structure=structure, period=period
             )
     except ValueError as exc:
         raise _fail(str(exc)) from exc
@@ -608,8 +615,19 @@ def up(
 
     With no settings: an embedded PostgreSQL and the Tansu broker (memory only). With
     LIKVARD_DATABASE_URL / KAFKA_BOOTSTRAP_SERVERS set, those servers are used instead.
+    A process that stops is restarted after a backoff (1s doubling to 30s); the stack
+    stops only on Ctrl-C, or when one keeps failing (more than 5 failed starts within 2
+    minutes: exit code 1). A restarted dev broker gets its topics back, and every event
+    again from the event stores (`likvard republish`).
     """
-    from likvard.devstack import EmbeddedPostgres, StackError, Supervisor, TansuBroker, wait_until
+    from likvard.devstack import (
+        EmbeddedPostgres,
+        Server,
+        StackError,
+        Supervisor,
+        TansuBroker,
+        wait_until,
+    )
     from likvard.topics import TopicError, ensure_topics, load_topics
 
     wanted = [_check_service(s.strip(), APPS | READ_APPS) for s in services.split(",") if s.strip()]
@@ -622,12 +640,39 @@ def up(
     env["LIKVARD_PROBE_FILE"] = os.path.join(tempfile.gettempdir(), f"likvard-probe-{os.getpid()}")
     pg: EmbeddedPostgres | None = None
     broker: TansuBroker | None = None
-    sup = Supervisor(env)
+    sup = Supervisor(env, say=lambda line: console.print(line, markup=False, soft_wrap=True))
     stopping = _stop_on_signals()
+
+    def make_topics() -> int:
+        prefix = env.get("LIKVARD_TOPIC_PREFIX", "")
+        return len(ensure_topics(env["KAFKA_BOOTSTRAP_SERVERS"], load_topics(prefix=prefix)))
+
+    def watch_broker(dev: TansuBroker) -> None:
+        def back() -> str:
+            """The dev broker forgot everything: its topics first, then every stored event
+            again (the event stores are the source of truth)."""
+            dev.start()
+            try:
+                n = make_topics()
+            except TopicError as exc:
+                dev.stop()
+                raise StackError(str(exc)) from exc
+            writers = [s for s in wanted if s in APPS]
+            for s in writers:
+                sup.spawn(f"{s}-republish", ["republish", s], oneshot=True)
+            return (
+                f"restarted on {dev.bootstrap} (memory only: it forgot every record); {n}"
+                f" topics re-created; republishing {', '.join(writers) or 'nothing'} from"
+                " the event stores"
+            )
+
+        sup.watch(Server("tansu-broker", dev.down, back))
+
     try:
         if not env.get("LIKVARD_DATABASE_URL"):
             pg = EmbeddedPostgres()
             env["LIKVARD_DATABASE_URL"] = pg.start()
+            sup.watch(Server("postgresql", pg.down, pg.restart))
             console.print("PostgreSQL   embedded (temporary; gone when you stop)")
         else:
             console.print("PostgreSQL   from LIKVARD_DATABASE_URL")
@@ -635,6 +680,7 @@ def up(
             broker = TansuBroker(broker_port)
             env["KAFKA_BOOTSTRAP_SERVERS"] = broker.start()
             env.setdefault("LIKVARD_CONSUMER_SESSION_TIMEOUT_MS", "4000")
+            watch_broker(broker)
             console.print(f"Kafka        Tansu dev broker on {broker.bootstrap} (memory only)")
         else:
             console.print(f"Kafka        {env['KAFKA_BOOTSTRAP_SERVERS']}")
@@ -644,10 +690,7 @@ def up(
                 "[yellow]LIKVARD_PSEUDONYM_SECRET not set: using a random one for this"
                 " run (pseudonyms will differ next time)[/yellow]"
             )
-        outcome = ensure_topics(
-            env["KAFKA_BOOTSTRAP_SERVERS"], load_topics(prefix=env.get("LIKVARD_TOPIC_PREFIX", ""))
-        )
-        console.print(f"Topics       {len(outcome)} ready")
+        console.print(f"Topics       {make_topics()} ready")
         import httpx
 
         ports = {name: service_port(name, env) for name in wanted}
@@ -663,8 +706,7 @@ def up(
             sup.spawn(f"{name}-ingest", ["ingest", name])
 
         def all_ready() -> bool:
-            if sup.dead():
-                return True
+            sup.check()  # a child that stops at start is restarted too, or stops the stack
             for name in wanted:
                 try:
                     r = httpx.get(f"http://127.0.0.1:{ports[name]}/readyz", timeout=0.5)
@@ -680,8 +722,6 @@ def up(
             "the services to become ready",
             interval=0.2,
         )
-        if sup.dead():
-            raise StackError(f"{sup.dead()[0].name} exited at start; see its output above")
         console.print(f"[green]Likvärd is up[/green] in {time.monotonic() - started:.1f}s:")
         for name in wanted:
             port = ports[name]
@@ -695,13 +735,9 @@ def up(
             )
         console.print("Press Ctrl-C to stop.")
         while not stopping.wait(0.5):
-            if sup.dead():
-                child = sup.dead()[0]
-                raise StackError(
-                    f"{child.name} stopped unexpectedly (exit {child.proc.returncode})"
-                )
+            sup.check()
     except (StackError, TopicError, ConfigError) as exc:
-        console.print(f"[red]error:[/red] {exc}")
+        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
         code = 1
     else:
         code = 0

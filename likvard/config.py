@@ -42,6 +42,16 @@ class ConfigError(RuntimeError):
     """A setting is missing or malformed; the message says which and how to fix it."""
 
 
+# A new user's first `likvard replay` or `report` usually runs beside `likvard up`: say how
+# to reach that stack, not only which variable is missing.
+_UP_EXPORTS = (
+    "To use the stack `likvard up` runs on this machine, paste into this terminal the"
+    " `export LIKVARD_DATABASE_URL=... KAFKA_BOOTSTRAP_SERVERS=...` line it prints when it"
+    " is up (or run `likvard up` first: it starts an embedded PostgreSQL and a development"
+    " broker)."
+)
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str | None = None
@@ -56,16 +66,16 @@ class Settings:
     def require_database(self) -> str:
         if not self.database_url:
             raise ConfigError(
-                "LIKVARD_DATABASE_URL is not set: point it at PostgreSQL, or run `likvard up`"
-                " which starts an embedded server for you."
+                "LIKVARD_DATABASE_URL is not set: export it with your PostgreSQL (e.g."
+                " export LIKVARD_DATABASE_URL=postgresql://user@host/dbname). " + _UP_EXPORTS
             )
         return self.database_url
 
     def require_kafka(self) -> str:
         if not self.kafka_bootstrap:
             raise ConfigError(
-                "KAFKA_BOOTSTRAP_SERVERS is not set: point it at Kafka, or run `likvard up`"
-                " which starts a development broker for you."
+                "KAFKA_BOOTSTRAP_SERVERS is not set: export it with your Kafka brokers (e.g."
+                " export KAFKA_BOOTSTRAP_SERVERS=host:9092). " + _UP_EXPORTS
             )
         return self.kafka_bootstrap
 
