@@ -38,6 +38,16 @@ def kafka_client_settings(env: dict[str, str] | None = None) -> dict[str, str]:
     }
 
 
+def no_auto_create() -> dict[str, str]:
+    """librdkafka settings that keep a client from creating topics: a producer (and an
+    admin client, a producer inside) asks the broker to create a topic it does not know by
+    default, and the broker then gives it its own default partition count (Tansu: 4), not
+    the one of deploy/topics.toml. librdkafka applies it to producers and consumers alike
+    (no configuration warning for either); a producer to a missing topic then fails its
+    deliveries, so a process calls `likvard.topics.require_topics` before it starts."""
+    return {"allow.auto.create.topics": "false"}
+
+
 class ConfigError(RuntimeError):
     """A setting is missing or malformed; the message says which and how to fix it."""
 

@@ -6,6 +6,13 @@ with headers that say why: `dlq_reason` (a sentence a person understands), `dlq_
 machines), `dlq_service` (whose worker judged it), `dlq_failed_at`, and where it came from:
 `dlq_source_topic`, `dlq_source_partition`, `dlq_source_offset`.
 
+A record whose copy would be over the producer's size limit (`message.max.bytes`; its
+copy is larger than the record by the headers added), or that the broker refuses for good,
+is dead-lettered as a summary instead: no value, code `record-too-large` (or
+`record-refused`), `dlq_original_code` for the judgement, `dlq_original_size` and
+`dlq_original_sha256` (of the value), and the record's own headers as far as they fit. The
+record itself stays on the ingest topic (kept forever) at its `dlq_source_*` coordinates.
+
 `likvard dlq list|show|retry` reads the topic from offset 0 (dead letters are few) and
 re-submits chosen records to the ingest topic after a fix, marked `dlq_retry_of`; the ingest
 path judges a retried record like any other, so a fixed one is stored and one still wrong
@@ -16,12 +23,14 @@ Reasons never quote record values (events hold personal data), so they are safe 
 
 from __future__ import annotations
 
+import hashlib
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from confluent_kafka import Message, Producer
+from confluent_kafka import KafkaError, Message, Producer
 
 from likvard.relay import Deliveries, Headers, produce, producer_config
 from likvard.topic_reader import TopicReader, TopicReadError, record_headers
@@ -42,6 +51,33 @@ SOURCE_PARTITION = "dlq_source_partition"
 SOURCE_OFFSET = "dlq_source_offset"
 RETRY_OF = "dlq_retry_of"
 """On a record re-submitted by `likvard dlq retry`: the id of the dead letter it retries."""
+ORIGINAL_CODE = "dlq_original_code"
+ORIGINAL_SIZE = "dlq_original_size"
+ORIGINAL_SHA256 = "dlq_original_sha256"
+HEADERS_DROPPED = "dlq_headers_dropped"
+"""On a summary: the judgement's own code, the record's size in bytes (key, value and
+headers), the SHA-256 of its value (hex), and how many of its headers did not fit."""
+
+TOO_LARGE = "record-too-large"
+REFUSED = "record-refused"
+"""Codes of summaries: the copy was over a size limit; the broker refused it otherwise."""
+SIZE_ERRORS = frozenset({KafkaError.MSG_SIZE_TOO_LARGE, KafkaError.RECORD_LIST_TOO_LARGE})
+REFUSALS = SIZE_ERRORS | {KafkaError.INVALID_RECORD, KafkaError.INVALID_TIMESTAMP}
+"""Delivery errors that refuse one record for good: sending it again cannot help. Anything
+else (a timeout, a broker away, a missing topic, authorisation) may pass, or concerns every
+record, so the batch is retried rather than its dead letters given up."""
+
+DEFAULT_MAX_MESSAGE_BYTES = 1_000_000
+"""librdkafka's default `message.max.bytes`."""
+RECORD_OVERHEAD = 100
+HEADER_OVERHEAD = 10
+"""Bytes a record takes beyond its key, value and header names and values: librdkafka
+counts 36 for the record and 2 a header (varints of 1 to 5 bytes); a broker also counts
+the record batch's 61. Over-estimated on purpose: a copy judged to fit must fit."""
+KEPT_KEY_BYTES = 256
+"""A summary keeps the key up to this size (a case id is 36)."""
+SUMMARY_BYTES = 16_384
+"""A summary is at most this big, whatever the limit: the dlq headers and what fits."""
 
 _PREFIX = "dlq_"
 _ID = re.compile(r"^(\d+):(\d+)$")
@@ -88,6 +124,114 @@ def dead_letter_headers(
         (SOURCE_PARTITION, str(partition).encode()),
         (SOURCE_OFFSET, str(offset).encode()),
     ]
+
+
+def record_size(
+    key: bytes | None, value: bytes | None, headers: Iterable[tuple[str, str | bytes | None]]
+) -> int:
+    """A record's size as producers and brokers count it against their limits (at most
+    RECORD_OVERHEAD + HEADER_OVERHEAD a header more than the truth, never less)."""
+    size = RECORD_OVERHEAD + len(key or b"") + len(value or b"")
+    for name, header in headers:
+        size += HEADER_OVERHEAD + len(name.encode()) + len(_bytes(header))
+    return size
+
+
+def max_message_bytes(config: Mapping[str, Any]) -> int:
+    """The largest record a producer with this librdkafka configuration sends."""
+    return int(config.get("message.max.bytes", DEFAULT_MAX_MESSAGE_BYTES))
+
+
+def _bytes(value: str | bytes | None) -> bytes:
+    if value is None:
+        return b""
+    return value.encode() if isinstance(value, str) else value
+
+
+@dataclass(frozen=True)
+class Letter:
+    """A dead letter ready to produce: the copy of the record, or its summary."""
+
+    key: bytes | None
+    value: bytes | None
+    headers: Headers
+    summary: bool = False
+
+
+def summary_letter(
+    key: bytes | None,
+    value: bytes | None,
+    headers: Iterable[tuple[str, str | bytes | None]],
+    *,
+    stage: str,
+    code: str,
+    reason: str,
+    service: str,
+    source: tuple[str, int, int],
+    failed_at: datetime,
+    limit: int,
+    refusal: KafkaError | None = None,
+) -> Letter:
+    """What is dead-lettered when the copy cannot be: no value, the record's size and the
+    SHA-256 of its value, the judgement (its code as `dlq_original_code`), and the record's
+    own headers in order as far as they fit (`dlq_headers_dropped` counts the rest).
+    `refusal` names the broker's error if it refused the copy, else the copy was too large."""
+    own = own_headers(headers)
+    size = record_size(key, value, own)
+    if refusal is None or refusal.code() in SIZE_ERRORS:
+        summary_code = TOO_LARGE
+        why = (
+            f" The record is {size:,} bytes with its key and headers, more than its dead-letter"
+            f" copy may be ({limit:,} bytes"
+            + (f"; the broker said {refusal.name()}" if refusal else "")
+            + "), so this is a summary of it without its value."
+        )
+    else:
+        summary_code = REFUSED
+        why = (
+            f" The broker refused its copy ({refusal.name()}), so this is a summary of it"
+            " without its value."
+        )
+    why += (
+        " The record is kept on the ingest topic at dlq_source_topic/partition/offset;"
+        " dlq_original_sha256 is the SHA-256 of its value."
+    )
+    kept_key = key if key is not None and len(key) <= KEPT_KEY_BYTES else None
+    tail = [
+        *dead_letter_headers(
+            [],
+            stage=stage,
+            code=summary_code,
+            reason=reason + why,
+            service=service,
+            source=source,
+            failed_at=failed_at,
+        ),
+        (ORIGINAL_CODE, code.encode()),
+        (ORIGINAL_SIZE, str(size).encode()),
+        (ORIGINAL_SHA256, hashlib.sha256(value or b"").hexdigest().encode()),
+    ]
+    budget = min(limit, SUMMARY_BYTES) - record_size(kept_key, None, tail)
+    budget -= record_size(None, None, [(HEADERS_DROPPED, str(len(own)))]) - RECORD_OVERHEAD
+    kept: Headers = []
+    for name, header in own:
+        cost = record_size(None, None, [(name, header)]) - RECORD_OVERHEAD
+        if cost <= budget:
+            kept.append((name, header))
+            budget -= cost
+    if len(kept) < len(own):
+        tail.append((HEADERS_DROPPED, str(len(own) - len(kept)).encode()))
+    return Letter(kept_key, None, [*kept, *tail], summary=True)
+
+
+@dataclass
+class SinkStats:
+    """What a dead-letter sink did besides copying records."""
+
+    summarised: int = 0
+    """Dead-lettered as a summary (too large, or the copy refused)."""
+    refused: int = 0
+    """Refused by the broker even as a summary: logged with coordinates, not retried."""
 
 
 @dataclass(frozen=True)
@@ -140,6 +284,22 @@ class DeadLetter:
     @property
     def retry_of(self) -> str:
         return self.header(RETRY_OF)
+
+    @property
+    def is_summary(self) -> bool:
+        """A summary holds no record (`record-too-large`, `record-refused`): nothing to retry."""
+        return bool(self.header(ORIGINAL_SHA256))
+
+    @property
+    def original_size(self) -> int | None:
+        """A summary's record size in bytes (key, value and headers)."""
+        text = self.header(ORIGINAL_SIZE)
+        return int(text) if text.isdigit() else None
+
+    @property
+    def original_sha256(self) -> str:
+        """A summary's SHA-256 of the record's value, hex ('' if not a summary)."""
+        return self.header(ORIGINAL_SHA256)
 
     @property
     def source(self) -> tuple[str, int, int] | None:
@@ -232,7 +392,15 @@ def retry(
     timeout: float = 30.0,
 ) -> int:
     """Re-submit dead letters to the ingest topic, unchanged but for `dlq_retry_of`;
-    returns how many the broker acknowledged (raises if any was not)."""
+    returns how many the broker acknowledged (raises if any was not). A summary holds no
+    record to re-submit: asking for one is refused before anything is sent."""
+    summaries = [x.id for x in letters if x.is_summary]
+    if summaries:
+        raise DeadLetterError(
+            f"dead letter(s) {', '.join(summaries)} are summaries ({TOO_LARGE} or {REFUSED}):"
+            " they hold no record to re-submit. The record is on the ingest topic where"
+            " `likvard dlq show` says; the district system must send it again, smaller"
+        )
     producer = producer_factory(producer_config(bootstrap))
     deliveries = Deliveries()
     for n, x in enumerate(letters):

@@ -768,7 +768,18 @@ class IngestMetrics:
 
 # --- the worker: Kafka around the processor ----------------------------------------------
 class DeadLetterSink:
-    """Writes dead letters and waits for the broker's acknowledgement of every one."""
+    """Writes dead letters and waits for the broker's acknowledgement of every one.
+
+    A dead letter never blocks its partition: a copy over the producer's size limit goes as
+    a summary (`dlq.summary_letter`); a copy the broker refuses for good (`dlq.REFUSALS`) is
+    sent again on its own (a record batch is refused whole), then as a summary; a summary
+    refused too is counted (`likvard.ingest.dead_letters_refused`), logged with where the
+    record is and given up, so the offset moves on. Anything that may pass (a broker away,
+    a timeout) raises DeadLetterError and the batch is retried: nothing is lost."""
+
+    LEARNT_LIMIT_MARGIN = 64
+    """How far below a copy the broker refused as too large the limit goes: the next copy
+    of the same record may be a little smaller (`dlq_failed_at` varies in length)."""
 
     def __init__(
         self,
@@ -779,6 +790,7 @@ class DeadLetterSink:
         producer_overrides: Mapping[str, Any] | None = None,
         producer_factory: Callable[[dict[str, Any]], Producer] = Producer,
         flush_timeout: float = 20.0,
+        meter: metrics.Meter | None = None,
     ) -> None:
         self.bootstrap = bootstrap
         self.topic = topic
@@ -786,42 +798,149 @@ class DeadLetterSink:
         self.overrides = dict(producer_overrides or {})
         self.factory = producer_factory
         self.flush_timeout = flush_timeout
+        self.limit = dlq.max_message_bytes(producer_config(bootstrap, **self.overrides))
+        """The largest dead letter sent as a copy; lowered below what the broker refused."""
+        self.stats = dlq.SinkStats()
         self._producer: Producer | None = None
+        meter = meter or telemetry.meter("likvard.ingest")
+        self._summarised = meter.create_counter(
+            "likvard.ingest.dead_letters_summarised",
+            unit="{record}",
+            description="Dead letters sent as a summary: the record's copy was too large"
+            " or refused by the broker.",
+        )
+        self._refused = meter.create_counter(
+            "likvard.ingest.dead_letters_refused",
+            unit="{record}",
+            description="Dead letters the broker refused for good, even as a summary: given"
+            " up (the log names the record's coordinates), so the partition moves on.",
+        )
 
     def _get(self) -> Producer:
         if self._producer is None:
             self._producer = self.factory(producer_config(self.bootstrap, **self.overrides))
         return self._producer
 
+    def letter(
+        self, outcome: Outcome, failed_at: datetime, refusal: KafkaError | None = None
+    ) -> dlq.Letter:
+        """The record's copy with the dlq headers, or its summary if the copy is over the
+        limit or was refused (`refusal`)."""
+        assert outcome.rejection is not None
+        r, rejected = outcome.record, outcome.rejection
+        judgement: dict[str, Any] = {
+            "stage": rejected.stage,
+            "code": rejected.code,
+            "reason": rejected.reason,
+            "service": self.service,
+            "source": (r.topic, r.partition, r.offset),
+            "failed_at": failed_at,
+        }
+        headers = dlq.dead_letter_headers(r.headers, **judgement)
+        if refusal is None and dlq.record_size(r.key, r.value, headers) <= self.limit:
+            return dlq.Letter(r.key, r.value, headers)
+        return dlq.summary_letter(
+            r.key, r.value, r.headers, limit=self.limit, refusal=refusal, **judgement
+        )
+
     def send(self, outcomes: Sequence[Outcome]) -> None:
-        """Raises DeadLetterError unless the broker acknowledged every dead letter (the
-        producer is rebuilt then: an idempotent producer stalls after a broker restart)."""
+        """Returns once every dead letter is acknowledged or given up as refused; raises
+        DeadLetterError if any failed otherwise (the producer is rebuilt then: an
+        idempotent producer stalls after a broker restart)."""
         if not outcomes:
             return
+        failed_at = datetime.now(UTC)
+        first = {n: self.letter(o, failed_at) for n, o in enumerate(outcomes)}
+        sent: dict[int, dlq.Letter | None] = dict(first)
+        for n in self._produce(first):
+            sent[n] = self._resend(outcomes[n], first[n], failed_at)
+        for n, x in sent.items():
+            if x is not None and x.summary:
+                self._summarised_one(outcomes[n])
+
+    def _resend(
+        self, outcome: Outcome, letter: dlq.Letter, failed_at: datetime
+    ) -> dlq.Letter | None:
+        """A letter the broker refused for good in its batch: sent on its own (a batch is
+        refused whole), then as a summary. Returns what was acknowledged, None if nothing
+        was (counted and logged)."""
+        refused = self._produce({0: letter}).get(0)
+        if refused is None:
+            return letter
+        if not letter.summary:
+            if refused.code() in dlq.SIZE_ERRORS:  # the broker's limit is below ours
+                size = dlq.record_size(letter.key, letter.value, letter.headers)
+                self.limit = min(self.limit, size - self.LEARNT_LIMIT_MARGIN)
+            letter = self.letter(outcome, failed_at, refused)
+            refused = self._produce({0: letter}).get(0)
+            if refused is None:
+                return letter
+        self._give_up(outcome, refused)
+        return None
+
+    def _produce(self, letters: Mapping[int, dlq.Letter]) -> dict[int, KafkaError]:
+        """Produce and wait for every report: returns the letters the broker refused for
+        good, with its error; raises DeadLetterError if any failed in another way."""
         producer = self._get()
         deliveries = Deliveries()
-        failed_at = datetime.now(UTC)
-        for n, o in enumerate(outcomes):
-            assert o.rejection is not None
-            r = o.record
-            headers = dlq.dead_letter_headers(
-                r.headers,
-                stage=o.rejection.stage,
-                code=o.rejection.code,
-                reason=o.rejection.reason,
-                service=self.service,
-                source=(r.topic, r.partition, r.offset),
-                failed_at=failed_at,
-            )
-            produce(producer, self.topic, r.key, r.value, headers, deliveries.report_to(n))
-        producer.flush(self.flush_timeout)
-        failed = deliveries.failed(range(len(outcomes)))
-        if failed:
+        refused: dict[int, KafkaError] = {}
+        try:
+            for n, x in letters.items():
+                try:
+                    produce(
+                        producer, self.topic, x.key, x.value, x.headers, deliveries.report_to(n)
+                    )
+                except KafkaException as exc:  # refused before it was queued
+                    err = exc.args[0]
+                    if not isinstance(err, KafkaError) or err.code() not in dlq.REFUSALS:
+                        raise
+                    refused[n] = err
+            producer.flush(self.flush_timeout)
+        except KafkaException as exc:  # fatal, e.g. an idempotent producer fenced
+            self.close(purge=True)
+            raise dlq.DeadLetterError(f"the dead-letter producer failed: {exc.args[0]}") from exc
+        failed = deliveries.failed(n for n in letters if n not in refused)
+        errors = {n: deliveries.results.get(n) for n in failed}
+        passing = {n: e for n, e in errors.items() if e is None or e.code() not in dlq.REFUSALS}
+        if passing:
             self.close(purge=True)
             raise dlq.DeadLetterError(
-                f"{len(failed)} of {len(outcomes)} dead letters were not acknowledged"
-                f" ({deliveries.first_error()})"
+                f"{len(passing)} of {len(letters)} dead letters were not acknowledged"
+                f" ({next(iter(passing.values())) or 'no delivery report'})"
             )
+        refused.update({n: e for n, e in errors.items() if e is not None})
+        if refused:  # a refused batch leaves an idempotent producer's sequence with a gap
+            self.close()
+        return refused
+
+    def _summarised_one(self, outcome: Outcome) -> None:
+        r = outcome.record
+        self.stats.summarised += 1
+        self._summarised.add(1, {"service": self.service})
+        log.warning(
+            "dead-lettered %s[%d]@%d as a summary (the record has %d bytes; a copy may have %d)",
+            r.topic,
+            r.partition,
+            r.offset,
+            dlq.record_size(r.key, r.value, r.headers),
+            self.limit,
+        )
+
+    def _give_up(self, outcome: Outcome, refusal: KafkaError) -> None:
+        assert outcome.rejection is not None
+        r = outcome.record
+        self.stats.refused += 1
+        self._refused.add(1, {"service": self.service})
+        log.error(
+            "the broker refused the dead letter of %s[%d]@%d (%s/%s) for good, even as a"
+            " summary (%s): it is given up, the record stays on its topic there",
+            r.topic,
+            r.partition,
+            r.offset,
+            outcome.rejection.stage,
+            outcome.rejection.code,
+            refusal.name(),
+        )
 
     def close(self, *, purge: bool = False) -> None:
         old, self._producer = self._producer, None

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import time
 import tomllib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,7 +13,7 @@ from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
-from likvard.config import kafka_client_settings
+from likvard.config import kafka_client_settings, no_auto_create
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SERVICE_TOPICS = {
@@ -70,9 +72,40 @@ def load_topics(path: Path | None = None, prefix: str = "") -> list[TopicSpec]:
     return specs
 
 
+def _admin(bootstrap: str) -> AdminClient:
+    return AdminClient(
+        {**no_auto_create(), **kafka_client_settings(), "bootstrap.servers": bootstrap}
+    )
+
+
 def ensure_topics(bootstrap: str, specs: list[TopicSpec], timeout: float = 30.0) -> dict[str, str]:
-    """Create missing topics; existing ones are left as they are. Returns name -> outcome."""
-    admin = AdminClient({**kafka_client_settings(), "bootstrap.servers": bootstrap})
+    """Create missing topics (existing ones are never altered), then check that every topic
+    has the partition count of its spec: a client may have auto-created one with the
+    broker's default before this ran, and keys would then map to other partitions than
+    everywhere else. Returns name -> outcome; raises TopicError naming the fix."""
+    admin = _admin(bootstrap)
+    outcome = _create_missing(admin, specs, timeout)
+    _check_partitions(admin, bootstrap, specs, timeout)
+    return outcome
+
+
+def require_topics(
+    bootstrap: str, specs: list[TopicSpec], names: Sequence[str], timeout: float = 30.0
+) -> dict[str, str]:
+    """What a process calls before it produces to or consumes `names` (full names, with any
+    prefix): the missing ones are created from their specs, and a wrong partition count is
+    a TopicError. Clients must not create topics themselves (`no_auto_create`)."""
+    by_name = {s.name: s for s in specs}
+    unknown = sorted(set(names) - set(by_name))
+    if unknown:
+        raise TopicError(
+            f"{', '.join(unknown)} not defined in {topics_file()}: add the topic there (or"
+            " check LIKVARD_TOPIC_PREFIX)"
+        )
+    return ensure_topics(bootstrap, [by_name[n] for n in dict.fromkeys(names)], timeout)
+
+
+def _create_missing(admin: AdminClient, specs: list[TopicSpec], timeout: float) -> dict[str, str]:
     futures = admin.create_topics(
         [
             NewTopic(
@@ -98,3 +131,63 @@ def ensure_topics(bootstrap: str, specs: list[TopicSpec], timeout: float = 30.0)
             else:
                 raise TopicError(f"could not create topic {name}: {err}") from exc
     return outcome
+
+
+def _partition_counts(admin: AdminClient, names: set[str], timeout: float) -> dict[str, int | None]:
+    """Partitions per topic as the broker's metadata has them; a just created topic may
+    take a moment to appear there (None if it never did before the deadline)."""
+    deadline = time.monotonic() + timeout
+    counts: dict[str, int | None] = {}
+    while True:
+        try:
+            meta = admin.list_topics(timeout=max(1.0, deadline - time.monotonic()))
+        except KafkaException as exc:
+            raise TopicError(f"could not read the topics' metadata: {exc.args[0]}") from exc
+        for name in names:
+            info = meta.topics.get(name)
+            if info is not None and info.partitions:
+                counts[name] = len(info.partitions)
+        if len(counts) == len(names) or time.monotonic() >= deadline:
+            return {name: counts.get(name) for name in names}
+        time.sleep(0.1)
+
+
+def _check_partitions(
+    admin: AdminClient, bootstrap: str, specs: list[TopicSpec], timeout: float
+) -> None:
+    counts = _partition_counts(admin, {s.name for s in specs}, timeout)
+    problems = [
+        _partition_problem(s, counts[s.name], bootstrap)
+        for s in specs
+        if counts[s.name] != s.partitions
+    ]
+    if problems:
+        raise TopicError("\n".join(problems))
+
+
+def _partition_problem(spec: TopicSpec, actual: int | None, bootstrap: str) -> str:
+    """The loud message for a topic whose partition count is not its spec's, with the fix.
+    Nothing is altered here: either fix moves keys to other partitions or drops records."""
+    path = topics_file()
+    where = path.relative_to(REPO_ROOT) if path.is_relative_to(REPO_ROOT) else path
+    if actual is None:
+        return (
+            f"topic {spec.name} was created but the broker's metadata does not show it:"
+            " check the broker, then run `likvard topics` again"
+        )
+    delete = (
+        f"delete and re-create it (kafka-topics --bootstrap-server {bootstrap} --delete"
+        f" --topic {spec.name}, then `likvard topics`; refill a service topic with"
+        " `likvard republish SERVICE`: its records are lost with the topic)"
+    )
+    fix = delete
+    if actual < spec.partitions:
+        fix = (
+            f"increase it (kafka-topics --bootstrap-server {bootstrap} --alter --topic"
+            f" {spec.name} --partitions {spec.partitions}; the cases on it then move to"
+            " other partitions, so do it while nothing produces) or " + delete
+        )
+    return (
+        f"topic {spec.name} has {actual} partitions, {where} says {spec.partitions}"
+        f" (a client created it before `likvard topics` ran?): {fix}"
+    )
