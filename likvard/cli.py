@@ -10,7 +10,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime
 from pathlib import Path
@@ -28,7 +28,8 @@ if TYPE_CHECKING:
 
     from likvard import dlq
     from likvard.eventstore import EventStore
-    from likvard.ops import Heartbeat
+    from likvard.ops import Progress as WorkerProgress
+    from likvard.telemetry import ConsumerLag
     from services.projections.replay import ReplayResult
 
 app = typer.Typer(
@@ -156,7 +157,7 @@ def serve(
 def relay(service: str = typer.Argument(..., help="intake | referral | followup")) -> None:
     """Publish the service's outbox to Kafka until stopped (SIGTERM/SIGINT)."""
     from likvard.relay import OutboxRelay, register_outbox_gauges
-    from likvard.topics import load_topics
+    from likvard.topics import SERVICE_TOPICS, load_topics
 
     _check_service(service)
     role = f"{service}-relay"
@@ -177,7 +178,8 @@ def relay(service: str = typer.Argument(..., help="intake | referral | followup"
         topics=load_topics(prefix=settings.topic_prefix),
         batch_size=settings.relay_batch_size,
     )
-    with _ops(worker.heartbeat, dsn):
+    _require_topics(bootstrap, settings, [settings.topic(SERVICE_TOPICS[service])])
+    with _ops(worker.progress):
         worker.run(stop)
 
 
@@ -202,9 +204,10 @@ def consume(service: str = typer.Argument(..., help="referral | followup")) -> N
         raise _fail(str(exc)) from exc
     _telemetry(role)
     stop = _stop_on_signals()
-    consumer = _group_member(bootstrap, f"{settings.topic_prefix}likvard-{service}")
-    with _ops(inbox.heartbeat, inbox.dsn):
-        inbox.run(consumer, topics, stop)
+    _require_topics(bootstrap, settings, topics)
+    consumer, lag = _group_member(bootstrap, f"{settings.topic_prefix}likvard-{service}")
+    with _ops(inbox.progress):
+        inbox.run(consumer, topics, stop, lag=lag)
 
 
 def _group_overrides() -> dict[str, int]:
@@ -220,15 +223,33 @@ def _group_overrides() -> dict[str, int]:
     return {"session.timeout.ms": int(session), "heartbeat.interval.ms": int(session) // 10}
 
 
-def _group_member(bootstrap: str, group: str) -> Consumer:
-    """A consumer in `group` that reports its lag per partition (`likvard.consumer.lag`)."""
+def _group_member(
+    bootstrap: str, group: str, **overrides: object
+) -> tuple[Callable[[], Consumer], ConsumerLag]:
+    """A factory of consumers in `group` (a fatal error rebuilds the consumer), and the
+    gauge of its lag per partition (`likvard.consumer.lag`, from fresh watermarks)."""
     from confluent_kafka import Consumer
 
     from likvard.inbox import consumer_config
     from likvard.telemetry import ConsumerLag
 
-    lag = ConsumerLag(group).consumer_config()
-    return Consumer(consumer_config(bootstrap, group, **_group_overrides(), **lag))
+    settings = {**_group_overrides(), **overrides}
+
+    def make() -> Consumer:
+        return Consumer(consumer_config(bootstrap, group, **settings))
+
+    return make, ConsumerLag(group)
+
+
+def _require_topics(bootstrap: str, settings: Settings, names: list[str]) -> None:
+    """The topics a process produces to or consumes exist with the partitions of
+    deploy/topics.toml (created if missing); exit 1 with the fix otherwise."""
+    from likvard.topics import TopicError, load_topics, require_topics
+
+    try:
+        require_topics(bootstrap, load_topics(prefix=settings.topic_prefix), names)
+    except TopicError as exc:
+        raise _fail(str(exc), 1) from exc
 
 
 def _telemetry(role: str) -> None:
@@ -239,14 +260,13 @@ def _telemetry(role: str) -> None:
 
 
 @contextmanager
-def _ops(heartbeat: Heartbeat, dsn: str) -> Iterator[None]:
-    """The worker's ops port (LIKVARD_OPS_PORT) for as long as it runs; ready when its
-    database answers."""
-    from likvard.db import ping
+def _ops(progress: WorkerProgress) -> Iterator[None]:
+    """The worker's ops port (LIKVARD_OPS_PORT) for as long as it runs: alive while its loop
+    turns and makes progress, ready when its database and broker answered it last."""
     from likvard.ops import serve_from_env
 
     try:
-        server = serve_from_env(heartbeat, lambda: ping(dsn))
+        server = serve_from_env(progress.heartbeat, progress.ready, progress.stalled)
     except (ValueError, OSError) as exc:
         raise _fail(f"cannot serve the ops port: {exc}") from exc
     try:
@@ -296,7 +316,8 @@ def ingest(
     _logging(role)
     settings = _settings()
     try:
-        bootstrap, dsn = settings.require_kafka(), settings.require_database()
+        bootstrap = settings.require_kafka()
+        settings.require_database()
         module, _, func = INGESTERS[service].partition(":")
         processor = getattr(importlib.import_module(module), func)(settings, schema or service)
     except ConfigError as exc:
@@ -311,10 +332,13 @@ def ingest(
         batch_size=batch_size,
         metrics_=IngestMetrics(telemetry.meter("likvard.ingest"), service),
     )
-    consumer = _group_member(bootstrap, f"{settings.topic_prefix}likvard-{service}-ingest")
+    _require_topics(
+        bootstrap, settings, [settings.topic(INGEST_TOPIC), settings.topic(DEAD_LETTER_TOPIC)]
+    )
+    consumer, lag = _group_member(bootstrap, f"{settings.topic_prefix}likvard-{service}-ingest")
     try:
-        with _ops(worker.heartbeat, dsn):
-            worker.run(consumer, settings.topic(INGEST_TOPIC), stop)
+        with _ops(worker.progress):
+            worker.run(consumer, settings.topic(INGEST_TOPIC), stop, lag=lag)
     finally:
         processor.store.pool.close()
     s = worker.stats
@@ -369,22 +393,26 @@ def probe(
 
 @app.command()
 def project(schema: str = typer.Option("projections", help="Read-model schema")) -> None:
-    """Run the live projection worker (faust) into the read models until stopped."""
-    from likvard.ops import Heartbeat
-    from services.projections.worker import run
+    """Run the live projection worker into the read models until stopped (SIGTERM/SIGINT)."""
+    from services.projections.worker import build
 
     role = "projections-worker"
     _logging(role)
     settings = _settings()
+    batch = os.environ.get("LIKVARD_PROJECTION_BATCH_SIZE", "1000")
+    if not batch.isdigit() or int(batch) < 1:
+        raise _fail(f"LIKVARD_PROJECTION_BATCH_SIZE must be a positive number, not {batch!r}")
     try:
-        dsn = settings.require_database()
-        settings.require_kafka()
+        worker, consumer = build(
+            settings, schema, batch_size=int(batch), consumer_overrides=_group_overrides()
+        )
     except ConfigError as exc:
         raise _fail(str(exc)) from exc
     _telemetry(role)
-    heartbeat = Heartbeat()
-    with _ops(heartbeat, dsn):
-        run(settings, schema, heartbeat=heartbeat)
+    stop = _stop_on_signals()
+    _require_topics(settings.require_kafka(), settings, worker.topics)
+    with _ops(worker.progress):
+        worker.run(consumer, stop)
 
 
 @app.command()

@@ -6,11 +6,13 @@ Kafka delivers at least once: the relay may re-publish after a crash, `republish
 topic, a consumer may stop between its database commit and its offset commit. So each batch
 is handled in one PostgreSQL transaction that also records the event ids in the service's
 `inbox` table; an event id already there is skipped. Offsets are committed only after that
-transaction, so nothing is lost either.
+transaction, so nothing is lost either; a batch whose transaction fails (the database
+restarted) is read again, never skipped (`likvard.consumer_loop`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import uuid
@@ -19,14 +21,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
-from confluent_kafka import Consumer, Message
+from confluent_kafka import Message
 from psycopg import sql
 
 from likvard import telemetry
 from likvard.codec import Catalogue, CodecError
-from likvard.config import kafka_client_settings
+from likvard.config import kafka_client_settings, no_auto_create
+from likvard.consumer_loop import BatchLoop, ConsumerSource, is_database_error
 from likvard.db import check_schema_name
-from likvard.ops import Heartbeat
+from likvard.ops import Heartbeat, Progress
+from likvard.telemetry import ConsumerLag
 
 log = logging.getLogger("likvard.inbox")
 
@@ -86,6 +90,7 @@ class InboxStats:
 
 def consumer_config(bootstrap: str, group_id: str, **overrides: Any) -> dict[str, Any]:
     config: dict[str, Any] = {
+        **no_auto_create(),
         **kafka_client_settings(),
         "bootstrap.servers": bootstrap,
         "group.id": group_id,
@@ -109,6 +114,8 @@ class InboxConsumer:
         heartbeat: Heartbeat | None = None,
     ) -> None:
         self.heartbeat = heartbeat or Heartbeat()
+        self.progress = Progress(f"{schema}-inbox", heartbeat=self.heartbeat)
+        self._conn: psycopg.Connection[Any] | None = None
         self.dsn = dsn
         self.schema = check_schema_name(schema)
         self.catalogue = catalogue
@@ -162,22 +169,53 @@ class InboxConsumer:
             _events.add(len(events) - len(fresh), {"service": self.schema, "outcome": "duplicate"})
         return len(fresh)
 
-    def run(self, consumer: Consumer, topics: list[str], stop: threading.Event) -> None:
-        """Consume until `stop` is set; offsets are committed after each handled batch."""
-        consumer.subscribe(topics)
+    def connection(self) -> psycopg.Connection[Any]:
+        """The consumer's connection, opened again after the database went away."""
+        if self._conn is None or self._conn.closed or self._conn.broken:
+            self._conn = psycopg.connect(self.dsn, autocommit=True, connect_timeout=5)
+        return self._conn
+
+    def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
+
+    def handle_messages(self, messages: list[Message]) -> None:
+        """A consumed batch: decoded, then applied once; a database fault drops the
+        connection (the loop rewinds the batch and it is applied again)."""
+        events = [e for e in (self.decode(m) for m in messages) if e is not None]
+        if not events:
+            return
         try:
-            with psycopg.connect(self.dsn) as conn:
-                while not stop.is_set():
-                    self.heartbeat.beat()
-                    messages = consumer.consume(self.batch_size, timeout=0.2)
-                    good = [m for m in messages if m.error() is None]
-                    for m in messages:
-                        if m.error() is not None:
-                            log.warning("consumer error: %s", m.error())
-                    events = [e for e in (self.decode(m) for m in good) if e is not None]
-                    if events:
-                        self.handle(conn, events)
-                    if good:
-                        consumer.commit(asynchronous=False)
+            self.handle(self.connection(), events)
+        except Exception as exc:
+            if is_database_error(exc):
+                self._drop_connection()
+            raise
+
+    def ping(self) -> None:
+        self.connection().execute("SELECT 1")
+
+    def run(
+        self,
+        consumer: ConsumerSource,
+        topics: list[str],
+        stop: threading.Event,
+        lag: ConsumerLag | None = None,
+    ) -> None:
+        """Consume until `stop` is set; a batch's offsets are committed after its
+        transaction, a failed batch is read again (`likvard.consumer_loop`)."""
+        loop = BatchLoop(
+            consumer,
+            topics,
+            self.handle_messages,
+            self.progress,
+            batch_size=self.batch_size,
+            lag=lag,
+            idle_check=self.ping,
+        )
+        try:
+            loop.run(stop)
         finally:
-            consumer.close()
+            self._drop_connection()

@@ -38,7 +38,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, Literal, Protocol
 
 import psycopg
-from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Producer, TopicPartition
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from opentelemetry import metrics, trace
 
 from likvard import dlq, telemetry
@@ -54,15 +54,17 @@ from likvard.codec import (
     NotSingleObjectEncoded,
     UnknownFingerprint,
 )
+from likvard.consumer_loop import BatchLoop, ConsumerSource
 from likvard.domain import DomainError
 from likvard.eventstore import ConcurrencyError, NewEvent, StoredEvent
 from likvard.faults import fault_point
 from likvard.inbox import Incoming
 from likvard.known_cases import CaseDirectory, KnownCase
-from likvard.ops import Heartbeat
+from likvard.ops import Heartbeat, Progress
 from likvard.pseudonym import InvalidIdentityNumber, normalise
 from likvard.relay import Deliveries, produce, producer_config
 from likvard.service import DomainEventLike, StreamService
+from likvard.telemetry import ConsumerLag
 from likvard.topic_reader import record_headers
 
 log = logging.getLogger("likvard.ingest")
@@ -967,6 +969,7 @@ class IngestWorker:
         heartbeat: Heartbeat | None = None,
     ) -> None:
         self.heartbeat = heartbeat or Heartbeat()
+        self.progress = Progress(f"{processor.service}-ingest", heartbeat=self.heartbeat)
         self.processor = processor
         self.sink = sink
         self.batch_size = batch_size
@@ -1009,72 +1012,41 @@ class IngestWorker:
         if self.metrics is not None:
             self.metrics.count(result)
 
-    def run(self, consumer: Consumer, topic: str, stop: threading.Event) -> None:
+    def handle_messages(self, messages: list[Message]) -> None:
+        try:
+            self.handle([SourceRecord.from_message(m) for m in messages])
+        except Exception:
+            with self._lock:
+                self.stats.failures += 1
+            raise
+
+    def ping(self) -> None:
+        with self.processor.store.pool.connection(timeout=5) as conn:
+            conn.execute("SELECT 1")
+
+    def run(
+        self,
+        consumer: ConsumerSource,
+        topic: str,
+        stop: threading.Event,
+        lag: ConsumerLag | None = None,
+    ) -> None:
         """Consume until `stop` is set. A batch's offsets are committed only after it is
-        handled; a failed batch is read again after a pause (what it stored is then a
-        duplicate)."""
-        consumer.subscribe([topic])
-        backoff = 0.5
+        stored and its dead letters acknowledged; a failed batch is read again after a
+        pause (what it stored is then a duplicate): `likvard.consumer_loop`."""
+        loop = BatchLoop(
+            consumer,
+            [topic],
+            self.handle_messages,
+            self.progress,
+            batch_size=self.batch_size,
+            lag=lag,
+            idle_check=self.ping,
+        )
         try:
-            while not stop.is_set():
-                self.heartbeat.beat()
-                messages = consumer.consume(self.batch_size, timeout=0.2)
-                good = []
-                for m in messages:
-                    err = m.error()
-                    if err is None:
-                        good.append(m)
-                    elif err.code() != KafkaError._PARTITION_EOF:
-                        log.warning("consumer error: %s", err)
-                if not good:
-                    continue
-                records = [SourceRecord.from_message(m) for m in good]
-                try:
-                    self.handle(records)
-                except Exception as exc:
-                    with self._lock:
-                        self.stats.failures += 1
-                    log.warning(
-                        "ingest batch failed (%s); reading it again in %.1fs",
-                        type(exc).__name__,
-                        backoff,
-                    )
-                    _rewind(consumer, records)
-                    stop.wait(backoff)
-                    backoff = min(backoff * 2, 10.0)
-                    continue
-                backoff = 0.5
-                _commit(consumer, records)
+            loop.run(stop)
         finally:
-            consumer.close()
             self.sink.close()
-
-
-def _positions(records: Sequence[SourceRecord], first: bool) -> list[TopicPartition]:
-    out: dict[tuple[str, int], int] = {}
-    for r in records:
-        key = (r.topic, r.partition)
-        current = out.get(key)
-        if first:
-            out[key] = r.offset if current is None else min(current, r.offset)
-        else:
-            out[key] = r.offset + 1 if current is None else max(current, r.offset + 1)
-    return [TopicPartition(t, p, o) for (t, p), o in out.items()]
-
-
-def _rewind(consumer: Consumer, records: Sequence[SourceRecord]) -> None:
-    for tp in _positions(records, first=True):
-        try:
-            consumer.seek(tp)
-        except KafkaException as exc:  # no longer assigned: its new owner reads it
-            log.info("could not rewind %s[%d]: %s", tp.topic, tp.partition, exc)
-
-
-def _commit(consumer: Consumer, records: Sequence[SourceRecord]) -> None:
-    try:
-        consumer.commit(offsets=_positions(records, first=False), asynchronous=False)
-    except KafkaException as exc:  # a rebalance: the batch comes again, as duplicates
-        log.warning("committing ingest offsets failed: %s", exc)
 
 
 __all__ = [

@@ -25,15 +25,15 @@ from dataclasses import dataclass
 from typing import Any
 
 import psycopg
-from confluent_kafka import KafkaError, Message, Producer
+from confluent_kafka import KafkaError, KafkaException, Message, Producer
 from opentelemetry import trace
 from opentelemetry.metrics import CallbackOptions, Observation
 from psycopg import sql
 
 from likvard import telemetry
-from likvard.config import kafka_client_settings
+from likvard.config import kafka_client_settings, no_auto_create
 from likvard.faults import fault_point
-from likvard.ops import Heartbeat
+from likvard.ops import Heartbeat, Progress
 from likvard.topics import TopicSpec, ensure_topics
 
 log = logging.getLogger("likvard.relay")
@@ -119,6 +119,7 @@ class RelayStats:
 def producer_config(bootstrap: str, **overrides: Any) -> dict[str, Any]:
     """Idempotent producer, all replicas acknowledge; a stalled delivery fails in bounded time."""
     config: dict[str, Any] = {
+        **no_auto_create(),  # topics come from deploy/topics.toml, never from a client
         **kafka_client_settings(),
         "bootstrap.servers": bootstrap,
         "enable.idempotence": True,
@@ -224,6 +225,7 @@ class OutboxRelay:
         heartbeat: Heartbeat | None = None,
     ) -> None:
         self.heartbeat = heartbeat or Heartbeat()
+        self.progress = Progress(f"{schema}-relay", heartbeat=self.heartbeat)
         self.dsn = dsn
         self.schema = schema
         self.bootstrap = bootstrap
@@ -317,7 +319,11 @@ class OutboxRelay:
                     headers,
                     deliveries.report_to(row.id),
                 )
-        remaining = producer.flush(self.flush_timeout)
+        try:
+            remaining = producer.flush(self.flush_timeout)
+        except KafkaException as exc:  # fatal (UNKNOWN_PRODUCER_ID): rebuilt by the caller
+            log.warning("the producer failed for good: %s", exc.args[0] if exc.args else exc)
+            return {row.id for row in rows}
         failed = deliveries.failed(row.id for row in rows)
         if failed:
             log.warning(
@@ -335,7 +341,11 @@ class OutboxRelay:
             rows = self._claim(conn)
             if not rows:
                 return 0
-            failed = self._publish(rows)
+            try:
+                failed = self._publish(rows)
+            except KafkaException as exc:  # a fatal error while producing
+                log.warning("producing failed for good: %s", exc.args[0] if exc.args else exc)
+                failed = {row.id for row in rows}
             fault_point("relay.after_publish")
             done = delivered_prefix(rows, failed)
             if done:
@@ -344,6 +354,10 @@ class OutboxRelay:
                 )
         self.stats.batches += 1
         self.stats.published += len(done)
+        if failed:
+            self.progress.failed("delivery")
+        else:
+            self.progress.completed()
         attributes = {"service": self.schema}
         _published.add(len(done), attributes)
         if failed:
@@ -363,6 +377,7 @@ class OutboxRelay:
                     self._wait_for_leadership(leader, stop)
                     if stop.is_set():
                         return
+                    self.progress.completed()
                     log.info("relay for schema %s is active", self.schema)
                     leader.execute(
                         sql.SQL("LISTEN {}").format(sql.Identifier(f"likvard_outbox_{self.schema}"))
@@ -378,8 +393,20 @@ class OutboxRelay:
                             elif n == 0:
                                 self._idle(leader, stop)
                                 backoff = 0.5
-            except psycopg.OperationalError as exc:
-                log.warning("relay lost the database (%s); reconnecting in %.1fs", exc, backoff)
+            except psycopg.Error as exc:
+                self.progress.failed(type(exc).__name__, database=True)
+                log.warning(
+                    "relay lost the database (%s); reconnecting in %.1fs",
+                    type(exc).__name__,
+                    backoff,
+                )
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 10.0)
+            except Exception as exc:  # never exit: the outbox must keep draining
+                self.progress.failed(type(exc).__name__)
+                log.exception(
+                    "relay loop failed (%s); retrying in %.1fs", type(exc).__name__, backoff
+                )
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 10.0)
         if self._producer is not None:

@@ -115,8 +115,8 @@ def context_from_traceparent(traceparent: str | None) -> otel_context.Context:
 
 class ConsumerLag:
     """Consumer lag per partition (records behind the end of the partition), as the
-    gauge `likvard.consumer.lag` {group, topic, partition}. confluent-kafka consumers feed
-    it from librdkafka's statistics (`stats_cb`); the faust worker calls `set`."""
+    gauge `likvard.consumer.lag` {group, topic, partition}. The consumer loop feeds it
+    from watermarks asked of the broker (`set`); `from_statistics` reads librdkafka's."""
 
     def __init__(self, group: str, meter_: metrics.Meter | None = None) -> None:
         self.group = group

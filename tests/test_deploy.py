@@ -369,7 +369,7 @@ def test_dockerfile_builds_a_slim_pinned_non_root_image() -> None:
     assert copies[PurePosixPath(env["LIKVARD_SCHEMAS_DIR"])] == ROOT / "schemas"
     assert copies[PurePosixPath(env["LIKVARD_TOPICS_FILE"])] == ROOT / "deploy" / "topics.toml"
     # Everything a process writes goes to /tmp (read-only root file system on Kubernetes).
-    assert env["FAUST_DATADIR"].startswith("/tmp/")
+    assert env["LIKVARD_PROBE_FILE"].startswith("/tmp/")
 
 
 def test_the_build_context_keeps_what_the_dockerfile_copies() -> None:

@@ -154,7 +154,7 @@ def test_every_compose_process_starts_passes_its_health_check_and_stops_cleanly(
     base = {
         k: v
         for k, v in os.environ.items()
-        if not k.startswith(("LIKVARD_", "KAFKA_", "OTEL_", "FAUST_"))
+        if not k.startswith(("LIKVARD_", "KAFKA_", "OTEL_"))
     }
     with databases(database_url, wanted_dbs) as dsn, otlp_sink() as collector:
         processes: list[Process] = []

@@ -1,18 +1,13 @@
-"""A managed Kafka's TLS and SASL reach every client: librdkafka's settings as given,
-and their faust (aiokafka) form for the projection worker."""
+"""A managed Kafka's TLS and SASL reach every client: librdkafka's settings as given
+(the projection worker is a confluent-kafka consumer too)."""
 
 from __future__ import annotations
 
-import ssl
-from pathlib import Path
-
-import faust
 import pytest
 
 from likvard.config import kafka_client_settings
 from likvard.inbox import consumer_config
 from likvard.relay import producer_config
-from services.projections.worker import faust_credentials
 
 SASL = {
     "LIKVARD_KAFKA_SECURITY_PROTOCOL": "SASL_SSL",
@@ -40,17 +35,3 @@ def test_every_confluent_client_gets_them(monkeypatch: pytest.MonkeyPatch) -> No
         assert config["security.protocol"] == "SASL_SSL"
         assert config["sasl.username"] == "likvard"
         assert config["bootstrap.servers"] == "kafka-1:9093"  # never overridden by them
-
-
-def test_faust_gets_the_same_credentials(tmp_path: Path) -> None:
-    assert faust_credentials({}) is None
-    assert faust_credentials({"security.protocol": "plaintext"}) is None
-    sasl = faust_credentials(kafka_client_settings(SASL))
-    assert isinstance(sasl, faust.SASLCredentials)
-    assert (sasl.username, sasl.password) == ("likvard", "s3cret")
-    assert str(sasl.mechanism.value) == "SCRAM-SHA-512"
-    assert isinstance(sasl.ssl_context, ssl.SSLContext)
-    tls = faust_credentials({"security.protocol": "SSL"})
-    assert isinstance(tls, faust.SSLCredentials)
-    with pytest.raises(ValueError, match="KERBEROS_ONLY"):
-        faust_credentials({"security.protocol": "kerberos_only"})

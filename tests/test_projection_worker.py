@@ -1,4 +1,4 @@
-"""The live projection worker (faust) on a real broker and PostgreSQL: killed with SIGKILL
+"""The live projection worker on a real broker and PostgreSQL: killed with SIGKILL
 mid-stream and restarted, it ends with the same read models as an undisturbed projection."""
 
 from __future__ import annotations

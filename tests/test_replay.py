@@ -1,7 +1,7 @@
 """The auditors' replay on a real broker and PostgreSQL, run as the `likvard replay` command.
 
 Events go through the event stores and the outbox relay, so the records carry the same
-bytes and chain headers as in production. The live read models come from the faust worker
+bytes and chain headers as in production. The live read models come from the live worker
 (`likvard project`), the replay from the batch consumer: their checksums must agree.
 """
 

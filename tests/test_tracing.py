@@ -2,7 +2,7 @@
 publish span (parent: the request, from the stored event's metadata), and the projection's
 span (parent: the publish span, from the Kafka record's `traceparent` header). The spans
 are collected with OpenTelemetry's in-memory exporter; the projection runs in this process
-too, on the record read from Kafka. A second part runs the real faust worker as a process
+too, on the record read from Kafka. A second part runs the real projection worker as a process
 and reads its spans from its console exporter."""
 
 from __future__ import annotations
@@ -107,7 +107,7 @@ def test_one_trace_from_the_request_through_the_relay_and_kafka_to_the_projectio
         assert "19121212" not in values and stored.payload["person"] not in values
 
 
-def test_the_faust_worker_projects_in_the_same_trace(
+def test_the_live_worker_projects_in_the_same_trace(
     intake: RunningService,
     spans: InMemorySpanExporter,
     database_url: str,

@@ -1,0 +1,141 @@
+"""The consumer loop's rules: a failed batch is applied again, never skipped or committed
+past; a stall shows in the probe (pure parts with a fake clock, the loop on a real broker)."""
+
+from __future__ import annotations
+
+import threading
+import uuid
+
+import psycopg
+import pytest
+from confluent_kafka import Consumer, Message, Producer, TopicPartition
+
+from likvard.consumer_loop import Backoff, BatchLoop, is_database_error
+from likvard.inbox import consumer_config
+from likvard.ops import Progress
+from tests.support import wait_for
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def progress(clock: Clock, stall: float = 60.0) -> Progress:
+    return Progress("t", stall_seconds=stall, clock=clock, register=False)
+
+
+def test_lag_without_a_completed_batch_for_the_stall_time_is_a_stall() -> None:
+    clock = Clock()
+    p = progress(clock)
+    p.set_lag({("t", 0): 5})
+    clock.now += 59
+    assert not p.stalled() and p.alive(liveness_seconds=1e9)
+    clock.now += 2
+    assert p.stalled() and not p.alive(liveness_seconds=1e9)
+    p.completed()  # a batch got through: progress again
+    assert not p.stalled()
+
+
+def test_no_lag_is_never_a_stall_however_idle() -> None:
+    clock = Clock()
+    p = progress(clock)
+    p.set_lag({("t", 0): 0, ("t", 1): 0})
+    clock.now += 10_000
+    assert not p.stalled()
+
+
+def test_a_batch_failing_for_the_stall_time_is_a_stall_and_not_ready() -> None:
+    clock = Clock()
+    p = progress(clock)
+    p.failed("OperationalError", database=True)
+    assert not p.ready() and not p.stalled()
+    clock.now += 30
+    p.failed("OperationalError", database=True)  # still failing: counts from the first
+    clock.now += 31
+    assert p.stalled()
+    p.completed()
+    assert p.ready() and not p.stalled()
+
+
+def test_lag_that_persists_while_batches_complete_is_catching_up() -> None:
+    clock = Clock()
+    p = progress(clock)
+    for _ in range(10):
+        p.set_lag({("t", 0): 1000})
+        clock.now += 30
+        p.completed()
+    assert not p.stalled()
+
+
+def test_backoff_doubles_to_its_limit_and_resets() -> None:
+    b = Backoff(first=0.5, limit=4.0)
+    assert [b.next() for _ in range(5)] == [0.5, 1.0, 2.0, 4.0, 4.0]
+    b.reset()
+    assert b.next() == 0.5
+
+
+def test_database_faults_are_told_from_bugs() -> None:
+    assert is_database_error(psycopg.OperationalError("server closed the connection"))
+    assert not is_database_error(ValueError("a bug"))
+
+
+@pytest.mark.integration
+def test_a_failing_batch_is_applied_again_and_nothing_is_skipped(
+    kafka_bootstrap: str, topic_prefix: str
+) -> None:
+    topic = f"{topic_prefix}likvard.intake.v1"
+    producer = Producer({"bootstrap.servers": kafka_bootstrap, "linger.ms": 5})
+    keys = [str(uuid.uuid4()) for _ in range(40)]
+    for n, key in enumerate(keys):
+        producer.produce(topic, key=key.encode(), value=str(n).encode())
+    assert producer.flush(30) == 0
+
+    applied: list[bytes] = []
+    attempts = {"n": 0}
+
+    def handle(messages: list[Message]) -> None:
+        attempts["n"] += 1
+        if attempts["n"] <= 3:  # the database is down for the first three attempts
+            raise psycopg.OperationalError("the database restarted")
+        applied.extend(m.value() or b"" for m in messages)
+
+    group = f"t-{uuid.uuid4()}"
+    config = consumer_config(
+        kafka_bootstrap,
+        group,
+        **{"session.timeout.ms": 2000, "heartbeat.interval.ms": 200, "fetch.wait.max.ms": 10},
+    )
+    p = Progress(group, stall_seconds=600, register=False)
+    loop = BatchLoop(
+        lambda: Consumer(config),
+        [topic],
+        handle,
+        p,
+        batch_size=7,
+        backoff=Backoff(first=0.05, limit=0.1),
+    )
+    stop = threading.Event()
+    thread = threading.Thread(target=loop.run, args=(stop,))
+    thread.start()
+    try:
+        wait_for(lambda: len(set(applied)) == len(keys), 60, "every record to be applied")
+    finally:
+        stop.set()
+        thread.join(30)
+    assert loop.failures == 3
+    assert sorted(set(applied)) == sorted(str(n).encode() for n in range(len(keys)))
+    assert len(applied) == len(keys)  # after the failures each record was applied once
+
+    # The committed offsets cover exactly what was applied (offsets start at 0 on a new
+    # topic, so their sum is the number of records): nothing committed past or short of it.
+    check = Consumer(config)
+    try:
+        partitions = check.list_topics(topic, timeout=10).topics[topic].partitions
+        committed = check.committed([TopicPartition(topic, q) for q in partitions], timeout=10)
+    finally:
+        check.close()
+    assert sum(max(tp.offset, 0) for tp in committed) == len(keys)
