@@ -954,6 +954,13 @@ def dlq_retry(
                 for x in dlq.select(letters, stage=stage, code=code, service=service)
                 if x.id not in retried  # its newest dead letter is retried instead
             ]
+            summaries = [x for x in chosen if x.is_summary]
+            if summaries:  # the record itself was too large to keep: nothing to re-submit
+                console.print(
+                    f"skipping {len(summaries)} summary dead letter(s) (record-too-large: the"
+                    " record was not kept; ask its district system to send it again)"
+                )
+                chosen = [x for x in chosen if not x.is_summary]
     except ValueError as exc:
         raise _fail(str(exc)) from exc
     for x in chosen:

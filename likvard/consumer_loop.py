@@ -233,6 +233,7 @@ class BatchLoop:
             self.progress.broker_ok = False
             log.info("%s: could not read watermarks (%s)", self.progress.name, exc)
             return
+        self.progress.broker_ok = True
         self.progress.set_lag(lags)
         if self.lag is not None:
             for (topic, partition), n in lags.items():

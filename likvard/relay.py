@@ -311,14 +311,20 @@ class OutboxRelay:
                 },
             ):
                 headers = event_headers(row, telemetry.current_traceparent())
-                produce(
-                    producer,
-                    row.topic,
-                    row.key.encode(),
-                    row.value,
-                    headers,
-                    deliveries.report_to(row.id),
-                )
+                try:
+                    produce(
+                        producer,
+                        row.topic,
+                        row.key.encode(),
+                        row.value,
+                        headers,
+                        deliveries.report_to(row.id),
+                    )
+                except KafkaException as exc:  # refused at once (over-size): only its case waits
+                    err = exc.args[0] if exc.args else exc
+                    if isinstance(err, KafkaError) and err.fatal():
+                        raise
+                    log.error("event %s could not be produced: %s", row.event_id, err)
         try:
             remaining = producer.flush(self.flush_timeout)
         except KafkaException as exc:  # fatal (UNKNOWN_PRODUCER_ID): rebuilt by the caller
@@ -374,10 +380,10 @@ class OutboxRelay:
         while not stop.is_set():
             try:
                 with psycopg.connect(self.dsn, autocommit=True) as leader:
+                    self.progress.completed()  # the database answers: a standby is well too
                     self._wait_for_leadership(leader, stop)
                     if stop.is_set():
                         return
-                    self.progress.completed()
                     log.info("relay for schema %s is active", self.schema)
                     leader.execute(
                         sql.SQL("LISTEN {}").format(sql.Identifier(f"likvard_outbox_{self.schema}"))

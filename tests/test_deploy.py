@@ -435,7 +435,7 @@ def test_the_image_layout_works_from_an_installed_wheel(tmp_path: Path) -> None:
     assert "IntakeRegistered" in likvard("schemas", "list")
     assert "Create the Kafka topics" in likvard("topics", "--help")
     roles = {*APPS.values(), *READ_APPS.values(), *CONSUMERS.values(), *INGESTERS.values()}
-    roles.add("services.projections.worker:run")
+    roles.add("services.projections.worker:build")
     smoke = textwrap.dedent(
         """
         import importlib, sys
