@@ -1,4 +1,4 @@
-"""Projection throughput: events/s from Kafka into the read models (live faust worker),
+"""Projection throughput: events/s from Kafka into the read models (live projection worker),
 and the read-model code alone (batches applied straight to PostgreSQL).
 
 Run: .venv/bin/python -m bench.bench_projection [--events N]
@@ -112,7 +112,7 @@ def main() -> None:
                 time.perf_counter() - start,
             )
 
-        # 2. Kafka -> faust worker -> read models.
+        # 2. Kafka -> projection worker -> read models.
         prefix = f"b{uuid.uuid4().hex[:6]}."
         ensure_topics(bootstrap, load_topics(prefix=prefix))
         producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20})
@@ -149,7 +149,7 @@ def main() -> None:
                     break
                 time.sleep(0.2)
             report(
-                f"Kafka -> faust worker -> read models (batch {args.batch})",
+                f"Kafka -> projection worker -> read models (batch {args.batch})",
                 done - first,
                 time.perf_counter() - start,
             )

@@ -139,3 +139,33 @@ def test_a_failing_batch_is_applied_again_and_nothing_is_skipped(
     finally:
         check.close()
     assert sum(max(tp.offset, 0) for tp in committed) == len(keys)
+
+
+def test_a_stalled_worker_answers_unhealthy_and_not_ready_on_its_ops_port() -> None:
+    import urllib.error
+    import urllib.request
+
+    from likvard.ops import OpsServer
+
+    clock = Clock()
+    p = progress(clock)
+    server = OpsServer(
+        0, p.heartbeat, p.ready, host="127.0.0.1", liveness_seconds=1e9, stalled=p.stalled
+    ).start()
+
+    def status(path: str) -> int:
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{server.port}{path}", timeout=5) as r:
+                return int(r.status)
+        except urllib.error.HTTPError as exc:
+            return exc.code
+
+    try:
+        assert (status("/healthz"), status("/readyz")) == (200, 200)
+        p.set_lag({("likvard.intake.v1", 3): 12})  # work waiting, and no batch gets through
+        clock.now += p.stall_seconds + 1
+        assert (status("/healthz"), status("/readyz")) == (503, 503)
+        p.completed()
+        assert (status("/healthz"), status("/readyz")) == (200, 200)
+    finally:
+        server.stop()
