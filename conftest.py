@@ -27,6 +27,7 @@ from tests.support import (
     CareStack,
     IngestStack,
     RunningService,
+    made_schemas,
     serving,
 )
 
@@ -109,16 +110,7 @@ def intake(
 @pytest.fixture
 def new_schema(database_url: str) -> Iterator[Callable[[str], str]]:
     """Makes more schemas for a test (each service has its own); all dropped afterwards."""
-    made: list[str] = []
-
-    def make(prefix: str) -> str:
-        made.append(f"{prefix}_{uuid.uuid4().hex[:12]}")
-        return made[-1]
-
-    yield make
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        for name in made:
-            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+    yield from made_schemas(database_url)
 
 
 def _running(

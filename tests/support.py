@@ -307,3 +307,34 @@ def live_worker(env: dict[str, str], schema: str, log: Path) -> Iterator[None]:
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+def made_schemas(database_url: str, prefix: str = "") -> Iterator[Callable[[str], str]]:
+    """A fixture body: makes fresh schema names, and drops every schema made when done."""
+    import psycopg
+    from psycopg import sql
+
+    made: list[str] = []
+
+    def make(name: str) -> str:
+        made.append(f"{prefix}{name}_{uuid.uuid4().hex[:12]}")
+        return made[-1]
+
+    yield make
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        for schema in made:
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+def env_without_stack() -> dict[str, str]:
+    """This process's environment without the settings that point at a running stack, so a
+    `likvard up` started by a test brings its own servers."""
+    import os
+
+    skip = (
+        "LIKVARD_DATABASE_URL",
+        "KAFKA_BOOTSTRAP_SERVERS",
+        "LIKVARD_PSEUDONYM_SECRET",
+        "LIKVARD_TOPIC_PREFIX",
+    )
+    return {k: v for k, v in os.environ.items() if k not in skip}

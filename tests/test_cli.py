@@ -19,24 +19,14 @@ from likvard.codec import Catalogue
 from likvard.devstack import free_port
 from services.projections import readmodels
 from tests.district import DistrictSystem, produce_all, registered
-from tests.support import consume, wait_for
+from tests.support import consume, env_without_stack, wait_for
 
 pytestmark = pytest.mark.integration
 
 
 def test_up_runs_the_stack_and_stops_cleanly(tmp_path: Path) -> None:
     port, broker_port = free_port(), free_port()
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k
-        not in (
-            "LIKVARD_DATABASE_URL",
-            "KAFKA_BOOTSTRAP_SERVERS",
-            "LIKVARD_PSEUDONYM_SECRET",
-            "LIKVARD_TOPIC_PREFIX",
-        )
-    }
+    env = env_without_stack()
     env["LIKVARD_INTAKE_PORT"] = str(port)
     referral_port, followup_port = free_port(), free_port()
     env["LIKVARD_REFERRAL_PORT"] = str(referral_port)

@@ -11,16 +11,14 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
-from psycopg import sql
 
 from conftest import TEST_SECRET
 from likvard import http
 from likvard.config import ConfigError, Settings, load_settings
 from likvard.devstack import EmbeddedPostgres
 from services.intake.api import create_app as intake_app
-from tests.support import serving
+from tests.support import made_schemas, serving
 
 pytestmark = pytest.mark.integration
 
@@ -44,16 +42,7 @@ def assert_problem(r: httpx.Response, status: int, code: str) -> dict[str, Any]:
 
 @pytest.fixture
 def schemas(database_url: str) -> Iterator[Callable[[str], str]]:
-    made: list[str] = []
-
-    def make(prefix: str) -> str:
-        made.append(f"{prefix}_{uuid.uuid4().hex[:12]}")
-        return made[-1]
-
-    yield make
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        for name in made:
-            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+    yield from made_schemas(database_url)
 
 
 def _intake(database_url: str, schema: str, **settings: Any) -> Iterator[httpx.Client]:

@@ -12,7 +12,6 @@ does; its pytest plugin is not used (it reaches into pytest's node internals).""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -20,7 +19,6 @@ import psycopg
 import pytest
 import schemathesis
 from fastapi import FastAPI
-from psycopg import sql
 from schemathesis import CheckContext
 from schemathesis.config import SchemathesisConfig
 from schemathesis.config._checks import POSITIVE_DATA_ACCEPTANCE_EXPECTED_STATUSES
@@ -34,7 +32,7 @@ from likvard.codec import Catalogue
 from likvard.config import Settings
 from services.projections import readmodels
 from services.projections.tests.test_reports import EVENTS
-from tests.support import serving
+from tests.support import made_schemas, serving
 
 pytestmark = pytest.mark.integration
 
@@ -81,16 +79,7 @@ def valid_data_passes_validation(ctx: CheckContext, response: Response, case: Ca
 @pytest.fixture(scope="module")
 def schemas(database_url: str) -> Iterator[Callable[[str], str]]:
     """A fresh database schema per API, all dropped after the module."""
-    made: list[str] = []
-
-    def make(prefix: str) -> str:
-        made.append(f"st{prefix}_{uuid.uuid4().hex[:10]}")
-        return made[-1]
-
-    yield make
-    with psycopg.connect(database_url, autocommit=True) as conn:
-        for name in made:
-            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+    yield from made_schemas(database_url, "st")
 
 
 def _served(app: FastAPI) -> Iterator[OpenApiSchema]:

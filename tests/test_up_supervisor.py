@@ -31,7 +31,7 @@ from likvard.devstack import (
     free_port,
 )
 from likvard.topics import load_topics
-from tests.support import wait_for
+from tests.support import env_without_stack, wait_for
 
 # --- the restart policy ---------------------------------------------------------------------
 
@@ -296,17 +296,7 @@ def _alive(p: psutil.Process) -> bool:
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     broker_port = free_port()
-    env = {
-        k: v
-        for k, v in os.environ.items()
-        if k
-        not in (
-            "LIKVARD_DATABASE_URL",
-            "KAFKA_BOOTSTRAP_SERVERS",
-            "LIKVARD_PSEUDONYM_SECRET",
-            "LIKVARD_TOPIC_PREFIX",
-        )
-    }
+    env = env_without_stack()
     ports = {s: free_port() for s in SERVICES}
     for s, port in ports.items():
         env[f"LIKVARD_{s.upper()}_PORT"] = str(port)
