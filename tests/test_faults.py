@@ -284,6 +284,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             yield running
         finally:
             running.stop()
+            running.stop_postgres()
     finally:
         broker.stop()
         pg.stop()
