@@ -301,12 +301,7 @@ def live_worker(env: dict[str, str], schema: str, log: Path) -> Iterator[None]:
         try:
             yield
         finally:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+            stop_process(proc, signal.SIGTERM, 30)
 
 
 def made_schemas(database_url: str, prefix: str = "") -> Iterator[Callable[[str], str]]:
@@ -338,3 +333,13 @@ def env_without_stack() -> dict[str, str]:
         "LIKVARD_TOPIC_PREFIX",
     )
     return {k: v for k, v in os.environ.items() if k not in skip}
+
+
+def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGINT, wait: float = 60) -> None:
+    """Ask a process to stop with `sig`; kill it if it has not stopped within `wait` s."""
+    proc.send_signal(sig)
+    try:
+        proc.wait(wait)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

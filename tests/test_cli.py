@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import re
-import signal
 import subprocess
 import sys
 import uuid
@@ -19,7 +18,7 @@ from likvard.codec import Catalogue
 from likvard.devstack import free_port
 from services.projections import readmodels
 from tests.district import DistrictSystem, produce_all, registered
-from tests.support import consume, env_without_stack, wait_for
+from tests.support import consume, env_without_stack, stop_process, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -117,12 +116,7 @@ def test_up_runs_the_stack_and_stops_cleanly(tmp_path: Path) -> None:
         with psycopg.connect(exported.group(1)) as conn:
             assert readmodels.case_facts(conn, "projections", case) is not None
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
     assert proc.returncode == 0, log.read_text()
     assert "stopped" in log.read_text()
     wait_for(

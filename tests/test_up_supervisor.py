@@ -31,7 +31,7 @@ from likvard.devstack import (
     free_port,
 )
 from likvard.topics import load_topics
-from tests.support import env_without_stack, wait_for
+from tests.support import env_without_stack, stop_process, wait_for
 
 # --- the restart policy ---------------------------------------------------------------------
 
@@ -327,12 +327,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         assert proc.poll() is None, running.text()
         yield running
     finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
+        stop_process(proc)
     # Ctrl-C still stops it cleanly, whatever was restarted on the way.
     assert proc.returncode == 0, running.text()
     assert running.text().rstrip().endswith("stopped")
