@@ -16,9 +16,9 @@ import pytest
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
+from likvard.cli.devstack import TansuBroker, broker_from, postgres_from
 from likvard.codec import Catalogue
 from likvard.config import Settings
-from likvard.devstack import TansuBroker, broker_from, postgres_from
 from likvard.eventstore import EventStore
 from likvard.topics import SERVICE_TOPICS, ensure_topics, load_topics
 from tests.support import (

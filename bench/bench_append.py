@@ -18,8 +18,8 @@ import httpx
 from psycopg_pool import ConnectionPool
 
 from bench.common import database, machine, report
+from likvard.cli.devstack import free_port, wait_until
 from likvard.codec import Catalogue
-from likvard.devstack import free_port, wait_until
 from likvard.eventstore import EventStore
 from tests.support import closed, registered
 

@@ -9,7 +9,7 @@ import statistics
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-from likvard.devstack import broker_from, postgres_from
+from likvard.cli.devstack import broker_from, postgres_from
 
 
 @contextmanager

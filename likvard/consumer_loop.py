@@ -48,6 +48,8 @@ _commit_failures = _meter.create_counter(
     description="Offset commits the broker refused (a rebalance or a restarted broker);"
     " the batch is read again as duplicates.",
 )
+
+
 @dataclass
 class Backoff:
     """Exponential backoff between attempts: 0.5 s doubling to 10 s, reset on success."""

@@ -22,9 +22,9 @@ import httpx
 from confluent_kafka import KafkaError, Message, Producer
 from psycopg.conninfo import conninfo_to_dict
 
+from likvard.cli.devstack import EmbeddedPostgres, TansuBroker, free_port, port_open
 from likvard.codec import Catalogue
 from likvard.config import no_auto_create
-from likvard.devstack import EmbeddedPostgres, TansuBroker, free_port, port_open
 from likvard.ingest import INGEST_TOPIC
 from likvard.topics import SERVICE_TOPICS
 from tests.district import DistrictSystem, registered

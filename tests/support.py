@@ -197,7 +197,7 @@ def serving(app: FastAPI) -> Iterator[str]:
     """Run an ASGI app on a real uvicorn server in a thread; yields its base URL."""
     import uvicorn
 
-    from likvard.devstack import free_port
+    from likvard.cli.devstack import free_port
 
     server = uvicorn.Server(
         uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning", lifespan="on")

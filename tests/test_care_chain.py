@@ -15,6 +15,7 @@ from tests.support import CareStack, consume, wait_for
 
 pytestmark = pytest.mark.integration
 
+
 def test_referral_across_districts_schedules_followups_exactly_once(
     care_stack: CareStack, kafka_bootstrap: str, catalogue: Catalogue, pool: ConnectionPool
 ) -> None:

@@ -72,9 +72,9 @@ def test_changed_bytes_are_a_break() -> None:
     assert "content changed" in c.breaks[0].reason
 
 
-def relinked(after: tuple[dict[str, bytes], bytes], headers: dict[str, bytes], value: bytes) -> (
-    tuple[dict[str, bytes], bytes]
-):
+def relinked(
+    after: tuple[dict[str, bytes], bytes], headers: dict[str, bytes], value: bytes
+) -> tuple[dict[str, bytes], bytes]:
     """A record whose own hash is consistent with its bytes, chained after `after`."""
     prev = after[0]["hash"]
     digest = chain_hash(bytes.fromhex(prev.decode()), value)

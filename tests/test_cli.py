@@ -14,8 +14,8 @@ import psutil
 import psycopg
 import pytest
 
+from likvard.cli.devstack import free_port
 from likvard.codec import Catalogue
-from likvard.devstack import free_port
 from services.projections import readmodels
 from tests.district import DistrictSystem, produce_all, registered
 from tests.support import consume, env_without_stack, stop_process, wait_for

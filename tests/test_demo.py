@@ -12,7 +12,7 @@ import pytest
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
-from likvard import demo
+from likvard.cli import demo
 from likvard.districts import DistrictRegistry
 from likvard.pseudonym import normalise
 from services.followup.scheduling import followup_id

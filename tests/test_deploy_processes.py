@@ -30,7 +30,7 @@ import pytest
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
 
-from likvard.devstack import free_port
+from likvard.cli.devstack import free_port
 from tests.test_deploy import (
     ONE_SHOT,
     ROOT,
@@ -152,9 +152,7 @@ def test_every_compose_process_starts_passes_its_health_check_and_stops_cleanly(
         if name not in ONE_SHOT
     }
     base = {
-        k: v
-        for k, v in os.environ.items()
-        if not k.startswith(("LIKVARD_", "KAFKA_", "OTEL_"))
+        k: v for k, v in os.environ.items() if not k.startswith(("LIKVARD_", "KAFKA_", "OTEL_"))
     }
     with databases(database_url, wanted_dbs) as dsn, otlp_sink() as collector:
         processes: list[Process] = []

@@ -27,8 +27,8 @@ import pytest
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from psycopg import sql
 
+from likvard.cli.devstack import EmbeddedPostgres, TansuBroker
 from likvard.config import no_auto_create
-from likvard.devstack import EmbeddedPostgres, TansuBroker
 from likvard.known_cases import INTAKE_EVENTS
 from likvard.topic_reader import record_headers
 from services.followup.scheduling import ASI_MONTHS, followup_id

@@ -15,8 +15,8 @@ import pytest
 
 from conftest import TEST_SECRET
 from likvard import http
+from likvard.cli.devstack import EmbeddedPostgres
 from likvard.config import ConfigError, Settings, load_settings
-from likvard.devstack import EmbeddedPostgres
 from services.intake.api import create_app as intake_app
 from tests.support import made_schemas, serving
 

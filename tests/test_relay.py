@@ -15,8 +15,8 @@ import psycopg
 import pytest
 from psycopg_pool import ConnectionPool
 
+from likvard.cli.devstack import TansuBroker
 from likvard.codec import Catalogue
-from likvard.devstack import TansuBroker
 from likvard.eventstore import EventStore, NewEvent
 from likvard.faults import FAILPOINT_EXIT_CODE
 from likvard.relay import OutboxRelay

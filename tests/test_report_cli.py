@@ -52,9 +52,7 @@ def test_report_errors_are_clear(database_url: str, schema: str, tmp_path: Path)
     missing = likvard(database_url, "--out", str(out), "--from", "2024-01-01", "--schema", schema)
     assert missing.returncode == 2
     assert "no read models in schema" in missing.stderr
-    bad = likvard(
-        database_url, "--out", str(out), "--from", "2024-01-01", "--structure", "oldest"
-    )
+    bad = likvard(database_url, "--out", str(out), "--from", "2024-01-01", "--structure", "oldest")
     assert bad.returncode == 2
     assert "structure" in bad.stderr
     assert not out.exists()

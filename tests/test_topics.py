@@ -13,8 +13,8 @@ from confluent_kafka import Consumer, KafkaError, Message, Producer
 from confluent_kafka.admin import AdminClient
 from confluent_kafka.cimpl import NewTopic
 
+from likvard.cli.devstack import TansuBroker
 from likvard.config import no_auto_create
-from likvard.devstack import TansuBroker
 from likvard.topics import TopicError, TopicSpec, ensure_topics, load_topics, require_topics
 from tests.support import wait_for
 

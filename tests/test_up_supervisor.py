@@ -21,7 +21,7 @@ import pytest
 from confluent_kafka import Consumer, KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from likvard.devstack import (
+from likvard.cli.devstack import (
     RestartPolicy,
     Run,
     StackError,

@@ -1,0 +1,199 @@
+"""The whole stack on one machine (`likvard up`) and the demo that fills it."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import sys
+import tempfile
+import time
+from typing import TYPE_CHECKING
+
+import typer
+
+from likvard.cli.base import (
+    APPS,
+    CONSUMERS,
+    READ_APPS,
+    app,
+    check_service,
+    console,
+    fail,
+    stop_on_signals,
+)
+from likvard.config import ConfigError, service_port
+
+if TYPE_CHECKING:
+    pass
+
+
+@app.command()
+def demo(
+    persons: int = typer.Option(2000, min=1, help="Synthetic persons"),
+    years: int = typer.Option(3, min=1, max=15, help="Years of activity, up to today"),
+    bias: list[str] = typer.Option(
+        [], help="Planted disparity DISTRICT:metric:factor (repeatable)"
+    ),
+    seed: int = typer.Option(1, help="Same seed, same activity"),
+) -> None:
+    """Generate realistic synthetic activity through the public APIs of a running stack
+    (`likvard up`), which publishes it to Kafka, with optional planted disparities."""
+    from likvard.cli.demo import DemoFailed, DemoUrls, main
+
+    try:
+        urls = DemoUrls(
+            *(f"http://127.0.0.1:{service_port(s)}" for s in ("intake", "referral", "followup"))
+        )
+        main(persons, years, bias, seed, urls, console)
+    except (ValueError, ConfigError) as exc:
+        raise fail(str(exc)) from exc
+    except DemoFailed as exc:
+        raise fail(str(exc), 1) from exc
+
+
+@app.command()
+def up(
+    services: str = typer.Option(
+        "intake,referral,followup,projections", help="Comma-separated services to run"
+    ),
+    broker_port: int = typer.Option(9092, help="Port of the development broker"),
+) -> None:
+    """Run the whole stack on this machine, until Ctrl-C.
+
+    With no settings: an embedded PostgreSQL and the Tansu broker (memory only). With
+    LIKVARD_DATABASE_URL / KAFKA_BOOTSTRAP_SERVERS set, those servers are used instead.
+    A process that stops is restarted after a backoff (1s doubling to 30s); the stack
+    stops only on Ctrl-C, or when one keeps failing (more than 5 failed starts within 2
+    minutes: exit code 1). A restarted dev broker gets its topics back, and every event
+    again from the event stores (`likvard republish`).
+    """
+    from likvard.cli.devstack import (
+        EmbeddedPostgres,
+        Server,
+        StackError,
+        Supervisor,
+        TansuBroker,
+        wait_until,
+    )
+    from likvard.topics import TopicError, ensure_topics, load_topics
+
+    wanted = [check_service(s.strip(), APPS | READ_APPS) for s in services.split(",") if s.strip()]
+    started = time.monotonic()
+    # Many workers share this machine: none serves an ops port (each would want the same);
+    # and the probe notes would overwrite each other.
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("LIKVARD_OPS_PORT", "LIKVARD_PROBE_FILE")
+    }
+    env["LIKVARD_PROBE_FILE"] = os.path.join(tempfile.gettempdir(), f"likvard-probe-{os.getpid()}")
+    pg: EmbeddedPostgres | None = None
+    broker: TansuBroker | None = None
+    sup = Supervisor(env, say=lambda line: console.print(line, markup=False, soft_wrap=True))
+    stopping = stop_on_signals()
+
+    def make_topics() -> int:
+        prefix = env.get("LIKVARD_TOPIC_PREFIX", "")
+        return len(ensure_topics(env["KAFKA_BOOTSTRAP_SERVERS"], load_topics(prefix=prefix)))
+
+    def watch_broker(dev: TansuBroker) -> None:
+        def back() -> str:
+            """The dev broker forgot everything: its topics first, then every stored event
+            again (the event stores are the source of truth)."""
+            dev.start()
+            try:
+                n = make_topics()
+            except TopicError as exc:
+                dev.stop()
+                raise StackError(str(exc)) from exc
+            writers = [s for s in wanted if s in APPS]
+            for s in writers:
+                sup.spawn(f"{s}-republish", ["republish", s], oneshot=True)
+            return (
+                f"restarted on {dev.bootstrap} (memory only: it forgot every record); {n}"
+                f" topics re-created; republishing {', '.join(writers) or 'nothing'} from"
+                " the event stores"
+            )
+
+        sup.watch(Server("tansu-broker", dev.down, back))
+
+    try:
+        if not env.get("LIKVARD_DATABASE_URL"):
+            pg = EmbeddedPostgres()
+            env["LIKVARD_DATABASE_URL"] = pg.start()
+            sup.watch(Server("postgresql", pg.down, pg.restart))
+            console.print("PostgreSQL   embedded (temporary; gone when you stop)")
+        else:
+            console.print("PostgreSQL   from LIKVARD_DATABASE_URL")
+        if not env.get("KAFKA_BOOTSTRAP_SERVERS"):
+            broker = TansuBroker(broker_port)
+            env["KAFKA_BOOTSTRAP_SERVERS"] = broker.start()
+            env.setdefault("LIKVARD_CONSUMER_SESSION_TIMEOUT_MS", "4000")
+            watch_broker(broker)
+            console.print(f"Kafka        Tansu dev broker on {broker.bootstrap} (memory only)")
+        else:
+            console.print(f"Kafka        {env['KAFKA_BOOTSTRAP_SERVERS']}")
+        if not env.get("LIKVARD_PSEUDONYM_SECRET"):
+            env["LIKVARD_PSEUDONYM_SECRET"] = secrets.token_hex(32)
+            console.print(
+                "[yellow]LIKVARD_PSEUDONYM_SECRET not set: using a random one for this"
+                " run (pseudonyms will differ next time)[/yellow]"
+            )
+        console.print(f"Topics       {make_topics()} ready")
+        import httpx
+
+        ports = {name: service_port(name, env) for name in wanted}
+        for name in wanted:
+            port = ports[name]
+            sup.spawn(f"{name}", ["serve", name, "--port", str(port)])
+            if name in READ_APPS:
+                sup.spawn(f"{name}-worker", ["project"])
+                continue
+            sup.spawn(f"{name}-relay", ["relay", name])
+            if name in CONSUMERS:
+                sup.spawn(f"{name}-consumer", ["consume", name])
+            sup.spawn(f"{name}-ingest", ["ingest", name])
+
+        def all_ready() -> bool:
+            sup.check()  # a child that stops at start is restarted too, or stops the stack
+            for name in wanted:
+                try:
+                    r = httpx.get(f"http://127.0.0.1:{ports[name]}/readyz", timeout=0.5)
+                    if r.status_code != 200:
+                        return False
+                except httpx.HTTPError:
+                    return False
+            return True
+
+        wait_until(
+            lambda: stopping.is_set() or all_ready(),
+            60,
+            "the services to become ready",
+            interval=0.2,
+        )
+        console.print(f"[green]Likvärd is up[/green] in {time.monotonic() - started:.1f}s:")
+        for name in wanted:
+            port = ports[name]
+            console.print(f"  {name:<12} http://127.0.0.1:{port}  (API docs: /docs)")
+        if pg is not None or broker is not None:  # the dev servers: nothing secret to show
+            console.print(
+                "Other likvard commands (replay, report, verify, ...) reach this stack with:\n"
+                f"  export LIKVARD_DATABASE_URL='{env['LIKVARD_DATABASE_URL']}'"
+                f" KAFKA_BOOTSTRAP_SERVERS={env['KAFKA_BOOTSTRAP_SERVERS']}",
+                soft_wrap=True,
+            )
+        console.print("Press Ctrl-C to stop.")
+        while not stopping.wait(0.5):
+            sup.check()
+    except (StackError, TopicError, ConfigError) as exc:
+        console.print(f"[red]error:[/red] {exc}", soft_wrap=True)
+        code = 1
+    else:
+        code = 0
+    finally:
+        console.print("stopping...")
+        sup.stop_all()
+        if broker is not None:
+            broker.stop()
+        if pg is not None:
+            pg.stop()
+        console.print("stopped")
+    sys.exit(code)
