@@ -150,9 +150,17 @@ PROBLEM_RESPONSES[503]["headers"] = {
 class ProblemError(Exception):
     """Raise from a handler to answer with problem+json."""
 
-    def __init__(self, status: int, code: str, title: str, detail: str) -> None:
+    def __init__(
+        self,
+        status: int,
+        code: str,
+        title: str,
+        detail: str,
+        headers: dict[str, str] | None = None,
+    ) -> None:
         super().__init__(detail)
         self.status, self.code, self.title, self.detail = status, code, title, detail
+        self.headers = headers
 
 
 def problem(
@@ -464,7 +472,9 @@ def install(
 
     @app.exception_handler(ProblemError)
     async def on_problem(request: Request, exc: ProblemError) -> JSONResponse:
-        return problem(exc.status, exc.code, exc.title, exc.detail, request.url.path)
+        return problem(
+            exc.status, exc.code, exc.title, exc.detail, request.url.path, headers=exc.headers
+        )
 
     @app.exception_handler(ConcurrencyError)
     async def on_conflict(request: Request, exc: ConcurrencyError) -> JSONResponse:

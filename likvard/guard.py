@@ -1,0 +1,233 @@
+"""Sign-in and authorisation at the HTTP edge: the bearer token becomes a `Principal`, the
+pure policy decides, and every case-level read and every refusal goes to the access log
+before the answer leaves.
+
+- `Caller` (a FastAPI dependency): 401 problem+json with `WWW-Authenticate: Bearer` for a
+  missing or bad token; the reason never echoes the token.
+- `policy(action)`: what each route declares (`x-likvard-action` in the OpenAPI
+  document). `unlisted(document)` names the operations without one; an app with one does
+  not start, and the generated authorisation matrix test fails.
+- `authorize(...)`: the policy's decision, recorded, 403 on a refusal.
+- The access log is written through an `AccessRecorder`, whose `record` returns only once
+  the entries are committed (group commit, `likvard.access_log`): an answer is never sent
+  for a read that is not in the log, and a process that dies after answering has lost no
+  entry. If the log cannot be written the request fails (503), it never answers unlogged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, Any, Protocol
+
+from fastapi import Depends, Header, Request
+
+from likvard import telemetry
+from likvard.http import ProblemError
+from likvard.identity import Principal
+from likvard.policy import (
+    CASE_LEVEL,
+    EMERGENCY_REASONS,
+    Action,
+    CaseScope,
+    Decision,
+    DistrictScope,
+    ReferralScope,
+    Resource,
+    SystemScope,
+    UnitScope,
+    allowed,
+)
+
+ACTION_KEY = "x-likvard-action"
+OPEN = "open"  # the probes (/healthz, /readyz): no token, no personal data
+EMERGENCY_HEADER = "Likvard-Emergency-Reason"
+
+
+class AuthenticationError(Exception):
+    """A token that cannot be trusted. `code` names why (expired, wrong-audience,
+    unknown-key, bad-signature, algorithm-not-allowed, malformed, invalid-subject, ...); it
+    never holds the token or a claim's value."""
+
+    def __init__(self, code: str, detail: str) -> None:
+        super().__init__(detail)
+        self.code, self.detail = code, detail
+
+
+class Authenticator(Protocol):
+    def authenticate(self, token: str) -> Principal:
+        """The principal of a verified token; AuthenticationError otherwise."""
+        ...
+
+
+@dataclass(frozen=True)
+class AccessEntry:
+    """One read or refusal, as the `CaseAccessed` event records it: who, as which role,
+    did what to which case or resource, with which outcome; never personal data."""
+
+    actor: str
+    roles: str
+    action: str
+    resource: str
+    case_id: str | None
+    allowed: bool
+    reason: str
+    emergency_reason: str | None
+    service: str
+    occurred_at: datetime
+    trace_id: str | None
+
+
+class AccessRecorder(Protocol):
+    def record(self, entries: Sequence[AccessEntry]) -> None:
+        """Return once the entries are committed; raise if they cannot be."""
+        ...
+
+
+def policy(action: Action | str) -> dict[str, Any]:
+    """The `openapi_extra` of a route: the action the policy is asked about."""
+    return {ACTION_KEY: str(action)}
+
+
+def unlisted(document: dict[str, Any]) -> list[str]:
+    """The operations of an OpenAPI document that declare no policy entry."""
+    missing = []
+    for path, item in document.get("paths", {}).items():
+        for method, operation in item.items():
+            if isinstance(operation, dict) and ACTION_KEY not in operation:
+                missing.append(f"{method.upper()} {path}")
+    return missing
+
+
+def _unauthorized(code: str, detail: str) -> ProblemError:
+    error = "invalid_request" if code == "missing-token" else "invalid_token"
+    return ProblemError(
+        401,
+        code,
+        "Not signed in",
+        detail,
+        headers={"WWW-Authenticate": f'Bearer realm="likvard", error="{error}"'},
+    )
+
+
+def signed_in(request: Request) -> Principal:
+    """The caller, from `Authorization: Bearer <JWT>` verified by the app's authenticator."""
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    if scheme.lower() != "bearer" or not token.strip():
+        raise _unauthorized(
+            "missing-token", "Send an OpenID Connect access token as Authorization: Bearer."
+        )
+    authenticator: Authenticator = request.app.state.authenticator
+    try:
+        principal = authenticator.authenticate(token.strip())
+    except AuthenticationError as exc:
+        raise _unauthorized(exc.code, exc.detail) from exc
+    request.state.principal = principal
+    return principal
+
+
+Caller = Annotated[Principal, Depends(signed_in)]
+
+EmergencyReason = Annotated[
+    str | None,
+    Header(
+        alias=EMERGENCY_HEADER,
+        description="Emergency access to a case outside your district: a reason code ("
+        + ", ".join(EMERGENCY_REASONS)
+        + "). Always allowed to a case worker, always logged and flagged.",
+        json_schema_extra={"enum": list(EMERGENCY_REASONS)},
+    ),
+]
+
+
+def _label(resource: Resource) -> tuple[str, str | None]:
+    """The resource's label in the access log, and the case it is of, if one."""
+    match resource:
+        case CaseScope(case_id=case_id):
+            return f"case:{case_id}", case_id
+        case ReferralScope(referral_id=rid, case=case):
+            return f"referral:{rid}", case.case_id
+        case UnitScope(unit=unit):
+            return f"unit:{unit}", None
+        case DistrictScope(district=district):
+            return f"district:{district}", None
+        case SystemScope(name=name):
+            return name, None
+    raise TypeError(type(resource).__name__)
+
+
+def _entry(
+    request: Request,
+    principal: Principal,
+    action: Action,
+    resource: str,
+    case_id: str | None,
+    decision: Decision,
+    emergency: str | None,
+    now: datetime,
+) -> AccessEntry:
+    trace = telemetry.current_traceparent()
+    return AccessEntry(
+        actor=principal.subject,
+        roles=principal.role_names,
+        action=str(action),
+        resource=resource,
+        case_id=case_id,
+        allowed=decision.allow,
+        reason=decision.reason,
+        emergency_reason=emergency if decision.emergency else None,
+        service=request.app.state.service_name,
+        occurred_at=now,
+        trace_id=trace.split("-")[1] if trace and trace.count("-") >= 2 else None,
+    )
+
+
+def authorize(
+    request: Request,
+    principal: Principal,
+    action: Action,
+    resource: Resource,
+    *,
+    emergency: str | None = None,
+) -> Decision:
+    """Ask the policy; record a case-level action or any refusal; 403 if refused."""
+    now = datetime.now(UTC)
+    decision = allowed(principal, action, resource, now=now, emergency=emergency)
+    if action in CASE_LEVEL or not decision:
+        label, case_id = _label(resource)
+        recorder: AccessRecorder = request.app.state.access_log
+        recorder.record(
+            [_entry(request, principal, action, label, case_id, decision, emergency, now)]
+        )
+    if not decision:
+        raise ProblemError(
+            403,
+            "forbidden",
+            "Not allowed",
+            f"Your roles do not allow {action} here ({decision.reason}).",
+        )
+    return decision
+
+
+def record_reads(
+    request: Request,
+    principal: Principal,
+    action: Action,
+    decision: Decision,
+    resource: Resource,
+    case_ids: Iterable[str],
+    emergency: str | None = None,
+) -> None:
+    """Record that a list answer (a unit's inbox, the follow-ups due) showed these cases:
+    one entry per case, in one commit, before the answer is sent."""
+    label, _ = _label(resource)
+    now = datetime.now(UTC)
+    entries = [
+        _entry(request, principal, action, label, c, decision, emergency, now)
+        for c in dict.fromkeys(case_ids)
+    ]
+    if entries:
+        recorder: AccessRecorder = request.app.state.access_log
+        recorder.record(entries)
