@@ -21,6 +21,8 @@ SERVICE_TOPICS = {
     "referral": "likvard.referral.v1",
     "followup": "likvard.followup.v1",
 }
+ACCESS_LOG_TOPIC = "likvard.access-log.v1"
+"""`CaseAccessed` events of every service's access-log stream (likvard.access_log)."""
 
 
 class TopicError(RuntimeError):
