@@ -16,15 +16,20 @@ before the answer leaves.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+import importlib
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, Protocol
 
-from fastapi import Depends, Header, Request
+from fastapi import Depends, FastAPI, Header, Request, Response
+from starlette.concurrency import run_in_threadpool
 
 from likvard import telemetry
-from likvard.http import ProblemError
+from likvard.config import Settings
+from likvard.http import ProblemError, RequestContext, problem, request_context
 from likvard.identity import Principal
 from likvard.policy import (
     CASE_LEVEL,
@@ -39,6 +44,8 @@ from likvard.policy import (
     UnitScope,
     allowed,
 )
+
+log = logging.getLogger("likvard.guard")
 
 ACTION_KEY = "x-likvard-action"
 OPEN = "open"  # the probes (/healthz, /readyz): no token, no personal data
@@ -130,6 +137,15 @@ def signed_in(request: Request) -> Principal:
 
 Caller = Annotated[Principal, Depends(signed_in)]
 
+
+def _context(request: Request, principal: Caller) -> RequestContext:
+    return request_context(request, principal.subject)
+
+
+Ctx = Annotated[RequestContext, Depends(_context)]
+"""The request context of a signed-in caller: the actor in event metadata is the token's
+subject (FastAPI verifies the token once per request, however many dependencies ask)."""
+
 EmergencyReason = Annotated[
     str | None,
     Header(
@@ -197,9 +213,8 @@ def authorize(
     decision = allowed(principal, action, resource, now=now, emergency=emergency)
     if action in CASE_LEVEL or not decision:
         label, case_id = _label(resource)
-        recorder: AccessRecorder = request.app.state.access_log
-        recorder.record(
-            [_entry(request, principal, action, label, case_id, decision, emergency, now)]
+        _record(
+            request, [_entry(request, principal, action, label, case_id, decision, emergency, now)]
         )
     if not decision:
         raise ProblemError(
@@ -229,5 +244,95 @@ def record_reads(
         for c in dict.fromkeys(case_ids)
     ]
     if entries:
-        recorder: AccessRecorder = request.app.state.access_log
+        _record(request, entries)
+
+
+def _record(request: Request, entries: list[AccessEntry]) -> None:
+    """Write to the access log, or fail the request with 503: never answer unlogged."""
+    recorder: AccessRecorder = request.app.state.access_log
+    try:
         recorder.record(entries)
+    except Exception as exc:
+        log.error("access log not written (%s): the request is refused", type(exc).__name__)
+        raise ProblemError(
+            503,
+            "access-log-unavailable",
+            "Access log unavailable",
+            "The access log could not be written, so nothing is shown. Retry in a few seconds.",
+            headers={"Retry-After": "5"},
+        ) from exc
+
+
+class AccessLogWriter(AccessRecorder, Protocol):
+    def close(self) -> None: ...
+
+
+# FastAPI's own pages: not operations of the document, so gated here rather than declared.
+DOC_PATHS = frozenset({"/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+METRICS_PATH = "/metrics"
+
+
+class UnlistedOperations(RuntimeError):
+    """The app has operations that declare no policy entry: it does not start."""
+
+
+def _import(module: str, name: str) -> Any:
+    """Late import: likvard.oidc and likvard.access_log import this module's protocols."""
+    return getattr(importlib.import_module(module), name)
+
+
+def install(
+    app: FastAPI, settings: Settings, service: str, *, access_log_schema: str = "access_log"
+) -> None:
+    """Sign-in, the access log and the ops gate for a service's app.
+
+    - `app.state.authenticator`: the OIDC verifier of the settings' issuer (no I/O until the
+      first token); `app.state.service_name`: the service, as the access log names it.
+    - `app.state.access_log`: opened when the app starts (after the check below), before the
+      app's own lifespan, and closed after it.
+    - The app refuses to start while `unlisted(app.openapi())` names an operation.
+    - `/metrics` needs an ops token, and so do `/docs`, `/redoc` and `/openapi.json` unless
+      `settings.public_docs`: 401 without a good token, 403 (logged) for another role."""
+    app.state.service_name = service
+    app.state.authenticator = _import("likvard.oidc", "verifier_from_settings")(settings)
+    public_docs = bool(getattr(settings, "public_docs", False))
+    inner = app.router.lifespan_context
+
+    @asynccontextmanager
+    async def lifespan(a: FastAPI) -> AsyncIterator[Any]:
+        missing = unlisted(a.openapi())
+        if missing:
+            raise UnlistedOperations(
+                f"{service}: operations without a policy entry (declare"
+                f" openapi_extra=guard.policy(Action...)): {', '.join(missing)}"
+            )
+        open_access_log = _import("likvard.access_log", "open_access_log")
+        writer: AccessLogWriter = await run_in_threadpool(
+            open_access_log, settings, service, schema=access_log_schema
+        )
+        a.state.access_log = writer
+        try:
+            async with inner(a) as state:
+                yield state
+        finally:
+            await run_in_threadpool(writer.close)
+
+    app.router.lifespan_context = lifespan
+
+    def ops_only(request: Request) -> None:
+        principal = signed_in(request)
+        authorize(request, principal, Action.OPS_READ, SystemScope(request.url.path.lstrip("/")))
+
+    @app.middleware("http")
+    async def gate_ops(
+        request: Request, call_next: Callable[[Request], Awaitable[Response]]
+    ) -> Response:
+        path = request.url.path
+        if path == METRICS_PATH or (path in DOC_PATHS and not public_docs):
+            try:
+                await run_in_threadpool(ops_only, request)
+            except ProblemError as exc:  # raised outside the routes: answered here
+                return problem(
+                    exc.status, exc.code, exc.title, exc.detail, path, headers=exc.headers
+                )
+        return await call_next(request)

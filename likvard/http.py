@@ -1,6 +1,7 @@
 """HTTP conventions shared by every service: problem+json errors, If-Match versions,
 bounded dates, the request-size limit, 503 while the database is down, request tracing,
-and the request context that travels into event metadata."""
+and the request context that travels into event metadata. Nothing of sign-in is here:
+`likvard.guard` (which imports this module) verifies the caller and names the actor."""
 
 from __future__ import annotations
 
@@ -32,7 +33,9 @@ from likvard.eventstore import ConcurrencyError, StoredEvent
 log = logging.getLogger("likvard.http")
 
 PROBLEM_JSON = "application/problem+json"
-_ACTOR = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+# What the policy is asked about each route (`likvard.guard.ACTION_KEY`): written out here,
+# since guard imports this module and not the other way round.
+_ACTION_KEY = "x-likvard-action"
 
 
 # Dates and times are bounded to years 1900-2099: before that no case can have happened,
@@ -126,8 +129,13 @@ PROBLEM_CONTENT: dict[str, Any] = {
 PROBLEM_RESPONSES: dict[int | str, dict[str, Any]] = {
     code: {"content": PROBLEM_CONTENT, "description": text}
     for code, text in {
-        400: "Malformed request: a malformed If-Match, X-Actor or X-Correlation-Id header, or a"
-        " body that could not be read",
+        400: "Malformed request: a malformed If-Match or X-Correlation-Id header, or a body"
+        " that could not be read",
+        401: "Not signed in: no bearer token, or one that cannot be trusted (expired, for"
+        " another audience, an unknown key, a bad signature ...); `WWW-Authenticate` says"
+        " so and `type` names why. The token is never echoed",
+        403: "Signed in, but your roles, districts or unit do not allow this; the refusal is"
+        " recorded in the access log",
         404: "No such resource",
         409: "Version conflict: the resource changed since the given If-Match version",
         413: "The request body is larger than the limit (LIKVARD_MAX_REQUEST_BYTES, 1 MiB by"
@@ -234,15 +242,9 @@ class RequestContext:
     traceparent: str | None
 
 
-def request_context(request: Request) -> RequestContext:
-    actor = request.headers.get("x-actor", "unknown")
-    if not _ACTOR.match(actor):
-        raise ProblemError(
-            400,
-            "bad-actor",
-            "Malformed X-Actor",
-            "X-Actor must be a pseudonymous staff id of 1-64 letters, digits or ._:-",
-        )
+def request_context(request: Request, actor: str) -> RequestContext:
+    """The context of a request by `actor`: the verified principal's subject (given by
+    `likvard.guard.Ctx`), never a header the caller writes."""
     correlation = request.headers.get("x-correlation-id") or str(uuid.uuid4())
     if len(correlation) > 128:
         raise ProblemError(
@@ -296,7 +298,13 @@ def add_health(app: FastAPI, ping: Callable[[Request], None]) -> None:
     """`/healthz` (the process answers) and `/readyz` (`ping` succeeds: the event store
     answers), as the compose file and Kubernetes probes call them."""
 
-    @app.get("/healthz", response_model=Health, tags=["operations"], summary="Liveness")
+    @app.get(
+        "/healthz",
+        response_model=Health,
+        tags=["operations"],
+        summary="Liveness",
+        openapi_extra={_ACTION_KEY: "open"},
+    )
     def healthz() -> Health:
         return Health(status="ok")
 
@@ -308,6 +316,7 @@ def add_health(app: FastAPI, ping: Callable[[Request], None]) -> None:
             503: {"content": PROBLEM_CONTENT, "description": "The event store does not answer"}
         },
         summary="Readiness: the event store answers",
+        openapi_extra={_ACTION_KEY: "open"},
     )
     def readyz(request: Request) -> Any:
         try:
@@ -462,9 +471,10 @@ def install(
     @app.get(
         "/metrics",
         tags=["operations"],
-        summary="Prometheus metrics of this process",
+        summary="Prometheus metrics of this process (ops role: `likvard.guard` checks it)",
         response_class=PlainTextResponse,
         responses=METRICS_RESPONSES,
+        openapi_extra={_ACTION_KEY: "ops.read"},
     )
     def prometheus_metrics() -> Response:
         body, content_type = telemetry.prometheus_exposition()
