@@ -21,6 +21,7 @@ from likvard.codec import Catalogue
 from likvard.config import Settings
 from likvard.eventstore import EventStore
 from likvard.topics import SERVICE_TOPICS, ensure_topics, load_topics
+from tests.identity import DevIdp, running_idp
 from tests.support import (
     FAST_GROUP,
     Background,
@@ -30,6 +31,30 @@ from tests.support import (
     made_schemas,
     serving,
 )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def identity_provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevIdp]:
+    """The development OpenID provider as a real process for the whole session: its issuer
+    and audience go into os.environ before any test builds an app (a Settings built in
+    code takes them from there), and tests.identity makes tokens from it."""
+    from tests import identity
+
+    names = ("LIKVARD_OIDC_ISSUER", "LIKVARD_OIDC_AUDIENCE")
+    before = {name: os.environ.get(name) for name in names}
+    with running_idp(tmp_path_factory.mktemp("dev-idp")) as idp:
+        os.environ["LIKVARD_OIDC_ISSUER"] = idp.issuer
+        os.environ["LIKVARD_OIDC_AUDIENCE"] = idp.audience
+        identity.SESSION = idp
+        try:
+            yield idp
+        finally:
+            identity.SESSION = None
+            for name, value in before.items():
+                if value is None:
+                    os.environ.pop(name, None)
+                else:
+                    os.environ[name] = value
 
 
 @pytest.fixture(scope="session")

@@ -62,6 +62,23 @@ _UP_EXPORTS = (
 )
 
 
+DEFAULT_ALGORITHMS = ("RS256", "PS256", "ES256")
+# Asymmetric JWS algorithms a verifier may accept: never "none", never HS* (a shared secret,
+# or the key-confusion attack with the public key as one).
+ALLOWED_ALGORITHMS = frozenset(
+    {"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"}
+)
+_CLAIM_PATH = re.compile(r"[A-Za-z0-9_:/-]+(\.[A-Za-z0-9_:/-]+)*")
+
+
+def _env(name: str) -> str | None:
+    return os.environ.get(name) or None
+
+
+def _env_audience() -> str:
+    return os.environ.get("LIKVARD_OIDC_AUDIENCE") or "likvard"
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str | None = None
@@ -72,6 +89,51 @@ class Settings:
     case_wait_seconds: float = 5.0
     max_request_bytes: int = 1024 * 1024
     extra: dict[str, str] = field(default_factory=dict)
+    # Sign-in (OpenID Connect). A Settings built in code (the tests) takes the issuer and
+    # audience from the environment, so every app of a process verifies against the same
+    # provider; load_settings reads and checks all of them.
+    oidc_issuer: str | None = field(default_factory=lambda: _env("LIKVARD_OIDC_ISSUER"))
+    oidc_audience: str = field(default_factory=_env_audience)
+    oidc_discovery_url: str | None = field(
+        default_factory=lambda: _env("LIKVARD_OIDC_DISCOVERY_URL")
+    )
+    oidc_roles_claim: str = "realm_access.roles"
+    oidc_districts_claim: str = "likvard_districts"
+    oidc_unit_claim: str = "likvard_unit"
+    oidc_algorithms: tuple[str, ...] = DEFAULT_ALGORITHMS
+    oidc_leeway_seconds: int = 30
+    public_docs: bool = False
+    access_log_database_url: str | None = None
+
+    def require_oidc(self) -> str:
+        """The issuer every token must come from; ConfigError with the fix when unset."""
+        if not self.oidc_issuer:
+            raise ConfigError(
+                "LIKVARD_OIDC_ISSUER is not set: export the URL of your OpenID Connect"
+                " provider's issuer (e.g. export LIKVARD_OIDC_ISSUER="
+                "https://login.example.se/realms/likvard), and LIKVARD_OIDC_AUDIENCE if the"
+                " tokens' audience is not 'likvard'. On one machine, `likvard up` starts a"
+                " development provider and sets it; `likvard dev-idp` runs one alone."
+            )
+        return self.oidc_issuer
+
+    @property
+    def oidc_discovery(self) -> str:
+        """Where the discovery document is fetched from."""
+        if self.oidc_discovery_url:
+            return self.oidc_discovery_url
+        return self.require_oidc().rstrip("/") + "/.well-known/openid-configuration"
+
+    def require_access_log_database(self) -> str:
+        """The access log's PostgreSQL (LIKVARD_ACCESS_LOG_DATABASE_URL, else the service's)."""
+        url = self.access_log_database_url or self.database_url
+        if not url:
+            raise ConfigError(
+                "LIKVARD_ACCESS_LOG_DATABASE_URL (or LIKVARD_DATABASE_URL) is not set: the"
+                " access log needs a PostgreSQL (e.g. export LIKVARD_DATABASE_URL="
+                "postgresql://user@host/dbname). " + _UP_EXPORTS
+            )
+        return url
 
     def require_database(self) -> str:
         if not self.database_url:
@@ -112,6 +174,62 @@ def _seconds(text: str) -> float:
     return value
 
 
+def _url(name: str, value: str | None) -> str | None:
+    if not value:
+        return None
+    if not re.fullmatch(r"https?://[^\s/?#]+[^\s?#]*", value):
+        raise ConfigError(f"{name} must be an http(s) URL, e.g. https://login.example.se/realms/x")
+    return value
+
+
+def _claim(e: dict[str, str] | os._Environ[str], name: str, default: str) -> str:
+    value = e.get(name) or default
+    if not _CLAIM_PATH.fullmatch(value):
+        raise ConfigError(
+            f"{name} must be a claim name or a dotted path to one (e.g. realm_access.roles"
+            f" for Keycloak, roles for Entra ID), not {value!r}"
+        )
+    return value
+
+
+def _algorithms(text: str) -> tuple[str, ...]:
+    names = tuple(a.strip() for a in text.split(",") if a.strip())
+    refused = [a for a in names if a.lower() == "none" or a.upper().startswith("HS")]
+    if refused:
+        raise ConfigError(
+            "LIKVARD_OIDC_ALGORITHMS may not hold 'none' or an HS* algorithm (a shared"
+            " secret, and an attacker's way in with the public key); use asymmetric ones,"
+            " e.g. RS256,PS256,ES256"
+        )
+    unknown = [a for a in names if a not in ALLOWED_ALGORITHMS]
+    if unknown or not names:
+        raise ConfigError(
+            "LIKVARD_OIDC_ALGORITHMS must be a comma-separated list of "
+            + ", ".join(sorted(ALLOWED_ALGORITHMS))
+            + f"; not {text!r}"
+        )
+    return names
+
+
+def _leeway(text: str) -> int:
+    if not text.isdigit() or int(text) > 300:
+        raise ConfigError(
+            f"LIKVARD_OIDC_LEEWAY_SECONDS must be 0-300 whole seconds (the clock skew allowed"
+            f" on exp/nbf/iat), not {text!r}"
+        )
+    return int(text)
+
+
+def _flag(name: str, text: str | None) -> bool:
+    if text is None or text == "":
+        return False
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no"):
+        return False
+    raise ConfigError(f"{name} must be 1 or 0, not {text!r}")
+
+
 def load_settings(env: dict[str, str] | None = None) -> Settings:
     e = os.environ if env is None else env
     secret = e.get("LIKVARD_PSEUDONYM_SECRET")
@@ -134,4 +252,14 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         relay_batch_size=int(batch),
         case_wait_seconds=_seconds(e.get("LIKVARD_CASE_WAIT_SECONDS", "5")),
         max_request_bytes=int(max_request),
+        oidc_issuer=_url("LIKVARD_OIDC_ISSUER", e.get("LIKVARD_OIDC_ISSUER")),
+        oidc_audience=e.get("LIKVARD_OIDC_AUDIENCE") or "likvard",
+        oidc_discovery_url=_url("LIKVARD_OIDC_DISCOVERY_URL", e.get("LIKVARD_OIDC_DISCOVERY_URL")),
+        oidc_roles_claim=_claim(e, "LIKVARD_OIDC_ROLES_CLAIM", "realm_access.roles"),
+        oidc_districts_claim=_claim(e, "LIKVARD_OIDC_DISTRICTS_CLAIM", "likvard_districts"),
+        oidc_unit_claim=_claim(e, "LIKVARD_OIDC_UNIT_CLAIM", "likvard_unit"),
+        oidc_algorithms=_algorithms(e.get("LIKVARD_OIDC_ALGORITHMS") or "RS256,PS256,ES256"),
+        oidc_leeway_seconds=_leeway(e.get("LIKVARD_OIDC_LEEWAY_SECONDS") or "30"),
+        public_docs=_flag("LIKVARD_PUBLIC_DOCS", e.get("LIKVARD_PUBLIC_DOCS")),
+        access_log_database_url=e.get("LIKVARD_ACCESS_LOG_DATABASE_URL") or None,
     )
