@@ -1,4 +1,5 @@
-"""Read models folded from every topic: `case_facts` (one row per case) and `timeline`.
+"""Read models folded from every topic: `case_facts` (one row per case), `timeline`, and
+`access_log` (one row per CaseAccessed event of the access-log topic; `access_log.py`).
 
 `apply` turns a batch of decoded events into a few set-based statements in the caller's
 transaction: the event ids go into `processed` first (one statement, ON CONFLICT DO
@@ -39,6 +40,15 @@ from psycopg import sql
 
 from likvard.db import check_schema_name
 from likvard.inbox import Incoming
+from likvard.policy import Transfer
+from likvard.topics import SERVICE_TOPICS
+from services.projections import access_log
+
+ACCESS_LOG_TOPIC = "likvard.access-log.v1"
+# Every topic the read models are folded from (without the deployment's prefix): the live
+# worker subscribes to them and a replay reads them all from offset 0, verifying each
+# stream's hash chain, the access-log streams' too.
+SOURCE_TOPICS: tuple[str, ...] = (*SERVICE_TOPICS.values(), ACCESS_LOG_TOPIC)
 
 
 class Merge(Enum):
@@ -107,7 +117,11 @@ FACTS: tuple[Column, ...] = (
     _col("last_event_at", "timestamptz", Merge.MAX),
 )
 FACT_NAMES = ("case_id", *(c.name for c in FACTS))
-TABLES = {"case_facts": 'case_id COLLATE "C"', "timeline": "event_id"}
+TABLES = {
+    "case_facts": 'case_id COLLATE "C"',
+    "timeline": "event_id",
+    access_log.TABLE: "event_id",
+}
 
 
 def lock_key(schema: str) -> str:
@@ -148,6 +162,7 @@ def migrate(conn: psycopg.Connection[Any], schema: str) -> None:
             " (case_id, occurred_at, stream_version, event_id)"
         ).format(t)
     )
+    access_log.migrate(conn, schema)
 
 
 # --- the fold of one batch, per case (pure) ---------------------------------------------
@@ -318,10 +333,16 @@ def apply(conn: psycopg.Connection[Any], schema: str, events: Sequence[Incoming]
         ).format(t),
         (sorted(unique),),
     ).fetchall()
-    fresh = [unique[r[0]] for r in rows]
-    if not fresh:
+    new = [unique[r[0]] for r in rows]
+    if not new:
         return 0
-    fresh.sort(key=lambda e: e.event_id)
+    new.sort(key=lambda e: e.event_id)
+    # Access-log entries are of no case's stream (their stream is the service's access
+    # log): they go to their own table, never to the timeline or the case facts.
+    access_log.copy(conn, schema, [e for e in new if access_log.is_access(e)])
+    fresh = [e for e in new if not access_log.is_access(e)]
+    if not fresh:
+        return len(new)
     # COPY: the fresh events are new to the timeline by construction (their ids were just
     # recorded in `processed`), so no conflict handling is needed, and COPY is several times
     # faster than an INSERT of the same rows.
@@ -356,7 +377,7 @@ def apply(conn: psycopg.Connection[Any], schema: str, events: Sequence[Incoming]
     conn.cursor().executemany(
         _upsert(schema), [tuple(cases[c][n] for n in FACT_NAMES) for c in sorted(cases)]
     )
-    return len(fresh)
+    return len(new)
 
 
 def processed_count(conn: psycopg.Connection[Any], schema: str) -> int:
@@ -382,6 +403,35 @@ def case_facts(conn: psycopg.Connection[Any], schema: str, case_id: str) -> dict
     row = cur.fetchone()
     names = [d.name for d in cur.description or ()]
     return None if row is None else dict(zip(names, row, strict=True))
+
+
+def case_scope(
+    conn: psycopg.Connection[Any], schema: str, case_id: str
+) -> tuple[str | None, tuple[Transfer, ...]]:
+    """What the access policy needs of a case: its current district and its transfers.
+
+    The district is the case facts' `district_now`; before the intake event has been
+    projected (a referral's events may arrive first) it is the district of the case's
+    latest event. None: no event of the case has been seen."""
+    t = sql.Identifier(check_schema_name(schema))
+    row = conn.execute(
+        sql.SQL(
+            "SELECT COALESCE((SELECT district_now FROM {t}.case_facts WHERE case_id = %(c)s),"
+            " (SELECT district FROM {t}.timeline WHERE case_id = %(c)s AND district IS NOT NULL"
+            "  ORDER BY occurred_at DESC, stream_version DESC, event_id DESC LIMIT 1))"
+        ).format(t=t),
+        {"c": case_id},
+    ).fetchone()
+    moves = conn.execute(
+        sql.SQL(
+            "SELECT payload->>'from_district', occurred_at FROM {}.timeline"
+            " WHERE case_id = %s AND event_type = 'CaseTransferred'"
+            " ORDER BY occurred_at, stream_version, event_id"
+        ).format(t),
+        (case_id,),
+    ).fetchall()
+    transfers = tuple(Transfer(str(d), at) for d, at in moves if d)
+    return (row[0] if row else None), transfers
 
 
 def timeline(conn: psycopg.Connection[Any], schema: str, case_id: str) -> list[dict[str, Any]]:

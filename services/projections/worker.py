@@ -1,4 +1,5 @@
-"""The live projection worker: one consumer-group member over every service topic.
+"""The live projection worker: one consumer-group member over every service topic and the
+access-log topic (`readmodels.SOURCE_TOPICS`).
 
 It runs the kernel's `BatchLoop` (the same loop as the inbox consumers and ingest workers)
 and hands each batch to the same `readmodels.apply` that replay uses, in one PostgreSQL
@@ -34,7 +35,6 @@ from likvard.inbox import Incoming, consumer_config, decode_event
 from likvard.ops import Heartbeat, Progress
 from likvard.telemetry import ConsumerLag
 from likvard.topic_reader import record_headers
-from likvard.topics import SERVICE_TOPICS
 from services.projections import readmodels
 
 log = logging.getLogger("likvard.projections")
@@ -206,7 +206,7 @@ def build(
     dsn = settings.require_database()
     bootstrap = settings.require_kafka()
     group = f"{settings.topic_prefix}likvard-projections"
-    topics = [settings.topic(t) for t in SERVICE_TOPICS.values()]
+    topics = [settings.topic(t) for t in readmodels.SOURCE_TOPICS]
     worker = ProjectionWorker(
         Projector(dsn, schema),
         Catalogue.load(),
