@@ -6,7 +6,7 @@ order `likvard --help` lists them."""
 
 # isort: skip_file
 from likvard.cli.base import APPS, CONSUMERS, INGESTERS, READ_APPS, app
-from likvard.cli import workers, history, stack, dead_letters, contract, identity as identity
+from likvard.cli import workers, history, audit, stack, dead_letters, contract, identity as identity
 
 __all__ = [
     "APPS",
@@ -14,6 +14,7 @@ __all__ = [
     "INGESTERS",
     "READ_APPS",
     "app",
+    "audit",
     "contract",
     "dead_letters",
     "history",

@@ -41,10 +41,9 @@ from psycopg import sql
 from likvard.db import check_schema_name
 from likvard.inbox import Incoming
 from likvard.policy import Transfer
-from likvard.topics import SERVICE_TOPICS
+from likvard.topics import ACCESS_LOG_TOPIC, SERVICE_TOPICS
 from services.projections import access_log
 
-ACCESS_LOG_TOPIC = "likvard.access-log.v1"
 # Every topic the read models are folded from (without the deployment's prefix): the live
 # worker subscribes to them and a replay reads them all from offset 0, verifying each
 # stream's hash chain, the access-log streams' too.
