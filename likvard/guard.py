@@ -295,7 +295,7 @@ def install(
       `settings.public_docs`: 401 without a good token, 403 (logged) for another role."""
     app.state.service_name = service
     app.state.authenticator = _import("likvard.oidc", "verifier_from_settings")(settings)
-    public_docs = bool(getattr(settings, "public_docs", False))
+    public_docs = settings.public_docs
     inner = app.router.lifespan_context
 
     @asynccontextmanager

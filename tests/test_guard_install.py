@@ -60,9 +60,7 @@ def log(monkeypatch: pytest.MonkeyPatch) -> Log:
 def make_app(public_docs: bool = False, unlisted_route: bool = False) -> FastAPI:
     app = FastAPI(responses=http.PROBLEM_RESPONSES)
     http.install(app, "intake")
-    settings = Settings()
-    object.__setattr__(settings, "public_docs", public_docs)
-    guard.install(app, settings, "intake")
+    guard.install(app, Settings(public_docs=public_docs), "intake")
 
     @app.get("/who", openapi_extra=guard.policy(Action.CASE_READ))
     def who(ctx: guard.Ctx) -> dict[str, Any]:

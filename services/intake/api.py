@@ -1,9 +1,11 @@
-"""HTTP entrypoint of the intake service: it only translates HTTP to commands and back."""
+"""HTTP entrypoint of the intake service: it translates HTTP to commands and back, and asks
+the access policy first (every route declares its action; a case's scope is its current
+district and the districts it left, folded from the same read that serves the request)."""
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Annotated, Any
@@ -11,11 +13,13 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Path, Request, Response
 from pydantic import BaseModel, Field
 
-from likvard import http
+from likvard import guard, http
 from likvard.codec import Catalogue
 from likvard.config import Settings, load_settings
 from likvard.districts import DistrictRegistry
 from likvard.eventstore import StoredEvent, open_store
+from likvard.identity import Principal
+from likvard.policy import Action, CaseScope, DistrictScope
 from likvard.pseudonym import InvalidIdentityNumber, pseudonymise
 from likvard.telemetry import setup_tracing
 from services.intake import domain as d
@@ -165,7 +169,12 @@ def _service(request: Request) -> IntakeService:
 
 
 Svc = Annotated[IntakeService, Depends(_service)]
-Ctx = Annotated[http.RequestContext, Depends(http.request_context)]
+Ctx = guard.Ctx
+
+
+def case_scope(case_id: str, state: d.CaseState) -> CaseScope:
+    """The case as the policy sees it (no district: no such case)."""
+    return CaseScope(case_id, state.district if state.exists else None, state.transfers)
 
 
 def _result(case_id: uuid.UUID, decided: Any, response: Response) -> CommandResult:
@@ -246,6 +255,7 @@ def create_app(
         responses=http.PROBLEM_RESPONSES,
     )
     http.install(app, "intake", max_request_bytes=settings.max_request_bytes)
+    guard.install(app, settings, "intake")
 
     def run(
         svc: Svc,
@@ -254,10 +264,23 @@ def create_app(
         if_match: str | None,
         ctx: http.RequestContext,
         response: Response,
+        *,
+        request: Request | None = None,
+        caller: Principal | None = None,
     ) -> CommandResult:
+        """Decide and append. With a request and caller, the policy is asked about the state
+        the command is decided on (CASE_CHANGE): the case is read once, and a refusal is
+        recorded and answered 403 before anything is decided."""
         expected = http.parse_if_match(if_match)
+
+        def decide(command: Any, state: d.CaseState) -> Sequence[d.DomainEvent]:
+            if request is not None and caller is not None:
+                scope = case_scope(str(case_id), state)
+                guard.authorize(request, caller, Action.CASE_CHANGE, scope)
+            return d.decide(command, state, districts)
+
         try:
-            decided = svc.execute(str(case_id), command, expected, ctx)
+            decided = svc.execute(str(case_id), command, expected, ctx, decide=decide)
         except d.CaseNotFound as exc:
             raise http.ProblemError(404, exc.code, "Case not found", exc.detail) from exc
         except d.DomainError as exc:
@@ -271,8 +294,17 @@ def create_app(
         responses={201: {"headers": {"Location": LOCATION_HEADER, "ETag": ETAG_HEADER}}},
         tags=["cases"],
         summary="Register an intake (opens a case)",
+        openapi_extra=guard.policy(Action.CASE_REGISTER),
     )
-    def register_case(body: RegisterCase, svc: Svc, ctx: Ctx, response: Response) -> CommandResult:
+    def register_case(
+        body: RegisterCase,
+        svc: Svc,
+        caller: guard.Caller,
+        ctx: Ctx,
+        request: Request,
+        response: Response,
+    ) -> CommandResult:
+        guard.authorize(request, caller, Action.CASE_REGISTER, DistrictScope(body.district))
         try:
             person = pseudonymise(body.personal_identity_number, secret)
         except InvalidIdentityNumber as exc:
@@ -299,13 +331,16 @@ def create_app(
         response_model=CommandResult,
         responses=COMMAND_RESPONSES,
         tags=["cases"],
+        openapi_extra=guard.policy(Action.CASE_CHANGE),
         summary="Record a completed assessment (AUDIT, DUDIT, ASI, ...)",
     )
     def complete_assessment(
         case_id: CaseId,
         body: CompleteAssessment,
         svc: Svc,
+        caller: guard.Caller,
         ctx: Ctx,
+        request: Request,
         response: Response,
         if_match: IfMatch = None,
     ) -> CommandResult:
@@ -317,20 +352,23 @@ def create_app(
             scores=tuple(d.Score(scale=s.scale, value=s.value) for s in body.scores),
             need_level=body.need_level,
         )
-        return run(svc, case_id, command, if_match, ctx, response)
+        return run(svc, case_id, command, if_match, ctx, response, request=request, caller=caller)
 
     @app.post(
         "/cases/{case_id}/care-plan",
         response_model=CommandResult,
         responses=COMMAND_RESPONSES,
         tags=["cases"],
+        openapi_extra=guard.policy(Action.CASE_CHANGE),
         summary="Record the care plan agreed with the person, in their own goals",
     )
     def agree_care_plan(
         case_id: CaseId,
         body: AgreeCarePlan,
         svc: Svc,
+        caller: guard.Caller,
         ctx: Ctx,
+        request: Request,
         response: Response,
         if_match: IfMatch = None,
     ) -> CommandResult:
@@ -342,20 +380,23 @@ def create_app(
             person_participated=body.person_participated,
             review_on=body.review_on,
         )
-        return run(svc, case_id, command, if_match, ctx, response)
+        return run(svc, case_id, command, if_match, ctx, response, request=request, caller=caller)
 
     @app.post(
         "/cases/{case_id}/consents",
         response_model=CommandResult,
         responses=COMMAND_RESPONSES,
         tags=["cases"],
+        openapi_extra=guard.policy(Action.CASE_CHANGE),
         summary="Record the person's consent to share with other organisations",
     )
     def record_consent(
         case_id: CaseId,
         body: RecordConsent,
         svc: Svc,
+        caller: guard.Caller,
         ctx: Ctx,
+        request: Request,
         response: Response,
         if_match: IfMatch = None,
     ) -> CommandResult:
@@ -366,13 +407,14 @@ def create_app(
             recipients=tuple(body.recipients),
             valid_until=body.valid_until,
         )
-        return run(svc, case_id, command, if_match, ctx, response)
+        return run(svc, case_id, command, if_match, ctx, response, request=request, caller=caller)
 
     @app.post(
         "/cases/{case_id}/consents/{consent_id}/withdraw",
         response_model=CommandResult,
         responses=COMMAND_RESPONSES,
         tags=["cases"],
+        openapi_extra=guard.policy(Action.CASE_CHANGE),
         summary="Record that the person withdrew a consent",
     )
     def withdraw_consent(
@@ -380,27 +422,32 @@ def create_app(
         consent_id: uuid.UUID,
         body: WithdrawConsent,
         svc: Svc,
+        caller: guard.Caller,
         ctx: Ctx,
+        request: Request,
         response: Response,
         if_match: IfMatch = None,
     ) -> CommandResult:
         command = d.WithdrawConsent(
             case_id=str(case_id), occurred_at=body.when(), consent_id=str(consent_id)
         )
-        return run(svc, case_id, command, if_match, ctx, response)
+        return run(svc, case_id, command, if_match, ctx, response, request=request, caller=caller)
 
     @app.post(
         "/cases/{case_id}/transfer",
         response_model=CommandResult,
         responses=COMMAND_RESPONSES,
         tags=["cases"],
+        openapi_extra=guard.policy(Action.CASE_CHANGE),
         summary="Transfer the case to another district (the person moved)",
     )
     def transfer_case(
         case_id: CaseId,
         body: TransferCase,
         svc: Svc,
+        caller: guard.Caller,
         ctx: Ctx,
+        request: Request,
         response: Response,
         if_match: IfMatch = None,
     ) -> CommandResult:
@@ -410,43 +457,49 @@ def create_app(
             to_district=body.to_district,
             reason=body.reason,
         )
-        return run(svc, case_id, command, if_match, ctx, response)
+        return run(svc, case_id, command, if_match, ctx, response, request=request, caller=caller)
 
     @app.post(
         "/cases/{case_id}/close",
         response_model=CommandResult,
         responses=COMMAND_RESPONSES,
         tags=["cases"],
+        openapi_extra=guard.policy(Action.CASE_CHANGE),
         summary="Close the case",
     )
     def close_case(
         case_id: CaseId,
         body: CloseCase,
         svc: Svc,
+        caller: guard.Caller,
         ctx: Ctx,
+        request: Request,
         response: Response,
         if_match: IfMatch = None,
     ) -> CommandResult:
         command = d.CloseCase(case_id=str(case_id), occurred_at=body.when(), reason=body.reason)
-        return run(svc, case_id, command, if_match, ctx, response)
+        return run(svc, case_id, command, if_match, ctx, response, request=request, caller=caller)
 
     @app.post(
         "/cases/{case_id}/reopen",
         response_model=CommandResult,
         responses=COMMAND_RESPONSES,
         tags=["cases"],
+        openapi_extra=guard.policy(Action.CASE_CHANGE),
         summary="Reopen a closed case",
     )
     def reopen_case(
         case_id: CaseId,
         body: ReopenCase,
         svc: Svc,
+        caller: guard.Caller,
         ctx: Ctx,
+        request: Request,
         response: Response,
         if_match: IfMatch = None,
     ) -> CommandResult:
         command = d.ReopenCase(case_id=str(case_id), occurred_at=body.when(), reason=body.reason)
-        return run(svc, case_id, command, if_match, ctx, response)
+        return run(svc, case_id, command, if_match, ctx, response, request=request, caller=caller)
 
     @app.get(
         "/cases/{case_id}",
@@ -454,9 +507,19 @@ def create_app(
         responses={200: {"headers": {"ETag": ETAG_HEADER}}},
         tags=["cases"],
         summary="The case's current state, folded from its events",
+        openapi_extra=guard.policy(Action.CASE_READ),
     )
-    def get_case(case_id: CaseId, svc: Svc, response: Response) -> CaseView:
+    def get_case(
+        case_id: CaseId,
+        svc: Svc,
+        caller: guard.Caller,
+        request: Request,
+        response: Response,
+        emergency: guard.EmergencyReason = None,
+    ) -> CaseView:
         state, version, _ = svc.load(str(case_id))
+        scope = case_scope(str(case_id), state)
+        guard.authorize(request, caller, Action.CASE_READ, scope, emergency=emergency)
         if version == 0:
             raise http.ProblemError(404, "case-not-found", "Case not found", "No case has this id.")
         response.headers["ETag"] = http.etag(version)
@@ -467,9 +530,18 @@ def create_app(
         response_model=list[EventView],
         tags=["cases"],
         summary="The case's events in stream order, with their hash-chain links",
+        openapi_extra=guard.policy(Action.CASE_HISTORY),
     )
-    def get_events(case_id: CaseId, svc: Svc) -> list[EventView]:
-        events = svc.store.read_stream(str(case_id))
+    def get_events(
+        case_id: CaseId,
+        svc: Svc,
+        caller: guard.Caller,
+        request: Request,
+        emergency: guard.EmergencyReason = None,
+    ) -> list[EventView]:
+        state, _, events = svc.load(str(case_id))
+        scope = case_scope(str(case_id), state)
+        guard.authorize(request, caller, Action.CASE_HISTORY, scope, emergency=emergency)
         if not events:
             raise http.ProblemError(404, "case-not-found", "Case not found", "No case has this id.")
         return [_event_view(e) for e in events]

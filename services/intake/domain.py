@@ -25,6 +25,7 @@ from likvard.domain import (
     require_symbol,
     require_uuid,
 )
+from likvard.policy import Transfer
 from services.intake.instruments import INSTRUMENTS, Score as Score, score_problems
 
 # --- Avro enum symbols ---------------------------------------------------------------
@@ -210,6 +211,9 @@ class CaseState:
     consent_ids: frozenset[str] = frozenset()
     consents: Mapping[str, tuple[str, ...]] = field(default_factory=dict)
     consent_valid_until: Mapping[str, date | None] = field(default_factory=dict)
+    # The districts the case left and when, oldest first: the policy lets a sending
+    # district read the case for a while after a transfer.
+    transfers: tuple[Transfer, ...] = ()
     version: int = 0
 
     @property
@@ -279,7 +283,8 @@ def evolve(state: CaseState, event: DomainEvent) -> CaseState:
                 },
             )
         case "CaseTransferred":
-            new = replace(state, district=d["to_district"])
+            moved = Transfer(from_district=d["from_district"], at=event.occurred_at)
+            new = replace(state, district=d["to_district"], transfers=(*state.transfers, moved))
         case "CaseClosed":
             new = replace(state, status="closed", closed_at=event.occurred_at)
         case "CaseReopened":

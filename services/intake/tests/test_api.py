@@ -9,6 +9,9 @@ from typing import Any
 import httpx
 import pytest
 
+from likvard.guard import ACTION_KEY
+from likvard.identity import Role
+from tests.identity import bearer
 from tests.support import RunningService
 
 pytestmark = pytest.mark.integration
@@ -30,9 +33,15 @@ def register(client: httpx.Client, **overrides: Any) -> str:
     return str(r.json()["case_id"])
 
 
+# A case worker of both districts these tests move cases between (the transfer rules are
+# in test_authorization.py); the actor in event metadata is the token's subject.
+def worker() -> dict[str, str]:
+    return bearer(Role.CASE_WORKER, districts=("nordost", "hisingen"), subject="cw-17")
+
+
 @pytest.fixture
 def client(intake: RunningService) -> httpx.Client:
-    return httpx.Client(base_url=intake.base_url, timeout=30, headers={"X-Actor": "cw-17"})
+    return httpx.Client(base_url=intake.base_url, timeout=30, headers=worker())
 
 
 def assert_problem(r: httpx.Response, status: int, code: str | None = None) -> dict[str, Any]:
@@ -174,8 +183,10 @@ def test_domain_rules_give_422_and_change_nothing(
 def test_register_in_unknown_or_expired_district_is_422(
     client: httpx.Client, intake: RunningService
 ) -> None:
+    # A worker whose token names them: the district rule of the domain answers, not the policy.
+    odd = bearer(Role.CASE_WORKER, districts=("atlantis", "angered"), subject="cw-17")
     for district in ("atlantis", "angered"):
-        r = client.post("/cases", json={**NEW_CASE, "district": district})
+        r = client.post("/cases", json={**NEW_CASE, "district": district}, headers=odd)
         assert_problem(r, 422)
     assert counts(intake) == (0, 0)
 
@@ -232,7 +243,7 @@ def test_two_concurrent_writers_with_one_version_one_wins_one_409(
     lock = threading.Lock()
 
     def writer(i: int) -> None:
-        with httpx.Client(base_url=intake.base_url, timeout=30) as c:
+        with httpx.Client(base_url=intake.base_url, timeout=30, headers=worker()) as c:
             barrier.wait()
             r = c.post(
                 f"/cases/{case}/assessments",
@@ -256,7 +267,8 @@ def test_two_concurrent_writers_with_one_version_one_wins_one_409(
 
 
 def test_openapi_documents_every_route_and_problem_responses(client: httpx.Client) -> None:
-    spec = client.get("/openapi.json").json()
+    assert_problem(client.get("/openapi.json"), 403)  # a case worker is not ops
+    spec = client.get("/openapi.json", headers=bearer(Role.OPS)).json()
     paths = spec["paths"]
     for path in [
         "/cases",
@@ -278,11 +290,21 @@ def test_openapi_documents_every_route_and_problem_responses(client: httpx.Clien
     assert "application/problem+json" in post["responses"]["409"]["content"]
     assert any(p["name"] == "if-match" for p in post["parameters"])
     assert "201" in paths["/cases"]["post"]["responses"]
+    assert {"401", "403"} <= set(post["responses"])
+    actions = {(m, p): op.get(ACTION_KEY) for p, item in paths.items() for m, op in item.items()}
+    assert actions[("post", "/cases")] == "case.register"
+    assert actions[("post", "/cases/{case_id}/close")] == "case.change"
+    assert actions[("get", "/cases/{case_id}")] == "case.read"
+    assert actions[("get", "/cases/{case_id}/events")] == "case.history"
+    assert actions[("get", "/healthz")] == "open"
+    assert None not in actions.values()
 
 
-def test_health_and_readiness(client: httpx.Client) -> None:
-    assert client.get("/healthz").json() == {"status": "ok"}
-    assert client.get("/readyz").json() == {"status": "ready"}
+def test_health_and_readiness(intake: RunningService) -> None:
+    with httpx.Client(base_url=intake.base_url, timeout=30) as anonymous:
+        assert anonymous.get("/healthz").json() == {"status": "ok"}
+        assert anonymous.get("/readyz").json() == {"status": "ready"}
+        assert_problem(anonymous.get("/cases/00000000-0000-4000-8000-000000000000"), 401)
 
 
 def test_a_broken_database_gives_503_readiness_and_500_problem(

@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given as for_all, strategies as st
 
 from likvard.districts import District, DistrictRegistry
+from likvard.policy import Transfer
 from services.intake import domain as d
 from services.intake.domain import (
     AgreeCarePlan,
@@ -822,3 +823,16 @@ def test_errors_carry_code_and_detail_and_are_domain_errors() -> None:
 
 def test_the_instrument_symbols_are_the_instruments_with_score_rules() -> None:
     assert frozenset(get_args(d.Instrument)) == frozenset(INSTRUMENTS)
+
+
+def test_the_state_keeps_each_district_a_case_left_and_when() -> None:
+    later = T0 + timedelta(days=3)
+    state = d.fold(
+        [
+            registered(),
+            transferred("hisingen", "nordost", T0),
+            transferred("angered", "hisingen", later),
+        ]
+    )
+    assert state.district == "angered"
+    assert state.transfers == (Transfer("nordost", T0), Transfer("hisingen", later))
