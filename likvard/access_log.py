@@ -1,0 +1,648 @@
+"""The access log: every case-level read and every refusal, as `CaseAccessed` events in a
+hash-chained stream per service (`access-log-<service>`), in an event store of its own
+(PostgreSQL schema `access_log`, on LIKVARD_ACCESS_LOG_DATABASE_URL), published to
+`likvard.access-log.v1` through its outbox by `likvard relay access-log`.
+
+Durability: `AccessLogWriter.record(entries)` returns only after the transaction holding
+the entries has committed (PostgreSQL's synchronous commit: on disk, and on the synchronous
+standbys if the cluster has them). The guard calls it before the answer is built, so an
+answer never leaves for a read that is not in the log: a process that dies after answering
+has lost no entry, and one that dies before the commit sent no answer (the client sees the
+connection drop or a 503 and may retry). If the commit fails, `record` raises and the
+request fails: it never answers unlogged. A commit whose outcome is unknown (the
+connection broke during COMMIT) is reported as a failure, so at worst an entry is logged
+for an answer that was never sent; never the other way round.
+
+Group commit: `record` is called from many request threads at once. It queues the entries
+and waits; one writer thread takes everything queued, appends it in one transaction and
+wakes every caller of the batch. While a transaction is in flight the next batch gathers,
+so N concurrent reads cost one round trip, not N, and no timer delays a lone read. Writers
+of one stream in several processes (replicas) are serialised by the event store's stream
+row lock and expected version: a writer that finds the stream moved on retries at the new
+version. The queue is bounded; when it is full or the database does not answer, `record`
+raises `AccessLogUnavailable` (a psycopg.OperationalError, so the HTTP layer answers 503).
+
+Nothing personal is written: actors are pseudonymous ids, resources are ids and codes.
+Metrics: `likvard.access_log.entries`, `.batch_size`, `.commit_failures`, `.rejected`,
+labelled only by the service.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime, time as day_time, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import psycopg
+from psycopg import sql
+from psycopg_pool import ConnectionPool
+
+from likvard import telemetry
+from likvard.codec import Catalogue, CodecError
+from likvard.config import Settings
+from likvard.eventstore import (
+    ChainBreak,
+    ConcurrencyError,
+    EventStore,
+    NewEvent,
+    StoredEvent,
+)
+from likvard.guard import AccessEntry
+from likvard.topics import ACCESS_LOG_TOPIC
+
+__all__ = [
+    "EVENT_TYPE",
+    "SCHEMA",
+    "SERVICE",
+    "AccessLogError",
+    "AccessLogUnavailable",
+    "AccessLogWriter",
+    "AccessRecord",
+    "WriterStats",
+    "database_url",
+    "event_of",
+    "open_access_log",
+    "open_store",
+    "schema_name",
+    "search",
+    "stream_id",
+    "verify",
+]
+
+log = logging.getLogger("likvard.access_log")
+
+EVENT_TYPE = "CaseAccessed"
+SCHEMA = "access_log"
+SERVICE = "access-log"
+"""The name the command line gives the access log (`likvard relay access-log`, ...)."""
+STREAM_PREFIX = "access-log-"
+_CITY_TZ = ZoneInfo("Europe/Stockholm")
+
+_meter = telemetry.meter("likvard.access_log")
+_entries = _meter.create_counter(
+    "likvard.access_log.entries",
+    unit="{entry}",
+    description="Access-log entries committed (case-level reads and refusals).",
+)
+_batch_size = _meter.create_histogram(
+    "likvard.access_log.batch_size",
+    unit="{entry}",
+    description="Entries per access-log transaction (group commit).",
+)
+_failures = _meter.create_counter(
+    "likvard.access_log.commit_failures",
+    unit="{batch}",
+    description="Access-log transactions that failed; their requests failed too.",
+)
+_rejected = _meter.create_counter(
+    "likvard.access_log.rejected",
+    unit="{entry}",
+    description="Entries refused because the writer's queue was full or it was closed.",
+)
+
+
+class AccessLogError(RuntimeError):
+    """The entries could not be logged (a bug or a closed writer): the request must fail."""
+
+
+class AccessLogUnavailable(psycopg.OperationalError):
+    """The access log's database does not answer, or the writer is too far behind: the
+    request fails with 503 (it is an OperationalError so the HTTP layer says so)."""
+
+
+def schema_name(schema: str | None = None) -> str:
+    """The access log's PostgreSQL schema: as given, else LIKVARD_ACCESS_LOG_SCHEMA (tests
+    and a second stack on one database), else `access_log`."""
+    return schema or os.environ.get("LIKVARD_ACCESS_LOG_SCHEMA") or SCHEMA
+
+
+def stream_id(service: str) -> str:
+    return STREAM_PREFIX + service
+
+
+def database_url(settings: Settings) -> str:
+    """Where the access log lives: LIKVARD_ACCESS_LOG_DATABASE_URL, else the database."""
+    return settings.require_access_log_database()
+
+
+def _utc(moment: datetime) -> datetime:
+    return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
+
+
+def event_of(entry: AccessEntry, traceparent: str | None = None) -> NewEvent:
+    """The `CaseAccessed` event of one entry (pure)."""
+    accessed_at = _utc(entry.occurred_at)
+    event_id = uuid.uuid4()
+    return NewEvent(
+        event_type=EVENT_TYPE,
+        data={
+            "actor": entry.actor,
+            "roles": entry.roles,
+            "action": entry.action,
+            "resource": entry.resource,
+            "case_id": entry.case_id,
+            "outcome": "allowed" if entry.allowed else "refused",
+            "reason": entry.reason,
+            "emergency_reason": entry.emergency_reason,
+            "service": entry.service,
+            "trace_id": entry.trace_id,
+            "accessed_at": accessed_at,
+        },
+        occurred_at=accessed_at,
+        district="",  # an access belongs to no district (see the schema's doc)
+        actor=entry.actor,
+        correlation_id=entry.trace_id or str(event_id),
+        traceparent=traceparent,
+        event_id=event_id,
+    )
+
+
+# --- the writer -------------------------------------------------------------------------
+@dataclass
+class _Request:
+    events: list[NewEvent]
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+
+@dataclass(frozen=True)
+class WriterStats:
+    """What the writer did so far (tests and the bench read it)."""
+
+    entries: int
+    batches: int
+    failures: int
+    largest_batch: int
+
+
+class AccessLogWriter:
+    """Group-committing writer of one service's access-log stream; implements
+    `likvard.guard.AccessRecorder`. Thread-safe; `close()` drains the queue first."""
+
+    def __init__(
+        self,
+        store: EventStore,
+        service: str,
+        *,
+        max_queue: int = 10_000,
+        max_batch: int = 2_000,
+        timeout: float = 10.0,
+        before_commit: Callable[[], None] | None = None,
+    ) -> None:
+        self.store = store
+        self.service = service
+        self.stream_id = stream_id(service)
+        self.max_queue = max_queue
+        self.max_batch = max_batch
+        self.timeout = timeout
+        self._before_commit = before_commit
+        self._attributes = {"service": service}
+        self._cond = threading.Condition()
+        self._queue: list[_Request] = []
+        self._queued = 0
+        self._closed = False
+        self._version: int | None = None
+        self._entries = self._batches = self._failures = self._largest = 0
+        self._thread = threading.Thread(target=self._run, name=f"access-log-{service}", daemon=True)
+        self._thread.start()
+
+    # The AccessRecorder protocol.
+    def record(self, entries: Sequence[AccessEntry]) -> None:
+        """Log the entries; return once they are committed. Raises AccessLogUnavailable
+        (database down, queue full, no commit within `timeout`) or AccessLogError."""
+        if not entries:
+            return
+        traceparent = telemetry.current_traceparent()
+        request = _Request([event_of(e, traceparent) for e in entries])
+        with self._cond:
+            if self._closed:
+                _rejected.add(len(entries), self._attributes)
+                raise AccessLogError("the access log is closed: the request cannot be logged")
+            if self._queued + len(entries) > self.max_queue:
+                _rejected.add(len(entries), self._attributes)
+                raise AccessLogUnavailable(
+                    f"the access log's queue is full ({self._queued} entries waiting):"
+                    " its database is too slow or down"
+                )
+            self._queue.append(request)
+            self._queued += len(entries)
+            self._cond.notify()
+        if not request.done.wait(self.timeout):
+            raise AccessLogUnavailable(
+                f"the access log did not commit within {self.timeout:g}s: its database does"
+                " not answer"
+            )
+        if request.error is not None:
+            raise request.error
+
+    def close(self) -> None:
+        """Commit what is queued, stop the writer thread, close the store's pool."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join(timeout=self.timeout + 5)
+        self.store.pool.close()
+
+    @property
+    def stats(self) -> WriterStats:
+        with self._cond:
+            return WriterStats(self._entries, self._batches, self._failures, self._largest)
+
+    # The writer thread.
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closed:
+                    self._cond.wait()
+                if not self._queue:
+                    return
+                batch, size = self._take()
+            self._commit(batch, size)
+
+    def _take(self) -> tuple[list[_Request], int]:
+        """Everything queued, up to max_batch entries (at least one request). Under _cond."""
+        batch: list[_Request] = []
+        size = 0
+        while self._queue and (not batch or size + len(self._queue[0].events) <= self.max_batch):
+            request = self._queue.pop(0)
+            batch.append(request)
+            size += len(request.events)
+        self._queued -= size
+        return batch, size
+
+    def _commit(self, batch: list[_Request], size: int) -> None:
+        try:
+            self._append([e for r in batch for e in r.events])
+        except CodecError:
+            if len(batch) > 1:  # one bad entry must not fail the others' requests
+                for request in batch:
+                    self._commit([request], len(request.events))
+                return
+            self._failed(batch, AccessLogError("an access-log entry does not fit CaseAccessed"))
+            return
+        except psycopg.OperationalError as exc:
+            self._failed(batch, AccessLogUnavailable(f"the access log's database: {exc}"))
+            return
+        except Exception as exc:  # any failure fails the requests; the writer lives on
+            log.exception("access-log commit failed")
+            self._failed(batch, AccessLogError(f"the access log failed: {type(exc).__name__}"))
+            return
+        with self._cond:
+            self._entries += size
+            self._batches += 1
+            self._largest = max(self._largest, size)
+        _entries.add(size, self._attributes)
+        _batch_size.record(size, self._attributes)
+        for request in batch:
+            request.done.set()
+
+    def _failed(self, batch: list[_Request], error: BaseException) -> None:
+        log.warning(
+            "access log: a commit of %d entries failed (%s)",
+            sum(len(r.events) for r in batch),
+            type(error.__cause__ or error).__name__,
+        )
+        with self._cond:
+            self._failures += 1
+        _failures.add(1, self._attributes)
+        self._version = None  # a commit of unknown outcome: read the head again
+        for request in batch:
+            request.error = error
+            request.done.set()
+
+    def _append(self, events: list[NewEvent]) -> None:
+        """One transaction; retried at the new version if another process moved the stream
+        on, and once on a broken pooled connection (the database restarted)."""
+        reconnected = False
+        for _attempt in range(100):
+            try:
+                if self._version is None:
+                    self._version = self.store.stream_version(self.stream_id)
+                stored = self.store.append(
+                    self.stream_id, self._version, events, before_commit=self._before_commit
+                )
+            except ConcurrencyError as exc:
+                self._version = exc.actual
+                continue
+            except psycopg.OperationalError:
+                if reconnected or not self._pool_was_stale():
+                    raise
+                reconnected = True
+                self._version = None
+                continue
+            self._version = stored[-1].stream_version
+            return
+        raise AccessLogUnavailable("the access-log stream is contended: gave up after 100 tries")
+
+    def _pool_was_stale(self) -> bool:
+        """Whether a fresh connection answers (the failed one was left from before a
+        database restart): then the append is tried once more."""
+        self.store.pool.check()
+        try:
+            with self.store.pool.connection(timeout=2) as conn:
+                conn.execute("SELECT 1")
+            return True
+        except psycopg.Error:
+            return False
+
+
+def _pool(dsn: str, name: str, max_size: int) -> ConnectionPool:
+    """A pool that gives up fast: a request waits on the access log, so a database that does
+    not answer must fail it within seconds, not the pool's default 30."""
+    pool = ConnectionPool(
+        dsn,
+        min_size=1,
+        max_size=max_size,
+        name=name,
+        open=False,
+        timeout=5.0,
+        kwargs={"application_name": name, "connect_timeout": 5},
+    )
+    pool.open(wait=True, timeout=30)
+    return pool
+
+
+def open_store(
+    settings: Settings,
+    *,
+    schema: str | None = None,
+    service: str = SERVICE,
+    catalogue: Catalogue | None = None,
+    max_size: int = 4,
+) -> EventStore:
+    """The migrated access-log event store (for the writer, the relay, verify, search); the
+    caller closes `store.pool`."""
+    pool = _pool(database_url(settings), f"likvard-access-log-{service}", max_size)
+    store = EventStore(
+        pool,
+        schema_name(schema),
+        catalogue or Catalogue.load(),
+        producer=f"likvard-{service}",
+        topic=settings.topic(ACCESS_LOG_TOPIC),
+    )
+    try:
+        store.migrate()
+    except Exception:
+        pool.close()
+        raise
+    return store
+
+
+def open_access_log(
+    settings: Settings,
+    service: str,
+    *,
+    schema: str | None = None,
+    catalogue: Catalogue | None = None,
+    **options: Any,
+) -> AccessLogWriter:
+    """The access-log writer of `service` (intake, referral, followup, projections, cli);
+    `options` go to AccessLogWriter (max_queue, max_batch, timeout)."""
+    store = open_store(settings, schema=schema, service=service, catalogue=catalogue)
+    options.setdefault("timeout", wait_timeout())
+    try:
+        return AccessLogWriter(store, service, **options)
+    except Exception:
+        store.pool.close()
+        raise
+
+
+# --- reading ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class AccessRecord:
+    """One stored `CaseAccessed` event, as decoded from its chained bytes."""
+
+    stream_id: str
+    stream_version: int
+    global_position: int
+    event_id: str
+    recorded_at: datetime
+    actor: str
+    roles: str
+    action: str
+    resource: str
+    case_id: str | None
+    outcome: str
+    reason: str
+    emergency_reason: str | None
+    service: str
+    trace_id: str | None
+    accessed_at: datetime
+
+    @property
+    def emergency(self) -> bool:
+        return self.emergency_reason is not None
+
+
+def _bound(moment: datetime | date | None, *, end: bool) -> datetime | None:
+    """A datetime as given (naive = UTC); a date is a day of the city's calendar, from its
+    start (`start`) or to its end inclusive (`end`)."""
+    if moment is None:
+        return None
+    if isinstance(moment, datetime):
+        return _utc(moment)
+    day = moment + timedelta(days=1) if end else moment
+    return datetime.combine(day, day_time(0), _CITY_TZ)
+
+
+def _record(event: StoredEvent, catalogue: Catalogue) -> AccessRecord:
+    payload = dict(catalogue.decode(event.data).record)
+    payload.pop("metadata")
+    return AccessRecord(
+        stream_id=event.stream_id,
+        stream_version=event.stream_version,
+        global_position=event.global_position,
+        event_id=str(event.event_id),
+        recorded_at=event.recorded_at,
+        **payload,
+    )
+
+
+def search(
+    settings: Settings,
+    *,
+    case_id: str | None = None,
+    actor: str | None = None,
+    start: datetime | date | None = None,
+    end: datetime | date | None = None,
+    emergency: bool | None = None,
+    schema: str | None = None,
+) -> list[AccessRecord]:
+    """The entries matching every filter given, oldest first (by access time, then store
+    order). `start` is inclusive, `end` exclusive for a datetime and inclusive for a date.
+    Read from the stored bytes (the chained truth), not the queryable JSON copy."""
+    store = open_store(settings, schema=schema, service="access-log-reader", max_size=1)
+    try:
+        return _search(
+            store, case_id, actor, _bound(start, end=False), _bound(end, end=True), emergency
+        )
+    finally:
+        store.pool.close()
+
+
+def _search(
+    store: EventStore,
+    case_id: str | None,
+    actor: str | None,
+    start: datetime | None,
+    end: datetime | None,
+    emergency: bool | None,
+) -> list[AccessRecord]:
+    conditions: list[sql.Composable] = [sql.SQL("event_type = %s")]
+    params: list[Any] = [EVENT_TYPE]
+    for column, value in (("case_id", case_id), ("actor", actor)):
+        if value is not None:
+            conditions.append(sql.SQL("payload->>{} = %s").format(sql.Literal(column)))
+            params.append(value)
+    if start is not None:
+        conditions.append(sql.SQL("occurred_at >= %s"))
+        params.append(start)
+    if end is not None:
+        conditions.append(sql.SQL("occurred_at < %s"))
+        params.append(end)
+    if emergency is not None:
+        conditions.append(sql.SQL("(payload->>'emergency_reason' IS NOT NULL) = %s"))
+        params.append(emergency)
+    query = sql.SQL(
+        "SELECT global_position, stream_id, stream_version, event_id, event_type,"
+        " schema_fingerprint, data, metadata, payload, occurred_at, recorded_at, prev_hash,"
+        " hash FROM {}.events WHERE {} ORDER BY occurred_at, global_position"
+    ).format(sql.Identifier(store.schema), sql.SQL(" AND ").join(conditions))
+    with store.pool.connection() as conn:
+        rows = conn.execute(query, params).fetchall()
+    records = [_record(_stored(row), store.catalogue) for row in rows]
+    # The JSON copy chose the rows; the decoded bytes must agree (verify finds the rest).
+    return [
+        r
+        for r in records
+        if (case_id is None or r.case_id == case_id)
+        and (actor is None or r.actor == actor)
+        and (emergency is None or r.emergency == emergency)
+    ]
+
+
+def _stored(row: tuple[Any, ...]) -> StoredEvent:
+    return StoredEvent(
+        global_position=row[0],
+        stream_id=row[1],
+        stream_version=row[2],
+        event_id=row[3],
+        event_type=row[4],
+        schema_fingerprint=bytes(row[5]),
+        data=bytes(row[6]),
+        metadata=row[7],
+        payload=row[8],
+        occurred_at=row[9],
+        recorded_at=row[10],
+        prev_hash=bytes(row[11]),
+        hash=bytes(row[12]),
+    )
+
+
+# --- verification -----------------------------------------------------------------------
+def _normal(value: Any) -> Any:
+    """JSON values with timestamps as UTC instants, so equal times compare equal."""
+    if isinstance(value, dict):
+        return {k: _normal(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_normal(v) for v in value]
+    if isinstance(value, datetime):
+        return _utc(value).astimezone(UTC)
+    if isinstance(value, str) and len(value) >= 19 and value[4:5] == "-" and "T" in value:
+        try:
+            return datetime.fromisoformat(value).astimezone(UTC)
+        except ValueError:
+            return value
+    if isinstance(value, uuid.UUID):
+        return str(value)
+    return value
+
+
+def copy_breaks(events: Iterator[StoredEvent], catalogue: Catalogue) -> list[ChainBreak]:
+    """Rows whose queryable JSON (payload, metadata) says something else than their chained
+    bytes: an edit of the copy the search and the reporting API filter on."""
+    breaks: list[ChainBreak] = []
+    for e in events:
+        try:
+            record = dict(catalogue.decode(e.data).record)
+        except CodecError:
+            continue  # the chain check reports undecodable bytes
+        metadata = record.pop("metadata")
+        if _normal(record) != _normal(e.payload):
+            breaks.append(
+                ChainBreak(
+                    e.stream_id,
+                    e.stream_version,
+                    e.global_position,
+                    "the payload column does not match the event's bytes (row edited)",
+                )
+            )
+        if _normal(metadata) != _normal(e.metadata):
+            breaks.append(
+                ChainBreak(
+                    e.stream_id,
+                    e.stream_version,
+                    e.global_position,
+                    "the metadata column does not match the event's bytes (row edited)",
+                )
+            )
+    return breaks
+
+
+def verify(store: EventStore, stream: str | None = None) -> list[ChainBreak]:
+    """Every break of the access log (or of one stream): the hash chain, and the JSON copy
+    of each row against its chained bytes. Also: a stream head that does not match its last
+    event (rows deleted from the end)."""
+    breaks = store.verify(stream)
+    events = store.read_stream(stream) if stream is not None else store.read_all()
+    breaks += copy_breaks(iter(events), store.catalogue)
+    breaks += _head_breaks(store, stream)
+    return sorted(breaks, key=lambda b: (b.stream_id, b.stream_version, b.reason))
+
+
+def _head_breaks(store: EventStore, stream: str | None) -> list[ChainBreak]:
+    query = sql.SQL(
+        "SELECT s.stream_id, s.version, s.last_hash, e.stream_version, e.hash, e.global_position"
+        " FROM {t}.streams s LEFT JOIN LATERAL (SELECT stream_version, hash, global_position"
+        " FROM {t}.events WHERE stream_id = s.stream_id ORDER BY stream_version DESC LIMIT 1) e"
+        " ON true WHERE %s::text IS NULL OR s.stream_id = %s"
+    ).format(t=sql.Identifier(store.schema))
+    with store.pool.connection() as conn:
+        rows = conn.execute(query, (stream, stream)).fetchall()
+    return [
+        ChainBreak(
+            sid,
+            int(version),
+            int(position or 0),
+            f"the stream head says version {version}, its last stored event is"
+            f" {last_version or 0} (events deleted?)",
+        )
+        for sid, version, head_hash, last_version, last_hash, position in rows
+        if int(version) != int(last_version or 0)
+        or (last_hash is not None and bytes(head_hash) != bytes(last_hash))
+    ]
+
+
+def streams(store: EventStore) -> list[str]:
+    """The access-log streams in the store (one per service that logged)."""
+    with store.pool.connection() as conn:
+        rows = conn.execute(
+            sql.SQL("SELECT stream_id FROM {}.streams ORDER BY stream_id").format(
+                sql.Identifier(store.schema)
+            )
+        ).fetchall()
+    return [str(r[0]) for r in rows]
+
+
+def wait_timeout() -> float:
+    """Seconds a request waits on the log at most (LIKVARD_ACCESS_LOG_TIMEOUT, default 10)."""
+    try:
+        return max(0.5, float(os.environ.get("LIKVARD_ACCESS_LOG_TIMEOUT", "10")))
+    except ValueError:
+        return 10.0
