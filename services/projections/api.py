@@ -1,6 +1,14 @@
-"""The reporting API over the read models: the follow-up report, the equal-access audit and
-case timelines, as JSON or CSV (`?format=csv`). It only reads; every figure comes from the
-events that the projection workers folded into the read models."""
+"""The reporting API over the read models: the follow-up report, the equal-access audit,
+case timelines (JSON or CSV, `?format=csv`) and the access log. It only reads; every figure
+comes from the events that the projection workers folded into the read models.
+
+Who may ask what (`likvard.policy`): the reports need REPORT_READ (analyst, auditor), a
+timeline CASE_HISTORY on the case as the read models know it (its current district and its
+transfers: a case worker of that district, of the sending district for 30 days, anyone of
+them with an emergency reason; an auditor), the access log ACCESS_LOG_READ (auditor). The
+checks that need no case run as dependencies, before the query parameters are judged, so
+a caller without the role gets 403 whatever they ask; every refusal and every timeline
+read is in the access log before the answer leaves."""
 
 from __future__ import annotations
 
@@ -8,7 +16,7 @@ import csv
 import dataclasses
 import io
 import uuid
-from collections.abc import AsyncIterator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import date, datetime
 from typing import Annotated, Any, Literal
@@ -19,12 +27,14 @@ from fastapi.responses import JSONResponse, Response
 from psycopg_pool import ConnectionPool
 from pydantic import BaseModel
 
-from likvard import http
+from likvard import guard, http
 from likvard.config import Settings, load_settings
 from likvard.db import check_schema_name, make_pool
 from likvard.districts import DistrictRegistry
+from likvard.identity import Principal, looks_like_identity_number
+from likvard.policy import Action, CaseScope, SystemScope
 from likvard.telemetry import setup_tracing
-from services.projections import readmodels, reports
+from services.projections import access_log, readmodels, reports
 from services.projections.audit import AuditCell, audit
 
 Format = Literal["json", "csv"]
@@ -62,7 +72,48 @@ def _table(row: type) -> dict[int | str, dict[str, Any]]:
     }
 
 
+class AccessLogEntry(BaseModel):
+    """One read or refusal, as the access log holds it (no personal data: actors are staff
+    ids, cases are case ids)."""
+
+    event_id: uuid.UUID
+    accessed_at: datetime
+    actor: str
+    roles: str
+    action: str
+    resource: str
+    case_id: str | None
+    outcome: Literal["allowed", "refused"]
+    reason: str
+    emergency_reason: str | None
+    service: str
+    trace_id: str | None
+    stream_id: str
+    stream_version: int
+
+
+class AccessLogPage(BaseModel):
+    """Entries in order (accessed_at, then position in the access-log stream); `next` is
+    the `after` of the next page, null on the last one."""
+
+    entries: list[AccessLogEntry]
+    next: uuid.UUID | None
+
+
 DistrictQuery = Annotated[str | None, Query(min_length=1, max_length=64)]
+REPORT_FOLLOWUP = SystemScope("report:followup")
+REPORT_EQUAL_ACCESS = SystemScope("report:equal-access")
+ACCESS_LOG = SystemScope("access-log")
+
+
+def _may(action: Action, scope: SystemScope) -> Callable[[Request, Principal], Principal]:
+    """A dependency: the caller may do `action` (a role-only rule), else 403 (logged)."""
+
+    def check(request: Request, caller: guard.Caller) -> Principal:
+        guard.authorize(request, caller, action, scope)
+        return caller
+
+    return check
 
 
 def _conn(request: Request) -> Iterator[psycopg.Connection[Any]]:
@@ -115,11 +166,33 @@ def _respond(rows: list[dict[str, Any]], columns: Sequence[str], fmt: Format) ->
     return _csv(rows, columns) if fmt == "csv" else JSONResponse(rows)
 
 
+def _not_a_case_id(case_id: str) -> bool:
+    """An id no case can have: not a UUID and shaped like a personal identity number."""
+    try:
+        uuid.UUID(case_id)
+    except ValueError:
+        return looks_like_identity_number(case_id)
+    return False
+
+
+def _case_not_found() -> http.ProblemError:
+    return http.ProblemError(
+        404, "case-not-found", "Case not found", "No event of this case has been seen."
+    )
+
+
 def _field_names(cls: type) -> list[str]:
     return [f.name for f in dataclasses.fields(cls)]
 
 
-def create_app(settings: Settings | None = None, *, schema: str = "projections") -> FastAPI:
+def create_app(
+    settings: Settings | None = None,
+    *,
+    schema: str = "projections",
+    access_log_schema: str = "access_log",
+) -> FastAPI:
+    """The reporting API over the read models in `schema`; its own reads and refusals go
+    to the access-log store in `access_log_schema`."""
     settings = settings or load_settings()
     dsn = settings.require_database()
     check_schema_name(schema)
@@ -152,6 +225,7 @@ def create_app(settings: Settings | None = None, *, schema: str = "projections")
         responses=http.PROBLEM_RESPONSES,
     )
     http.install(app, "projections", max_request_bytes=settings.max_request_bytes)
+    guard.install(app, settings, "projections", access_log_schema=access_log_schema)
 
     def check_district(code: str | None, structure: Structure) -> None:
         if code is None or code == reports.CITY:
@@ -176,7 +250,10 @@ def create_app(settings: Settings | None = None, *, schema: str = "projections")
         summary="The follow-up report",
         responses=_table(reports.ReportRow),
         description="Per period (month or year of intake, city time zone) and district, with a"
-        " city-wide row (`district=city`) after each period's districts.",
+        " city-wide row (`district=city`) after each period's districts. Analysts and"
+        " auditors.",
+        openapi_extra=guard.policy(Action.REPORT_READ),
+        dependencies=[Depends(_may(Action.REPORT_READ, REPORT_FOLLOWUP))],
     )
     def followup_report(
         conn: Conn,
@@ -214,7 +291,10 @@ def create_app(settings: Settings | None = None, *, schema: str = "projections")
         description="Per district and metric, for persons with the same assessed need level:"
         " the rate, the rest of the city's rate, the crude and need-adjusted ratio with its 95%"
         " interval, the Mantel-Haenszel ratio, and a flag when the interval excludes 1 and the"
-        " ratio is outside 0.8-1.25. Cells under 5 persons are suppressed.",
+        " ratio is outside 0.8-1.25. Cells under 5 persons are suppressed. Analysts and"
+        " auditors.",
+        openapi_extra=guard.policy(Action.REPORT_READ),
+        dependencies=[Depends(_may(Action.REPORT_READ, REPORT_EQUAL_ACCESS))],
     )
     def equal_access(
         conn: Conn,
@@ -233,20 +313,93 @@ def create_app(settings: Settings | None = None, *, schema: str = "projections")
         tags=["cases"],
         summary="A case's events in order",
         responses=_table(TimelineRow),
+        description="A case worker of the case's current district (of the sending district"
+        " for 30 days after a transfer; of any district with an emergency reason in"
+        f" `{guard.EMERGENCY_HEADER}`), or an auditor. Every read and every refusal is"
+        " recorded in the access log.",
+        openapi_extra=guard.policy(Action.CASE_HISTORY),
     )
     def case_timeline(
-        case_id: str, conn: Conn, format: Annotated[Format, FORMAT] = "json"
+        request: Request,
+        case_id: str,
+        caller: guard.Caller,
+        conn: Conn,
+        emergency: guard.EmergencyReason = None,
+        format: Annotated[Format, FORMAT] = "json",
     ) -> Response:
+        if _not_a_case_id(case_id):
+            raise _case_not_found()  # nothing read, and no identity number in the log
+        district, transfers = readmodels.case_scope(conn, schema, case_id)
+        guard.authorize(
+            request,
+            caller,
+            Action.CASE_HISTORY,
+            CaseScope(case_id, district, transfers),
+            emergency=emergency,
+        )
         rows = readmodels.timeline(conn, schema, case_id)
         if not rows:
-            raise http.ProblemError(
-                404, "case-not-found", "Case not found", "No event of this case has been seen."
-            )
+            raise _case_not_found()
         columns = list(rows[0])
         if format == "csv":
             for row in rows:
                 row["payload"] = readmodels.canonical_json(row["payload"])
         return _respond(_rows(rows), columns, format)
+
+    @app.get(
+        "/access-log",
+        tags=["access log"],
+        summary="Who read or was refused what",
+        response_model=AccessLogPage,
+        description="The access log's entries in order (accessed_at, then position in the"
+        " access-log stream), filtered: the reads of one case, the reads of one actor, the"
+        " emergency reads, between days (city time zone, both included). At most `limit`"
+        " entries; pass the answer's `next` as `after` for the next page. Auditors only."
+        " Projected from the access-log topic (`likvard access-log` reads the store itself).",
+        openapi_extra=guard.policy(Action.ACCESS_LOG_READ),
+        dependencies=[Depends(_may(Action.ACCESS_LOG_READ, ACCESS_LOG))],
+    )
+    def read_access_log(
+        conn: Conn,
+        case_id: Annotated[
+            str | None, Query(min_length=1, max_length=255, description="Only this case")
+        ] = None,
+        actor: Annotated[
+            str | None, Query(min_length=1, max_length=255, description="Only this actor")
+        ] = None,
+        start: Annotated[
+            http.Day | None, Query(alias="from", description="From this day (included)")
+        ] = None,
+        end: Annotated[
+            http.Day | None, Query(alias="to", description="Up to this day (included)")
+        ] = None,
+        emergency: Annotated[
+            bool | None,
+            Query(description="true: only emergency reads; false: none of them"),
+        ] = None,
+        outcome: Annotated[
+            Literal["allowed", "refused"] | None, Query(description="Only this outcome")
+        ] = None,
+        limit: Annotated[int, Query(ge=1, le=1000, description="Entries per page")] = 100,
+        after: Annotated[
+            uuid.UUID | None, Query(description="The `next` of the previous page")
+        ] = None,
+    ) -> AccessLogPage:
+        if start is not None and end is not None and end < start:
+            raise http.ProblemError(422, "bad-period", "Bad period", "`to` is before `from`.")
+        first, last = access_log.day_window(start, end)
+        wanted = access_log.Filter(case_id, actor, first, last, emergency, outcome)
+        try:
+            found = access_log.query(conn, schema, wanted, limit=limit + 1, after=after)
+        except access_log.UnknownCursor as exc:
+            raise http.ProblemError(
+                422, "unknown-cursor", "Unknown cursor", "`after` names no access-log entry."
+            ) from exc
+        page = found[:limit]
+        return AccessLogPage(
+            entries=[AccessLogEntry(**dataclasses.asdict(e)) for e in page],
+            next=page[-1].event_id if len(found) > limit else None,
+        )
 
     def ping(request: Request) -> None:
         with request.app.state.pool.connection() as conn:

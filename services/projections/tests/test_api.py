@@ -1,12 +1,14 @@
 """The reporting API on a real uvicorn server and PostgreSQL, over the generated cases of
-`test_reports` (58 cases, 57 persons, four current districts and the old code lundby)."""
+`test_reports` (58 cases, 57 persons, four current districts and the old code lundby),
+signed in with tokens of the development OpenID provider (a real process, conftest.py):
+the reports as an analyst, timelines as an auditor or a case worker."""
 
 from __future__ import annotations
 
 import csv
 import dataclasses
 import io
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import date
 
 import httpx
@@ -18,6 +20,7 @@ from services.projections import readmodels, reports
 from services.projections.api import create_app
 from services.projections.audit import AuditCell, audit
 from services.projections.tests.test_reports import EVENTS
+from tests.identity import bearer
 from tests.support import serving
 
 pytestmark = pytest.mark.integration
@@ -26,12 +29,18 @@ PROBLEM = "application/problem+json"
 
 
 @pytest.fixture
-def api(database_url: str, schema: str) -> Iterator[httpx.Client]:
+def api(database_url: str, schema: str, new_schema: Callable[[str], str]) -> Iterator[httpx.Client]:
+    """The API as an analyst (the reports' role); other roles pass their own header."""
     with psycopg.connect(database_url, autocommit=True) as conn, conn.transaction():
         readmodels.migrate(conn, schema)
         readmodels.apply(conn, schema, EVENTS)
-    app = create_app(Settings(database_url=database_url), schema=schema)
-    with serving(app) as base_url, httpx.Client(base_url=base_url, timeout=30) as client:
+    app = create_app(
+        Settings(database_url=database_url), schema=schema, access_log_schema=new_schema("al")
+    )
+    with (
+        serving(app) as base_url,
+        httpx.Client(base_url=base_url, timeout=30, headers=bearer("analyst")) as client,
+    ):
         yield client
 
 
@@ -136,7 +145,8 @@ def test_equal_access_is_the_audit_of_the_read_models(
 
 def test_case_timeline_in_order_json_and_csv(api: httpx.Client) -> None:
     case = "case-centrum-01-00"
-    r = api.get(f"/cases/{case}/timeline")
+    auditor = bearer("auditor")
+    r = api.get(f"/cases/{case}/timeline", headers=auditor)
     assert r.status_code == 200
     events = r.json()
     types = [e["event_type"] for e in events]
@@ -149,15 +159,56 @@ def test_case_timeline_in_order_json_and_csv(api: httpx.Client) -> None:
         )
     ]
     assert [e["occurred_at"] for e in events] == sorted(e["occurred_at"] for e in events)
-    as_csv = list(csv.DictReader(io.StringIO(api.get(f"/cases/{case}/timeline?format=csv").text)))
+    as_csv = list(
+        csv.DictReader(
+            io.StringIO(api.get(f"/cases/{case}/timeline?format=csv", headers=auditor).text)
+        )
+    )
     assert [row["event_type"] for row in as_csv] == types
     assert as_csv[0]["payload"].startswith("{")
 
-    missing = api.get("/cases/no-such-case/timeline")
+    missing = api.get("/cases/no-such-case/timeline", headers=auditor)
     assert missing.status_code == 404
     assert missing.headers["content-type"] == PROBLEM
 
 
+def test_who_may_read_a_timeline(api: httpx.Client) -> None:
+    case = "case-centrum-01-00"  # a centrum case
+    path = f"/cases/{case}/timeline"
+    own = api.get(path, headers=bearer("case-worker", districts=["centrum"]))
+    assert own.status_code == 200
+    other = bearer("case-worker", districts=["hisingen"])
+    refused = api.get(path, headers=other)
+    assert refused.status_code == 403
+    assert refused.headers["content-type"] == PROBLEM
+    assert "not-your-district" in refused.json()["detail"]
+    emergency = api.get(path, headers=other | {"Likvard-Emergency-Reason": "child-at-risk"})
+    assert emergency.status_code == 200
+    assert emergency.json() == own.json()
+    bad_reason = api.get(path, headers=other | {"Likvard-Emergency-Reason": "curious"})
+    assert bad_reason.status_code == 403  # not one of the fixed codes
+    assert "unknown-emergency-reason" in bad_reason.json()["detail"]
+    assert api.get(path).status_code == 403  # the analyst: aggregate reports only
+    for role in ("unit-staff", "records-officer", "ops"):
+        assert api.get(path, headers=bearer(role)).status_code == 403, role
+    # an id shaped like a personal identity number is no case: 404, nothing looked up
+    number = api.get("/cases/19121212-1212/timeline", headers=bearer("auditor"))
+    assert number.status_code == 404
+
+
+@pytest.mark.parametrize("role", ["case-worker", "unit-staff", "records-officer", "ops"])
+def test_reports_are_for_analysts_and_auditors(api: httpx.Client, role: str) -> None:
+    window = {"from": "2024-01-01", "to": "2024-12-31"}
+    for path, params in (("/reports/followup", window), ("/reports/equal-access", {})):
+        auditor = api.get(path, params=params, headers=bearer("auditor"))
+        assert auditor.status_code == 200, path
+        other = api.get(path, params=params, headers=bearer(role, districts=["centrum"]))
+        assert other.status_code == 403, (path, role)
+        # refused before the parameters are judged: a bad request is still a 403
+        assert api.get(path, params={"from": "x"}, headers=bearer(role)).status_code == 403
+    assert httpx.get(f"{api.base_url}/reports/equal-access").status_code == 401
+
+
 def test_health_and_readiness(api: httpx.Client) -> None:
-    assert api.get("/healthz").status_code == 200
-    assert api.get("/readyz").status_code == 200
+    assert httpx.get(f"{api.base_url}/healthz").status_code == 200
+    assert httpx.get(f"{api.base_url}/readyz").status_code == 200
