@@ -1,4 +1,17 @@
-"""HTTP entrypoint of the referral service: it only translates HTTP to commands and back."""
+"""HTTP entrypoint of the referral service: it only translates HTTP to commands and back,
+and asks the access policy first.
+
+Who may do what (`likvard.policy`): the case's own district refers a case and withdraws
+its referrals (case workers; the case as known from intake, with its transfers); the
+addressed unit's staff read, accept, decline, start and end interventions; a unit's staff
+read its inbox, and every case the inbox shows is recorded in the access log. A referral
+is read by the addressed unit and by the case's district (the sending district after a
+transfer for 30 days; anyone's case worker with an emergency reason). Unit staff see of the
+case only what the referral carries: its id, the districts and the intervention.
+
+An id that names no referral (or intervention) answers 404 to any signed-in caller: a
+random id shows nothing of a person, and there is no case to check or log.
+"""
 
 from __future__ import annotations
 
@@ -11,12 +24,14 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, Path, Query, Request, Response
 from pydantic import BaseModel, Field
 
-from likvard import http
+from likvard import guard, http
 from likvard.catalogue import ReferenceCatalogue
 from likvard.codec import Catalogue
 from likvard.config import Settings, load_settings
 from likvard.eventstore import open_store
-from likvard.known_cases import CaseDirectory
+from likvard.identity import Principal
+from likvard.known_cases import CaseDirectory, KnownCase
+from likvard.policy import Action, CaseScope, ReferralScope, UnitScope
 from likvard.service import Decided
 from likvard.telemetry import setup_tracing
 from services.referral import domain as d
@@ -106,7 +121,26 @@ def _service(request: Request) -> ReferralService:
 
 
 Svc = Annotated[ReferralService, Depends(_service)]
-Ctx = Annotated[http.RequestContext, Depends(http.request_context)]
+Ctx = guard.Ctx
+
+
+def _case_scope(case_id: str, known: KnownCase | None, district: str | None) -> CaseScope:
+    """The case as the policy sees it: as known from intake (current district, transfers),
+    else the district the referral recorded."""
+    if known is not None and known.status != "unknown":
+        return known.scope()
+    return CaseScope(case_id, district)
+
+
+def _referral_scope(
+    referral_id: str, state: d.ReferralState, case_id: str, known: KnownCase | None = None
+) -> ReferralScope:
+    return ReferralScope(
+        referral_id, _case_scope(case_id, known, state.person_district), state.unit_id
+    )
+
+
+_NO_REFERRAL = ("referral-not-found", "Referral not found", "No referral has this id.")
 
 
 def _result(
@@ -175,23 +209,43 @@ def create_app(
         responses=http.PROBLEM_RESPONSES,
     )
     http.install(app, "referral", max_request_bytes=settings.max_request_bytes)
+    guard.install(app, settings, "referral")
+
+    def loaded(svc: ReferralService, referral_id: str) -> tuple[d.ReferralState, int, str]:
+        """The referral and its case (one read of its stream), or 404."""
+        state, version, case_id = svc.load(referral_id)
+        if version == 0 or case_id is None:
+            raise http.ProblemError(404, *_NO_REFERRAL)
+        return state, version, case_id
 
     def act(
+        request: Request,
+        principal: Principal,
+        action: Action,
         svc: ReferralService,
-        referral_id: uuid.UUID,
+        referral_id: str,
         command: Any,
         if_match: str | None,
         ctx: http.RequestContext,
         response: Response,
         intervention_id: str | None = None,
     ) -> ReferralResult:
+        """Check, then run a command on an existing referral. Answering it (the addressed
+        unit) needs only what the referral holds; withdrawing it (the case's district)
+        needs the case as known now."""
         expected = http.parse_if_match(if_match)
+        state, _, case_id = loaded(svc, referral_id)
+        known = None
+        if action is not Action.REFERRAL_ANSWER:
+            with svc.store.pool.connection() as conn:
+                known = svc.directory.get(conn, case_id)
+        scope = _referral_scope(referral_id, state, case_id, known)
+        guard.authorize(request, principal, action, scope)
         try:
-            decided = svc.act(str(referral_id), command, expected, ctx)
+            decided = svc.act(referral_id, command, expected, ctx, case_id)
         except d.DomainError as exc:
             raise _domain_problem(exc) from exc
-        _, _, case_id = svc.load(str(referral_id))
-        return _result(str(referral_id), case_id, decided, response, intervention_id)
+        return _result(referral_id, case_id, decided, response, intervention_id)
 
     @app.post(
         "/referrals",
@@ -199,11 +253,21 @@ def create_app(
         response_model=ReferralResult,
         tags=["referrals"],
         summary="Refer a case to a specialist unit (in any district)",
+        description="A case worker of the case's current district refers it.",
         responses={201: {"headers": {"ETag": ETAG, "Location": {"schema": {"type": "string"}}}}},
+        openapi_extra=guard.policy(Action.CASE_CHANGE),
     )
     def request_referral(
-        body: RequestReferralBody, svc: Svc, ctx: Ctx, response: Response
+        request: Request,
+        body: RequestReferralBody,
+        svc: Svc,
+        principal: guard.Caller,
+        ctx: Ctx,
+        response: Response,
     ) -> ReferralResult:
+        known = svc.known_case(str(body.case_id))
+        scope = _case_scope(str(body.case_id), known, None)
+        guard.authorize(request, principal, Action.CASE_CHANGE, scope)
         referral_id = str(uuid.uuid4())
         command = d.RequestReferral(
             referral_id=referral_id,
@@ -215,7 +279,7 @@ def create_app(
             consent_override=body.consent_override,
         )
         try:
-            decided = svc.request(command, ctx)
+            decided = svc.request(command, ctx, known)
         except d.DomainError as exc:
             raise _domain_problem(exc) from exc
         response.headers["Location"] = f"/referrals/{referral_id}"
@@ -227,17 +291,31 @@ def create_app(
         responses=COMMAND_RESPONSES,
         tags=["referrals"],
         summary="The unit accepts the referral",
+        description="Staff of the unit the referral is addressed to.",
+        openapi_extra=guard.policy(Action.REFERRAL_ANSWER),
     )
     def accept(
+        request: Request,
         referral_id: ReferralId,
         body: AcceptBody,
         svc: Svc,
+        principal: guard.Caller,
         ctx: Ctx,
         response: Response,
         if_match: IfMatch = None,
     ) -> ReferralResult:
         command = d.AcceptReferral(str(referral_id), body.when(), body.planned_start)
-        return act(svc, referral_id, command, if_match, ctx, response)
+        return act(
+            request,
+            principal,
+            Action.REFERRAL_ANSWER,
+            svc,
+            str(referral_id),
+            command,
+            if_match,
+            ctx,
+            response,
+        )
 
     @app.post(
         "/referrals/{referral_id}/decline",
@@ -245,17 +323,31 @@ def create_app(
         responses=COMMAND_RESPONSES,
         tags=["referrals"],
         summary="The unit declines the referral, with its reason",
+        description="Staff of the unit the referral is addressed to.",
+        openapi_extra=guard.policy(Action.REFERRAL_ANSWER),
     )
     def decline(
+        request: Request,
         referral_id: ReferralId,
         body: DeclineBody,
         svc: Svc,
+        principal: guard.Caller,
         ctx: Ctx,
         response: Response,
         if_match: IfMatch = None,
     ) -> ReferralResult:
         command = d.DeclineReferral(str(referral_id), body.when(), body.reason)
-        return act(svc, referral_id, command, if_match, ctx, response)
+        return act(
+            request,
+            principal,
+            Action.REFERRAL_ANSWER,
+            svc,
+            str(referral_id),
+            command,
+            if_match,
+            ctx,
+            response,
+        )
 
     @app.post(
         "/referrals/{referral_id}/withdraw",
@@ -263,17 +355,31 @@ def create_app(
         responses=COMMAND_RESPONSES,
         tags=["referrals"],
         summary="The referring district withdraws the referral",
+        description="A case worker of the case's current district.",
+        openapi_extra=guard.policy(Action.CASE_CHANGE),
     )
     def withdraw(
+        request: Request,
         referral_id: ReferralId,
         body: WithdrawBody,
         svc: Svc,
+        principal: guard.Caller,
         ctx: Ctx,
         response: Response,
         if_match: IfMatch = None,
     ) -> ReferralResult:
         command = d.WithdrawReferral(str(referral_id), body.when(), body.reason)
-        return act(svc, referral_id, command, if_match, ctx, response)
+        return act(
+            request,
+            principal,
+            Action.CASE_CHANGE,
+            svc,
+            str(referral_id),
+            command,
+            if_match,
+            ctx,
+            response,
+        )
 
     @app.post(
         "/referrals/{referral_id}/interventions",
@@ -282,11 +388,15 @@ def create_app(
         responses={201: {"headers": {"ETag": ETAG}}},
         tags=["interventions"],
         summary="Start an intervention under an accepted referral",
+        description="Staff of the unit the referral is addressed to.",
+        openapi_extra=guard.policy(Action.REFERRAL_ANSWER),
     )
     def start_intervention(
+        request: Request,
         referral_id: ReferralId,
         body: StartBody,
         svc: Svc,
+        principal: guard.Caller,
         ctx: Ctx,
         response: Response,
         if_match: IfMatch = None,
@@ -295,7 +405,18 @@ def create_app(
         command = d.StartIntervention(
             str(referral_id), body.when(), intervention_id, body.intervention_code
         )
-        return act(svc, referral_id, command, if_match, ctx, response, intervention_id)
+        return act(
+            request,
+            principal,
+            Action.REFERRAL_ANSWER,
+            svc,
+            str(referral_id),
+            command,
+            if_match,
+            ctx,
+            response,
+            intervention_id,
+        )
 
     @app.post(
         "/interventions/{intervention_id}/end",
@@ -303,11 +424,15 @@ def create_app(
         responses=COMMAND_RESPONSES,
         tags=["interventions"],
         summary="End an intervention, with its outcome",
+        description="Staff of the unit the referral is addressed to.",
+        openapi_extra=guard.policy(Action.REFERRAL_ANSWER),
     )
     def end_intervention(
+        request: Request,
         intervention_id: uuid.UUID,
         body: EndBody,
         svc: Svc,
+        principal: guard.Caller,
         ctx: Ctx,
         response: Response,
         if_match: IfMatch = None,
@@ -322,7 +447,16 @@ def create_app(
             )
         command = d.EndIntervention(referral_id, body.when(), str(intervention_id), body.outcome)
         return act(
-            svc, uuid.UUID(referral_id), command, if_match, ctx, response, str(intervention_id)
+            request,
+            principal,
+            Action.REFERRAL_ANSWER,
+            svc,
+            referral_id,
+            command,
+            if_match,
+            ctx,
+            response,
+            str(intervention_id),
         )
 
     @app.get(
@@ -331,13 +465,24 @@ def create_app(
         responses={200: {"headers": {"ETag": ETAG}}},
         tags=["referrals"],
         summary="The referral's current state, folded from its events",
+        description="The addressed unit's staff, and case workers of the case's district"
+        " (the sending district for 30 days after a transfer; any case worker with an"
+        " emergency reason, logged and flagged).",
+        openapi_extra=guard.policy(Action.REFERRAL_READ),
     )
-    def get_referral(referral_id: ReferralId, svc: Svc, response: Response) -> ReferralView:
-        state, version, case_id = svc.load(str(referral_id))
-        if version == 0:
-            raise http.ProblemError(
-                404, "referral-not-found", "Referral not found", "No referral has this id."
-            )
+    def get_referral(
+        request: Request,
+        referral_id: ReferralId,
+        svc: Svc,
+        principal: guard.Caller,
+        response: Response,
+        emergency: guard.EmergencyReason = None,
+    ) -> ReferralView:
+        state, version, case_id = loaded(svc, str(referral_id))
+        with svc.store.pool.connection() as conn:
+            known = svc.directory.get(conn, case_id)
+        scope = _referral_scope(str(referral_id), state, case_id, known)
+        guard.authorize(request, principal, Action.REFERRAL_READ, scope, emergency=emergency)
         response.headers["ETag"] = http.etag(version)
         return ReferralView(
             referral_id=referral_id,
@@ -359,14 +504,25 @@ def create_app(
         response_model=list[InboxEntry],
         tags=["units"],
         summary="A specialist unit's inbox of referrals, from every district",
+        description="The unit's own staff. Every case the answer shows is recorded in the"
+        " access log.",
+        openapi_extra=guard.policy(Action.UNIT_INBOX),
     )
     def unit_inbox(
-        unit_id: str,
+        request: Request,
+        unit_id: Annotated[str, Path(max_length=64)],
         svc: Svc,
+        principal: guard.Caller,
         status: Literal["requested", "accepted", "declined", "withdrawn"] | None = Query(None),
     ) -> list[InboxEntry]:
+        scope = UnitScope(unit_id)
+        decision = guard.authorize(request, principal, Action.UNIT_INBOX, scope)
         if svc.reference.unit(unit_id) is None:
             raise http.ProblemError(404, "unknown-unit", "Unknown unit", "No unit has this id.")
+        items = svc.unit_inbox(unit_id, status)
+        guard.record_reads(
+            request, principal, Action.UNIT_INBOX, decision, scope, (i.case_id for i in items)
+        )
         return [
             InboxEntry(
                 referral_id=uuid.UUID(i.referral_id),
@@ -376,7 +532,7 @@ def create_app(
                 status=i.status,
                 requested_at=i.requested_at,
             )
-            for i in svc.unit_inbox(unit_id, status)
+            for i in items
         ]
 
     http.add_health(app, lambda request: request.app.state.service.store.ping())

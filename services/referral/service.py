@@ -68,8 +68,11 @@ class ReferralService:
         a case registered a moment ago whose event is still on its way."""
         return self.directory.wait_for(self.store.pool, case_id, self.case_wait)
 
-    def request(self, command: d.RequestReferral, ctx: RequestContext) -> Decided[d.ReferralState]:
-        known = self.known_case(command.case_id)
+    def request(
+        self, command: d.RequestReferral, ctx: RequestContext, known: KnownCase | None
+    ) -> Decided[d.ReferralState]:
+        """Request a referral of the case `known` (as `known_case` found it: the caller
+        looked it up once, for the access check too)."""
         snapshot = None
         if known is not None and known.district is not None:
             snapshot = d.CaseSnapshot(
@@ -89,10 +92,14 @@ class ReferralService:
         )
 
     def act(
-        self, referral_id: str, command: Any, expected: int | None, ctx: RequestContext
+        self,
+        referral_id: str,
+        command: Any,
+        expected: int | None,
+        ctx: RequestContext,
+        case_id: str | None,
     ) -> Decided[d.ReferralState]:
-        events = self.store.read_stream(referral_id)
-        case_id = str(events[0].metadata["case_id"]) if events else None
+        """A command on a referral of `case_id` (from `load`, which the caller did first)."""
         return self.streams.execute(referral_id, command, expected, ctx, case_id=case_id)
 
     def load(self, referral_id: str) -> tuple[d.ReferralState, int, str | None]:

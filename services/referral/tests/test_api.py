@@ -1,5 +1,6 @@
 """The referral HTTP API on a real server and a real PostgreSQL; known cases are seeded as
-the intake consumer would write them."""
+the intake consumer would write them. Callers sign in with tokens from the development
+OpenID provider (case workers refer and withdraw, the addressed unit's staff answer)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import psycopg
 import pytest
 
 from likvard.known_cases import CaseDirectory
+from tests.identity import bearer
 from tests.support import RunningService, intake_event
 
 pytestmark = pytest.mark.integration
@@ -19,9 +21,20 @@ pytestmark = pytest.mark.integration
 HEALTHCARE_UNIT = "region-beroendevard"
 
 
+def worker(district: str) -> dict[str, str]:
+    """A case worker of `district` (subject `cw-<district>`)."""
+    return bearer("case-worker", districts=[district], subject=f"cw-{district}")
+
+
+def staff(unit: str) -> dict[str, str]:
+    """Staff of the specialist unit `unit` (subject `staff-<unit>`)."""
+    return bearer("unit-staff", unit=unit, subject=f"staff-{unit}")
+
+
 @pytest.fixture
 def client(referral: RunningService) -> httpx.Client:
-    return httpx.Client(base_url=referral.base_url, timeout=30, headers={"X-Actor": "cw-3"})
+    """Signed in as a case worker of Nordost unless a request says otherwise."""
+    return httpx.Client(base_url=referral.base_url, timeout=30, headers=worker("nordost"))
 
 
 def seed_case(
@@ -91,25 +104,37 @@ def test_referral_across_districts_through_its_life(
     assert stored[1].payload["to_district"] == "hisingen"
     assert all(e.metadata["case_id"] == case for e in stored)
 
-    inbox = client.get(f"/units/{unit}/referrals", params={"status": "requested"}).json()
+    assert stored[0].metadata["actor"] == "cw-nordost"  # the token's subject
+
+    unit_staff = staff(unit)
+    inbox = client.get(
+        f"/units/{unit}/referrals", params={"status": "requested"}, headers=unit_staff
+    ).json()
     assert [i["referral_id"] for i in inbox] == [rid]
     assert inbox[0]["person_district"] == "nordost"
 
-    assert (
-        client.post(f"/referrals/{rid}/accept", json={}, headers={"If-Match": '"2"'}).status_code
-        == 200
+    accepted = client.post(
+        f"/referrals/{rid}/accept", json={}, headers={"If-Match": '"2"', **unit_staff}
     )
-    started = client.post(f"/referrals/{rid}/interventions", json={})
+    assert accepted.status_code == 200, accepted.text
+    started = client.post(f"/referrals/{rid}/interventions", json={}, headers=unit_staff)
     assert started.status_code == 201, started.text
     iid = started.json()["intervention_id"]
-    ended = client.post(f"/interventions/{iid}/end", json={"outcome": "COMPLETED_AS_PLANNED"})
+    ended = client.post(
+        f"/interventions/{iid}/end", json={"outcome": "COMPLETED_AS_PLANNED"}, headers=unit_staff
+    )
     assert ended.status_code == 200, ended.text
     assert ended.json()["version"] == 5
+    assert referral.store.read_stream(rid)[2].metadata["actor"] == f"staff-{unit}"
 
     view = client.get(f"/referrals/{rid}").json()
     assert view["status"] == "accepted" and view["across_district"] is True
     assert view["ended_interventions"] == [iid] and view["case_id"] == case
-    assert client.get(f"/units/{unit}/referrals", params={"status": "requested"}).json() == []
+    assert client.get(f"/referrals/{rid}", headers=unit_staff).json() == view
+    requested = client.get(
+        f"/units/{unit}/referrals", params={"status": "requested"}, headers=unit_staff
+    )
+    assert requested.json() == []
     assert referral.store.verify() == []
 
 
@@ -119,7 +144,9 @@ def test_same_district_referral_is_not_across(
     case = seed_case(referral, database_url, "hisingen")
     unit, code = city_unit_in("hisingen")
     r = client.post(
-        "/referrals", json={"case_id": case, "unit_id": unit, "intervention_code": code}
+        "/referrals",
+        json={"case_id": case, "unit_id": unit, "intervention_code": code},
+        headers=worker("hisingen"),
     )
     assert [e["event_type"] for e in r.json()["events"]] == ["ReferralRequested"]
 
@@ -139,6 +166,7 @@ def test_unit_outside_social_services_needs_consent_or_override(
     )
     code = healthcare_code()
     base = {"case_id": case, "unit_id": HEALTHCARE_UNIT, "intervention_code": code}
+    client.headers.update(worker("centrum"))
     before = counts(referral)
     assert_problem(client.post("/referrals", json=base), 422, "consent-required")
     assert counts(referral) == before
@@ -164,11 +192,13 @@ def test_bad_input_to_every_endpoint_is_4xx_problem_and_changes_nothing(
     rid = ok.json()["referral_id"]
     missing = str(uuid.uuid4())
     before = counts(referral)
-    cases: list[tuple[str, str, dict[str, Any], int, str | None]] = [
+    answer = staff(unit)  # the addressed unit answers; the case's district withdraws
+    cases: list[tuple[str, str, dict[str, Any], dict[str, str], int, str | None]] = [
         (
             "post",
             "/referrals",
             {"case_id": missing, "unit_id": unit, "intervention_code": code},
+            {},
             422,
             "case-not-found",
         ),
@@ -176,6 +206,7 @@ def test_bad_input_to_every_endpoint_is_4xx_problem_and_changes_nothing(
             "post",
             "/referrals",
             {"case_id": closed, "unit_id": unit, "intervention_code": code},
+            {},
             422,
             "case-closed",
         ),
@@ -183,6 +214,7 @@ def test_bad_input_to_every_endpoint_is_4xx_problem_and_changes_nothing(
             "post",
             "/referrals",
             {"case_id": case, "unit_id": "nowhere", "intervention_code": code},
+            {},
             422,
             "unknown-unit",
         ),
@@ -190,36 +222,54 @@ def test_bad_input_to_every_endpoint_is_4xx_problem_and_changes_nothing(
             "post",
             "/referrals",
             {"case_id": case, "unit_id": unit, "intervention_code": "X"},
+            {},
             422,
             None,
         ),
-        ("post", "/referrals", {"case_id": "not-a-uuid", "unit_id": unit}, 422, "validation-error"),
-        ("post", f"/referrals/{rid}/decline", {"reason": "BORED"}, 422, "validation-error"),
+        (
+            "post",
+            "/referrals",
+            {"case_id": "not-a-uuid", "unit_id": unit},
+            {},
+            422,
+            "validation-error",
+        ),
+        ("post", f"/referrals/{rid}/decline", {"reason": "BORED"}, answer, 422, "validation-error"),
         (
             "post",
             f"/referrals/{rid}/withdraw",
             {"reason": "NO_LONGER_NEEDED", "occurred_at": "2999-01-01T00:00:00Z"},
+            {},
             422,
             None,
         ),
-        ("post", f"/referrals/{rid}/interventions", {}, 422, "referral-not-accepted"),
-        ("post", f"/referrals/{missing}/accept", {}, 404, "referral-not-found"),
-        ("post", f"/interventions/{missing}/end", {"outcome": "MOVED"}, 404, None),
-        ("post", f"/referrals/{rid}/accept", {"planned_start": str(date(2000, 1, 1))}, 422, None),
-        ("get", f"/referrals/{missing}", {}, 404, None),
-        ("get", "/units/nowhere/referrals", {}, 404, "unknown-unit"),
-        ("get", f"/units/{unit}/referrals?status=lost", {}, 422, None),
+        ("post", f"/referrals/{rid}/interventions", {}, answer, 422, "referral-not-accepted"),
+        ("post", f"/referrals/{missing}/accept", {}, answer, 404, "referral-not-found"),
+        ("post", f"/interventions/{missing}/end", {"outcome": "MOVED"}, answer, 404, None),
+        (
+            "post",
+            f"/referrals/{rid}/accept",
+            {"planned_start": str(date(2000, 1, 1))},
+            answer,
+            422,
+            None,
+        ),
+        ("get", f"/referrals/{missing}", {}, {}, 404, None),
+        ("get", "/units/nowhere/referrals", {}, staff("nowhere"), 404, "unknown-unit"),
+        ("get", f"/units/{unit}/referrals?status=lost", {}, answer, 422, None),
     ]
-    for method, path, body, status, code_ in cases:
-        r = client.request(method.upper(), path, json=body if method == "post" else None)
+    for method, path, body, headers, status, code_ in cases:
+        r = client.request(
+            method.upper(), path, json=body if method == "post" else None, headers=headers
+        )
         assert_problem(r, status, code_)
-    stale = client.post(f"/referrals/{rid}/accept", json={}, headers={"If-Match": '"7"'})
+    stale = client.post(f"/referrals/{rid}/accept", json={}, headers={"If-Match": '"7"', **answer})
     assert_problem(stale, 409, "version-conflict")
     assert counts(referral) == before
 
 
 def test_openapi_lists_the_routes(client: httpx.Client) -> None:
-    paths = client.get("/openapi.json").json()["paths"]
+    paths = client.get("/openapi.json", headers=bearer("ops")).json()["paths"]
     for path in [
         "/referrals",
         "/referrals/{referral_id}",
