@@ -20,6 +20,7 @@ import sys
 import textwrap
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from datetime import date
 from functools import cache
 from importlib import resources
 from pathlib import Path, PurePosixPath
@@ -31,8 +32,11 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 
+from likvard.catalogue import ReferenceCatalogue
 from likvard.cli import APPS, CONSUMERS, INGESTERS, READ_APPS
-from likvard.config import DEFAULT_PORTS, service_port
+from likvard.config import DEFAULT_PORTS, load_settings, service_port
+from likvard.districts import DistrictRegistry
+from likvard.identity import Principal, Role
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_FILE = ROOT / "docker-compose.yml"
@@ -42,6 +46,16 @@ SECRET_EXAMPLE = "secret.example.yaml"
 PROMETHEUS = ROOT / "deploy" / "prometheus.yml"
 POSTGRES_INIT = ROOT / "deploy" / "postgres"
 ENV_EXAMPLE = ROOT / ".env.example"
+REALM_FILE = ROOT / "deploy" / "keycloak" / "likvard-realm.json"
+ACCESS_LOG = "access-log"  # `likvard relay access-log`
+ACCESS_LOG_DB = "access_log"  # its database
+# The secrets compose reads from .env (each a ${VAR:?...} reference).
+COMPOSE_SECRETS = {
+    "POSTGRES_PASSWORD",
+    "LIKVARD_PSEUDONYM_SECRET",
+    "KEYCLOAK_ADMIN_PASSWORD",
+    "LIKVARD_METRICS_CLIENT_SECRET",
+}
 KUBERNETES_VERSION = "1.31.0"  # the oldest Kubernetes the manifests are meant for
 
 ONE_SHOT = {"topics"}  # runs to completion; no health check
@@ -148,13 +162,55 @@ def image_copies() -> dict[PurePosixPath, Path]:
 
 def effective_env(service: Mapping[str, Any]) -> dict[str, str]:
     """What a compose service's process sees: the image's ENV, then the compose file's."""
-    variables = {"POSTGRES_PASSWORD": "x", "LIKVARD_PSEUDONYM_SECRET": "x" * 16}
+    variables = dict.fromkeys(COMPOSE_SECRETS, "x" * 16)
     return {**image_env(), **compose_env(service, variables)}
 
 
 def api_service(command: list[str]) -> str | None:
     """The API a command serves (`serve intake ...` -> intake), or None for a worker."""
     return command[1] if command[0] == "serve" else None
+
+
+def database_of(command: list[str]) -> str:
+    """The database a long-running process works in: its service's, the read models' for
+    the projection worker, the access log's for its relay."""
+    if command[0] == "project":
+        return "projections"
+    if command == ["relay", ACCESS_LOG]:
+        return ACCESS_LOG_DB
+    return command[1]
+
+
+def writes_the_access_log(command: list[str]) -> bool:
+    """The APIs record every case-level read; the access-log relay publishes the log."""
+    return api_service(command) is not None or command == ["relay", ACCESS_LOG]
+
+
+@cache
+def realm() -> dict[str, Any]:
+    doc: dict[str, Any] = json.loads(REALM_FILE.read_text(encoding="utf-8"))
+    return doc
+
+
+def realm_client(client_id: str) -> dict[str, Any]:
+    clients: list[dict[str, Any]] = [c for c in realm()["clients"] if c["clientId"] == client_id]
+    assert len(clients) == 1, client_id
+    return clients[0]
+
+
+def claims_mapped(client: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    """The claims a Keycloak client's own mappers put in access tokens: claim -> config
+    (the audience mapper under "aud")."""
+    found: dict[str, dict[str, str]] = {}
+    for mapper in client.get("protocolMappers", []):
+        config = mapper["config"]
+        if config.get("access.token.claim") != "true":
+            continue
+        if mapper["protocolMapper"] == "oidc-audience-mapper":
+            found["aud"] = config
+        elif "claim.name" in config:
+            found[config["claim.name"]] = {"kind": mapper["protocolMapper"], **config}
+    return found
 
 
 def k8s_resources() -> list[str]:
@@ -205,6 +261,7 @@ def test_compose_runs_every_likvard_role() -> None:
     expected |= {("serve", s, "--host", "0.0.0.0") for s in APPS | READ_APPS}
     expected |= {("relay", s) for s in APPS} | {("ingest", s) for s in INGESTERS}
     expected |= {("consume", s) for s in CONSUMERS}
+    expected.add(("relay", ACCESS_LOG))
     assert commands == expected
 
 
@@ -235,7 +292,7 @@ def test_every_compose_command_is_a_real_likvard_command() -> None:
     # --help does not check the service argument: the command's body does.
     known = {
         "serve": APPS | READ_APPS,
-        "relay": APPS,
+        "relay": {**APPS, ACCESS_LOG: ""},
         "ingest": INGESTERS,
         "consume": CONSUMERS,
         "probe": {**APPS, **READ_APPS, "worker": ""},
@@ -251,10 +308,15 @@ def test_each_process_uses_its_own_services_database() -> None:
         if name in ONE_SHOT:
             assert "LIKVARD_DATABASE_URL" not in env
             continue
-        owner = "projections" if s["command"][0] == "project" else s["command"][1]
+        owner = database_of(s["command"])
         assert urlsplit(env["LIKVARD_DATABASE_URL"]).path == f"/{owner}", name
         # The pseudonym key: only where persons are registered.
         assert ("LIKVARD_PSEUDONYM_SECRET" in env) == (name == "intake"), name
+        # The access log: a database of its own, for every API and its relay.
+        log = env.get("LIKVARD_ACCESS_LOG_DATABASE_URL")
+        assert (log is not None) == writes_the_access_log(s["command"]), name
+        if log is not None:
+            assert urlsplit(log).path == f"/{ACCESS_LOG_DB}", name
 
 
 def test_the_init_script_creates_the_databases_the_urls_name() -> None:
@@ -262,11 +324,13 @@ def test_the_init_script_creates_the_databases_the_urls_name() -> None:
     for script in POSTGRES_INIT.glob("*.sql"):
         created |= set(re.findall(r"CREATE DATABASE (\w+);", script.read_text(encoding="utf-8")))
     named = {
-        urlsplit(effective_env(s)["LIKVARD_DATABASE_URL"]).path.lstrip("/")
+        urlsplit(effective_env(s)[var]).path.lstrip("/")
         for name, s in likvard_services().items()
         if name not in ONE_SHOT
+        for var in ("LIKVARD_DATABASE_URL", "LIKVARD_ACCESS_LOG_DATABASE_URL")
+        if var in effective_env(s)
     }
-    assert created == named == {"intake", "referral", "followup", "projections"}
+    assert created == named == {"intake", "referral", "followup", "projections", ACCESS_LOG_DB}
     postgres = compose()["services"]["postgres"]
     assert "./deploy/postgres:/docker-entrypoint-initdb.d:ro" in postgres["volumes"]
 
@@ -320,8 +384,20 @@ def test_no_secret_value_in_the_compose_file() -> None:
         if line.strip() and not line.startswith("#"):
             key, _, value = line.partition("=")
             example[key.strip()] = value.strip()
-    assert referenced == {"POSTGRES_PASSWORD", "LIKVARD_PSEUDONYM_SECRET"}
+    assert referenced == COMPOSE_SECRETS
     assert {k: example.get(k) for k in referenced} == dict.fromkeys(referenced, "")
+    # Compose's file-mounted secrets come from the same variables, never a literal.
+    for name, secret in (compose().get("secrets") or {}).items():
+        assert set(secret) == {"environment"} and secret["environment"] in referenced, name
+    # The realm file holds no client secret either: a placeholder Keycloak fills in from
+    # its environment at import, which compose sets from .env.
+    keycloak_env = compose()["services"]["keycloak"]["environment"]
+    for client in realm()["clients"]:
+        if client.get("publicClient") is False:
+            placeholder = re.fullmatch(r"\$\{([A-Z0-9_]+)\}", client["secret"])
+            assert placeholder, f"{client['clientId']}: a secret in the realm file"
+            assert placeholder.group(1) in keycloak_env, client["clientId"]
+            assert placeholder.group(1) in referenced, client["clientId"]
 
 
 def test_prometheus_scrapes_every_likvard_process() -> None:
@@ -342,6 +418,113 @@ def test_prometheus_scrapes_every_likvard_process() -> None:
         expected.add(f"{name}:{port}")
     assert expected <= scraped
     assert image_env()["LIKVARD_OPS_PORT"] == "9464"
+
+
+# --- sign-in: Keycloak in compose, the realm, the issuer ---------------------------------
+def test_compose_runs_keycloak_with_the_likvard_realm() -> None:
+    keycloak = compose()["services"]["keycloak"]
+    assert re.fullmatch(r"quay\.io/keycloak/keycloak:\d+\.\d+\.\d+", keycloak["image"])
+    assert keycloak["command"][0] == "start-dev" and "--import-realm" in keycloak["command"]
+    mount = f"./{REALM_FILE.parent.relative_to(ROOT)}:/opt/keycloak/data/import:ro"
+    assert mount in keycloak["volumes"]
+    assert [p.name for p in REALM_FILE.parent.glob("*.json")] == [REALM_FILE.name]
+    env = keycloak["environment"]
+    assert env["KC_HEALTH_ENABLED"] == "true"
+    assert "/health/ready" in " ".join(keycloak["healthcheck"]["test"])
+    # One issuer inside and outside: the services' issuer is KC_HOSTNAME's realm, and the
+    # published port is the one KC_HOSTNAME names.
+    hostname = urlsplit(env["KC_HOSTNAME"])
+    issuer = f"{env['KC_HOSTNAME']}/realms/{realm()['realm']}"
+    assert any(port.endswith(f":{hostname.port}") for port in keycloak["ports"])
+    for name, s in likvard_services().items():
+        service_env = effective_env(s)
+        assert service_env["LIKVARD_OIDC_ISSUER"] == issuer, name
+        assert service_env["LIKVARD_OIDC_AUDIENCE"] == realm_client("likvard")["clientId"]
+        assert urlsplit(issuer).hostname == "keycloak" == hostname.hostname
+        if api_service(s["command"]):  # an API verifies tokens from the first request on
+            assert s["depends_on"]["keycloak"] == {"condition": "service_healthy"}, name
+
+
+def test_the_realm_defines_every_role_and_maps_the_claims_the_settings_read() -> None:
+    doc = realm()
+    assert doc["realm"] == "likvard" and doc["enabled"] is True
+    roles = {r["name"] for r in doc["roles"]["realm"]}
+    assert roles == {str(r) for r in Role}
+    defaults = load_settings({})
+    client = realm_client("likvard")
+    mapped = claims_mapped(client)
+    assert defaults.oidc_audience in mapped["aud"]["included.client.audience"].split(",")
+    by_claim = {
+        defaults.oidc_roles_claim: ("oidc-usermodel-realm-role-mapper", "true"),
+        defaults.oidc_districts_claim: ("oidc-usermodel-attribute-mapper", "true"),
+        defaults.oidc_unit_claim: ("oidc-usermodel-attribute-mapper", "false"),
+    }
+    for claim, (kind, multivalued) in by_claim.items():
+        assert mapped[claim]["kind"] == kind, claim
+        assert mapped[claim]["multivalued"] == multivalued, claim
+    # `sub` (the actor) comes from Keycloak's `basic` scope; no `profile` or `email`
+    # scope: no staff names or addresses in access tokens.
+    assert client["defaultClientScopes"] == ["basic"] and client["optionalClientScopes"] == []
+    assert doc["defaultSignatureAlgorithm"] in defaults.oidc_algorithms
+    # The district and unit attributes are declared (Keycloak drops undeclared ones) and
+    # only an administrator may change them: a user who could edit their own districts
+    # could open another district's cases.
+    (provider,) = doc["components"]["org.keycloak.userprofile.UserProfileProvider"]
+    profile = json.loads(provider["config"]["kc.user.profile.config"][0])
+    attributes = {a["name"]: a for a in profile["attributes"]}
+    for claim in (defaults.oidc_districts_claim, defaults.oidc_unit_claim):
+        user_attribute = mapped[claim]["user.attribute"]
+        assert attributes[user_attribute]["permissions"]["edit"] == ["admin"], claim
+        assert attributes[user_attribute]["multivalued"] == (by_claim[claim][1] == "true")
+
+
+def test_the_realms_example_users_cover_every_role_with_temporary_passwords() -> None:
+    districts = {d.code for d in DistrictRegistry.load().current(date.today())}
+    units = {u.id for u in ReferenceCatalogue.load().units()}
+    defaults = load_settings({})
+    mapped = claims_mapped(realm_client("likvard"))
+    district_attr = mapped[defaults.oidc_districts_claim]["user.attribute"]
+    unit_attr = mapped[defaults.oidc_unit_claim]["user.attribute"]
+    people = [u for u in realm()["users"] if "serviceAccountClientId" not in u]
+    seen: set[str] = set()
+    for user in people:
+        (role,) = user["realmRoles"]
+        seen.add(role)
+        # The token's subject is the user's id: a valid, pseudonymous Likvärd actor.
+        Principal(user["id"], frozenset({Role(role)}))
+        attrs = user.get("attributes", {})
+        if role == Role.CASE_WORKER:
+            assert attrs[district_attr] and set(attrs[district_attr]) <= districts
+        if role == Role.UNIT_STAFF:
+            assert len(attrs[unit_attr]) == 1 and attrs[unit_attr][0] in units
+        (credential,) = user["credentials"]
+        assert credential["temporary"] is True, f"{user['username']}: an example password"
+    assert seen == {str(r) for r in Role}
+    assert "EXAMPLE" in realm()["displayName"]
+
+
+def test_prometheus_scrapes_the_apis_with_an_ops_token_from_keycloak() -> None:
+    """An API's /metrics needs the ops role: Prometheus uses client credentials."""
+    config = yaml.safe_load(PROMETHEUS.read_text(encoding="utf-8"))
+    (job,) = [j for j in config["scrape_configs"] if j["job_name"] == "likvard-api"]
+    oauth2 = job["oauth2"]
+    env = compose()["services"]["keycloak"]["environment"]
+    assert oauth2["token_url"] == (
+        f"{env['KC_HOSTNAME']}/realms/{realm()['realm']}/protocol/openid-connect/token"
+    )
+    client = realm_client(oauth2["client_id"])
+    assert client["serviceAccountsEnabled"] is True and client["publicClient"] is False
+    mapped = claims_mapped(client)
+    assert "likvard" in mapped["aud"]["included.client.audience"].split(",")
+    assert load_settings({}).oidc_roles_claim in mapped
+    (account,) = [
+        u for u in realm()["users"] if u.get("serviceAccountClientId") == client["clientId"]
+    ]
+    assert account["realmRoles"] == [str(Role.OPS)]
+    prometheus = compose()["services"]["prometheus"]
+    (secret,) = prometheus["secrets"]
+    assert oauth2["client_secret_file"] == f"/run/secrets/{secret['target']}"
+    assert compose()["secrets"][secret["source"]]["environment"] == client["secret"][2:-1]
 
 
 # --- the image -----------------------------------------------------------------------------
@@ -531,6 +714,7 @@ def test_kubernetes_reads_every_secret_from_the_secret() -> None:
         "referral-database-url",
         "followup-database-url",
         "projections-database-url",
+        "access-log-database-url",
     }
     assert all("<" in v for v in example["stringData"].values()), "placeholders only"
     services = likvard_services()
@@ -542,12 +726,14 @@ def test_kubernetes_reads_every_secret_from_the_secret() -> None:
                 ref = entry["valueFrom"]["secretKeyRef"]
                 assert ref["name"] == "likvard-secrets" and ref["key"] in keys, (name, var)
         compose_service = services["topics" if name == "likvard-topics" else name]
-        url = effective_env(compose_service).get("LIKVARD_DATABASE_URL")
-        if url is None:
-            assert "LIKVARD_DATABASE_URL" not in env, name
-        else:  # the same database as in compose
-            key = env["LIKVARD_DATABASE_URL"]["valueFrom"]["secretKeyRef"]["key"]
-            assert key == f"{urlsplit(url).path.lstrip('/')}-database-url", name
+        for var in ("LIKVARD_DATABASE_URL", "LIKVARD_ACCESS_LOG_DATABASE_URL"):
+            url = effective_env(compose_service).get(var)
+            if url is None:
+                assert var not in env, (name, var)
+            else:  # the same database as in compose
+                key = env[var]["valueFrom"]["secretKeyRef"]["key"]
+                database = urlsplit(url).path.lstrip("/").replace("_", "-")
+                assert key == f"{database}-database-url", (name, var)
         has_secret = "LIKVARD_PSEUDONYM_SECRET" in env
         assert has_secret == ("LIKVARD_PSEUDONYM_SECRET" in effective_env(compose_service))
         assert [e["configMapRef"]["name"] for e in w["container"]["envFrom"]] == ["likvard-config"]
@@ -597,3 +783,38 @@ def test_kubernetes_probes_resources_and_security() -> None:
     for name, budget in budgets.items():
         replicas = workloads[name]["doc"]["spec"]["replicas"]
         assert replicas > budget["spec"]["minAvailable"], f"{name}: the budget blocks drains"
+
+
+def test_kubernetes_takes_the_issuer_and_the_claims_from_the_config_map() -> None:
+    data = config_map()
+    issuer = urlsplit(data["LIKVARD_OIDC_ISSUER"])
+    assert issuer.scheme == "https" and issuer.hostname, "the issuer over TLS"
+    assert data["LIKVARD_OIDC_AUDIENCE"] == realm_client("likvard")["clientId"]
+    # The claim settings the ConfigMap spells out are the defaults, and the claims the
+    # realm's mappers produce: a city with Keycloak changes only the issuer.
+    oidc = {k: v for k, v in data.items() if k.startswith("LIKVARD_OIDC_")}
+    assert load_settings(oidc) == load_settings(
+        {"LIKVARD_OIDC_ISSUER": oidc["LIKVARD_OIDC_ISSUER"]}
+    )
+    mapped = claims_mapped(realm_client("likvard"))
+    for var in ("ROLES", "DISTRICTS", "UNIT"):
+        assert data[f"LIKVARD_OIDC_{var}_CLAIM"] in mapped, var
+    for name, w in k8s_workloads().items():  # every process reads the ConfigMap
+        assert {"configMapRef": {"name": "likvard-config"}} in w["container"]["envFrom"], name
+
+
+def test_the_access_log_relay_runs_in_compose_and_on_kubernetes() -> None:
+    (compose_name,) = [
+        n for n, s in likvard_services().items() if s["command"] == ["relay", ACCESS_LOG]
+    ]
+    relay = k8s_workloads()[compose_name]
+    assert relay["container"]["args"] == ["relay", ACCESS_LOG]
+    env = {e["name"]: e for e in relay["container"]["env"]}
+    ref = env["LIKVARD_ACCESS_LOG_DATABASE_URL"]["valueFrom"]["secretKeyRef"]
+    assert ref == {"name": "likvard-secrets", "key": "access-log-database-url"}
+    # Every API writes the access log into the same database.
+    for name, w in k8s_workloads().items():
+        if api_service(w["container"]["args"]):
+            api_env = {e["name"]: e for e in w["container"]["env"]}
+            log = api_env["LIKVARD_ACCESS_LOG_DATABASE_URL"]["valueFrom"]["secretKeyRef"]
+            assert log == ref, name

@@ -2,9 +2,10 @@
 
 Each compose service is started with exactly its command line and the environment the
 container would have (the image's ENV, then the compose file's), changed only where this
-machine differs from the compose network: its own database per service on the test
-server, the test broker, a topic prefix, a short session timeout for the dev broker, and
-free ports (the processes share one machine). Then the health check the compose file names
+machine differs from the compose network: its own database per service (and the access
+log's) on the test server, the test broker, the identity provider (the tests' development
+provider instead of Keycloak), a topic prefix, a short session timeout for the dev broker,
+and free ports (the processes share one machine). Then the health check the compose file names
 must pass, and so must the image's generic one (`likvard probe`); SIGTERM must stop each
 process cleanly (exit 0).
 """
@@ -32,6 +33,7 @@ from psycopg.conninfo import make_conninfo
 
 from likvard.cli.devstack import free_port
 from tests.test_deploy import (
+    COMPOSE_SECRETS,
     ONE_SHOT,
     ROOT,
     api_service,
@@ -44,7 +46,15 @@ from tests.test_deploy import (
 pytestmark = pytest.mark.integration
 
 LIKVARD = [sys.executable, "-m", "likvard.cli"]
-SECRETS = {"POSTGRES_PASSWORD": "not-used-here", "LIKVARD_PSEUDONYM_SECRET": "t" * 32}
+SECRETS = {
+    **dict.fromkeys(COMPOSE_SECRETS, "not-used-here"),
+    "LIKVARD_PSEUDONYM_SECRET": "t" * 32,
+}
+DATABASE_VARS = ("LIKVARD_DATABASE_URL", "LIKVARD_ACCESS_LOG_DATABASE_URL")
+KEYCLOAK_ISSUER = "http://keycloak:8080/realms/likvard"
+# Where the tests' development provider is not running, an address that answers nothing:
+# the health checks need no token (the verifier fetches the issuer's keys on first use).
+NO_ISSUER = "http://127.0.0.1:9/realms/likvard"
 START_SECONDS = 180.0  # for every process to pass its health check (2 cores, 13 processes)
 STOP_SECONDS = 60.0
 
@@ -147,9 +157,11 @@ def test_every_compose_process_starts_passes_its_health_check_and_stops_cleanly(
 ) -> None:
     services = likvard_services()
     wanted_dbs = {
-        urlsplit(compose_env(s, SECRETS)["LIKVARD_DATABASE_URL"]).path.lstrip("/")
+        urlsplit(compose_env(s, SECRETS)[var]).path.lstrip("/")
         for name, s in services.items()
         if name not in ONE_SHOT
+        for var in DATABASE_VARS
+        if var in compose_env(s, SECRETS)
     }
     base = {
         k: v for k, v in os.environ.items() if not k.startswith(("LIKVARD_", "KAFKA_", "OTEL_"))
@@ -159,8 +171,11 @@ def test_every_compose_process_starts_passes_its_health_check_and_stops_cleanly(
         for name, s in services.items():
             env = {**base, **container_env(tmp_path / name), **compose_env(s, SECRETS)}
             # Where this machine differs from the compose network:
-            if "LIKVARD_DATABASE_URL" in env:
-                env["LIKVARD_DATABASE_URL"] = dsn[urlsplit(env["LIKVARD_DATABASE_URL"]).path[1:]]
+            for var in DATABASE_VARS:
+                if var in env:
+                    env[var] = dsn[urlsplit(env[var]).path[1:]]
+            assert env["LIKVARD_OIDC_ISSUER"] == KEYCLOAK_ISSUER, name
+            env["LIKVARD_OIDC_ISSUER"] = os.environ.get("LIKVARD_OIDC_ISSUER") or NO_ISSUER
             assert env["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
             env["KAFKA_BOOTSTRAP_SERVERS"] = kafka_bootstrap
             assert env["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://otel-collector:4318"
