@@ -3,12 +3,18 @@
 The service learns which cases exist only from `likvard.intake.v1` (its `known_cases`
 table, filled by the consumer in `services.followup.process`); a command on a case it has
 not seen yet waits a moment for the intake event, then answers 404 "case-not-known".
+
+Who may do what (`likvard.policy`): case workers of the case's current district record
+family work and complete follow-ups, and read the case's follow-ups (the sending district
+for 30 days after a transfer; any case worker with an emergency reason, logged and
+flagged); the follow-ups due are read per district, the caller's own unless one is named,
+and every case the answer shows is recorded in the access log.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import date
 from typing import Annotated, Any
@@ -16,11 +22,13 @@ from typing import Annotated, Any
 from fastapi import Depends, FastAPI, Path, Query, Request, Response
 from pydantic import BaseModel, Field
 
-from likvard import http
+from likvard import guard, http
 from likvard.codec import Catalogue
 from likvard.config import Settings, load_settings
 from likvard.eventstore import open_store
+from likvard.identity import Principal
 from likvard.known_cases import CaseDirectory, KnownCase
+from likvard.policy import Action, CaseScope, Decision, DistrictScope
 from likvard.telemetry import setup_tracing
 from services.followup import domain as d
 from services.followup.domain import (
@@ -133,12 +141,32 @@ def _directory(request: Request) -> CaseDirectory:
 
 Svc = Annotated[FollowUpService, Depends(_service)]
 Directory = Annotated[CaseDirectory, Depends(_directory)]
-Ctx = Annotated[http.RequestContext, Depends(http.request_context)]
+Ctx = guard.Ctx
+
+_NO_DISTRICT = "*"  # the scope of "the caller's own districts" for one who has none
 
 
 def _known(svc: FollowUpService, directory: CaseDirectory, case_id: str) -> KnownCase | None:
     with svc.store.pool.connection() as conn:
         return directory.get(conn, case_id)
+
+
+def _registered(known: KnownCase | None) -> KnownCase | None:
+    return known if known is not None and known.status != "unknown" else None
+
+
+def _scope(case_id: str, known: KnownCase | None, district: str | None) -> CaseScope:
+    """The case as the policy sees it: as known from intake (current district, transfers),
+    else the district its follow-up stream names (None: no such case)."""
+    registered = _registered(known)
+    return registered.scope() if registered is not None else CaseScope(case_id, district)
+
+
+def _due_scopes(principal: Principal, district: str | None) -> list[DistrictScope]:
+    """The districts whose follow-ups are asked for: the one named, else the caller's own."""
+    if district is not None:
+        return [DistrictScope(district)]
+    return [DistrictScope(x) for x in sorted(principal.districts)] or [DistrictScope(_NO_DISTRICT)]
 
 
 def create_app(
@@ -183,12 +211,21 @@ def create_app(
         responses=http.PROBLEM_RESPONSES,
     )
     http.install(app, "followup", max_request_bytes=settings.max_request_bytes)
+    guard.install(app, settings, "followup")
 
-    def await_case(svc: FollowUpService, directory: CaseDirectory, case_id: str) -> KnownCase:
-        """The case as learnt from intake, waiting up to `case_wait` for its intake event.
-        A closed case is fine: family work and follow-up go on after closing."""
-        known = directory.wait_for(svc.store.pool, case_id, wait)
-        if known is None or known.status == "unknown":
+    def checked_case(
+        request: Request,
+        principal: Principal,
+        svc: FollowUpService,
+        directory: CaseDirectory,
+        case_id: str,
+    ) -> KnownCase:
+        """The case as learnt from intake (waiting up to `case_wait` for its intake event),
+        once the caller may change it. A closed case is fine: family work and follow-up go
+        on after closing."""
+        known = _registered(directory.wait_for(svc.store.pool, case_id, wait))
+        guard.authorize(request, principal, Action.CASE_CHANGE, _scope(case_id, known, None))
+        if known is None:
             raise http.ProblemError(
                 404,
                 "case-not-known",
@@ -232,15 +269,24 @@ def create_app(
         return case_id
 
     def followup_district(
-        svc: FollowUpService, directory: CaseDirectory, case_id: str, followup_id: uuid.UUID
+        request: Request,
+        principal: Principal,
+        svc: FollowUpService,
+        directory: CaseDirectory,
+        case_id: str,
+        followup_id: uuid.UUID,
     ) -> str | None:
-        """The case's district now (it may have moved), else the one it was scheduled in."""
-        known = _known(svc, directory, case_id)
-        if known is not None and known.district:
-            return known.district
-        state, _, _ = svc.load(case_id)
-        followup = state.followups.get(str(followup_id))
-        return None if followup is None else followup.district
+        """Check that the caller may change the follow-up's case; its district now (it may
+        have moved), else the one the follow-up was scheduled in."""
+        known = _registered(_known(svc, directory, case_id))
+        district = None if known is None else known.district
+        if known is None:
+            state, _, _ = svc.load(case_id)
+            followup = state.followups.get(str(followup_id))
+            district = None if followup is None else followup.district
+        scope = _scope(case_id, known, district)
+        guard.authorize(request, principal, Action.CASE_CHANGE, scope)
+        return district
 
     @app.post(
         "/cases/{case_id}/children",
@@ -248,8 +294,12 @@ def create_app(
         responses=COMMAND_RESPONSES,
         tags=["family"],
         summary="Record how many children live in the person's household",
+        description="A case worker of the case's current district.",
+        openapi_extra=guard.policy(Action.CASE_CHANGE),
     )
     def record_children(
+        request: Request,
+        principal: guard.Caller,
         case_id: CaseId,
         body: RecordChildren,
         svc: Svc,
@@ -259,7 +309,7 @@ def create_app(
         if_match: IfMatch = None,
     ) -> CommandResult:
         http.parse_if_match(if_match)  # a malformed one is refused before waiting
-        known = await_case(svc, directory, str(case_id))
+        known = checked_case(request, principal, svc, directory, str(case_id))
         command = d.RecordChildrenInHousehold(
             case_id=str(case_id),
             occurred_at=body.when(),
@@ -274,8 +324,12 @@ def create_app(
         responses=COMMAND_RESPONSES,
         tags=["family"],
         summary="Record that a family member was engaged and offered support",
+        description="A case worker of the case's current district.",
+        openapi_extra=guard.policy(Action.CASE_CHANGE),
     )
     def engage_family_member(
+        request: Request,
+        principal: guard.Caller,
         case_id: CaseId,
         body: EngageFamilyMember,
         svc: Svc,
@@ -285,7 +339,7 @@ def create_app(
         if_match: IfMatch = None,
     ) -> CommandResult:
         http.parse_if_match(if_match)
-        known = await_case(svc, directory, str(case_id))
+        known = checked_case(request, principal, svc, directory, str(case_id))
         member_id = body.member_id or uuid.uuid4()
         command = d.EngageFamilyMember(
             case_id=str(case_id),
@@ -306,8 +360,12 @@ def create_app(
         responses=COMMAND_RESPONSES,
         tags=["follow-ups"],
         summary="Record a follow-up as done, with its outcomes",
+        description="A case worker of the case's current district.",
+        openapi_extra=guard.policy(Action.CASE_CHANGE),
     )
     def complete_followup(
+        request: Request,
+        principal: guard.Caller,
         followup_id: FollowUpId,
         body: CompleteFollowUp,
         svc: Svc,
@@ -328,7 +386,7 @@ def create_app(
             goals_reached=body.goals_reached,
             situation_improved=body.situation_improved,
         )
-        district = followup_district(svc, directory, case_id, followup_id)
+        district = followup_district(request, principal, svc, directory, case_id, followup_id)
         return run(svc, case_id, command, if_match, ctx, response, district)
 
     @app.post(
@@ -337,8 +395,12 @@ def create_app(
         responses=COMMAND_RESPONSES,
         tags=["follow-ups"],
         summary="Record that a follow-up could not be done, and why",
+        description="A case worker of the case's current district.",
+        openapi_extra=guard.policy(Action.CASE_CHANGE),
     )
     def mark_followup_missed(
+        request: Request,
+        principal: guard.Caller,
         followup_id: FollowUpId,
         body: MarkMissed,
         svc: Svc,
@@ -354,7 +416,7 @@ def create_app(
             followup_id=str(followup_id),
             reason=body.reason,
         )
-        district = followup_district(svc, directory, case_id, followup_id)
+        district = followup_district(request, principal, svc, directory, case_id, followup_id)
         return run(svc, case_id, command, if_match, ctx, response, district)
 
     @app.get(
@@ -363,12 +425,25 @@ def create_app(
         responses={200: {"headers": {"ETag": ETAG_HEADER}}},
         tags=["follow-ups"],
         summary="The case's family work and follow-ups, folded from its events",
+        description="Case workers of the case's district (the sending district for 30 days"
+        " after a transfer; any case worker with an emergency reason, logged and flagged).",
+        openapi_extra=guard.policy(Action.CASE_READ),
     )
     def get_case_followups(
-        case_id: CaseId, svc: Svc, directory: Directory, response: Response
+        request: Request,
+        principal: guard.Caller,
+        case_id: CaseId,
+        svc: Svc,
+        directory: Directory,
+        response: Response,
+        emergency: guard.EmergencyReason = None,
     ) -> CaseFollowUpsView:
-        state, version, _ = svc.load(str(case_id))
-        if version == 0 and _known(svc, directory, str(case_id)) is None:
+        known = _registered(_known(svc, directory, str(case_id)))
+        state, version, events = svc.load(str(case_id))
+        named = str(events[-1].metadata.get("district") or "") if events else ""
+        scope = _scope(str(case_id), known, named or None)
+        guard.authorize(request, principal, Action.CASE_READ, scope, emergency=emergency)
+        if version == 0 and known is None:
             raise http.ProblemError(
                 404,
                 "case-not-known",
@@ -404,8 +479,14 @@ def create_app(
         response_model=list[DueView],
         tags=["follow-ups"],
         summary="Follow-ups still to do (neither completed nor missed) due before a date",
+        description="Case workers, for their own districts (all of them when no district is"
+        " named; another district only with an emergency reason, logged and flagged). Every"
+        " case the answer shows is recorded in the access log.",
+        openapi_extra=guard.policy(Action.FOLLOWUPS_DUE),
     )
     def get_due(
+        request: Request,
+        principal: guard.Caller,
         svc: Svc,
         before: Annotated[
             http.Day,
@@ -416,10 +497,32 @@ def create_app(
             Query(
                 min_length=1,
                 max_length=64,
-                description="Only follow-ups scheduled in this district, e.g. 'nordost'",
+                description="Only follow-ups scheduled in this district, e.g. 'nordost';"
+                " by default those of every district of the caller",
             ),
         ] = None,
+        emergency: guard.EmergencyReason = None,
     ) -> list[DueView]:
+        reason = emergency if district is not None else None  # own districts need none
+        checked: list[tuple[DistrictScope, Decision]] = [
+            (
+                scope,
+                guard.authorize(request, principal, Action.FOLLOWUPS_DUE, scope, emergency=reason),
+            )
+            for scope in _due_scopes(principal, district)
+        ]
+        districts: Sequence[str] = [scope.district for scope, _ in checked]
+        shown = due(svc.store, districts, before)
+        for scope, decision in checked:
+            guard.record_reads(
+                request,
+                principal,
+                Action.FOLLOWUPS_DUE,
+                decision,
+                scope,
+                (f.case_id for f in shown if f.district == scope.district),
+                emergency=reason,
+            )
         return [
             DueView(
                 case_id=uuid.UUID(f.case_id),
@@ -430,7 +533,7 @@ def create_app(
                 intervention_id=None if f.intervention_id is None else uuid.UUID(f.intervention_id),
                 referral_id=None if f.referral_id is None else uuid.UUID(f.referral_id),
             )
-            for f in due(svc.store, district, before)
+            for f in shown
         ]
 
     http.add_health(app, lambda request: request.app.state.service.store.ping())

@@ -3,6 +3,7 @@ follow-up API needs across cases (over the service's own `events` table)."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
@@ -91,7 +92,7 @@ SELECT DISTINCT ON (s.payload->>'due_on', s.stream_id, s.payload->>'followup_id'
 FROM {t}.events s
 WHERE s.event_type = 'FollowUpScheduled'
   AND s.payload->>'due_on' < %(before)s
-  AND (%(district)s::text IS NULL OR s.payload->>'district' = %(district)s::text)
+  AND s.payload->>'district' = ANY(%(districts)s::text[])
   AND NOT EXISTS (
     SELECT 1 FROM {t}.events e
     WHERE e.event_type IN ('FollowUpCompleted', 'FollowUpMissed')
@@ -104,14 +105,14 @@ LIMIT %(limit)s
 
 
 def due(
-    store: EventStore, district: str | None, before: date, *, limit: int = 10_000
+    store: EventStore, districts: Sequence[str], before: date, *, limit: int = 10_000
 ) -> list[DueFollowUp]:
-    """Follow-ups scheduled and neither completed nor missed, due before `before` (in the
-    district they were scheduled in, if given), earliest first."""
+    """Follow-ups scheduled and neither completed nor missed, due before `before`, in the
+    districts they were scheduled in (the ones the caller may see), earliest first."""
     with store.pool.connection() as conn:
         rows = conn.execute(
             sql.SQL(_DUE_SQL).format(t=sql.Identifier(store.schema)),
-            {"before": before.isoformat(), "district": district, "limit": limit},
+            {"before": before.isoformat(), "districts": list(districts), "limit": limit},
         ).fetchall()
     return [
         DueFollowUp(

@@ -2,6 +2,8 @@
 
 Known cases are seeded through `CaseDirectory.handle` with intake events, as the consumer
 would; InterventionEnded is handed to the process manager's handler directly (no Kafka).
+The caller signs in as case worker `cw-17` of Nordost, Hisingen and Sydväst (a token from
+the development OpenID provider).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from likvard.topics import SERVICE_TOPICS
 from services.followup.process import ACTOR, make_handler
 from services.followup.scheduling import followup_id
 from services.followup.service import FollowUpService, make_service
+from tests.identity import bearer
 from tests.support import serving
 
 pytestmark = pytest.mark.integration
@@ -75,9 +78,13 @@ def followup(
         )
 
 
+DISTRICTS = ("nordost", "hisingen", "sydvast")
+
+
 @pytest.fixture
 def client(followup: Followup) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=followup.base_url, timeout=30, headers={"X-Actor": "cw-17"}) as c:
+    headers = bearer("case-worker", districts=DISTRICTS, subject="cw-17")
+    with httpx.Client(base_url=followup.base_url, timeout=30, headers=headers) as c:
         yield c
 
 
@@ -313,8 +320,10 @@ def test_due_filters_by_date_and_district_and_leaves_out_done_ones(
         (south, "POST_INTERVENTION_INTERVIEW", "2025-04-01"),
         (south, "ASI_6_MONTHS", "2025-09-02"),
     ]
-    assert due(before="2027-01-01", district="centrum") == []
-    assert len(due(before="2027-01-01")) == 6
+    assert due(before="2027-01-01", district="hisingen") == []
+    assert len(due(before="2027-01-01")) == 6  # every district of the caller's
+    other = client.get("/followups/due", params={"before": "2027-01-01", "district": "centrum"})
+    assert_problem(other, 403, "forbidden")
 
     listed = client.get("/followups/due", params={"before": "2025-09-02", "district": "nordost"})
     ids = {f["kind"]: f["followup_id"] for f in listed.json()}
@@ -568,7 +577,7 @@ def test_bad_input_to_every_endpoint_is_a_problem_and_changes_nothing(
 
 
 def test_openapi_documents_every_route(client: httpx.Client) -> None:
-    paths = client.get("/openapi.json").json()["paths"]
+    paths = client.get("/openapi.json", headers=bearer("ops")).json()["paths"]
     for path in [
         "/cases/{case_id}/children",
         "/cases/{case_id}/family",
@@ -585,5 +594,6 @@ def test_openapi_documents_every_route(client: httpx.Client) -> None:
 
 
 def test_health_and_readiness(client: httpx.Client) -> None:
-    assert client.get("/healthz").json() == {"status": "ok"}
-    assert client.get("/readyz").json() == {"status": "ready"}
+    with httpx.Client(base_url=client.base_url, timeout=30) as anonymous:  # probes: no token
+        assert anonymous.get("/healthz").json() == {"status": "ok"}
+        assert anonymous.get("/readyz").json() == {"status": "ready"}
