@@ -7,6 +7,7 @@ import secrets
 import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import typer
@@ -24,7 +25,18 @@ from likvard.cli.base import (
 from likvard.config import ConfigError, service_port
 
 if TYPE_CHECKING:
-    pass
+    from likvard.cli.devstack import Supervisor
+
+
+def _answers(sup: Supervisor, url: str) -> bool:
+    """One round of the supervisor, then whether `url` answers 200."""
+    import httpx
+
+    sup.check()
+    try:
+        return httpx.get(url, timeout=0.5).status_code == 200
+    except httpx.HTTPError:
+        return False
 
 
 @app.command()
@@ -57,6 +69,11 @@ def up(
         "intake,referral,followup,projections", help="Comma-separated services to run"
     ),
     broker_port: int = typer.Option(9092, help="Port of the development broker"),
+    idp_port: int = typer.Option(
+        8009,
+        envvar="LIKVARD_DEV_IDP_PORT",
+        help="Port of the development OpenID provider (not started if LIKVARD_OIDC_ISSUER is set)",
+    ),
 ) -> None:
     """Run the whole stack on this machine, until Ctrl-C.
 
@@ -66,6 +83,11 @@ def up(
     stops only on Ctrl-C, or when one keeps failing (more than 5 failed starts within 2
     minutes: exit code 1). A restarted dev broker gets its topics back, and every event
     again from the event stores (`likvard republish`).
+
+    Sign-in: without LIKVARD_OIDC_ISSUER, a development OpenID provider (`likvard
+    dev-idp`) runs as a process of its own and every service trusts it; `likvard token
+    --role case-worker --district nordost` prints a token from it. The API documents are
+    open (LIKVARD_PUBLIC_DOCS=1). Both are development conveniences, never production.
     """
     from likvard.cli.devstack import (
         EmbeddedPostgres,
@@ -115,7 +137,18 @@ def up(
 
         sup.watch(Server("tansu-broker", dev.down, back))
 
+    keys: Path | None = None
     try:
+        if env.get("LIKVARD_OIDC_ISSUER"):
+            issuer = env["LIKVARD_OIDC_ISSUER"]
+            console.print(f"Sign-in      {issuer} (LIKVARD_OIDC_ISSUER)")
+        else:  # first: it starts while PostgreSQL and the broker do
+            issuer = f"http://127.0.0.1:{idp_port}"
+            keys = Path(tempfile.gettempdir()) / f"likvard-dev-idp-{os.getpid()}.json"
+            env["LIKVARD_OIDC_ISSUER"] = issuer
+            sup.spawn("dev-idp", ["dev-idp", "--port", str(idp_port), "--keys", str(keys)])
+        env["LIKVARD_OIDC_AUDIENCE"] = env.get("LIKVARD_OIDC_AUDIENCE") or "likvard"
+        env["LIKVARD_PUBLIC_DOCS"] = "1"
         if not env.get("LIKVARD_DATABASE_URL"):
             pg = EmbeddedPostgres()
             env["LIKVARD_DATABASE_URL"] = pg.start()
@@ -140,7 +173,24 @@ def up(
         console.print(f"Topics       {make_topics()} ready")
         import httpx
 
+        if keys is not None:
+            wait_until(
+                lambda: stopping.is_set() or _answers(sup, f"{issuer}/jwks"),
+                60,
+                "the development OpenID provider",
+                interval=0.2,
+            )
+            console.print(
+                f"Sign-in      development OpenID provider on {issuer} (ready-made users,"
+                " password 'dev'; `likvard dev-idp --help` lists them)"
+            )
+        console.print(
+            "[yellow]Development conveniences, never for production: "
+            + ("the development OpenID provider, " if keys is not None else "")
+            + "LIKVARD_PUBLIC_DOCS=1 (/docs and /openapi.json without an ops token)[/yellow]"
+        )
         ports = {name: service_port(name, env) for name in wanted}
+        sup.spawn("access-log-relay", ["relay", "access-log"])
         for name in wanted:
             port = ports[name]
             sup.spawn(f"{name}", ["serve", name, "--port", str(port)])
@@ -180,6 +230,15 @@ def up(
                 f" KAFKA_BOOTSTRAP_SERVERS={env['KAFKA_BOOTSTRAP_SERVERS']}",
                 soft_wrap=True,
             )
+        console.print(
+            "Every API takes a bearer token; get one with (the issuer is this stack's):\n"
+            f"  export LIKVARD_OIDC_ISSUER={issuer}\n"
+            "  TOKEN=$(likvard token --role case-worker --district nordost)\n"
+            '  curl -H "Authorization: Bearer $TOKEN"'
+            f" http://127.0.0.1:{ports.get('intake', 8001)}/cases/CASE_ID",
+            soft_wrap=True,
+            markup=False,
+        )
         console.print("Press Ctrl-C to stop.")
         while not stopping.wait(0.5):
             sup.check()
@@ -195,5 +254,7 @@ def up(
             broker.stop()
         if pg is not None:
             pg.stop()
+        if keys is not None:
+            keys.unlink(missing_ok=True)
         console.print("stopped")
     sys.exit(code)
