@@ -364,7 +364,7 @@ def _pool(dsn: str, name: str, max_size: int) -> ConnectionPool:
         timeout=5.0,
         kwargs={"application_name": name, "connect_timeout": 5},
     )
-    pool.open(wait=True, timeout=30)
+    pool.open(wait=True, timeout=10)
     return pool
 
 

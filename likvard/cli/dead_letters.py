@@ -18,6 +18,7 @@ from likvard.config import ConfigError, Settings
 
 if TYPE_CHECKING:
     from likvard import dlq
+    from likvard.codec import Decoded
 
 # --- dead letters -------------------------------------------------------------------------
 dlq_app = typer.Typer(
@@ -123,13 +124,24 @@ def dlq_show(
     import json
 
     from likvard import dlq
+    from likvard.cli.operator import record_read
     from likvard.codec import Catalogue, CodecError
+    from likvard.policy import Action
 
+    settings = settings_or_exit()
     try:
         dlq.parse_id(letter_id)
-        (letter,) = dlq.find(_dead_letters(settings_or_exit()), [letter_id])
+        (letter,) = dlq.find(_dead_letters(settings), [letter_id])
     except ValueError as exc:
         raise fail(str(exc)) from exc
+    value = letter.value or b""
+    try:
+        decoded: Decoded | CodecError = Catalogue.load().decode(value)
+    except CodecError as exc:
+        decoded = exc
+    # It shows a district's record (with --payload, personal data): logged before it is.
+    case_id = None if isinstance(decoded, CodecError) else _case_id(decoded)
+    record_read(settings, Action.OPS_READ, f"dead-letter:{letter.id}", case_id)
     out = stdout()
     out.print(f"[bold]dead letter {letter.id}[/bold]: {letter.stage}/{letter.code}")
     out.print(f"  reason:  {letter.reason}")
@@ -139,16 +151,13 @@ def dlq_show(
         out.print(f"  retries: dead letter {letter.retry_of}")
     key = (letter.key or b"").decode("utf-8", errors="replace")
     out.print(f"  key:     {key or '(none)'}")
-    value = letter.value or b""
     out.print(f"  value:   {len(value)} bytes, starting {value[:10].hex(' ') or '(empty)'}")
     out.print("  headers:")
     for name, raw in letter.headers:
         text = (raw or b"").decode("utf-8", errors="replace")
         out.print(f"    {name}: {text}")
-    try:
-        decoded = Catalogue.load().decode(value)
-    except CodecError as exc:
-        out.print(f"  decoded: no ({exc})")
+    if isinstance(decoded, CodecError):
+        out.print(f"  decoded: no ({decoded})")
         return
     record = dict(decoded.record)
     meta = record.pop("metadata")
@@ -159,6 +168,17 @@ def dlq_show(
         out.print(json.dumps(record, default=str, ensure_ascii=False, indent=2))
     else:
         out.print(f"    fields: {', '.join(record)} (--payload prints their values)")
+
+
+def _case_id(decoded: Decoded) -> str | None:
+    """The record's case id for the access log, only if it is a UUID: a district system's
+    refused record may hold anything there, even a personal identity number."""
+    import uuid
+
+    try:
+        return str(uuid.UUID(str(decoded.record["metadata"]["case_id"])))
+    except (KeyError, ValueError):
+        return None
 
 
 @dlq_app.command("retry")

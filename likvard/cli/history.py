@@ -6,10 +6,12 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import psycopg
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from likvard.cli.base import (
+    APPS,
     app,
     check_service,
     console,
@@ -18,9 +20,12 @@ from likvard.cli.base import (
     settings_or_exit,
     stdout,
 )
-from likvard.config import ConfigError
+from likvard.cli.operator import record_read
+from likvard.config import ConfigError, Settings
+from likvard.policy import Action
 
 if TYPE_CHECKING:
+    from likvard.eventstore import EventStore
     from services.projections.replay import ReplayResult
 
 
@@ -40,7 +45,7 @@ def replay(
     hash chain; prints a checksum per read model. Exit 1 if the chain is broken."""
     from likvard.db import check_schema_name
     from likvard.topic_reader import TopicReadError
-    from likvard.topics import SERVICE_TOPICS
+    from services.projections.readmodels import SOURCE_TOPICS
     from services.projections.replay import Replay, replay_schema_name
 
     settings = settings_or_exit()
@@ -51,9 +56,14 @@ def replay(
     if swap and as_of is not None:
         raise fail("--swap cannot go with --as-of: a replay as of a date shows the past")
     target = schema or replay_schema_name()
-    topics = [settings.topic(t) for t in SERVICE_TOPICS.values()]
+    topics = [settings.topic(t) for t in SOURCE_TOPICS]  # the access log's too
     try:
         check_schema_name(live)
+        check_schema_name(target)
+    except ValueError as exc:
+        raise fail(str(exc)) from exc
+    record_read(settings, Action.REPLAY, "replay")  # every case's history is read
+    try:
         run = Replay(
             dsn,
             bootstrap,
@@ -168,17 +178,20 @@ def report(
 
 
 @app.command()
-def republish(service: str = typer.Argument(..., help="intake | referral | followup")) -> None:
-    """Produce every stored event of SERVICE to Kafka again (refills an empty broker)."""
+def republish(
+    service: str = typer.Argument(..., help="intake | referral | followup | access-log"),
+) -> None:
+    """Produce every stored event of SERVICE (or of the access log) to Kafka again (refills
+    an empty broker)."""
     from likvard.republish import RepublishError, republish as do_republish
 
-    check_service(service)
     settings = settings_or_exit()
+    store = _store(settings, service)
     try:
         bootstrap = settings.require_kafka()
     except ConfigError as exc:
+        store.pool.close()
         raise fail(str(exc)) from exc
-    store = event_store(settings, service)
     total = store.count()
     with Progress(
         TextColumn("republish"),
@@ -194,20 +207,65 @@ def republish(service: str = typer.Argument(..., help="intake | referral | follo
             )
         except RepublishError as exc:
             raise fail(str(exc), 1) from exc
+        finally:
+            store.pool.close()
     console.print(f"republished {sent} events of {service} to {store.topic}")
+
+
+def _store(settings: Settings, service: str, schema: str | None = None) -> EventStore:
+    """The event store of a write service, or the access log's (`access-log`)."""
+    from likvard import access_log
+    from likvard.eventstore import open_store
+
+    try:
+        if service != access_log.SERVICE:
+            check_service(service, {**APPS, access_log.SERVICE: ""})
+            if schema is None:
+                return event_store(settings, service)
+            return open_store(settings, service, schema=schema, max_size=4)
+        return access_log.open_store(settings, schema=access_log.schema_name(schema), service="cli")
+    except ValueError as exc:  # a schema name that is not one
+        raise fail(str(exc)) from exc
+    except ConfigError as exc:
+        raise fail(str(exc)) from exc
+    except psycopg.OperationalError as exc:
+        raise fail(f"cannot reach the database: {exc}", 1) from exc
 
 
 @app.command()
 def verify(
-    service: str = typer.Argument(..., help="intake | referral | followup"),
+    service: str = typer.Argument(..., help="intake | referral | followup | access-log"),
     stream: str = typer.Option(None, help="Only this stream (case id)"),
+    schema: str = typer.Option(
+        None, help="The event-store schema (default: the service's name; access-log: access_log)"
+    ),
 ) -> None:
-    """Verify the hash chain of every stream; exit code 1 if any break is found."""
-    check_service(service)
-    store = event_store(settings_or_exit(), service)
-    breaks = store.verify(stream)
+    """Verify the hash chain of every stream; exit code 1 if any break is found. For
+    `access-log`, also each row's queryable copy against its chained bytes and the stream
+    heads (an edited or deleted entry). Verifying one case's stream is a read of that case:
+    it is logged under the operator's identity first."""
+    from likvard import access_log
+    from likvard.eventstore import verify_chain
+
+    settings = settings_or_exit()
+    store = _store(settings, service, schema)
+    try:
+        if service == access_log.SERVICE:
+            breaks = access_log.verify(store, stream)
+            streams = len(access_log.streams(store)) if stream is None else 1
+        elif stream is not None:
+            events = store.read_stream(stream)
+            case_id = str(events[0].metadata["case_id"]) if events else stream
+            record_read(settings, Action.VERIFY, f"case:{case_id}", case_id)
+            breaks, streams = verify_chain(iter(events), store.catalogue), 1
+        else:
+            breaks, streams = store.verify(), 0
+        count = store.count() if stream is None else store.stream_version(stream)
+    finally:
+        store.pool.close()
     if not breaks:
-        console.print(f"[green]ok[/green]: {store.count()} events, every hash chain intact")
+        where = f" in {streams} stream(s)" if streams else ""
+        console.print(f"[green]ok[/green]: {count} events{where}, every hash chain intact")
         return
     for b in breaks:
         console.print(

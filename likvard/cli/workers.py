@@ -93,31 +93,44 @@ def serve(
 
 
 @app.command()
-def relay(service: str = typer.Argument(..., help="intake | referral | followup")) -> None:
-    """Publish the service's outbox to Kafka until stopped (SIGTERM/SIGINT)."""
+def relay(
+    service: str = typer.Argument(..., help="intake | referral | followup | access-log"),
+) -> None:
+    """Publish the service's outbox (or the access log's) to Kafka until stopped
+    (SIGTERM/SIGINT)."""
+    from likvard import access_log
     from likvard.relay import OutboxRelay, register_outbox_gauges
-    from likvard.topics import SERVICE_TOPICS, load_topics
+    from likvard.topics import ACCESS_LOG_TOPIC, SERVICE_TOPICS, load_topics
 
-    check_service(service)
+    if service != access_log.SERVICE:
+        check_service(service, {**APPS, access_log.SERVICE: ""})
     role = f"{service}-relay"
     logging_for(role)
     settings = settings_or_exit()
     try:
-        dsn, bootstrap = settings.require_database(), settings.require_kafka()
+        if service == access_log.SERVICE:
+            dsn, schema = access_log.database_url(settings), access_log.schema_name()
+            topic = ACCESS_LOG_TOPIC
+        else:
+            dsn, schema, topic = settings.require_database(), service, SERVICE_TOPICS[service]
+        bootstrap = settings.require_kafka()
     except ConfigError as exc:
         raise fail(str(exc)) from exc
     start_telemetry(role)
-    event_store(settings, service).pool.close()  # migrate before relaying
-    register_outbox_gauges(dsn, service, service)
+    if service == access_log.SERVICE:  # migrate before relaying
+        access_log.open_store(settings, schema=schema, service="relay").pool.close()
+    else:
+        event_store(settings, service).pool.close()
+    register_outbox_gauges(dsn, schema, service)
     stop = stop_on_signals()
     worker = OutboxRelay(
         dsn,
-        service,
+        schema,
         bootstrap,
         topics=load_topics(prefix=settings.topic_prefix),
         batch_size=settings.relay_batch_size,
     )
-    require_topics_or_exit(bootstrap, settings, [settings.topic(SERVICE_TOPICS[service])])
+    require_topics_or_exit(bootstrap, settings, [settings.topic(topic)])
     with ops_port(worker.progress):
         worker.run(stop)
 
