@@ -7,6 +7,11 @@ either appends the event to its own event store (from where its relay publishes 
 service's topic like any other) or copies the record to `likvard.dead-letter.v1` with the
 reason (`likvard.dlq`). The stages of refusal:
 
+- signature: the record is not signed by a district system Likvärd knows (`unsigned`,
+  `bad-signature`: checked first, over the raw bytes, before anything is decoded), or its
+  signer may not write it: the event's metadata.district, or the district Likvärd knows
+  the case is in, is not the signer's (`wrong-district`), or metadata.producer is not the
+  signer's id (`producer-not-signer`). See `likvard.district_keys`;
 - decode: not Avro single-object encoded, or a body that does not decode;
 - schema: a writer schema that is not in `schemas/`, or a key, headers or metadata that
   break the contract (key = case id, headers repeat the event, pseudonymous actor ...);
@@ -55,6 +60,7 @@ from likvard.codec import (
     UnknownFingerprint,
 )
 from likvard.consumer_loop import BatchLoop, ConsumerSource
+from likvard.district_keys import BadSignature, DistrictKeys, DistrictSystem, Unsigned
 from likvard.domain import DomainError
 from likvard.eventstore import ConcurrencyError, NewEvent, StoredEvent
 from likvard.faults import fault_point
@@ -72,7 +78,11 @@ log = logging.getLogger("likvard.ingest")
 INGEST_TOPIC = "likvard.district-ingest.v1"
 DEAD_LETTER_TOPIC = "likvard.dead-letter.v1"
 DEFAULT_OWNER = "intake"
-"""Judges records whose event type cannot be told (random bytes, an unknown schema)."""
+"""Judges records whose event type cannot be told (random bytes, an unknown schema), and
+those of event types no district system may send."""
+INGEST_SERVICES = frozenset({"intake", "referral", "followup"})
+"""The services with an ingest worker: district systems send only their event types (the
+access log's `CaseAccessed` is Likvärd's own record of a read)."""
 FUTURE_TOLERANCE = timedelta(minutes=5)
 """How far ahead of Likvärd's clock `occurred_at` may be (the district system's clock may
 run a little fast); further is refused, as the HTTP API refuses a time in the future."""
@@ -80,7 +90,7 @@ DERIVED_NAMESPACE = uuid.UUID("5b0e4c8e-55f4-5d0a-9f0e-6f1c0d1e2a3b")
 """Namespace of the ids of events Likvärd derives from an ingested one. Never change it."""
 STREAM_ATTEMPTS = 5
 
-Stage = Literal["decode", "schema", "rule", "internal"]
+Stage = Literal["signature", "decode", "schema", "rule", "internal"]
 Status = Literal["accepted", "duplicate", "dead-lettered"]
 
 _ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
@@ -142,7 +152,46 @@ def _internal(exc: BaseException) -> Rejected:
     )
 
 
+# --- the signature stage (pure, given the keys) -------------------------------------------
+def check_signature(record: SourceRecord, keys: DistrictKeys) -> DistrictSystem:
+    """The district system that signed the record; raises Rejected if none did."""
+    try:
+        return keys.verify(record.key, record.value, record.headers)
+    except Unsigned as exc:
+        raise Rejected("signature", "unsigned", exc.reason) from None
+    except BadSignature as exc:
+        raise Rejected("signature", "bad-signature", exc.reason) from None
+
+
+def _wrong_district(what: str) -> Rejected:
+    return Rejected(
+        "signature",
+        "wrong-district",
+        f"{what} is not the district of the system that signed the record (nor one it"
+        " took over): a district system writes only its own district's cases.",
+    )
+
+
+def check_signer(event: Incoming, signer: DistrictSystem) -> None:
+    """The signer may send this event: its district and producer are the signer's."""
+    if not signer.may_write_for(event.metadata["district"]):
+        raise _wrong_district("The event's metadata.district")
+    if event.metadata["producer"] != signer.id:
+        raise Rejected(
+            "signature",
+            "producer-not-signer",
+            "metadata.producer is not the id of the district system that signed the record.",
+        )
+
+
 # --- the envelope: decode and schema stages (pure) ---------------------------------------
+def ingest_owners(catalogue: Catalogue) -> dict[str, str]:
+    """Event type -> the service whose ingest worker judges it (DEFAULT_OWNER for a type
+    whose owner has none, which refuses it)."""
+    owners = {t: catalogue.owner(t) for t in catalogue.event_types()}
+    return {t: o if o in INGEST_SERVICES else DEFAULT_OWNER for t, o in owners.items()}
+
+
 def owner_of(record: SourceRecord, catalogue: Catalogue, owners: Mapping[str, str]) -> str:
     """The service whose worker judges this record (see the module doc)."""
     value = record.value or b""
@@ -260,6 +309,12 @@ def open_envelope(
 ) -> Incoming:
     """The event in a record, if the record keeps the contract; raises Rejected."""
     event = _decode(record, catalogue)
+    if catalogue.owner(event.event_type) not in INGEST_SERVICES:
+        raise _schema(
+            f"{event.event_type} is recorded by Likvärd itself; district systems do not send"
+            " it.",
+            "not-a-district-event",
+        )
     meta = event.metadata
     if meta["event_type"] != event.event_type:
         raise _schema(
@@ -454,6 +509,9 @@ class _Pending:
     index: int
     record: SourceRecord
     event: Incoming
+    signer: DistrictSystem
+    own_stream: bool
+    """The stream is the case's own (intake's): what it recorded is the case's district."""
 
 
 # --- the processor: one batch, no Kafka --------------------------------------------------
@@ -470,6 +528,7 @@ class IngestProcessor:
         catalogue: Catalogue,
         is_district: Callable[[str], bool],
         *,
+        keys: DistrictKeys,
         directory: CaseDirectory | None = None,
         case_wait: float = 5.0,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -480,10 +539,11 @@ class IngestProcessor:
         self.service = rules.service
         self.catalogue = catalogue
         self.is_district = is_district
+        self.keys = keys
         self.directory = directory
         self.case_wait = case_wait
         self.clock = clock
-        self.owners = {t: catalogue.owner(t) for t in catalogue.event_types()}
+        self.owners = ingest_owners(catalogue)
         self._tracer = telemetry.tracer("likvard.ingest")
 
     def owns(self, record: SourceRecord) -> bool:
@@ -501,7 +561,9 @@ class IngestProcessor:
                 skipped += 1
                 continue
             try:
+                signer = check_signature(record, self.keys)
                 event = open_envelope(record, self.catalogue, self.is_district, now)
+                check_signer(event, signer)
                 stream_id = self.rules.stream_id(event)
             except Rejected as rejected:
                 outcomes[index] = _dead(record, rejected)
@@ -512,7 +574,9 @@ class IngestProcessor:
             except Exception as exc:  # a bug must not stop the partition or lose the record
                 outcomes[index] = _dead(record, _internal(exc))
                 continue
-            pending.setdefault(stream_id, []).append(_Pending(index, record, event))
+            pending.setdefault(stream_id, []).append(
+                _Pending(index, record, event, signer, stream_id == event.case_id)
+            )
         if pending:
             outcomes.update(self._judge(pending))
         return BatchResult([outcomes[i] for i in sorted(outcomes)], skipped)
@@ -525,7 +589,8 @@ class IngestProcessor:
         ids = {uuid.UUID(p.event.event_id) for p in items}
         seen = {str(k): self._comparable(v) for k, v in self.store.find_events(list(ids)).items()}
         cases = self._cases(
-            sorted({p.event.case_id for p in items if self.rules.needs_case(p.event)})
+            sorted({p.event.case_id for p in items if self.rules.needs_case(p.event)}),
+            sorted({p.event.case_id for p in items}),
         )
         stored = self.store.read_streams(list(pending))
         batch_seen = dict(seen)
@@ -558,12 +623,20 @@ class IngestProcessor:
         metadata = record.pop("metadata")
         return stored.event_type, str(metadata["case_id"]), metadata["occurred_at"], record
 
-    def _cases(self, case_ids: list[str]) -> dict[str, KnownCase]:
-        """What the service knows of these cases, waiting (once for the whole batch) up to
-        `case_wait` seconds for any whose intake event is still on its way."""
-        if not case_ids or self.directory is None:
+    def _cases(self, needed: list[str], every: list[str]) -> dict[str, KnownCase]:
+        """What the service knows of the batch's cases, waiting (once for the whole batch) up
+        to `case_wait` seconds for any of those `needed` whose intake event is still on its
+        way; the others as known now (their district checks the signer's)."""
+        if not every or self.directory is None:
             return {}
-        return self.directory.wait_for_many(self.store.pool, case_ids, self.case_wait)
+        cases = {}
+        rest = sorted(set(every) - set(needed))
+        if rest:
+            with self.store.pool.connection() as conn:
+                cases = self.directory.get_many(conn, rest)
+        if needed:
+            cases.update(self.directory.wait_for_many(self.store.pool, needed, self.case_wait))
+        return cases
 
     def _stream(
         self,
@@ -622,6 +695,8 @@ class IngestProcessor:
     ) -> tuple[list[NewEvent], dict[int, Outcome], dict[str, _Comparable]]:
         state = self.streams.fold(stored)
         case_id = str(stored[0].metadata["case_id"]) if stored else None
+        recorded = str(stored[-1].metadata["district"]) if stored else None
+        """The district Likvärd last recorded as responsible on this stream."""
         new_events: list[NewEvent] = []
         outcomes: dict[int, Outcome] = {}
         accepted: dict[str, _Comparable] = {}
@@ -637,6 +712,12 @@ class IngestProcessor:
                 )
                 continue
             case = cases.get(event.case_id)
+            known = case.district if case is not None and case.district else None
+            if known is None and p.own_stream:
+                known = recorded
+            if known is not None and not p.signer.may_write_for(known):
+                outcomes[p.index] = _dead(p.record, _wrong_district("The case's district"), event)
+                continue
             parent = telemetry.context_from_traceparent(_traceparent(p.record, meta))
             with self._tracer.start_as_current_span(
                 f"ingest {event.event_type}",
@@ -667,15 +748,27 @@ class IngestProcessor:
             if not decided:  # the decider's own idempotency: nothing new
                 outcomes[p.index] = Outcome(p.record, "duplicate", event.event_id, event.event_type)
                 continue
-            for n, domain_event in enumerate(decided):
-                state = self.streams.evolve(state, domain_event)
-                district = self.rules.district(event, state, case)
+            staged: list[tuple[DomainEventLike, str]] = []
+            after = state
+            for domain_event in decided:
+                after = self.streams.evolve(after, domain_event)
+                district = self.rules.district(event, after, case)
+                staged.append(
+                    (domain_event, district or self.streams.district_of(after, domain_event))
+                )
+            if known is None and p.own_stream and not p.signer.may_write_for(staged[0][1]):
+                # a new case: the district it is registered in must be the signer's
+                outcomes[p.index] = _dead(p.record, _wrong_district("The case's district"), event)
+                continue
+            state = after
+            for n, (domain_event, district) in enumerate(staged):
+                recorded = district
                 new_events.append(
                     NewEvent(
                         event_type=domain_event.type,
                         data=domain_event.data,
                         occurred_at=domain_event.occurred_at,
-                        district=district or self.streams.district_of(state, domain_event),
+                        district=district,
                         actor=meta["actor"],
                         correlation_id=meta["correlation_id"],
                         causation_id=meta.get("causation_id") if n == 0 else event.event_id,
@@ -1051,6 +1144,7 @@ class IngestWorker:
 
 __all__ = [
     "DEAD_LETTER_TOPIC",
+    "INGEST_SERVICES",
     "INGEST_TOPIC",
     "BatchResult",
     "DeadLetterSink",
@@ -1063,6 +1157,9 @@ __all__ = [
     "Rejected",
     "SourceRecord",
     "StreamView",
+    "check_signature",
+    "check_signer",
+    "ingest_owners",
     "open_envelope",
     "owner_of",
 ]

@@ -1,6 +1,11 @@
 """A district system, as the integration guide tells one to be: it encodes events with its
 own Avro library (here plain fastavro, not Likvärd's codec) from the standalone schemas
-`likvard schemas export` writes, and produces them with a plain Kafka producer."""
+`likvard schemas export` writes, signs each record with its system's private key (the
+development keys of tests/district_keys/), and produces them with a plain Kafka producer.
+
+`DistrictSystem(...).record(...)` signs by default with the key of the district's system;
+`signature="none"` leaves the record unsigned, `"broken"` spoils the signature, and
+`sign_as="angered-procapita"` signs with another system's key."""
 
 from __future__ import annotations
 
@@ -8,15 +13,56 @@ import io
 import uuid
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from functools import cache
+from pathlib import Path
+from typing import Any, Literal
 
 from confluent_kafka import KafkaError, Message, Producer
 from fastavro import parse_schema, schemaless_writer
 from fastavro.schema import fingerprint, to_parsing_canonical_form
+from joserfc.jwk import ECKey, RSAKey
 
+from likvard import district_keys
 from likvard.codec import Catalogue
 
 PRODUCER = "nordost-treserva"
+KEYS_DIR = Path(__file__).resolve().parent / "district_keys"
+"""The private development keys of the reference district systems (never in the package)."""
+Signature = Literal["valid", "none", "broken"]
+
+
+@cache
+def private_key(system: str) -> ECKey | RSAKey:
+    return district_keys.load_private_key(KEYS_DIR / f"{system}.private.json")
+
+
+@cache
+def system_of(district: str) -> str:
+    """The id of the reference district system of a district (tests' default signer)."""
+    keys = district_keys.DistrictKeys()
+    found = next((s.id for s in keys.systems if s.district == district), None)
+    if found is None:
+        raise LookupError(f"no reference district system for {district!r}")
+    return found
+
+
+def signed(
+    key: bytes | None,
+    value: bytes | None,
+    headers: list[tuple[str, str | bytes | None]],
+    system: str,
+    signature: Signature = "valid",
+) -> list[tuple[str, str | bytes | None]]:
+    """The headers with `likvard-signature` by `system`'s key (any old one replaced)."""
+    rest = [(k, v) for k, v in headers if k != district_keys.SIGNATURE_HEADER]
+    if signature == "none":
+        return rest
+    token = district_keys.sign(key, value, rest, private_key(system), system=system)
+    if signature == "broken":
+        head, _, sig = token.split(".")
+        i = len(sig) // 2
+        token = f"{head}..{sig[:i]}{'A' if sig[i] != 'A' else 'B'}{sig[i + 1 :]}"
+    return [*rest, (district_keys.SIGNATURE_HEADER, token.encode())]
 
 
 def single_object(schema: dict[str, Any], record: dict[str, Any]) -> bytes:
@@ -45,8 +91,26 @@ class DistrictSystem:
 
     catalogue: Catalogue
     district: str = "nordost"
-    producer: str = PRODUCER
+    producer: str = ""
+    """metadata.producer; default: the id of the system that signs."""
     actor: str = "cw-4711"
+    sign_as: str = ""
+    """The system whose key signs; default: the reference system of `district`."""
+    signature: Signature = "valid"
+
+    def __post_init__(self) -> None:
+        self.sign_as = self.sign_as or system_of(self.district)
+        self.producer = self.producer or self.sign_as
+
+    def raw(
+        self,
+        key: bytes | None,
+        value: bytes | None,
+        headers: list[tuple[str, str | bytes | None]] | None = None,
+    ) -> DistrictRecord:
+        """Any bytes, signed as this system signs (to reach the stages after the signature)."""
+        signed_headers = signed(key, value, list(headers or []), self.sign_as, self.signature)
+        return DistrictRecord(key, value, signed_headers)
 
     def record(
         self,
@@ -57,6 +121,8 @@ class DistrictSystem:
         event_id: str | None = None,
         occurred_at: datetime | None = None,
         schema: dict[str, Any] | None = None,
+        sign_as: str | None = None,
+        signature: Signature | None = None,
         **metadata: Any,
     ) -> DistrictRecord:
         event_id = event_id or str(uuid.uuid4())
@@ -82,7 +148,9 @@ class DistrictSystem:
             ("event_type", event_type.encode()),
             ("event_id", event_id.encode()),
         ]
-        return DistrictRecord(case_id.encode(), value, headers, event_id, event_type)
+        key = case_id.encode()
+        headers = signed(key, value, headers, sign_as or self.sign_as, signature or self.signature)
+        return DistrictRecord(key, value, headers, event_id, event_type)
 
 
 def registered(person_byte: str = "ab", district: str = "nordost") -> dict[str, Any]:

@@ -64,7 +64,7 @@ def test_district_records_are_stored_once_or_dead_lettered_with_their_reason(
     referral_id = str(uuid.uuid4())
     first_assessment = district.record("AssessmentCompleted", case_a, assessment())
     rng = random.Random(7)
-    random_bytes = DistrictRecord(case_a.encode(), bytes(rng.randrange(256) for _ in range(80)))
+    random_bytes = district.raw(case_a.encode(), bytes(rng.randrange(256) for _ in range(80)))
     unknown = district.record(
         "AssessmentCompleted",
         case_a,

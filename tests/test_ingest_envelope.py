@@ -30,6 +30,7 @@ from likvard.ingest import (
     SourceRecord,
     check_matches,
     derived_event_id,
+    ingest_owners,
     open_envelope,
     owner_of,
 )
@@ -39,7 +40,7 @@ from services.referral import domain as referral_domain
 from tests.district import DistrictSystem, single_object
 
 CATALOGUE = Catalogue.load()
-OWNERS = {t: CATALOGUE.owner(t) for t in CATALOGUE.event_types()}
+OWNERS = ingest_owners(CATALOGUE)
 DISTRICTS = DistrictRegistry.load()
 SERVICES = frozenset({"intake", "referral", "followup"})
 
@@ -577,12 +578,45 @@ FOLLOWUP_TYPES = set(followup_domain.EVENT_TYPES)
 
 
 def test_every_event_type_is_owned_by_the_service_of_its_schema_folder() -> None:
+    """... and one no district system may send (Likvärd's own access log) goes to the
+    default owner, which refuses it."""
+    district_types = INTAKE_TYPES | REFERRAL_TYPES | FOLLOWUP_TYPES
     expected = {
+        **dict.fromkeys(set(CATALOGUE.event_types()) - district_types, DEFAULT_OWNER),
         **dict.fromkeys(INTAKE_TYPES, "intake"),
         **dict.fromkeys(REFERRAL_TYPES, "referral"),
         **dict.fromkeys(FOLLOWUP_TYPES, "followup"),
     }
     assert expected == OWNERS
+    assert set(OWNERS.values()) <= SERVICES
+
+
+@pytest.mark.parametrize(
+    "event_type",
+    sorted(set(CATALOGUE.event_types()) - (INTAKE_TYPES | REFERRAL_TYPES | FOLLOWUP_TYPES)),
+)
+def test_an_event_type_of_likvards_own_is_refused(event_type: str) -> None:
+    value = SINGLE_OBJECT_MARKER + CATALOGUE.fingerprint(event_type) + b"any body"
+    assert owner_of(source(value, headers=[]), CATALOGUE, OWNERS) == DEFAULT_OWNER
+    assert CATALOGUE.owner(event_type) not in SERVICES
+
+
+def test_a_district_system_cannot_write_the_access_log() -> None:
+    payload = {
+        "actor": "cw-4711",
+        "roles": "case-worker",
+        "action": "case:read",
+        "resource": f"case:{CASE}",
+        "case_id": CASE,
+        "outcome": "allowed",
+        "reason": "own-district",
+        "emergency_reason": None,
+        "service": "intake",
+        "trace_id": None,
+        "accessed_at": T0,
+    }
+    record = source(encode("CaseAccessed", payload), event_type="CaseAccessed")
+    refused(record, "schema", "not-a-district-event")
 
 
 @pytest.mark.parametrize("event_type", sorted(INTAKE_TYPES | REFERRAL_TYPES | FOLLOWUP_TYPES))

@@ -17,6 +17,7 @@ from typing import Any
 
 from likvard.codec import Catalogue
 from likvard.config import Settings
+from likvard.district_keys import DistrictKeys
 from likvard.districts import DistrictRegistry
 from likvard.eventstore import open_store
 from likvard.inbox import Incoming
@@ -132,18 +133,20 @@ class FollowUpRules:
 def build(settings: Settings, schema: str = "followup") -> IngestProcessor:
     """The follow-up service's ingest processor on its own pool (closed by the caller)."""
     catalogue = Catalogue.load()
+    districts = DistrictRegistry.load()
+    keys = DistrictKeys.from_env(districts)  # before the pool: bad key files fail first
     store = open_store(settings, "followup", schema=schema, catalogue=catalogue, max_size=2)
     directory = CaseDirectory(schema)
     with store.pool.connection() as conn:
         directory.migrate(conn)
         conn.commit()
         prepare(conn, schema)
-    districts = DistrictRegistry.load()
     return IngestProcessor(
         make_service(store),
         FollowUpRules(districts.is_known),
         catalogue,
         districts.is_known,
+        keys=keys,
         directory=directory,
         case_wait=settings.case_wait_seconds,
     )

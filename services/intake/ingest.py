@@ -15,6 +15,7 @@ from typing import Any
 
 from likvard.codec import Catalogue
 from likvard.config import Settings
+from likvard.district_keys import DistrictKeys
 from likvard.districts import DistrictRegistry
 from likvard.eventstore import open_store
 from likvard.inbox import Incoming
@@ -106,8 +107,13 @@ class IntakeRules:
 def build(settings: Settings, schema: str = "intake") -> IngestProcessor:
     """The intake service's ingest processor on its own pool (closed by the caller)."""
     catalogue = Catalogue.load()
-    store = open_store(settings, "intake", schema=schema, catalogue=catalogue, max_size=2)
     districts = DistrictRegistry.load()
+    keys = DistrictKeys.from_env(districts)  # before the pool: bad key files fail first
+    store = open_store(settings, "intake", schema=schema, catalogue=catalogue, max_size=2)
     return IngestProcessor(
-        make_service(store, districts), IntakeRules(districts), catalogue, districts.is_known
+        make_service(store, districts),
+        IntakeRules(districts),
+        catalogue,
+        districts.is_known,
+        keys=keys,
     )

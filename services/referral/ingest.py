@@ -19,6 +19,7 @@ from typing import Any
 from likvard.catalogue import ReferenceCatalogue
 from likvard.codec import Catalogue
 from likvard.config import Settings
+from likvard.district_keys import DistrictKeys
 from likvard.districts import DistrictRegistry
 from likvard.eventstore import open_store
 from likvard.inbox import Incoming
@@ -122,6 +123,8 @@ class ReferralRules:
 def build(settings: Settings, schema: str = "referral") -> IngestProcessor:
     """The referral service's ingest processor on its own pool (closed by the caller)."""
     catalogue = Catalogue.load()
+    districts = DistrictRegistry.load()
+    keys = DistrictKeys.from_env(districts)  # before the pool: bad key files fail first
     store = open_store(settings, "referral", schema=schema, catalogue=catalogue, max_size=2)
     directory = CaseDirectory(schema)
     with store.pool.connection() as conn:
@@ -131,7 +134,8 @@ def build(settings: Settings, schema: str = "referral") -> IngestProcessor:
         ReferralService(store, directory, reference).streams,
         ReferralRules(reference),
         catalogue,
-        DistrictRegistry.load().is_known,
+        districts.is_known,
+        keys=keys,
         directory=directory,
         case_wait=settings.case_wait_seconds,
     )
