@@ -1,6 +1,9 @@
 """The care chain across all three services on real PostgreSQL and a real broker: a case
 registered in one district is referred to a unit in another, accepted, given an
-intervention; the follow-up service schedules its follow-ups exactly once."""
+intervention; the follow-up service schedules its follow-ups exactly once. Each step is
+taken by whoever may take it: a Nordost case worker registers and refers, the Hisingen
+unit's staff accept and give the intervention (tokens from the development OpenID
+provider)."""
 
 from __future__ import annotations
 
@@ -11,6 +14,7 @@ from psycopg_pool import ConnectionPool
 from likvard.codec import Catalogue
 from likvard.known_cases import CaseDirectory
 from likvard.republish import republish
+from tests.identity import bearer
 from tests.support import CareStack, consume, wait_for
 
 pytestmark = pytest.mark.integration
@@ -21,7 +25,9 @@ def test_referral_across_districts_schedules_followups_exactly_once(
 ) -> None:
     intake, referral, followup = care_stack.intake, care_stack.referral, care_stack.followup
     followup_inbox = care_stack.followup_inbox
-    http = httpx.Client(timeout=30, headers={"X-Actor": "cw-9"})
+    http = httpx.Client(
+        timeout=30, headers=bearer("case-worker", districts=["nordost"], subject="cw-9")
+    )
     r = http.post(
         f"{intake.base_url}/cases",
         json={
@@ -58,13 +64,18 @@ def test_referral_across_districts_schedules_followups_exactly_once(
     )
     assert r.status_code == 201, r.text
     rid = r.json()["referral_id"]
-    assert http.post(f"{referral.base_url}/referrals/{rid}/accept", json={}).status_code == 200
-    started = http.post(f"{referral.base_url}/referrals/{rid}/interventions", json={})
+    staff = bearer("unit-staff", unit=unit.id, subject="staff-9")
+    accepted = http.post(f"{referral.base_url}/referrals/{rid}/accept", json={}, headers=staff)
+    assert accepted.status_code == 200, accepted.text
+    started = http.post(
+        f"{referral.base_url}/referrals/{rid}/interventions", json={}, headers=staff
+    )
     assert started.status_code == 201, started.text
     iid = started.json()["intervention_id"]
     ended = http.post(
         f"{referral.base_url}/interventions/{iid}/end",
         json={"outcome": "COMPLETED_AS_PLANNED"},
+        headers=staff,
     )
     assert ended.status_code == 200, ended.text
 
@@ -81,6 +92,8 @@ def test_referral_across_districts_schedules_followups_exactly_once(
         "hisingen",
     )
     assert {x.key for x in records} == {case.encode()}
+    actors = [catalogue.decode(x.value).record["metadata"]["actor"] for x in records]
+    assert actors == ["cw-9", "cw-9", "staff-9", "staff-9", "staff-9"]  # tokens' subjects
 
     def scheduled() -> list[str]:
         return [

@@ -10,6 +10,7 @@ import pytest
 
 from likvard.codec import Catalogue
 from likvard.relay import OutboxRelay
+from tests.identity import bearer
 from tests.support import RunningService, consume
 
 pytestmark = pytest.mark.integration
@@ -37,7 +38,7 @@ def test_registered_case_is_stored_published_and_decodable(
     r = httpx.post(
         f"{intake.base_url}/cases",
         timeout=30,
-        headers={"traceparent": traceparent},
+        headers={"traceparent": traceparent, **bearer("case-worker", districts=["sydvast"])},
         json={
             "personal_identity_number": "19121212-1212",
             "district": "sydvast",
