@@ -1,4 +1,4 @@
-"""A service's view of cases, folded from intake events (pure)."""
+"""A service's view of cases, folded from intake events (pure), and its table."""
 
 from __future__ import annotations
 
