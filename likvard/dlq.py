@@ -2,7 +2,7 @@
 
 A record the ingest path refuses is copied there unchanged (key, value and its own headers)
 with headers that say why: `dlq_reason` (a sentence a person understands), `dlq_stage`
-(decode, schema, rule, or internal for a fault of Likvärd's), `dlq_code` (stable, for
+(signature, decode, schema, rule, or internal for a fault of Likvärd's), `dlq_code` (stable, for
 machines), `dlq_service` (whose worker judged it), `dlq_failed_at`, and where it came from:
 `dlq_source_topic`, `dlq_source_partition`, `dlq_source_offset`.
 
@@ -35,8 +35,10 @@ from confluent_kafka import KafkaError, Message, Producer
 from likvard.relay import Deliveries, Headers, produce, producer_config
 from likvard.topic_reader import TopicReader, TopicReadError, record_headers
 
-STAGES = ("decode", "schema", "rule", "internal")
-"""decode: not an Avro single-object encoded record (or its body does not decode);
+STAGES = ("signature", "decode", "schema", "rule", "internal")
+"""signature: not signed by a district system Likvärd knows, or signed by one that may not
+write it (another district's case); decode: not an Avro single-object encoded record (or
+its body does not decode);
 schema: encoded with a schema that is not in the contract, or breaking the contract's rules
 for keys, headers and metadata; rule: refused by the owning service's rules (the same as
 its HTTP API); internal: Likvärd failed while checking it (a bug: retry after the fix)."""

@@ -22,10 +22,11 @@ from typing import Any
 
 import pytest
 
-from likvard import dlq, ingest
+from likvard import district_keys, dlq, ingest
 from likvard.codec import Catalogue
 from likvard.pseudonym import pseudonymise
 from services.followup.scheduling import FOLLOWUP_NAMESPACE
+from tests.district import private_key
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "district-integration.md"
@@ -358,3 +359,109 @@ def test_the_facts_quoted_in_the_document_are_the_codes() -> None:
     assert all(f"`{h}`" in text for h in headers)
     for stage in dlq.STAGES:
         assert f"**{stage}**" in text
+
+
+# --- signing -------------------------------------------------------------------------------
+SIGNING_HEADERS: list[list[tuple[str, bytes | None]]] = [
+    [("event_type", b"CaseClosed"), ("event_id", b"9b1d3e5f-7a2c-4e6b-8d0f-1a3c5e7b9d2f")],
+    [],
+    [("b", b"2"), ("a", None), ("b", b"1"), ("a", b""), ("b", b"\xff"), ("b", b"10")],
+    [("dlq_retry_of", b"3:2"), ("likvard-signature", b"x..y"), ("traceparent", b"00-ab")],
+    [("ärende", "å".encode()), ("z", b"\x00"), ("Z", b"upper before lower")],
+]
+
+
+def section_three_record(catalogue: Catalogue, record: dict[str, Any]) -> tuple[bytes, bytes]:
+    key = record["metadata"]["case_id"].encode()
+    return key, catalogue.encode("CaseClosed", record)
+
+
+def test_the_signing_input_dump_is_what_the_code_signs(
+    catalogue: Catalogue, record: dict[str, Any]
+) -> None:
+    from likvard.district_keys import signing_input
+
+    key, value = section_three_record(catalogue, record)
+    expected = signing_input(key, value, SIGNING_HEADERS[0])
+    assert hexdump_bytes(fenced_after("example:signing-input", "text")) == expected
+    assert f"({len(expected)} bytes)" in section_or_text("example:signing-input")
+    assert district_keys.MAGIC.decode() in doc() and district_keys.SIGNATURE_HEADER in doc()
+
+
+def section_or_text(marker: str) -> str:
+    """The text of the paragraph just before `<!-- marker -->`."""
+    end = doc().index(f"<!-- {marker} -->")
+    return doc()[doc().rindex("\n\n", 0, end - 2) : end]
+
+
+def test_the_python_signing_example_is_the_reference(
+    catalogue: Catalogue, record: dict[str, Any]
+) -> None:
+    namespace: dict[str, Any] = {}
+    exec(fenced_after("example:sign-py", "python"), namespace)
+    key, value = section_three_record(catalogue, record)
+    for headers in SIGNING_HEADERS:
+        for k, v in ((key, value), (None, None), (b"", b"")):
+            assert namespace["signing_input"](k, v, headers) == district_keys.signing_input(
+                k, v, headers
+            )
+    keys = district_keys.DistrictKeys()
+    for system in ("nordost-treserva", "angered-procapita"):  # ES256 and RS256
+        token = namespace["signature"](key, value, SIGNING_HEADERS[0], private_key(system), system)
+        headers = [*SIGNING_HEADERS[0], ("likvard-signature", token.encode())]
+        assert keys.verify(key, value, headers).id == system
+
+
+def test_the_java_signing_example_verifies(
+    tmp_path: Path, catalogue: Catalogue, record: dict[str, Any]
+) -> None:
+    """Compiled and run with the JDK alone (no Avro or Kafka jars needed)."""
+    from cryptography.hazmat.primitives import serialization
+
+    javac, java = shutil.which("javac"), shutil.which("java")
+    if javac is None or java is None:
+        pytest.skip("javac/java are not installed, so the document's Java signer is not run")
+    source = fenced_after("example:sign-java", "java")
+    (tmp_path / "LikvardSignature.java").write_text(source, encoding="utf-8")
+    subprocess.run(
+        [javac, "-d", str(tmp_path), str(tmp_path / "LikvardSignature.java")],
+        check=True,
+        timeout=180,
+    )
+    key = private_key("nordost-treserva")
+    pkcs8 = key.private_key.private_bytes(  # type: ignore[union-attr]
+        serialization.Encoding.DER,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+    (tmp_path / "key.p8").write_bytes(pkcs8)
+    case_key, value = section_three_record(catalogue, record)
+    (tmp_path / "key.bin").write_bytes(case_key)
+    (tmp_path / "value.bin").write_bytes(value)
+    headers = [("event_type", b"CaseClosed"), ("b", b"2"), ("a", b""), ("b", b"\xff"), ("b", b"1")]
+    args = []
+    for n, (name, header) in enumerate(headers):
+        (tmp_path / f"h{n}").write_bytes(header or b"")
+        args.append(f"{name}={tmp_path / f'h{n}'}")
+    out = subprocess.run(
+        [
+            java,
+            "-cp",
+            str(tmp_path),
+            "LikvardSignature",
+            str(tmp_path / "key.p8"),
+            str(key.kid),
+            "nordost-treserva",
+            str(tmp_path / "key.bin"),
+            str(tmp_path / "value.bin"),
+            *args,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    ).stdout
+    signed = [*headers, ("likvard-signature", out.encode())]
+    assert district_keys.DistrictKeys().verify(case_key, value, signed).id == "nordost-treserva"
+    with pytest.raises(district_keys.BadSignature):  # and it covers the headers
+        district_keys.DistrictKeys().verify(case_key, value, [*signed[1:], ("event_type", b"X")])
