@@ -23,8 +23,11 @@ from confluent_kafka import Producer
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
+from likvard.access_log import open_access_log, open_store
 from likvard.codec import Catalogue
+from likvard.config import Settings
 from likvard.eventstore import EventStore, NewEvent
+from likvard.guard import AccessEntry
 from likvard.inbox import Incoming, decode_event
 from likvard.relay import OutboxRelay
 from likvard.topics import SERVICE_TOPICS
@@ -344,3 +347,63 @@ def test_as_of_is_the_end_of_the_local_day() -> None:
 
     cutoff = as_of_cutoff(date(2024, 2, 1))
     assert cutoff.astimezone(UTC) == datetime(2024, 2, 1, 23, 0, tzinfo=UTC)
+
+
+def test_the_access_log_is_projected_live_and_replayed_with_its_chain_verified(
+    store: EventStore,
+    database_url: str,
+    kafka_bootstrap: str,
+    topic_prefix: str,
+    new_schema: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    cases = [str(uuid.uuid4()) for _ in range(3)]
+    for case in cases:
+        store.append(case, 0, [registered()])
+    relay_all(store, database_url, kafka_bootstrap)
+    settings = Settings(database_url=database_url, topic_prefix=topic_prefix)
+    log_schema = new_schema("alog")
+    writers = [open_access_log(settings, s, schema=log_schema) for s in ("intake", "projections")]
+    now = datetime.now(UTC)
+    for n, case in enumerate(cases * 4):
+        writers[n % 2].record(
+            [
+                AccessEntry(
+                    "cw-7", "case-worker", "case.read", f"case:{case}", case, n % 3 != 0,
+                    "own-district" if n % 3 else "not-your-district", None,
+                    writers[n % 2].service, now, None,
+                )
+            ]
+        )  # fmt: skip
+    for w in writers:
+        w.close()
+    access_store = open_store(settings, schema=log_schema)
+    try:
+        relay_all(access_store, database_url, kafka_bootstrap)
+    finally:
+        access_store.pool.close()
+    total = 3 + 12
+    env = env_for(database_url, kafka_bootstrap, topic_prefix)
+
+    live = new_schema("live")
+    with live_worker(env, live, tmp_path / "worker.log"):
+        wait_for(lambda: processed(database_url, live) == total, 120, "the live projection")
+    topics = [topic_prefix + t for t in readmodels.SOURCE_TOPICS]
+    run = Replay(database_url, kafka_bootstrap, topics, new_schema("rb"), settle=0.3)
+    try:
+        result = run.run()
+    finally:
+        run.close()
+    assert result.breaks == []
+    assert (result.projected, result.chain_events, result.streams) == (total, total, 3 + 2)
+    assert result.per_topic[topic_prefix + "likvard.access-log.v1"] == 12
+    with psycopg.connect(database_url) as conn:
+        assert readmodels.checksum(conn, live) == result.checksums
+        rows = conn.execute(
+            sql.SQL(
+                "SELECT stream_id, count(*), count(*) FILTER (WHERE outcome = 'refused')"
+                " FROM {}.access_log GROUP BY stream_id ORDER BY stream_id"
+            ).format(sql.Identifier(result.schema))
+        ).fetchall()
+        assert readmodels.case_facts(conn, live, "access-log-intake") is None
+    assert rows == [("access-log-intake", 6, 2), ("access-log-projections", 6, 2)]

@@ -2,9 +2,11 @@
 
 The same `readmodels.apply` as the live worker folds the events, so a replay of the whole
 history gives the live read models' checksums. A fast batch consumer (confluent-kafka,
-partitions assigned at offset 0, no consumer group, nothing committed) reads every service
-topic; decoding and the hash-chain check run in this thread while a second thread applies
-the previous batch to PostgreSQL, so the two overlap.
+partitions assigned at offset 0, no consumer group, nothing committed) reads every topic of
+`readmodels.SOURCE_TOPICS` (the service topics and the access log, so the access-log
+streams' hash chains are verified and the access-log read model rebuilt like the rest);
+decoding and the hash-chain check run in this thread while a second thread applies the
+previous batch to PostgreSQL, so the two overlap.
 
 When is the replay done? A queried end offset alone cannot say (the dev broker under-reports
 it: see DESIGN.md), so the replay reads at least up to the end offsets it was told, then
