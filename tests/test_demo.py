@@ -239,3 +239,47 @@ def test_executor_sends_every_due_step_through_the_services(
     # Follow-ups nobody completed yet are scheduled by the consumer in its own time.
     wait_for(lambda: _stored(pool, schemas) == expected, 60, "the planned events in the stores")
     assert all(p.personal_identity_number not in stats.summary() for p in plans)
+    _signed_in_as_the_staff_of_each_step(pool, schemas)
+
+
+UNIT_ANSWERS = {"ReferralAccepted", "ReferralDeclined", "InterventionStarted", "InterventionEnded"}
+
+
+def _signed_in_as_the_staff_of_each_step(pool: ConnectionPool, schemas: list[str]) -> None:
+    """Every event's actor is the subject of the token the step was sent with: the unit's
+    staff for its answers to a referral, else the case worker of the case's district at
+    the time (the receiving district's after a transfer)."""
+    registry = DistrictRegistry.load()
+    intake, referral, followup = schemas
+    with pool.connection() as conn:
+
+        def rows(schema: str) -> list[tuple[str, str, dict[str, object], dict[str, object]]]:
+            query = sql.SQL(
+                "SELECT stream_id, event_type, payload, metadata FROM {}.events"
+                " ORDER BY stream_id, stream_version"
+            ).format(sql.Identifier(schema))
+            return [(str(a), str(b), c, d) for a, b, c, d in conn.execute(query).fetchall()]
+
+        district: dict[str, str] = {}  # case id -> its current district
+        transfers = 0
+        for case_id, event_type, payload, meta in rows(intake):
+            if event_type == "IntakeRegistered":
+                district[case_id] = str(meta["district"])
+            assert meta["actor"] == f"dev-cw-{registry.successor_of(district[case_id])}"
+            if event_type == "CaseTransferred":
+                district[case_id] = str(payload["to_district"])
+                transfers += 1
+        units: dict[str, str] = {}  # referral id -> the unit it is addressed to
+        answers = 0
+        for stream_id, event_type, payload, meta in rows(referral):
+            if event_type == "ReferralRequested":
+                units[stream_id] = str(payload["unit_id"])
+            if event_type in UNIT_ANSWERS:
+                assert meta["actor"] == f"dev-us-{units[stream_id]}", event_type
+                answers += 1
+            else:
+                assert str(meta["actor"]).startswith("dev-cw-"), event_type
+        for _, event_type, _, meta in rows(followup):
+            if event_type != "FollowUpScheduled":  # scheduled by the service itself
+                assert str(meta["actor"]).startswith("dev-cw-"), event_type
+    assert transfers and answers  # the plans exercised both

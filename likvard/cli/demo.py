@@ -10,9 +10,13 @@ Three layers, so each can be tested on its own:
   disparity is the only difference between districts the audit should find. Steps that
   would lie in the future are left out: the APIs refuse a future `occurred_at`.
 * `run` sends the plans through the public HTTP APIs of the intake, referral and follow-up
-  services (persons in parallel, each person's steps in order); the services' relays put
-  the events on Kafka. It waits, with a deadline, for what a service learns through Kafka
-  (a just-registered case, a consent, scheduled follow-ups) and re-reads the version on 409.
+  services (persons in parallel, each person's steps in order), signed in as the staff
+  who would do each step, with tokens of the development OpenID provider: the case worker
+  of the case's current district (after a transfer, the receiving one's), the staff of the
+  unit a referral is addressed to for accepting, declining, starting and ending it. The
+  services' relays put the events on Kafka. It waits, with a deadline, for what a service
+  learns through Kafka (a just-registered case, a consent, scheduled follow-ups, a
+  transfer) and re-reads the version on 409.
 * `to_events` builds the decoded events the services would emit for the same plans,
   without HTTP, so tests can project them straight into the read models.
 
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+import os
 import random
 import time
 import uuid
@@ -57,6 +62,7 @@ __all__ = [
     "DemoStats",
     "DemoUrls",
     "PersonPlan",
+    "SignInFailed",
     "Step",
     "main",
     "parse_bias",
@@ -852,11 +858,77 @@ def to_events(plans: Sequence[PersonPlan]) -> list[Incoming]:
 
 @dataclass(frozen=True)
 class DemoUrls:
-    """Where the write services answer."""
+    """Where the write services answer, and the development OpenID provider that signs
+    the demo's staff in (default LIKVARD_OIDC_ISSUER, else the one `likvard up` starts)."""
 
     intake: str = "http://127.0.0.1:8001"
     referral: str = "http://127.0.0.1:8002"
     followup: str = "http://127.0.0.1:8003"
+    issuer: str = field(
+        default_factory=lambda: os.environ.get("LIKVARD_OIDC_ISSUER") or "http://127.0.0.1:8009"
+    )
+
+
+class SignInFailed(RuntimeError):
+    """The development OpenID provider gave the demo no token (not running, or not the
+    development provider); the text says which issuer, never a token."""
+
+
+# The development provider's dev client, which may name a token's claims (development
+# only: see likvard/cli/devidp.py) and the password of its ready-made users.
+_DEV_CLIENT = {"client_id": "likvard-dev", "client_secret": "dev"}
+_DEV_PASSWORD = "dev"
+
+
+class _Tokens:
+    """Access tokens of the demo's staff, fetched from the provider once and again when
+    one nears its expiry. A case worker of a district also holds the district codes of the
+    earlier structure it succeeded (the demo's older cases keep the codes of their day)."""
+
+    def __init__(self, client: httpx.AsyncClient, issuer: str) -> None:
+        self.client, self.issuer = client, issuer.rstrip("/")
+        self.registry = DistrictRegistry.load()
+        self._cache: dict[tuple[str, str], tuple[str, float]] = {}
+        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+
+    def owner(self, district: str) -> str:
+        """The district of today whose case workers handle cases of `district`."""
+        return self.registry.successor_of(district)
+
+    async def header(self, who: tuple[str, str]) -> dict[str, str]:
+        cached = self._cache.get(who)
+        if cached is None or cached[1] - time.monotonic() < 60:
+            lock = self._locks.setdefault(who, asyncio.Lock())
+            async with lock:
+                cached = self._cache.get(who)
+                if cached is None or cached[1] - time.monotonic() < 60:
+                    cached = self._cache[who] = await self._fetch(who)
+        return {"Authorization": f"Bearer {cached[0]}"}
+
+    def forget(self, who: tuple[str, str]) -> None:
+        self._cache.pop(who, None)
+
+    async def _fetch(self, who: tuple[str, str]) -> tuple[str, float]:
+        kind, code = who
+        form: dict[str, Any]
+        if kind == "unit":
+            form = {"grant_type": "password", "username": f"unit-staff-{code}"}
+            form["password"] = _DEV_PASSWORD
+        else:
+            older = [d.code for d in self.registry if d.code != code and self.owner(d.code) == code]
+            form = {"grant_type": "client_credentials", **_DEV_CLIENT, "role": "case-worker"}
+            form |= {"district": [code, *older], "subject": f"dev-cw-{code}"}
+        try:
+            r = await self.client.post(f"{self.issuer}/token", data=form, timeout=10)
+            r.raise_for_status()
+            body = r.json()
+            return str(body["access_token"]), time.monotonic() + float(body["expires_in"])
+        except (httpx.HTTPError, ValueError, KeyError, TypeError) as exc:
+            raise SignInFailed(
+                f"no token from the development OpenID provider at {self.issuer}"
+                f" ({type(exc).__name__}): start the stack with `likvard up`, or set"
+                " LIKVARD_OIDC_ISSUER to the provider it started"
+            ) from exc
 
 
 @dataclass
@@ -947,14 +1019,26 @@ class _PersonRun:
         plan: PersonPlan,
         stats: DemoStats,
         wait: float,
+        tokens: _Tokens,
     ) -> None:
         self.client, self.urls, self.plan, self.stats, self.wait = client, urls, plan, stats, wait
-        self.actor = f"demo-cw-{plan.district}"
+        self.tokens = tokens
+        self.district = plan.district  # the case's current district (a transfer moves it)
+        self.moved = False  # the other services learn of a transfer through Kafka
+        self.units: dict[int | None, str] = {}  # ref -> the unit the referral is addressed to
+        self.who = ("district", tokens.owner(plan.district))  # who signs the step in
         self.case_id = ""
         self.case_version = 0
         self.referrals: dict[int | None, tuple[str, int]] = {}  # ref -> (id, version)
         self.interventions: dict[int | None, str] = {}
         self.consents: dict[int | None, str] = {}
+
+    def signer(self, action: str, ref: int | None) -> tuple[str, str]:
+        """Who does the step: the unit's staff answer a referral, the case worker of the
+        case's current district does everything else."""
+        if action in ("accept", "decline", "start", "end"):
+            return ("unit", self.units[ref])
+        return ("district", self.tokens.owner(self.district))
 
     async def send(
         self,
@@ -965,13 +1049,16 @@ class _PersonRun:
         version: int | None = None,
     ) -> httpx.Response:
         """POST (or GET without body) with retries: connection refused and 5xx, and what
-        the service learns through Kafka, until the deadline; 409 with the ETag's version."""
+        the service learns through Kafka, until the deadline; 409 with the ETag's version;
+        401 once with a new token."""
         base = getattr(self.urls, service)
         deadline = time.monotonic() + self.wait
         pause = 0.05
         conflicts = 0
+        renewed = False
+        who = self.who
         while True:
-            headers = {"X-Actor": self.actor}
+            headers = await self.tokens.header(who)
             if version is not None:
                 headers["If-Match"] = f'"{version}"'
             try:
@@ -992,12 +1079,18 @@ class _PersonRun:
             if r.status_code < 300:
                 return r
             code = _problem_code(r)
+            if r.status_code == 401 and not renewed:
+                renewed = True
+                self.tokens.forget(who)
+                continue
             if r.status_code == 409 and "etag" in r.headers and conflicts < 10:
                 conflicts += 1
                 self.stats.conflicts += 1
                 version = int(r.headers["etag"].strip('W/"'))
                 continue
             retryable = (service, r.status_code, code) in _NOT_YET or r.status_code >= 500
+            # After a transfer, referral and follow-up learn the new district through Kafka.
+            retryable |= self.moved and service != "intake" and r.status_code == 403
             if retryable and time.monotonic() < deadline:
                 self.stats.retries += 1
                 await asyncio.sleep(pause)
@@ -1008,6 +1101,7 @@ class _PersonRun:
     async def step(self, s: Step) -> None:
         body = _json(s.body, s.at)
         ref = s.ref
+        self.who = self.signer(s.action, ref)
         match s.action:
             case "intake":
                 body["personal_identity_number"] = self.plan.personal_identity_number
@@ -1017,6 +1111,8 @@ class _PersonRun:
                 path = f"/cases/{self.case_id}/{_PATHS[s.action]}"
                 r = await self.send(s.action, "intake", path, body, self.case_version)
                 self.case_version = r.json()["version"]
+                if s.action == "transfer":
+                    self.district, self.moved = str(s.body["to_district"]), True
             case "consent":
                 path = f"/cases/{self.case_id}/consents"
                 r = await self.send(s.action, "intake", path, body, self.case_version)
@@ -1040,6 +1136,7 @@ class _PersonRun:
                 if consent is not None:
                     body["consent_id"] = self.consents[consent]
                 body["case_id"] = self.case_id
+                self.units[ref] = str(body["unit_id"])
                 r = await self.send(s.action, "referral", "/referrals", body)
                 self.referrals[ref] = (r.json()["referral_id"], r.json()["version"])
             case "accept" | "decline" | "start":
@@ -1117,10 +1214,15 @@ async def _run_all(
     )
     gate = asyncio.Semaphore(concurrency)
     async with httpx.AsyncClient(timeout=60, limits=limits) as client:
+        tokens = _Tokens(client, urls.issuer)
+        # Sign in once before anything is sent: a provider that does not answer stops the
+        # demo at once, with the fix, instead of failing every person.
+        if plans:
+            await tokens.header(("district", tokens.owner(plans[0].district)))
 
         async def one(p: PersonPlan) -> None:
             async with gate:
-                await _PersonRun(client, urls, p, stats, wait).run(progress)
+                await _PersonRun(client, urls, p, stats, wait, tokens).run(progress)
 
         await asyncio.gather(*(one(p) for p in plans))
 
@@ -1135,7 +1237,8 @@ def run(
 ) -> DemoStats:
     """Send every plan's steps to the services (persons in parallel, each in order).
     `progress(n)` is told of every n steps finished. Raises DemoFailed when more than 1% of
-    the steps failed or were skipped after a failure."""
+    the steps failed or were skipped after a failure, SignInFailed when the development
+    OpenID provider gives no token."""
     if concurrency < 1:
         raise ValueError("concurrency must be at least 1")
     stats = DemoStats(persons=len(plans), steps=sum(len(p.steps) for p in plans))

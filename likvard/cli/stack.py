@@ -49,8 +49,10 @@ def demo(
     seed: int = typer.Option(1, help="Same seed, same activity"),
 ) -> None:
     """Generate realistic synthetic activity through the public APIs of a running stack
-    (`likvard up`), which publishes it to Kafka, with optional planted disparities."""
-    from likvard.cli.demo import DemoFailed, DemoUrls, main
+    (`likvard up`), which publishes it to Kafka, with optional planted disparities. Its
+    staff sign in with tokens of the development OpenID provider (LIKVARD_OIDC_ISSUER,
+    else the one `likvard up` starts on port 8009)."""
+    from likvard.cli.demo import DemoFailed, DemoUrls, SignInFailed, main
 
     try:
         urls = DemoUrls(
@@ -59,7 +61,7 @@ def demo(
         main(persons, years, bias, seed, urls, console)
     except (ValueError, ConfigError) as exc:
         raise fail(str(exc)) from exc
-    except DemoFailed as exc:
+    except (DemoFailed, SignInFailed) as exc:
         raise fail(str(exc), 1) from exc
 
 
