@@ -20,7 +20,7 @@ import httpx
 import psycopg
 import pytest
 
-from likvard.access_log import open_store
+from likvard.access_log import open_store, search
 from likvard.codec import Catalogue
 from likvard.config import Settings
 from likvard.domain import CITY_TZ
@@ -28,7 +28,7 @@ from likvard.inbox import Incoming, decode_event
 from likvard.topics import SERVICE_TOPICS
 from services.projections import readmodels
 from services.projections.api import create_app
-from tests.identity import bearer
+from tests.identity import bearer, token
 from tests.support import serving
 
 pytestmark = pytest.mark.integration
@@ -119,9 +119,14 @@ def reporting(
         yield Reporting(client, database_url, schema, access_schema, case_id)
 
 
-def likvard_access_log(database_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+def likvard_access_log(
+    database_url: str, *args: str, token: str | None = None
+) -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, LIKVARD_DATABASE_URL=database_url)
     env.pop("LIKVARD_ACCESS_LOG_DATABASE_URL", None)
+    env.pop("LIKVARD_TOKEN", None)
+    if token is not None:
+        env["LIKVARD_TOKEN"] = token
     return subprocess.run(
         [sys.executable, "-m", "likvard.cli", "access-log", *args],
         env=env,
@@ -269,3 +274,22 @@ def test_get_access_log_answers_the_projected_entries(
     audited = listed(r.database_url, r.access_schema, "--actor", "auditor-1")
     assert summary(audited) == [("auditor-1", "allowed", "auditor", None)]
     assert r.client.get("/access-log").status_code == 401
+
+
+def test_likvard_access_log_is_for_auditors_and_logs_the_operator(reporting: Reporting) -> None:
+    r = reporting
+    auditor, analyst = f"auditor-{uuid.uuid4().hex[:8]}", f"analyst-{uuid.uuid4().hex[:8]}"
+    args = ("--schema", r.access_schema, "--json")
+    ok = likvard_access_log(r.database_url, *args, token=token("auditor", subject=auditor))
+    assert ok.returncode == 0, ok.stderr
+    refused = likvard_access_log(r.database_url, *args, token=token("analyst", subject=analyst))
+    assert refused.returncode == 1
+    assert "not allowed" in refused.stderr and refused.stdout == ""
+    # the operators' reads are in the command line's access log (service cli)
+    settings = Settings(database_url=r.database_url)
+    logged = [(e.actor, e.outcome, e.resource, e.service) for a in (auditor, analyst)
+              for e in search(settings, actor=a)]  # fmt: skip
+    assert logged == [
+        (auditor, "allowed", "access-log", "cli"),
+        (analyst, "refused", "access-log", "cli"),
+    ]

@@ -3,7 +3,10 @@ cases did actor Y read, which emergency reads happened, between days).
 
 It reads the access-log store itself (`likvard.access_log.search`, the decoded chained
 bytes), not the reporting API's projection: the source of truth, with no relay or
-projection lag, so an entry committed before an answer left is listed at once."""
+projection lag, so an entry committed before an answer left is listed at once. Like the
+other commands that read straight from the database, the operator's read is logged first
+(`likvard.cli.operator.record_read`): with LIKVARD_TOKEN the policy decides (auditors
+only), an operating-system login is recorded as itself."""
 
 from __future__ import annotations
 
@@ -53,7 +56,9 @@ def access_log(
     import psycopg
 
     from likvard.access_log import search
+    from likvard.cli.operator import record_read
     from likvard.db import check_schema_name
+    from likvard.policy import Action
 
     settings = settings_or_exit()
     first, last = (start.date() if start else None), (end.date() if end else None)
@@ -61,6 +66,10 @@ def access_log(
         raise fail("--to is before --from")
     try:
         check_schema_name(schema)
+    except ValueError as exc:
+        raise fail(str(exc)) from exc
+    record_read(settings, Action.ACCESS_LOG_READ, "access-log")
+    try:
         records = search(
             settings,
             case_id=case,
