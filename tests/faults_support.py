@@ -28,6 +28,7 @@ from likvard.config import no_auto_create
 from likvard.ingest import INGEST_TOPIC
 from likvard.topics import SERVICE_TOPICS
 from tests.district import DistrictSystem, registered
+from tests.identity import bearer
 
 WRITE_SERVICES = ("intake", "referral", "followup")
 SECRET = "fault-suite-pseudonym-secret-0123456789"
@@ -42,6 +43,7 @@ STEP_SECONDS = 30.0  # how long a client keeps retrying one command through a fa
 # A case registered a moment ago (or just before a fault) is not known to referral and
 # follow-up until their consumers read it: worth retrying, not a refusal.
 WAIT_FOR_CASE = ("case-not-found", "case-not-known")
+UNIT = "centrum-beroendeteam"  # where the load refers its cases
 
 
 def eventually(check: Callable[[], str | None], timeout: float, what: str) -> None:
@@ -141,8 +143,12 @@ class Stack:
 
     @property
     def env(self) -> dict[str, str]:
+        """Every process verifies tokens against the session's development OpenID
+        provider (conftest.py puts its issuer in os.environ)."""
         return {
             **clean_env(),
+            "LIKVARD_OIDC_ISSUER": os.environ["LIKVARD_OIDC_ISSUER"],
+            "LIKVARD_OIDC_AUDIENCE": os.environ.get("LIKVARD_OIDC_AUDIENCE", "likvard"),
             "LIKVARD_DATABASE_URL": self.dsn,
             "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
             "LIKVARD_PSEUDONYM_SECRET": SECRET,
@@ -318,14 +324,16 @@ def _problem_code(r: httpx.Response) -> str | None:
     return None if code is None else str(code)
 
 
-def _send(client: httpx.Client, url: str, body: dict[str, Any]) -> dict[str, Any] | None:
+def _send(
+    client: httpx.Client, url: str, body: dict[str, Any], headers: dict[str, str] | None = None
+) -> dict[str, Any] | None:
     """POST until a 2xx (its JSON) or a definite refusal (None), backing off while the
     service, its database or the case it needs is not there yet; at most STEP_SECONDS."""
     deadline = time.monotonic() + STEP_SECONDS
     delay = 0.1
     while True:
         try:
-            r = client.post(url, json=body)
+            r = client.post(url, json=body, headers=headers)
             if r.is_success:
                 answer: dict[str, Any] = r.json()
                 return answer
@@ -372,7 +380,10 @@ class Load:
             return self._next
 
     def _work(self) -> None:
-        with httpx.Client(timeout=30, headers={"X-Actor": "cw-17"}) as client:
+        """A case worker of the cases' district registers, assesses, refers and engages
+        family; the unit's staff answer the referral (`_referral`)."""
+        worker = bearer("case-worker", districts=[str(CASE["district"])], subject="cw-17")
+        with httpx.Client(timeout=30, headers=worker) as client:
             while (n := self._take()) is not None:
                 try:
                     self._chain(client, n)
@@ -408,9 +419,15 @@ class Load:
             self._step(client, "followup", case, f"/cases/{case}/family", family)
 
     def _step(
-        self, client: httpx.Client, service: str, case: str, path: str, body: dict[str, Any]
+        self,
+        client: httpx.Client,
+        service: str,
+        case: str,
+        path: str,
+        body: dict[str, Any],
+        headers: dict[str, str] | None = None,
     ) -> dict[str, Any] | None:
-        answer = _send(client, self.stack.url(service) + path, body)
+        answer = _send(client, self.stack.url(service) + path, body, headers)
         if answer is None:
             self.ledger.gave_up[path.split("/")[-1]] += 1
         else:
@@ -425,21 +442,24 @@ class Load:
     def _referral(self, client: httpx.Client, case: str) -> None:
         body = {
             "case_id": case,
-            "unit_id": "centrum-beroendeteam",
+            "unit_id": UNIT,
             "intervention_code": "relapse-prevention-alcohol",
         }
         referral = self._step(client, "referral", case, "/referrals", body)
         if referral is None:
             return
         ref = referral["referral_id"]
-        if self._step(client, "referral", case, f"/referrals/{ref}/accept", {}) is None:
+        staff = bearer("unit-staff", unit=UNIT, subject="staff-17")
+        if self._step(client, "referral", case, f"/referrals/{ref}/accept", {}, staff) is None:
             return
-        started = self._step(client, "referral", case, f"/referrals/{ref}/interventions", {})
+        path = f"/referrals/{ref}/interventions"
+        started = self._step(client, "referral", case, path, {}, staff)
         if started is None:
             return
         iv = str(started["intervention_id"])
         end = {"outcome": "COMPLETED_AS_PLANNED"}
-        if self._step(client, "referral", case, f"/interventions/{iv}/end", end) is not None:
+        path = f"/interventions/{iv}/end"
+        if self._step(client, "referral", case, path, end, staff) is not None:
             with self.ledger.lock:
                 self.ledger.interventions_ended.append(iv)
 
