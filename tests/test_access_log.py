@@ -6,6 +6,7 @@ entry whose `record` returned survives its process being killed."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -479,3 +480,71 @@ def test_replay_and_dlq_show_are_logged(
         ("history.replay", "replay", None),
     ]
     assert {f.service for f in found} == {"cli"}
+
+
+def test_an_operator_token_names_the_actor_and_the_policy_decides(
+    database_url: str, settings: Settings, schema: str, new_schema: Callable[[str], str]
+) -> None:
+    """LIKVARD_TOKEN verified by the development provider (a real process): an auditor's
+    verify of a case is logged under the token's subject; an analyst's is refused, logged
+    as refused, and shows nothing; a forged token ends the command without a read."""
+    from likvard.eventstore import open_store
+    from tests.identity import token
+    from tests.support import registered
+
+    intake = new_schema("intake")
+    store = open_store(settings, "intake", schema=intake)
+    try:
+        store.append(CASE, 0, [registered()])
+    finally:
+        store.pool.close()
+    base = {"LIKVARD_DATABASE_URL": database_url, "LIKVARD_ACCESS_LOG_SCHEMA": schema}
+    args = ("verify", "intake", "--stream", CASE, "--schema", intake)
+    auditor = likvard({**base, "LIKVARD_TOKEN": token("auditor", subject="audit-7")}, *args)
+    assert auditor.returncode == 0, auditor.stderr
+    analyst = likvard({**base, "LIKVARD_TOKEN": token("analyst", subject="analyst-3")}, *args)
+    assert analyst.returncode == 1 and "not allowed" in analyst.stderr, analyst.stderr
+    assert "ok" not in analyst.stderr
+    forged = likvard({**base, "LIKVARD_TOKEN": "e30.e30.c2ln"}, *args)
+    assert forged.returncode == 2 and "LIKVARD_TOKEN is not a valid token" in forged.stderr
+    assert "e30.e30" not in forged.stderr
+    found = access_log.search(settings, case_id=CASE, schema=schema)
+    assert [(f.actor, f.roles, f.outcome, f.reason) for f in found] == [
+        ("audit-7", "auditor", "allowed", "role"),
+        ("analyst-3", "analyst", "refused", "role-not-allowed"),
+    ]
+
+
+def test_likvard_relay_access_log_publishes_the_access_log(
+    writer: AccessLogWriter,
+    database_url: str,
+    kafka_bootstrap: str,
+    topic_prefix: str,
+    schema: str,
+    catalogue: Catalogue,
+) -> None:
+    from tests.support import stop_process
+
+    writer.record([entry(actor="staff-relayed")])
+    env = {
+        **os.environ,
+        "LIKVARD_DATABASE_URL": database_url,
+        "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+        "LIKVARD_TOPIC_PREFIX": topic_prefix,
+        "LIKVARD_ACCESS_LOG_SCHEMA": schema,
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "likvard.cli", "relay", "access-log"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    store = reader(Settings(database_url=database_url), schema)
+    try:
+        records = consume(kafka_bootstrap, topic_prefix + ACCESS_LOG_TOPIC, at_least=1, timeout=60)
+        wait_for(lambda: store.outbox_depth() == 0, 20, "the outbox emptied after the ack")
+    finally:
+        store.pool.close()
+        stop_process(proc, signal.SIGTERM, 30)
+    assert proc.returncode == 0
+    assert [catalogue.decode(r.value).record["actor"] for r in records] == ["staff-relayed"]

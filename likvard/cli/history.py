@@ -185,13 +185,13 @@ def republish(
     an empty broker)."""
     from likvard.republish import RepublishError, republish as do_republish
 
+    _check(service)
     settings = settings_or_exit()
-    store = _store(settings, service)
     try:
         bootstrap = settings.require_kafka()
     except ConfigError as exc:
-        store.pool.close()
         raise fail(str(exc)) from exc
+    store = _store(settings, service)
     total = store.count()
     with Progress(
         TextColumn("republish"),
@@ -212,14 +212,21 @@ def republish(
     console.print(f"republished {sent} events of {service} to {store.topic}")
 
 
+def _check(service: str) -> None:
+    """A write service or `access-log`; exit 2 naming them otherwise."""
+    from likvard.access_log import SERVICE
+
+    check_service(service, {**APPS, SERVICE: ""})
+
+
 def _store(settings: Settings, service: str, schema: str | None = None) -> EventStore:
     """The event store of a write service, or the access log's (`access-log`)."""
     from likvard import access_log
     from likvard.eventstore import open_store
 
     try:
+        _check(service)
         if service != access_log.SERVICE:
-            check_service(service, {**APPS, access_log.SERVICE: ""})
             if schema is None:
                 return event_store(settings, service)
             return open_store(settings, service, schema=schema, max_size=4)
@@ -247,6 +254,7 @@ def verify(
     from likvard import access_log
     from likvard.eventstore import verify_chain
 
+    _check(service)
     settings = settings_or_exit()
     store = _store(settings, service, schema)
     try:
