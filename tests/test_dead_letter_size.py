@@ -313,7 +313,7 @@ def test_an_over_size_record_and_the_thousand_behind_it_are_all_judged(
     stack = ingest_stack
     district = DistrictSystem(catalogue)
     case = str(uuid.uuid4())
-    big = DistrictRecord(
+    big = district.raw(
         case.encode(),
         bytes(range(256)) * 4_700,  # 1,203,200 bytes: over the dead-letter producer's limit
         [("event_type", b"AssessmentCompleted"), ("event_id", str(uuid.uuid4()).encode())],
@@ -322,7 +322,7 @@ def test_an_over_size_record_and_the_thousand_behind_it_are_all_judged(
     for n in range(999):
         if n % 3 == 0:
             garbage = bytes([0, n % 251, 2, 3]) * 20  # not single-object encoded
-            behind.append(DistrictRecord(case.encode(), garbage, [("event_type", b"CaseClosed")]))
+            behind.append(district.raw(case.encode(), garbage, [("event_type", b"CaseClosed")]))
         else:
             behind.append(district.record("AssessmentCompleted", case, assessment()))
     records = [big, *behind]

@@ -40,7 +40,7 @@ def test_a_killed_ingest_worker_loses_nothing_and_stores_nothing_twice(
     district = DistrictSystem(catalogue)
     cases = [str(uuid.uuid4()) for _ in range(3)]
     records = [district.record("IntakeRegistered", c, registered()) for c in cases]
-    records.append(DistrictRecord(cases[0].encode(), b"\x00garbage"))
+    records.append(district.raw(cases[0].encode(), b"\x00garbage"))
     produce_all(kafka_bootstrap, ingest_topic, records)
 
     env = {

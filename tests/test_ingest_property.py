@@ -30,9 +30,11 @@ from services.referral import ingest as referral_ingest
 from tests.district import (
     DistrictRecord,
     DistrictSystem,
+    Signature,
     assessment,
     referral_requested,
     registered,
+    signed,
 )
 from tests.support import consume, intake_event
 
@@ -154,6 +156,19 @@ def valid_records(draw: st.DrawFn) -> DistrictRecord:
     return _DISTRICT.record(event_type, case, payload, occurred_at=when)
 
 
+_SIGNING = st.sampled_from(["sign", "sign", "sign", "keep", "none", "broken"])
+"""After a change: signed again (a system that signs its broken bytes: the later stages are
+reached), the old signature kept (now wrong), none, or a spoilt one."""
+
+
+def resign(record: DistrictRecord, how: str) -> DistrictRecord:
+    if how == "keep":
+        return record
+    signature: Signature = "valid" if how == "sign" else "none" if how == "none" else "broken"
+    headers = signed(record.key, record.value, record.headers, _DISTRICT.sign_as, signature)
+    return replace(record, headers=headers)
+
+
 @st.composite
 def mutated(draw: st.DrawFn, record: DistrictRecord) -> DistrictRecord:
     """A valid record with bytes flipped, cut or added, or its key or headers changed."""
@@ -167,14 +182,18 @@ def mutated(draw: st.DrawFn, record: DistrictRecord) -> DistrictRecord:
     elif how == "extend":
         value += draw(st.binary(min_size=1, max_size=8))
     elif how == "key":
-        return replace(record, key=draw(st.none() | st.binary(max_size=40)))
+        changed = replace(record, key=draw(st.none() | st.binary(max_size=40)))
+        return resign(changed, draw(_SIGNING))
     elif how == "headers":
-        return replace(record, headers=draw(st.lists(_header(), max_size=3)))
-    return replace(record, value=bytes(value))
+        changed = replace(record, headers=draw(st.lists(_header(), max_size=3)))
+        return resign(changed, draw(_SIGNING))
+    return resign(replace(record, value=bytes(value)), "keep" if how == "none" else draw(_SIGNING))
 
 
 def _header() -> st.SearchStrategy[tuple[str, str | bytes | None]]:
-    names = st.sampled_from(["event_type", "event_id", "traceparent", "dlq_stage", "x"])
+    names = st.sampled_from(
+        ["event_type", "event_id", "traceparent", "dlq_stage", "likvard-signature", "x"]
+    )
     return st.tuples(names, st.none() | st.binary(max_size=40))
 
 
@@ -188,10 +207,14 @@ def arbitrary_records() -> st.SearchStrategy[DistrictRecord]:
         | st.builds(lambda head, body: head + body, known_header, st.binary(max_size=120))
     )
     return st.builds(
-        DistrictRecord,
-        key=st.none() | st.binary(max_size=40),
-        value=value,
-        headers=st.lists(_header(), max_size=3),
+        resign,
+        st.builds(
+            DistrictRecord,
+            key=st.none() | st.binary(max_size=40),
+            value=value,
+            headers=st.lists(_header(), max_size=3),
+        ),
+        _SIGNING,
     )
 
 
@@ -256,7 +279,8 @@ def test_every_record_is_stored_or_dead_lettered_and_nothing_crashes(judges: Jud
     stats = [w.stats for w in judges.workers.values()]
     assert all(s.accepted > 0 for s in stats)
     assert sum(s.duplicates for s in stats) > 0
-    assert {stage for s in stats for stage in s.dead_lettered} == {"decode", "schema", "rule"}
+    stages = {stage for s in stats for stage in s.dead_lettered}
+    assert stages == {"signature", "decode", "schema", "rule"}
     # The dead-letter topic holds one dead letter per record dead-lettered, no more.
     letters = consume(judges.bootstrap, judges.dead_letter_topic, at_least=judges.dead_lettered)
     assert len(letters) == judges.dead_lettered
