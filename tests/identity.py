@@ -6,7 +6,8 @@ app verifies against it exactly as against a city's provider.
 
 - `token(role, districts=, unit=, subject=)` / `bearer(...)`: a token from the provider's
   token endpoint (a ready-made user's password grant when one fits, else the dev client
-  naming the claims); cached while it has more than five minutes left.
+  naming the claims); cached while it has more than five minutes left. `token_from(issuer,
+  role, ...)`: the same from another dev provider (one a `likvard up` under test started).
 - Forged tokens for the refusals: `SESSION.claims(...)` gives valid claims to change,
   `SESSION.forge(claims)` signs them with the provider's own key (from its keys file),
   `forge(claims, other_key())` with a key it never published, `unsigned(claims)` is
@@ -205,6 +206,19 @@ def token(
     return _fetch(_issuer(), str(role), _codes(districts), unit, subject)
 
 
+def token_from(
+    issuer: str,
+    role: Role | str,
+    *,
+    districts: Iterable[str] = (),
+    unit: str | None = None,
+    subject: str | None = None,
+) -> str:
+    """`token(...)` from the development provider at `issuer` (e.g. the one a `likvard up`
+    under test started)."""
+    return _fetch(issuer.rstrip("/"), str(role), _codes(districts), unit, subject)
+
+
 def bearer(
     role: Role | str,
     *,
@@ -312,5 +326,6 @@ __all__ = [
     "other_key",
     "running_idp",
     "token",
+    "token_from",
     "unsigned",
 ]

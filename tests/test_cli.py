@@ -1,4 +1,5 @@
-"""The `likvard` command as a user runs it: `up` on a machine with nothing configured."""
+"""The `likvard` command as a user runs it: `up` on a machine with nothing configured (its
+own development OpenID provider, whose tokens `likvard token` prints), and clear errors."""
 
 from __future__ import annotations
 
@@ -20,12 +21,27 @@ from services.projections import readmodels
 from tests.district import DistrictSystem, produce_all, registered
 from tests.support import consume, env_without_stack, stop_process, wait_for
 
+OIDC = ("LIKVARD_OIDC_ISSUER", "LIKVARD_OIDC_AUDIENCE")
+
+
+def likvard_token(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "likvard.cli", "token", *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
 pytestmark = pytest.mark.integration
 
 
 def test_up_runs_the_stack_and_stops_cleanly(tmp_path: Path) -> None:
-    port, broker_port = free_port(), free_port()
-    env = env_without_stack()
+    port, broker_port, idp_port = free_port(), free_port(), free_port()
+    # Nothing configured: not even the test session's provider.
+    env = {k: v for k, v in env_without_stack().items() if k not in OIDC}
+    env["LIKVARD_DEV_IDP_PORT"] = str(idp_port)
     env["LIKVARD_INTAKE_PORT"] = str(port)
     referral_port, followup_port = free_port(), free_port()
     env["LIKVARD_REFERRAL_PORT"] = str(referral_port)
@@ -51,9 +67,34 @@ def test_up_runs_the_stack_and_stops_cleanly(tmp_path: Path) -> None:
         assert len(descendants) >= 3  # broker, service, relay (and PostgreSQL)
         names = {" ".join(p.cmdline()[-2:]) for p in descendants if p.is_running()}
         assert {"ingest intake", "ingest referral", "ingest followup"} <= names
+        assert "relay access-log" in names
+        assert any(p.cmdline()[-5:-3] == ["dev-idp", "--port"] for p in descendants)
+        text = log.read_text()
+        assert "Development conveniences, never for production" in text
+        assert "LIKVARD_PUBLIC_DOCS=1" in text
+
+        # `likvard token` prints only a token of the stack's provider, which the stack takes.
+        issuer = re.search(r"export LIKVARD_OIDC_ISSUER=(\S+)", text)
+        assert issuer is not None, text
+        assert issuer.group(1) == f"http://127.0.0.1:{idp_port}"
+        user_env = {**env, "LIKVARD_OIDC_ISSUER": issuer.group(1)}
+        printed = likvard_token(user_env, "--role", "case-worker", "--district", "centrum")
+        assert printed.returncode == 0, printed.stderr
+        centrum = {"Authorization": f"Bearer {printed.stdout.strip()}"}
+        assert printed.stdout.count(".") == 2 and printed.stdout.endswith("\n")
+        auditor = likvard_token(user_env, "--role", "auditor")
+        assert auditor.returncode == 0, auditor.stderr
+        audit = {"Authorization": f"Bearer {auditor.stdout.strip()}"}
+        unknown = f"http://127.0.0.1:{port}/cases/{uuid.uuid4()}"
+        assert httpx.get(unknown, timeout=10).status_code == 401
+        assert httpx.get(unknown, headers=centrum, timeout=10).status_code == 404
+        # The API documents are open under `up` (LIKVARD_PUBLIC_DOCS=1); the metrics are not.
+        assert httpx.get(f"http://127.0.0.1:{port}/openapi.json", timeout=10).status_code == 200
+        assert httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).status_code == 401
 
         r = httpx.post(
             f"http://127.0.0.1:{port}/cases",
+            headers=centrum,
             timeout=30,
             json={
                 "personal_identity_number": "19121212-1212",
@@ -77,7 +118,7 @@ def test_up_runs_the_stack_and_stops_cleanly(tmp_path: Path) -> None:
 
         def referral_answered() -> bool:
             url = f"http://127.0.0.1:{referral_port}/referrals"
-            answers.append(httpx.post(url, json=referral, timeout=30))
+            answers.append(httpx.post(url, json=referral, headers=centrum, timeout=30))
             return "case-not-found" not in answers[-1].text
 
         wait_for(referral_answered, 60, "the referral service to learn the case")
@@ -87,11 +128,11 @@ def test_up_runs_the_stack_and_stops_cleanly(tmp_path: Path) -> None:
         # The projection worker folds the case into the read models the reporting API serves.
         timeline = f"http://127.0.0.1:{projections_port}/cases/{case}/timeline"
         wait_for(
-            lambda: httpx.get(timeline, timeout=5).status_code == 200,
+            lambda: httpx.get(timeline, headers=centrum, timeout=5).status_code == 200,
             60,
             "the case in the reporting API's timeline",
         )
-        events = httpx.get(timeline, timeout=5).json()
+        events = httpx.get(timeline, headers=centrum, timeout=5).json()
         assert [e["event_type"] for e in events] == ["IntakeRegistered"]
         # A district system's event on the ingest topic reaches the intake service's store
         # through its ingest worker (`likvard ingest intake`, started by `up`).
@@ -102,11 +143,12 @@ def test_up_runs_the_stack_and_stops_cleanly(tmp_path: Path) -> None:
         produce_all(f"127.0.0.1:{broker_port}", "likvard.district-ingest.v1", [record])
         events_url = f"http://127.0.0.1:{port}/cases/{district_case}/events"
         wait_for(
-            lambda: httpx.get(events_url, timeout=5).status_code == 200,
+            lambda: httpx.get(events_url, headers=audit, timeout=5).status_code == 200,
             60,
             "the district's event in the intake service",
         )
-        assert httpx.get(events_url, timeout=5).json()[0]["event_id"] == record.event_id
+        answer = httpx.get(events_url, headers=audit, timeout=5)
+        assert answer.json()[0]["event_id"] == record.event_id
         # The printed settings reach the same stack from another process.
         exported = re.search(
             r"export LIKVARD_DATABASE_URL='([^']+)' KAFKA_BOOTSTRAP_SERVERS=(\S+)", log.read_text()
@@ -124,6 +166,26 @@ def test_up_runs_the_stack_and_stops_cleanly(tmp_path: Path) -> None:
         30,
         "every child process to exit",
     )
+
+
+def test_token_says_what_is_wrong_when_it_cannot_get_one(tmp_path: Path) -> None:
+    from tests.identity import running_idp
+
+    with running_idp(tmp_path) as idp:
+        env = {**os.environ, "LIKVARD_OIDC_ISSUER": idp.issuer}
+        nobody = likvard_token(env, "--role", "case-worker", "--district", "atlantis")
+        assert nobody.returncode == 1 and nobody.stdout == ""
+        assert "no user 'case-worker-atlantis'" in nobody.stderr
+        unit = likvard_token(env, "--role", "unit-staff", "--unit", "hisingen-bostad-forst")
+        assert unit.returncode == 0 and unit.stdout.count(".") == 2
+    # The provider stopped: a clear error, nothing on stdout.
+    down = likvard_token(env, "--role", "ops")
+    assert down.returncode == 1 and down.stdout == ""
+    assert f"{idp.issuer} does not answer" in " ".join(down.stderr.split())
+    missing = likvard_token(env, "--role", "case-worker")
+    assert missing.returncode == 2 and "--district" in missing.stderr
+    wrong = likvard_token(env, "--role", "admin")
+    assert wrong.returncode == 2 and "unknown role 'admin'" in wrong.stderr
 
 
 def test_unknown_service_is_a_clear_error() -> None:

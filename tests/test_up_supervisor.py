@@ -31,6 +31,7 @@ from likvard.cli.devstack import (
     free_port,
 )
 from likvard.topics import load_topics
+from tests.identity import token_from
 from tests.support import env_without_stack, stop_process, wait_for
 
 # --- the restart policy ---------------------------------------------------------------------
@@ -236,6 +237,12 @@ class Stack:
     log: Path
     ports: dict[str, int]
     bootstrap: str
+    issuer: str  # the development OpenID provider `up` started
+
+    def bearer(self, **claims: str) -> dict[str, str]:
+        """A case worker of the case's district, from the stack's provider."""
+        jwt = token_from(self.issuer, "case-worker", districts=[str(CASE["district"])], **claims)
+        return {"Authorization": f"Bearer {jwt}"}
 
     def children(self) -> list[psutil.Process]:
         return [p for p in psutil.Process(self.proc.pid).children() if _alive(p)]
@@ -277,7 +284,7 @@ class Stack:
 
         def registered() -> bool:
             try:
-                answers.append(httpx.post(url, json=CASE, timeout=30))
+                answers.append(httpx.post(url, json=CASE, headers=self.bearer(), timeout=30))
             except httpx.HTTPError:
                 return False
             return answers[-1].status_code == 201
@@ -295,8 +302,10 @@ def _alive(p: psutil.Process) -> bool:
 
 @pytest.fixture(scope="module")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    broker_port = free_port()
-    env = env_without_stack()
+    broker_port, idp_port = free_port(), free_port()
+    oidc = ("LIKVARD_OIDC_ISSUER", "LIKVARD_OIDC_AUDIENCE")  # `up` starts its own provider
+    env = {k: v for k, v in env_without_stack().items() if k not in oidc}
+    env["LIKVARD_DEV_IDP_PORT"] = str(idp_port)
     ports = {s: free_port() for s in SERVICES}
     for s, port in ports.items():
         env[f"LIKVARD_{s.upper()}_PORT"] = str(port)
@@ -317,7 +326,8 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    running = Stack(proc, log, ports, f"127.0.0.1:{broker_port}")
+    issuer = f"http://127.0.0.1:{idp_port}"
+    running = Stack(proc, log, ports, f"127.0.0.1:{broker_port}", issuer)
     try:
         wait_for(
             lambda: "Likvärd is up" in running.text() or proc.poll() is not None,
@@ -444,6 +454,36 @@ def test_a_killed_broker_comes_back_with_its_topics_and_the_events_republished(
 
 
 @pytest.mark.integration
+def test_a_killed_dev_idp_is_restarted_with_the_same_key(stack: Stack) -> None:
+    jwks = f"{stack.issuer}/jwks"
+    before = httpx.get(jwks, timeout=10).json()
+    old = next(p for p in stack.children() if "dev-idp" in p.cmdline())
+    cmdline = old.cmdline()
+    old.send_signal(signal.SIGKILL)
+    _restarted(stack, old, cmdline)
+    wait_for(
+        lambda: "dev-idp stopped (killed by SIGKILL)" in stack.text(),
+        10,
+        "the console line about the provider",
+    )
+
+    def answers() -> bool:
+        try:
+            return httpx.get(jwks, timeout=2).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(answers, 60, "the restarted provider's JWKS")
+    # The same key file: tokens from before the restart and from after verify alike.
+    assert httpx.get(jwks, timeout=10).json() == before
+    unknown = f"http://127.0.0.1:{stack.ports['intake']}/cases/{uuid.uuid4()}"
+    fresh = stack.bearer(subject="dev-cw-after-restart")
+    assert httpx.get(unknown, headers=fresh, timeout=10).status_code == 404
+    stack.register()
+    assert stack.proc.poll() is None, stack.text()
+
+
+@pytest.mark.integration
 def test_a_killed_postgresql_is_restarted_on_the_same_data_directory(stack: Stack) -> None:
     before = stack.register()
     exported = re.search(r"export LIKVARD_DATABASE_URL='[^']*host=([^']+)'", stack.text())
@@ -460,7 +500,7 @@ def test_a_killed_postgresql_is_restarted_on_the_same_data_directory(stack: Stac
     wait_for(stack.ready_everywhere, 60, "/readyz on every port")
     # Same data directory: the case registered before is still there, and new ones are taken.
     events = f"http://127.0.0.1:{stack.ports['intake']}/cases/{before}/events"
-    assert httpx.get(events, timeout=10).status_code == 200
+    assert httpx.get(events, headers=stack.bearer(), timeout=10).status_code == 200
     stack.register()
     assert stack.proc.poll() is None, stack.text()
 
