@@ -168,6 +168,49 @@ def test_up_runs_the_stack_and_stops_cleanly(tmp_path: Path) -> None:
     )
 
 
+def test_up_with_an_issuer_set_trusts_it_and_starts_no_provider(tmp_path: Path) -> None:
+    from tests.identity import bearer
+
+    env = env_without_stack()  # keeps the test session's LIKVARD_OIDC_ISSUER
+    issuer = env["LIKVARD_OIDC_ISSUER"]
+    port, broker_port = free_port(), free_port()
+    env["LIKVARD_INTAKE_PORT"] = str(port)
+    env["LIKVARD_DEV_IDP_PORT"] = str(free_port())
+    log = tmp_path / "up.log"
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "likvard.cli",
+                "up",
+                "--services=intake",
+                f"--broker-port={broker_port}",
+            ],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for(
+            lambda: "Likvärd is up" in log.read_text() or proc.poll() is not None,
+            60,
+            "`likvard up` to report the stack up",
+        )
+        assert proc.poll() is None, log.read_text()
+        text = log.read_text()
+        assert f"Sign-in      {issuer} (LIKVARD_OIDC_ISSUER)" in text
+        assert "development OpenID provider on" not in text
+        descendants = psutil.Process(proc.pid).children(recursive=True)
+        assert not any("dev-idp" in p.cmdline() for p in descendants if p.is_running())
+        unknown = f"http://127.0.0.1:{port}/cases/{uuid.uuid4()}"
+        answer = httpx.get(unknown, headers=bearer("case-worker", districts=["nordost"]))
+        assert answer.status_code == 404, answer.text
+    finally:
+        stop_process(proc)
+    assert proc.returncode == 0, log.read_text()
+
+
 def test_token_says_what_is_wrong_when_it_cannot_get_one(tmp_path: Path) -> None:
     from tests.identity import running_idp
 
