@@ -160,6 +160,7 @@ def event_of(entry: AccessEntry, traceparent: str | None = None) -> NewEvent:
         correlation_id=entry.trace_id or str(event_id),
         traceparent=traceparent,
         event_id=event_id,
+        producer=f"likvard-{entry.service}",
     )
 
 
@@ -376,14 +377,14 @@ def open_store(
     catalogue: Catalogue | None = None,
     max_size: int = 4,
 ) -> EventStore:
-    """The migrated access-log event store (for the writer, the relay, verify, search); the
-    caller closes `store.pool`."""
+    """The migrated access-log event store (for the writer, the relay, verify, search);
+    `service` names its connections. The caller closes `store.pool`."""
     pool = _pool(database_url(settings), f"likvard-access-log-{service}", max_size)
     store = EventStore(
         pool,
         schema_name(schema),
         catalogue or Catalogue.load(),
-        producer=f"likvard-{service}",
+        producer="likvard-access-log",  # the appends' metric label; events name their service
         topic=settings.topic(ACCESS_LOG_TOPIC),
     )
     try:
