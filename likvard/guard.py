@@ -146,6 +146,7 @@ Ctx = Annotated[RequestContext, Depends(_context)]
 """The request context of a signed-in caller: the actor in event metadata is the token's
 subject (FastAPI verifies the token once per request, however many dependencies ask)."""
 
+
 EmergencyReason = Annotated[
     str | None,
     Header(
@@ -281,6 +282,32 @@ def _import(module: str, name: str) -> Any:
     return getattr(importlib.import_module(module), name)
 
 
+BEARER_SCHEME = "bearer"
+
+
+def _document_bearer(app: FastAPI) -> None:
+    """State in the OpenAPI document that every operation but the open probes takes an
+    OpenID Connect access token (a client, or schemathesis, then knows to send one)."""
+    generate = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        document = generate()  # cached by FastAPI: changed once, in place
+        components = document.setdefault("components", {})
+        components.setdefault("securitySchemes", {})[BEARER_SCHEME] = {
+            "type": "http",
+            "scheme": "bearer",
+            "bearerFormat": "JWT",
+            "description": "An access token of the city's OpenID Connect provider.",
+        }
+        for item in document.get("paths", {}).values():
+            for operation in item.values():
+                if isinstance(operation, dict) and operation.get(ACTION_KEY, OPEN) != OPEN:
+                    operation.setdefault("security", [{BEARER_SCHEME: []}])
+        return document
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def install(
     app: FastAPI, settings: Settings, service: str, *, access_log_schema: str = "access_log"
 ) -> None:
@@ -318,6 +345,7 @@ def install(
             await run_in_threadpool(writer.close)
 
     app.router.lifespan_context = lifespan
+    _document_bearer(app)
 
     def ops_only(request: Request) -> None:
         principal = signed_in(request)

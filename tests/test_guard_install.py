@@ -147,6 +147,10 @@ def test_the_probes_are_open_and_declared_so(client: TestClient) -> None:
         "/who": "case.read",
     }
     assert {"401", "403"} <= set(document["paths"]["/who"]["get"]["responses"])
+    assert document["components"]["securitySchemes"]["bearer"]["scheme"] == "bearer"
+    assert document["paths"]["/who"]["get"]["security"] == [{"bearer": []}]
+    assert document["paths"]["/metrics"]["get"]["security"] == [{"bearer": []}]
+    assert "security" not in document["paths"]["/healthz"]["get"]
 
 
 def test_an_access_log_that_cannot_be_written_refuses_the_request(

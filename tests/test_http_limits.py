@@ -18,6 +18,7 @@ from likvard import http
 from likvard.cli.devstack import EmbeddedPostgres
 from likvard.config import ConfigError, Settings, load_settings
 from services.intake.api import create_app as intake_app
+from tests.identity import bearer
 from tests.support import made_schemas, serving
 
 pytestmark = pytest.mark.integration
@@ -50,8 +51,17 @@ def _intake(database_url: str, schema: str, **settings: Any) -> Iterator[httpx.C
         Settings(database_url=database_url, pseudonym_secret=TEST_SECRET, **settings),
         schema=schema,
     )
-    with serving(app) as base_url, httpx.Client(base_url=base_url, timeout=30) as client:
+    with serving(app) as base_url, signed_in(base_url) as client:
         yield client
+
+
+def signed_in(base_url: str) -> httpx.Client:
+    """A client of a case worker of Nordost, where these tests register their cases."""
+    return httpx.Client(base_url=base_url, timeout=30, headers=worker())
+
+
+def worker() -> dict[str, str]:
+    return bearer("case-worker", districts=("nordost",))
 
 
 @pytest.fixture
@@ -74,6 +84,12 @@ def _raw(base_url: str, head: bytes, body_parts: list[bytes]) -> bytes:
                 break
             answer += chunk
         return answer
+
+
+def _authorization() -> bytes:
+    """The signed-in worker's Authorization header line: a body over the limit is refused
+    whoever sends it, before anything else is looked at."""
+    return b"Authorization: " + worker()["Authorization"].encode() + b"\r\n"
 
 
 def _complete(answer: bytes) -> bool:
@@ -105,7 +121,8 @@ def test_a_declared_length_over_the_limit_is_refused_before_the_body_is_sent(
 ) -> None:
     head = (
         b"POST /cases HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-        b"Content-Length: %d\r\n\r\n" % (50 * MIB)
+        + _authorization()
+        + b"Content-Length: %d\r\n\r\n" % (50 * MIB)
     )
     status, problem = _status_and_body(_raw(str(intake.base_url), head, []))
     assert status == 413 and problem["type"].endswith("/request-too-large")
@@ -114,7 +131,8 @@ def test_a_declared_length_over_the_limit_is_refused_before_the_body_is_sent(
 def test_a_chunked_body_is_refused_as_soon_as_it_passes_the_limit(intake: httpx.Client) -> None:
     head = (
         b"POST /cases HTTP/1.1\r\nHost: test\r\nContent-Type: application/json\r\n"
-        b"Transfer-Encoding: chunked\r\n\r\n"
+        + _authorization()
+        + b"Transfer-Encoding: chunked\r\n\r\n"
     )
     chunk = b"x" * 65536
     # Just over 1 MiB, and the body never ends: the answer can only come from counting.
@@ -211,7 +229,7 @@ def test_followups_due_before_must_be_a_date_in_range(
     from services.followup.api import create_app
 
     app = create_app(Settings(database_url=database_url), schema=schemas("f"), case_wait=0)
-    with serving(app) as base_url, httpx.Client(base_url=base_url, timeout=30) as client:
+    with serving(app) as base_url, signed_in(base_url) as client:
         problem = assert_problem(
             client.get("/followups/due", params={"before": before}), 422, "validation-error"
         )
@@ -239,7 +257,7 @@ def test_503_with_retry_after_while_the_database_is_down(tmp_path: Any) -> None:
     try:
         url = pg.start()
         app = intake_app(Settings(database_url=url, pseudonym_secret=TEST_SECRET))
-        with serving(app) as base_url, httpx.Client(base_url=base_url, timeout=30) as client:
+        with serving(app) as base_url, signed_in(base_url) as client:
             case = client.post("/cases", json=NEW_CASE)
             assert case.status_code == 201, case.text
             pool = app.state.service.store.pool

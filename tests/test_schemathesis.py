@@ -30,8 +30,11 @@ from schemathesis.specs.openapi.schemas import OpenApiSchema
 from conftest import TEST_SECRET
 from likvard.codec import Catalogue
 from likvard.config import Settings
+from likvard.districts import DistrictRegistry
+from likvard.identity import Role
 from services.projections import readmodels
 from services.projections.tests.test_reports import EVENTS
+from tests.identity import bearer
 from tests.support import made_schemas, serving
 
 pytestmark = pytest.mark.integration
@@ -40,7 +43,7 @@ SEED = 20261122
 MAX_EXAMPLES = 25
 
 
-def _config(base_url: str) -> SchemathesisConfig:
+def _config(base_url: str, token: dict[str, str]) -> SchemathesisConfig:
     """Every built-in check (the default), a fixed seed, few examples, every phase.
 
     One setting differs from the defaults: valid data may also be answered 422 when the
@@ -54,7 +57,7 @@ def _config(base_url: str) -> SchemathesisConfig:
             "seed": SEED,
             "base-url": base_url,
             "generation": {"max-examples": MAX_EXAMPLES, "database": "none"},
-            "headers": {"X-Actor": "schemathesis"},
+            "headers": token,
             "checks": {
                 "positive_data_acceptance": {
                     "expected-statuses": [*POSITIVE_DATA_ACCEPTANCE_EXPECTED_STATUSES, "422"]
@@ -82,9 +85,17 @@ def schemas(database_url: str) -> Iterator[Callable[[str], str]]:
     yield from made_schemas(database_url, "st")
 
 
-def _served(app: FastAPI) -> Iterator[OpenApiSchema]:
+def case_worker() -> dict[str, str]:
+    """A case worker of every district: the generated cases, referrals and follow-ups are
+    theirs, so the checks run past the access policy (unit-staff operations answer 403,
+    a documented status)."""
+    districts = sorted(d.code for d in DistrictRegistry.load())
+    return bearer(Role.CASE_WORKER, districts=districts, subject="schemathesis")
+
+
+def _served(app: FastAPI, token: dict[str, str]) -> Iterator[OpenApiSchema]:
     with serving(app) as base_url:
-        yield schemathesis.openapi.from_dict(app.openapi(), config=_config(base_url))
+        yield schemathesis.openapi.from_dict(app.openapi(), config=_config(base_url, token))
 
 
 @pytest.fixture(scope="module")
@@ -92,7 +103,8 @@ def intake_api(database_url: str, schemas: Callable[[str], str]) -> Iterator[Ope
     from services.intake.api import create_app
 
     settings = Settings(database_url=database_url, pseudonym_secret=TEST_SECRET)
-    yield from _served(create_app(settings, schema=schemas("i"), catalogue=Catalogue.load()))
+    app = create_app(settings, schema=schemas("i"), catalogue=Catalogue.load())
+    yield from _served(app, case_worker())
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +112,7 @@ def referral_api(database_url: str, schemas: Callable[[str], str]) -> Iterator[O
     from services.referral.api import create_app
 
     settings = Settings(database_url=database_url)
-    yield from _served(create_app(settings, schema=schemas("r"), case_wait=0))
+    yield from _served(create_app(settings, schema=schemas("r"), case_wait=0), case_worker())
 
 
 @pytest.fixture(scope="module")
@@ -108,7 +120,7 @@ def followup_api(database_url: str, schemas: Callable[[str], str]) -> Iterator[O
     from services.followup.api import create_app
 
     settings = Settings(database_url=database_url)
-    yield from _served(create_app(settings, schema=schemas("f"), case_wait=0))
+    yield from _served(create_app(settings, schema=schemas("f"), case_wait=0), case_worker())
 
 
 @pytest.fixture(scope="module")
@@ -119,7 +131,9 @@ def projections_api(database_url: str, schemas: Callable[[str], str]) -> Iterato
     with psycopg.connect(database_url, autocommit=True) as conn, conn.transaction():
         readmodels.migrate(conn, schema)
         readmodels.apply(conn, schema, EVENTS)  # rows to check the answers' schemas against
-    yield from _served(create_app(Settings(database_url=database_url), schema=schema))
+    # An auditor: the reports, the timelines of every case and the access log.
+    app = create_app(Settings(database_url=database_url), schema=schema)
+    yield from _served(app, bearer(Role.AUDITOR, subject="schemathesis-auditor"))
 
 
 # Every built-in check must have run, so a newer schemathesis that turns one off by

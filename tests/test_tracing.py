@@ -26,6 +26,7 @@ from likvard.inbox import decode_event
 from likvard.relay import OutboxRelay
 from services.projections import readmodels
 from services.projections.worker import Projector
+from tests.identity import bearer
 from tests.support import RunningService, consume, live_worker, wait_for
 
 pytestmark = pytest.mark.integration
@@ -58,7 +59,7 @@ def register(intake: RunningService) -> str:
     r = httpx.post(
         f"{intake.base_url}/cases",
         timeout=30,
-        headers={"X-Actor": "cw-17"},
+        headers=bearer("case-worker", districts=("nordost",), subject="cw-17"),
         json={
             "personal_identity_number": "19121212-1212",
             "district": "nordost",
