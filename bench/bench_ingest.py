@@ -7,7 +7,8 @@ and, some hundreds of records later, assessed, given a care plan and closed; abo
 the records are sent twice and about 2 % break a rule (an assessment on a closed case, a
 case closed twice, a score out of range, an event for a case never registered). Encoded as
 a district system encodes them (`tests/district.py`: plain fastavro, Avro single-object
-encoding, headers `event_type` and `event_id`).
+encoding, headers `event_type` and `event_id`) and signed by the district's system with its
+development key (`likvard-signature`, ES256), so the ingest verifies every record.
 
 Run: .venv/bin/python -m bench.bench_ingest [--records N] [--batch N]
 """
@@ -35,6 +36,8 @@ from psycopg import sql
 from bench.common import database, kafka, machine, report
 from likvard.codec import Catalogue
 from likvard.config import Settings
+from likvard.district_keys import DistrictKeys
+from likvard.districts import DistrictRegistry
 from likvard.inbox import consumer_config
 from likvard.ingest import (
     DEAD_LETTER_TOPIC,
@@ -47,7 +50,7 @@ from likvard.ingest import (
 )
 from likvard.topics import ensure_topics, load_topics
 from services.intake import ingest as intake_ingest
-from tests.district import PRODUCER, assessment
+from tests.district import DistrictSystem, assessment, signed, system_of
 from tests.support import FAST_GROUP, consume
 
 DISTRICTS = ["nordost", "centrum", "sydvast", "hisingen"]
@@ -106,6 +109,7 @@ def district_records(catalogue: Catalogue, n: int, seed: int = 7) -> list[Planne
         district: str,
     ) -> None:
         event_id = str(uuid.uuid4())
+        system = system_of(district)
         metadata = {
             "event_id": event_id,
             "event_type": event_type,
@@ -113,17 +117,21 @@ def district_records(catalogue: Catalogue, n: int, seed: int = 7) -> list[Planne
             "stream_version": 0,
             "occurred_at": at,
             "recorded_at": at,
-            "producer": PRODUCER,
+            "producer": system,
             "district": district,
             "actor": f"cw-{rng.randrange(1000, 9999)}",
             "correlation_id": str(uuid.uuid4()),
             "causation_id": None,
             "traceparent": None,
         }
+        key = case.encode()
+        value = encoder.encode(event_type, {"metadata": metadata, **payload})
+        own = [("event_type", event_type.encode()), ("event_id", event_id.encode())]
+        headers = signed(key, value, list[tuple[str, str | bytes | None]](own), system)
         record = Planned(
-            case.encode(),
-            encoder.encode(event_type, {"metadata": metadata, **payload}),
-            (("event_type", event_type.encode()), ("event_id", event_id.encode())),
+            key,
+            value,
+            tuple((k, v.encode() if isinstance(v, str) else v) for k, v in headers),
             event_type,
             expect,
         )
@@ -238,6 +246,21 @@ def processor_alone(url: str, plan: list[Planned], batch: int) -> None:
     check(plan, counts)
 
 
+def signatures_alone(plan: list[Planned]) -> None:
+    """The signature check alone (the registry the ingest workers load), by algorithm."""
+    keys = DistrictKeys.from_env(DistrictRegistry.load())
+    start = time.perf_counter()
+    for r in plan:
+        keys.verify(r.key, r.value, r.headers)
+    report("verify signatures alone (ES256, no I/O)", len(plan), time.perf_counter() - start)
+    rsa = DistrictSystem(Catalogue.load(), district="angered")  # RS256
+    sample = [rsa.raw(r.key, r.value, list(r.headers)) for r in plan[:2000]]
+    start = time.perf_counter()
+    for x in sample:
+        keys.verify(x.key, x.value, x.headers)
+    report("verify signatures alone (RS256, no I/O)", len(sample), time.perf_counter() - start)
+
+
 def tally(result: BatchResult, counts: Counter[str], codes: Counter[str]) -> None:
     counts.update(o.status for o in result.outcomes)
     codes.update(o.rejection.code for o in result.dead_letters if o.rejection is not None)
@@ -349,8 +372,9 @@ def main() -> None:
     catalogue = Catalogue.load()
     start = time.perf_counter()
     plan = district_records(catalogue, args.records)
-    report("encode district records (setup)", len(plan), time.perf_counter() - start)
+    report("encode and sign district records (setup)", len(plan), time.perf_counter() - start)
     print(f"  {describe(plan)}", flush=True)
+    signatures_alone(plan)
     with database() as url, kafka() as bootstrap:
         processor_alone(url, plan, args.batch)
         end_to_end(url, bootstrap, plan, args.batch)
