@@ -452,6 +452,19 @@ def test_without_a_token_everything_but_the_probes_is_401(world: World) -> None:
     assert wrong == [], "\n".join(wrong)
 
 
+def test_the_api_documents_need_an_ops_token_on_every_api(world: World) -> None:
+    """FastAPI's own pages are not operations of the document: checked here by name."""
+    wrong = []
+    for service, client in world.clients.items():
+        for path in ("/openapi.json", "/docs", "/redoc"):
+            for role, want in ((None, 401), (CW, 403), (AU, 403), (OPS, 200)):
+                headers = principal_headers(role) if role is not None else {}
+                status = client.get(path, headers=headers).status_code
+                if status != want:
+                    wrong.append(f"{service} GET {path} as {role}: {status}, expected {want}")
+    assert wrong == [], "\n".join(wrong)
+
+
 def test_a_route_without_a_policy_entry_fails_the_matrix_and_the_app_start(
     database_url: str,
 ) -> None:
