@@ -548,3 +548,28 @@ def test_likvard_relay_access_log_publishes_the_access_log(
         stop_process(proc, signal.SIGTERM, 30)
     assert proc.returncode == 0
     assert [catalogue.decode(r.value).record["actor"] for r in records] == ["staff-relayed"]
+
+
+def test_the_writers_fast_encoding_is_the_codecs_bytes(catalogue: Catalogue) -> None:
+    from likvard.access_log import _AccessLogStore
+
+    store = _AccessLogStore(None, "access_log", catalogue, producer="p", topic="t")  # type: ignore[arg-type]
+    recorded = T0 + timedelta(seconds=1)
+    for e in (
+        entry(),
+        entry(case_id=None, allowed=False, emergency_reason="life-or-health", trace_id=None),
+    ):
+        event = access_log.event_of(e, "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01")
+        fast, metadata = store._encode("access-log-intake", 7, event, recorded)
+        assert fast == catalogue.encode("CaseAccessed", {"metadata": metadata, **event.data})
+        decoded = catalogue.decode(fast).record
+        assert decoded["outcome"] == ("allowed" if e.allowed else "refused")
+        assert decoded["metadata"]["case_id"] == "access-log-intake"
+        assert decoded["metadata"]["producer"] == "likvard-intake"
+
+
+def test_a_wrongly_typed_entry_fails_only_its_own_request(writer: AccessLogWriter) -> None:
+    with pytest.raises(AccessLogError, match="actor"):
+        writer.record([entry(actor=None)])  # type: ignore[arg-type]
+    writer.record([entry()])
+    assert writer.stats.entries == 1 and writer.stats.failures == 0
