@@ -55,7 +55,7 @@ KEYCLOAK_ISSUER = "http://keycloak:8080/realms/likvard"
 # Where the tests' development provider is not running, an address that answers nothing:
 # the health checks need no token (the verifier fetches the issuer's keys on first use).
 NO_ISSUER = "http://127.0.0.1:9/realms/likvard"
-START_SECONDS = 180.0  # for every process to pass its health check (2 cores, 13 processes)
+START_SECONDS = 180.0  # for every process to pass its health check (2 cores, 14 processes)
 STOP_SECONDS = 60.0
 
 
