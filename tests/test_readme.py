@@ -1,0 +1,93 @@
+"""The README's walk-through, run as written against `likvard up`: the shell block of "Try it"
+with only the ports (free ones here) and the path of the `likvard` command changed."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from likvard.cli.devstack import free_port
+from tests.support import env_without_stack, stop_process, wait_for
+
+pytestmark = pytest.mark.integration
+
+ROOT = Path(__file__).resolve().parent.parent
+PORTS = {"8001": "INTAKE", "8002": "REFERRAL", "8003": "FOLLOWUP", "8004": "PROJECTIONS"}
+
+
+def walk_through() -> str:
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    section = text[text.index("## Try it: the care chain") :]
+    match = re.search(r"```sh\n(.*?)```", section, re.S)
+    assert match, "the README's walk-through has no sh block"
+    return match.group(1)
+
+
+def with_status(script: str) -> str:
+    """Every `curl` that starts a line also prints its status as ` [NNN]` on its own line
+    (the ones inside $(...) feed JSON to the next step and are checked by it)."""
+    return re.sub(r"(?m)^curl -s ", "curl -s -w '\\n[%{http_code}]\\n' ", script)
+
+
+def expected_statuses(script: str) -> list[str]:
+    """The status each line-starting curl should answer: the comment's `# 403`, else 2xx."""
+    wanted = []
+    for line in script.splitlines():
+        if line.startswith("curl "):
+            m = re.search(r"#\s*(\d{3})\b", line)
+            wanted.append(m.group(1) if m else "2xx")
+    return wanted
+
+
+@pytest.mark.skipif(shutil.which("curl") is None, reason="the walk-through uses curl")
+def test_the_readme_walk_through_works_as_written(tmp_path: Path) -> None:
+    env = env_without_stack()
+    ports = {p: str(free_port()) for p in PORTS}
+    for standard, name in PORTS.items():
+        env[f"LIKVARD_{name}_PORT"] = ports[standard]
+    env["LIKVARD_DEV_IDP_PORT"] = idp = str(free_port())
+    env.pop("LIKVARD_OIDC_ISSUER", None)  # `likvard up` starts its own provider, as for a user
+    env.pop("LIKVARD_OIDC_AUDIENCE", None)
+    script = walk_through()
+    assert "likvard token" in script and "Authorization: Bearer" in script
+    runnable = with_status(script)
+    for standard, port in ports.items():
+        runnable = runnable.replace(f"localhost:{standard}", f"localhost:{port}")
+    runnable = runnable.replace(".venv/bin/likvard", str(Path(sys.executable).parent / "likvard"))
+    log = tmp_path / "up.log"
+    with log.open("wb") as out:
+        up = subprocess.Popen(
+            [sys.executable, "-m", "likvard.cli", "up", "--broker-port", str(free_port())],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for(
+            lambda: "Likvärd is up" in log.read_text() or up.poll() is not None,
+            90,
+            "`likvard up` to report the stack up",
+        )
+        assert up.poll() is None, log.read_text()
+        env["LIKVARD_OIDC_ISSUER"] = f"http://127.0.0.1:{idp}"  # what `likvard token` finds
+        run = subprocess.run(
+            ["bash", "-c", "set -eo pipefail\n" + runnable],
+            env=env,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        assert run.returncode == 0, run.stdout + run.stderr
+        got = re.findall(r"^\[(\d{3})\]$", run.stdout, re.M)
+        wanted = expected_statuses(script)
+        assert len(got) == len(wanted), run.stdout
+        for status, want in zip(got, wanted, strict=True):
+            assert status == want or (want == "2xx" and status.startswith("2")), run.stdout
+    finally:
+        stop_process(up)
