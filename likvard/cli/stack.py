@@ -25,14 +25,13 @@ from likvard.cli.base import (
 from likvard.config import ConfigError, service_port
 
 if TYPE_CHECKING:
-    from likvard.cli.devstack import Supervisor
+    pass
 
 
-def _answers(sup: Supervisor, url: str) -> bool:
-    """One round of the supervisor, then whether `url` answers 200."""
+def _answers(url: str) -> bool:
+    """Whether `url` answers 200 (the development OpenID provider's JWKS)."""
     import httpx
 
-    sup.check()
     try:
         return httpx.get(url, timeout=0.5).status_code == 200
     except httpx.HTTPError:
@@ -141,6 +140,7 @@ def up(
 
     keys: Path | None = None
     try:
+        env["LIKVARD_OIDC_AUDIENCE"] = env.get("LIKVARD_OIDC_AUDIENCE") or "likvard"
         if env.get("LIKVARD_OIDC_ISSUER"):
             issuer = env["LIKVARD_OIDC_ISSUER"]
             console.print(f"Sign-in      {issuer} (LIKVARD_OIDC_ISSUER)")
@@ -149,7 +149,6 @@ def up(
             keys = Path(tempfile.gettempdir()) / f"likvard-dev-idp-{os.getpid()}.json"
             env["LIKVARD_OIDC_ISSUER"] = issuer
             sup.spawn("dev-idp", ["dev-idp", "--port", str(idp_port), "--keys", str(keys)])
-        env["LIKVARD_OIDC_AUDIENCE"] = env.get("LIKVARD_OIDC_AUDIENCE") or "likvard"
         env["LIKVARD_PUBLIC_DOCS"] = "1"
         if not env.get("LIKVARD_DATABASE_URL"):
             pg = EmbeddedPostgres()
@@ -175,13 +174,7 @@ def up(
         console.print(f"Topics       {make_topics()} ready")
         import httpx
 
-        if keys is not None:
-            wait_until(
-                lambda: stopping.is_set() or _answers(sup, f"{issuer}/jwks"),
-                60,
-                "the development OpenID provider",
-                interval=0.2,
-            )
+        if keys is not None:  # it starts beside the services; ready is checked with theirs
             console.print(
                 f"Sign-in      development OpenID provider on {issuer} (ready-made users,"
                 " password 'dev'; `likvard dev-idp --help` lists them)"
@@ -206,6 +199,8 @@ def up(
 
         def all_ready() -> bool:
             sup.check()  # a child that stops at start is restarted too, or stops the stack
+            if keys is not None and not _answers(f"{issuer}/jwks"):
+                return False
             for name in wanted:
                 try:
                     r = httpx.get(f"http://127.0.0.1:{ports[name]}/readyz", timeout=0.5)
