@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass
 from enum import StrEnum
 
+from likvard.pseudonym import InvalidIdentityNumber, normalise
+
 
 class Role(StrEnum):
     CASE_WORKER = "case-worker"
@@ -26,11 +28,14 @@ ROLES: tuple[Role, ...] = tuple(Role)
 # A subject is at most 255 characters of a safe alphabet (Keycloak's are UUIDs, Entra ID's
 # base64url object ids).
 _SUBJECT = re.compile(r"^[A-Za-z0-9._:@-]{1,255}$")
-# 10 or 12 digits, an optional - or + before the last four: a personal identity number
-# (or a coordination number) whatever its check digit. Checked on the subject with any
-# non-digit separators around it removed, so "19121212-1212" and "u:191212121212" are both
-# refused.
-_IDENTITY_NUMBER = re.compile(r"(?<![0-9])([0-9]{2})?[0-9]{6}[-+]?[0-9]{4}(?![0-9])")
+# 10 or 12 digits, an optional - or + before the last four, anywhere in the subject: a
+# candidate. It is an identity number (or a coordination number) if its date and its Luhn
+# check digit hold, so "19121212-1212" and "u:191212121212" are refused, while a random
+# Keycloak UUID (whose digit runs often have the shape, about 2 in 100) passes unless its
+# digits happen to form a real number (about 1 in 7,000 of all UUIDs). A canonical UUID is
+# no identity number's shape at all, and IdPs generate them: those always pass.
+_UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$", re.I)
+_CANDIDATE = re.compile(r"(?=(?<![0-9])(([0-9]{2})?[0-9]{6}[-+]?[0-9]{4})(?![0-9]))")
 
 
 class InvalidPrincipal(ValueError):
@@ -39,8 +44,17 @@ class InvalidPrincipal(ValueError):
 
 
 def looks_like_identity_number(text: str) -> bool:
-    """True if the text holds something shaped like a personal or coordination number."""
-    return _IDENTITY_NUMBER.search(text) is not None
+    """True if the text holds a personal or coordination number: ten or twelve digits with
+    a valid date and check digit (a canonical UUID never is)."""
+    if _UUID.fullmatch(text):
+        return False
+    for match in _CANDIDATE.finditer(text):
+        try:
+            normalise(match.group(1))
+        except InvalidIdentityNumber:
+            continue
+        return True
+    return False
 
 
 @dataclass(frozen=True)

@@ -207,3 +207,17 @@ def test_dev_tokens_carry_keycloaks_claim_shape() -> None:
         1000,
         4600,
     )
+
+
+def test_an_identity_number_anywhere_in_a_subject_is_refused_but_not_its_mere_shape() -> None:
+    from likvard.identity import looks_like_identity_number
+
+    for subject in ("19121212-1212", "u:191212121212", "121212-1212", "x191212121212y"):
+        assert looks_like_identity_number(subject), subject
+        with pytest.raises(InvalidPrincipal):
+            Principal(subject, frozenset({Role.CASE_WORKER}))
+    # the shape with a wrong check digit or an impossible date is a staff id, not a number
+    for subject in ("19121212-1213", "19121312-1212", "dev-cw-nordost"):
+        assert not looks_like_identity_number(subject), subject
+    # Keycloak's subjects are UUIDs; their digit runs often have the shape (12 digits)
+    assert not looks_like_identity_number("0f1e2d3c-4b5a-4978-8123-191212121212")
