@@ -309,7 +309,7 @@ def _document_bearer(app: FastAPI) -> None:
 
 
 def install(
-    app: FastAPI, settings: Settings, service: str, *, access_log_schema: str = "access_log"
+    app: FastAPI, settings: Settings, service: str, *, access_log_schema: str | None = None
 ) -> None:
     """Sign-in, the access log and the ops gate for a service's app.
 

@@ -189,7 +189,7 @@ def create_app(
     settings: Settings | None = None,
     *,
     schema: str = "projections",
-    access_log_schema: str = "access_log",
+    access_log_schema: str | None = None,
 ) -> FastAPI:
     """The reporting API over the read models in `schema`; its own reads and refusals go
     to the access-log store in `access_log_schema`."""
@@ -362,10 +362,22 @@ def create_app(
     def read_access_log(
         conn: Conn,
         case_id: Annotated[
-            str | None, Query(min_length=1, max_length=255, description="Only this case")
+            str | None,
+            Query(
+                min_length=1,
+                max_length=255,
+                pattern=r"^[A-Za-z0-9._:@-]+$",
+                description="Only this case (its id)",
+            ),
         ] = None,
         actor: Annotated[
-            str | None, Query(min_length=1, max_length=255, description="Only this actor")
+            str | None,
+            Query(
+                min_length=1,
+                max_length=255,
+                pattern=r"^[A-Za-z0-9._:@-]+$",
+                description="Only this actor (a token's subject)",
+            ),
         ] = None,
         start: Annotated[
             http.Day | None, Query(alias="from", description="From this day (included)")
