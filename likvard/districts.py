@@ -107,6 +107,23 @@ class DistrictRegistry:
             seen.add(code)
         return code
 
+    def with_predecessors(self, codes: Iterable[str]) -> frozenset[str]:
+        """The codes and every code that became one of them through successors: a worker of
+        Hisingen also works the cases recorded under Lundby, Norra and Västra Hisingen."""
+        wanted = set(codes)
+        found = set(wanted)
+        for d in self._by_code.values():
+            code: str | None = d.code
+            seen: set[str] = set()
+            while code is not None and code not in seen:
+                if code in wanted:
+                    found.add(d.code)
+                    break
+                seen.add(code)
+                entry = self._by_code.get(code)
+                code = None if entry is None else entry.successor
+        return frozenset(found)
+
     def in_structure_of(self, code: str, day: date) -> str | None:
         """The district valid on `day` that `code` is, or became through successors; None if
         there is none (e.g. a 2021 area asked for in 2015, or an unknown code). Lets a report

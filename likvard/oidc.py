@@ -20,7 +20,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Collection, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
+from dataclasses import replace
 from typing import Any
 
 import httpx
@@ -30,6 +31,7 @@ from joserfc.jwk import ECKey, Key, OKPKey, RSAKey, import_key
 from joserfc.jws import extract_compact
 
 from likvard.config import ALLOWED_ALGORITHMS, Settings
+from likvard.districts import DistrictRegistry
 from likvard.guard import AuthenticationError
 from likvard.identity import InvalidPrincipal, Principal, principal_from_claims
 
@@ -87,6 +89,7 @@ class OidcVerifier:
         retry_interval: float = 1.0,
         max_age: float = 3600.0,
         clock: Callable[[], float] = time.time,
+        expand_districts: Callable[[Iterable[str]], frozenset[str]] | None = None,
     ) -> None:
         refused = set(algorithms) - ALLOWED_ALGORITHMS
         if refused or not algorithms:
@@ -96,6 +99,9 @@ class OidcVerifier:
             issuer.rstrip("/") + "/.well-known/openid-configuration"
         )
         self.algorithms = frozenset(algorithms)
+        # The token names today's districts; cases recorded under the districts they
+        # replaced are theirs too (the reference data's successors).
+        self.expand_districts = expand_districts
         self.leeway = leeway
         self.roles_claim, self.districts_claim = roles_claim, districts_claim
         self.unit_claim = unit_claim
@@ -192,7 +198,7 @@ class OidcVerifier:
     def _principal(self, claims: dict[str, Any]) -> Principal:
         subject = claims.get("sub")
         try:
-            return principal_from_claims(
+            principal = principal_from_claims(
                 subject,
                 claim_at(claims, self.roles_claim),
                 claim_at(claims, self.districts_claim),
@@ -201,6 +207,9 @@ class OidcVerifier:
         except InvalidPrincipal as exc:
             code = "invalid-subject" if _bad_subject(subject) else "malformed"
             raise AuthenticationError(code, str(exc)) from exc
+        if self.expand_districts is not None and principal.districts:
+            principal = replace(principal, districts=self.expand_districts(principal.districts))
+        return principal
 
     # -- the keys --------------------------------------------------------------------
 
@@ -312,6 +321,7 @@ def verifier_from_settings(settings: Settings) -> OidcVerifier:
         roles_claim=settings.oidc_roles_claim,
         districts_claim=settings.oidc_districts_claim,
         unit_claim=settings.oidc_unit_claim,
+        expand_districts=DistrictRegistry.load().with_predecessors,
     )
 
 

@@ -100,3 +100,11 @@ def test_a_malformed_file_is_refused(tmp_path: Path) -> None:
     path.write_text(json.dumps({"districts": [{"code": "a"}]}), encoding="utf-8")
     with pytest.raises(ReferenceDataError, match="malformed"):
         DistrictRegistry.load(path)
+
+
+def test_a_district_brings_the_districts_it_replaced() -> None:
+    registry = DistrictRegistry.load()
+    hisingen = registry.with_predecessors(["hisingen"])
+    assert {"hisingen", "lundby", "norra-hisingen", "vastra-hisingen"} <= hisingen
+    assert "angered" not in hisingen and "angered" in registry.with_predecessors(["nordost"])
+    assert registry.with_predecessors(["nosuch"]) == frozenset({"nosuch"})
