@@ -633,7 +633,9 @@ def test_the_image_layout_works_from_an_installed_wheel(tmp_path: Path) -> None:
             assert callable(getattr(importlib.import_module(module), name)), role
         for package in (likvard, services):
             assert package.__file__.startswith(site), package.__file__
-        assert len(load_topics()) == 5
+        assert len(load_topics()) == 6
+        from likvard.district_keys import DistrictKeys
+        assert DistrictKeys().systems  # the district systems' public keys are package data
         assert Catalogue.load().writers()
         ReferenceCatalogue.load()
         sql = [p.name for p in resources.files("likvard.migrations").iterdir()]
