@@ -37,6 +37,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.bench_projection
 	$(BIN)/python -m bench.bench_replay
 	$(BIN)/python -m bench.bench_ingest
+	$(BIN)/python -m bench.bench_access_log
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache

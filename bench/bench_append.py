@@ -10,9 +10,11 @@ import asyncio
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
+from pathlib import Path
 
 import httpx
 from psycopg_pool import ConnectionPool
@@ -66,7 +68,23 @@ def kernel_threads(store: EventStore, n: int, threads: int) -> None:
     )
 
 
-async def http_clients(base: str, n: int, concurrency: int, workers: int) -> None:
+LIKVARD = [sys.executable, "-m", "likvard.cli"]
+
+
+def dev_token(idp: str) -> str:
+    """A Nordost case worker's token from the development provider."""
+    r = httpx.post(
+        idp + "/token",
+        data={"grant_type": "password", "username": "case-worker-nordost", "password": "dev"},
+        timeout=10,
+    )
+    r.raise_for_status()
+    return str(r.json()["access_token"])
+
+
+async def http_clients(base: str, token: str, n: int, concurrency: int, workers: int) -> list[str]:
+    """POST /cases from `concurrency` clients, then GET /cases/{id} of each (every read is
+    access-logged, committed before it is answered); the case ids."""
     body = {
         "personal_identity_number": "19121212-1212",
         "district": "nordost",
@@ -79,10 +97,12 @@ async def http_clients(base: str, n: int, concurrency: int, workers: int) -> Non
     for i in range(n):
         queue.put_nowait(i)
     failures = 0
+    headers = {"Authorization": f"Bearer {token}"}
+    cases: list[str] = []
 
     async def client() -> None:
         nonlocal failures
-        async with httpx.AsyncClient(base_url=base, timeout=30) as c:
+        async with httpx.AsyncClient(base_url=base, timeout=30, headers=headers) as c:
             while True:
                 try:
                     queue.get_nowait()
@@ -93,6 +113,8 @@ async def http_clients(base: str, n: int, concurrency: int, workers: int) -> Non
                 latencies.append((time.perf_counter() - t) * 1000)
                 if r.status_code != 201:
                     failures += 1
+                else:
+                    cases.append(r.json()["case_id"])
 
     start = time.perf_counter()
     await asyncio.gather(*(client() for _ in range(concurrency)))
@@ -104,6 +126,37 @@ async def http_clients(base: str, n: int, concurrency: int, workers: int) -> Non
     )
     if failures:
         print(f"  {failures} requests failed", file=sys.stderr)
+    reads: asyncio.Queue[str] = asyncio.Queue()
+    for case in cases:
+        reads.put_nowait(case)
+    read_latencies: list[float] = []
+    refused = 0
+
+    async def reader() -> None:
+        nonlocal refused
+        async with httpx.AsyncClient(base_url=base, timeout=30, headers=headers) as c:
+            while True:
+                try:
+                    case = reads.get_nowait()
+                except asyncio.QueueEmpty:
+                    return
+                t = time.perf_counter()
+                r = await c.get(f"/cases/{case}")
+                read_latencies.append((time.perf_counter() - t) * 1000)
+                if r.status_code != 200:
+                    refused += 1
+
+    start = time.perf_counter()
+    await asyncio.gather(*(reader() for _ in range(concurrency)))
+    report(
+        f"HTTP GET /cases/{{id}} (access-logged), {concurrency} clients",
+        len(cases),
+        time.perf_counter() - start,
+        read_latencies,
+    )
+    if refused:
+        print(f"  {refused} reads failed", file=sys.stderr)
+    return cases
 
 
 def main() -> None:
@@ -125,12 +178,22 @@ def main() -> None:
         kernel_threads(store, args.events, args.threads)
         pool.close()
 
-        port = free_port()
+        port, idp_port = free_port(), free_port()
+        idp = f"http://127.0.0.1:{idp_port}"
+        keys = Path(tempfile.mkdtemp()) / "dev-idp-keys.json"
         env = dict(
             os.environ,
             LIKVARD_DATABASE_URL=url,
             LIKVARD_PSEUDONYM_SECRET="bench" * 8,
             LIKVARD_LOG_LEVEL="WARNING",
+            LIKVARD_OIDC_ISSUER=idp,
+            LIKVARD_OIDC_AUDIENCE="likvard",
+        )
+        provider = subprocess.Popen(
+            [*LIKVARD, "dev-idp", "--port", str(idp_port), "--keys", str(keys)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
         )
         proc = subprocess.Popen(
             [
@@ -157,11 +220,22 @@ def main() -> None:
                 except httpx.HTTPError:
                     return False
 
+            def signs_in() -> bool:
+                try:
+                    return httpx.get(idp + "/jwks", timeout=0.5).status_code == 200
+                except httpx.HTTPError:
+                    return False
+
             wait_until(ready, 60, "the intake service")
-            asyncio.run(http_clients(base, args.http_requests, args.concurrency, args.workers))
+            wait_until(signs_in, 60, "the development OpenID provider")
+            token = dev_token(idp)
+            asyncio.run(
+                http_clients(base, token, args.http_requests, args.concurrency, args.workers)
+            )
         finally:
-            proc.terminate()
-            proc.wait(10)
+            for p in (proc, provider):
+                p.terminate()
+                p.wait(10)
 
 
 if __name__ == "__main__":
