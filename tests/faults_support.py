@@ -317,11 +317,12 @@ class Ledger:
 
 
 def _problem_code(r: httpx.Response) -> str | None:
+    """The problem's code: the last segment of its `type` URI (".../problems/case-not-found")."""
     try:
-        code = r.json().get("code")
+        kind = r.json().get("type")
     except ValueError:
         return None
-    return None if code is None else str(code)
+    return str(kind).rsplit("/", 1)[-1] if isinstance(kind, str) else None
 
 
 def _send(
