@@ -317,12 +317,11 @@ class Ledger:
 
 
 def _problem_code(r: httpx.Response) -> str | None:
-    """The problem's code: the last segment of its `type` URI (".../problems/case-not-found")."""
     try:
-        kind = r.json().get("type")
+        code = r.json().get("code")
     except ValueError:
         return None
-    return str(kind).rsplit("/", 1)[-1] if isinstance(kind, str) else None
+    return None if code is None else str(code)
 
 
 def _send(
