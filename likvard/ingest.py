@@ -311,8 +311,7 @@ def open_envelope(
     event = _decode(record, catalogue)
     if catalogue.owner(event.event_type) not in INGEST_SERVICES:
         raise _schema(
-            f"{event.event_type} is recorded by Likvärd itself; district systems do not send"
-            " it.",
+            f"{event.event_type} is recorded by Likvärd itself: district systems never send it.",
             "not-a-district-event",
         )
     meta = event.metadata
