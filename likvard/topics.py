@@ -108,6 +108,17 @@ def require_topics(
 
 
 def _create_missing(admin: AdminClient, specs: list[TopicSpec], timeout: float) -> dict[str, str]:
+    """Create only the topics the cluster's metadata lacks: under Kafka ACLs a process may
+    describe its topics but not create them, and asking to create one that exists would be
+    refused as unauthorised rather than answered 'exists'."""
+    try:
+        present = set(admin.list_topics(timeout=timeout).topics)
+    except KafkaException as exc:
+        raise TopicError(f"could not read the cluster's topics: {exc.args[0]}") from exc
+    outcome: dict[str, str] = {s.name: "exists" for s in specs if s.name in present}
+    specs = [s for s in specs if s.name not in present]
+    if not specs:
+        return outcome
     futures = admin.create_topics(
         [
             NewTopic(
@@ -121,7 +132,6 @@ def _create_missing(admin: AdminClient, specs: list[TopicSpec], timeout: float) 
         operation_timeout=timeout,
         request_timeout=timeout,
     )
-    outcome: dict[str, str] = {}
     for name, fut in futures.items():
         try:
             fut.result(timeout=timeout)
