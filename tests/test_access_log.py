@@ -304,17 +304,18 @@ def test_a_batch_that_fails_before_commit_fails_every_request_in_it_and_writes_n
 def test_a_full_queue_refuses_at_once(
     settings: Settings, schema: str, catalogue: Catalogue
 ) -> None:
-    gate = threading.Event()
+    gate, in_flight = threading.Event(), threading.Event()
     store = access_log.open_store(settings, schema=schema, service="intake", catalogue=catalogue)
 
     def held() -> None:
+        in_flight.set()  # the writer has taken the first batch off the queue
         gate.wait(10)
 
     w = AccessLogWriter(store, "intake", max_queue=3, before_commit=held)
     try:
         first = threading.Thread(target=w.record, args=([entry()],))
         first.start()
-        wait_for(lambda: w._queued == 0 and not w._queue, 5, "the first batch in flight")
+        wait_for(in_flight.is_set, 5, "the first batch in flight")
         w_queued = threading.Thread(target=w.record, args=([entry(), entry()],))
         w_queued.start()
         wait_for(lambda: w._queued == 2, 5, "two entries queued")
