@@ -503,7 +503,9 @@ def create_app(
         ] = None,
         emergency: guard.EmergencyReason = None,
     ) -> list[DueView]:
-        reason = emergency if district is not None else None  # own districts need none
+        # Own districts need no reason (the policy flags nothing then); an unknown one is
+        # refused by the policy whatever the district, as on every other read.
+        reason = emergency
         checked: list[tuple[DistrictScope, Decision]] = [
             (
                 scope,

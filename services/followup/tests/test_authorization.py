@@ -175,3 +175,11 @@ def test_due_answers_only_the_callers_districts_and_logs_each_case_shown(
     staff = bearer("unit-staff", unit="hisingen-anhorigstod", subject="staff-anhorig")
     assert_problem(client.get("/followups/due", params={"before": before}, headers=staff), 403)
     assert not access_log.search(settings, case_id=centrum)  # never shown, never logged
+    # a reason that is not on the fixed list is refused, with or without a district named
+    for params in ({"before": before}, {"before": before, "district": "nordost"}):
+        bad = client.get(
+            "/followups/due",
+            params=params,
+            headers={**worker("nordost", who=who), "Likvard-Emergency-Reason": "curious"},
+        )
+        assert_problem(bad, 403, "forbidden")
