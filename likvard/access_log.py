@@ -54,6 +54,7 @@ from likvard.eventstore import (
     EventStore,
     NewEvent,
     StoredEvent,
+    row_to_event,
 )
 from likvard.guard import AccessEntry
 from likvard.topics import ACCESS_LOG_TOPIC
@@ -573,7 +574,7 @@ def _search(
     ).format(sql.Identifier(store.schema), sql.SQL(" AND ").join(conditions))
     with store.pool.connection() as conn:
         rows = conn.execute(query, params).fetchall()
-    records = [_record(_stored(row), store.catalogue) for row in rows]
+    records = [_record(row_to_event(row), store.catalogue) for row in rows]
     # The JSON copy chose the rows; the decoded bytes must agree (verify finds the rest).
     return [
         r
@@ -582,24 +583,6 @@ def _search(
         and (actor is None or r.actor == actor)
         and (emergency is None or r.emergency == emergency)
     ]
-
-
-def _stored(row: tuple[Any, ...]) -> StoredEvent:
-    return StoredEvent(
-        global_position=row[0],
-        stream_id=row[1],
-        stream_version=row[2],
-        event_id=row[3],
-        event_type=row[4],
-        schema_fingerprint=bytes(row[5]),
-        data=bytes(row[6]),
-        metadata=row[7],
-        payload=row[8],
-        occurred_at=row[9],
-        recorded_at=row[10],
-        prev_hash=bytes(row[11]),
-        hash=bytes(row[12]),
-    )
 
 
 # --- verification -----------------------------------------------------------------------

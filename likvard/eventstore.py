@@ -149,7 +149,7 @@ stream, which the relay keeps) and the stream heads, and queues the NOTIFY. The 
 binary (%b): text form would escape every element."""
 
 
-def _row_to_event(row: tuple[Any, ...]) -> StoredEvent:
+def row_to_event(row: tuple[Any, ...]) -> StoredEvent:
     return StoredEvent(
         global_position=row[0],
         stream_id=row[1],
@@ -304,7 +304,7 @@ class EventStore:
         _appended.add(len(result), attributes)
         _append_seconds.record(time.monotonic() - started, attributes)
         order = {stream_id: n for n, (stream_id, _, _) in enumerate(appends)}
-        stored = [_row_to_event(r) for r in result]
+        stored = [row_to_event(r) for r in result]
         return sorted(stored, key=lambda e: (order[e.stream_id], e.stream_version))
 
     def _lock_streams(
@@ -366,7 +366,7 @@ class EventStore:
                 ),
                 (stream_id,),
             )
-            return [_row_to_event(r) for r in cur.fetchall()]
+            return [row_to_event(r) for r in cur.fetchall()]
 
     def read_streams(self, stream_ids: Sequence[str]) -> dict[str, list[StoredEvent]]:
         """Several streams in one query (every id is a key of the answer, [] if unknown)."""
@@ -382,7 +382,7 @@ class EventStore:
                 (list(streams),),
             )
             for row in cur.fetchall():
-                streams[row[1]].append(_row_to_event(row))
+                streams[row[1]].append(row_to_event(row))
         return streams
 
     def find_events(self, event_ids: Sequence[uuid.UUID]) -> dict[uuid.UUID, StoredEvent]:
@@ -394,7 +394,7 @@ class EventStore:
                 self._q(f"SELECT {_COLUMNS} FROM {{s}}.events WHERE event_id = ANY(%s)"),
                 (list(event_ids),),
             )
-            return {e.event_id: e for e in map(_row_to_event, cur.fetchall())}
+            return {e.event_id: e for e in map(row_to_event, cur.fetchall())}
 
     def read_all(self, from_position: int = 0, batch_size: int = 1000) -> Iterator[StoredEvent]:
         """Every event in global order, fetched in batches (for republish and replay)."""
@@ -411,7 +411,7 @@ class EventStore:
             if not rows:
                 return
             for row in rows:
-                yield _row_to_event(row)
+                yield row_to_event(row)
             position = rows[-1][0]
 
     def ping(self) -> None:
@@ -444,7 +444,7 @@ class EventStore:
                 self._q(f"SELECT {_COLUMNS} FROM {{s}}.events ORDER BY stream_id, stream_version")
             )
             for row in cur:
-                yield _row_to_event(row)
+                yield row_to_event(row)
 
 
 def verify_chain(
