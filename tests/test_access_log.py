@@ -18,8 +18,9 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from likvard import access_log
+from likvard import access_log, access_log_audit
 from likvard.access_log import AccessLogError, AccessLogUnavailable, AccessLogWriter
+from likvard.access_log_audit import search
 from likvard.codec import Catalogue
 from likvard.config import Settings
 from likvard.eventstore import EventStore
@@ -103,7 +104,7 @@ def test_concurrent_reads_share_few_transactions_and_all_are_chained(
         assert [e.stream_version for e in events] == list(range(1, total + 1))
         actors = {e.payload["actor"] for e in events}
         assert actors == {f"staff-{n}-{r}" for n in range(threads) for r in range(rounds)}
-        assert access_log.verify(store) == []
+        assert access_log_audit.verify(store) == []
         assert store.outbox_depth() == total
     finally:
         store.pool.close()
@@ -140,25 +141,25 @@ def test_a_list_answer_logs_every_case_in_one_call_and_search_reads_them_back(
             )
         ]
     )
-    by_case = access_log.search(settings, case_id=CASE, schema=schema)
+    by_case = search(settings, case_id=CASE, schema=schema)
     assert [(r.actor, r.outcome) for r in by_case] == [
         ("staff-1", "allowed"),
         ("staff-9", "allowed"),
         ("staff-8", "refused"),
     ]
     assert by_case[0].accessed_at == T0 and by_case[0].stream_id == "access-log-intake"
-    assert [r.actor for r in access_log.search(settings, emergency=True, schema=schema)] == [
-        "staff-9"
-    ]
-    assert [r.case_id for r in access_log.search(settings, actor="staff-1", schema=schema)] == [
+    assert [r.actor for r in search(settings, emergency=True, schema=schema)] == ["staff-9"]
+    assert [r.case_id for r in search(settings, actor="staff-1", schema=schema)] == [
         CASE,
         other,
     ]
-    day = access_log.search(settings, start=date(2026, 3, 2), end=date(2026, 3, 2), schema=schema)
+    day = access_log_audit.search(
+        settings, start=date(2026, 3, 2), end=date(2026, 3, 2), schema=schema
+    )
     assert len(day) == 3
-    assert [
-        r.actor for r in access_log.search(settings, start=T0 + timedelta(days=1), schema=schema)
-    ] == ["staff-8"]
+    assert [r.actor for r in search(settings, start=T0 + timedelta(days=1), schema=schema)] == [
+        "staff-8"
+    ]
 
 
 def _tamper(database_url: str, schema: str, statement: str) -> None:
@@ -296,7 +297,7 @@ def test_a_batch_that_fails_before_commit_fails_every_request_in_it_and_writes_n
         actors = [e.payload["actor"] for e in store.read_stream("access-log-intake")]
         assert actors[0] == "first" and "lost-0" not in actors and "lost-0-b" not in actors
         assert sorted(actors[1:]) == sorted(f"lost-{n}{s}" for n in range(1, 4) for s in ("", "-b"))
-        assert access_log.verify(store) == []
+        assert access_log_audit.verify(store) == []
     finally:
         w.close()
 
@@ -333,7 +334,7 @@ def test_a_full_queue_refuses_at_once(
 _RECORD_AND_DIE = """
 import os, sys
 from datetime import UTC, datetime
-from likvard import access_log
+from likvard import access_log, access_log_audit
 from likvard.config import Settings
 from likvard.guard import AccessEntry
 w = access_log.open_access_log(Settings(database_url=sys.argv[1]), "followup", schema=sys.argv[2])
@@ -355,7 +356,7 @@ def test_an_entry_whose_record_returned_survives_the_process_being_killed(
         timeout=60,
     )
     assert proc.returncode == 0 and "answered" in proc.stdout, proc.stderr
-    found = access_log.search(settings, actor=actor, schema=schema)
+    found = search(settings, actor=actor, schema=schema)
     assert [(r.actor, r.service, r.stream_id) for r in found] == [
         (actor, "followup", "access-log-followup")
     ]
@@ -414,7 +415,7 @@ def test_verify_of_one_case_is_logged_under_the_operator_before_it_runs(
     assert "1 events" in r.stderr
     whole = likvard(env, "verify", "intake", "--schema", intake)  # no case: not a case read
     assert whole.returncode == 0, whole.stderr
-    found = access_log.search(settings, case_id=CASE, schema=schema)
+    found = search(settings, case_id=CASE, schema=schema)
     assert [(f.actor, f.action, f.resource, f.service, f.outcome) for f in found] == [
         (_login(), "history.verify", f"case:{CASE}", "cli", "allowed")
     ]
@@ -475,7 +476,7 @@ def test_replay_and_dlq_show_are_logged(
     assert "PLANNED_END" in shown.stdout
     replayed = likvard(env, "replay", "--schema", new_schema("replay"))
     assert replayed.returncode == 0, replayed.stdout + replayed.stderr
-    found = access_log.search(settings, actor=_login(), schema=schema)
+    found = search(settings, actor=_login(), schema=schema)
     assert [(f.action, f.resource, f.case_id) for f in found] == [
         ("ops.read", f"dead-letter:{letter.id}", case),
         ("history.replay", "replay", None),
@@ -509,7 +510,7 @@ def test_an_operator_token_names_the_actor_and_the_policy_decides(
     forged = likvard({**base, "LIKVARD_TOKEN": "e30.e30.c2ln"}, *args)
     assert forged.returncode == 2 and "LIKVARD_TOKEN is not a valid token" in forged.stderr
     assert "e30.e30" not in forged.stderr
-    found = access_log.search(settings, case_id=CASE, schema=schema)
+    found = search(settings, case_id=CASE, schema=schema)
     assert [(f.actor, f.roles, f.outcome, f.reason) for f in found] == [
         ("audit-7", "auditor", "allowed", "role"),
         ("analyst-3", "analyst", "refused", "role-not-allowed"),

@@ -20,7 +20,8 @@ import httpx
 import psycopg
 import pytest
 
-from likvard.access_log import open_store, search
+from likvard.access_log import open_store
+from likvard.access_log_audit import search
 from likvard.codec import Catalogue
 from likvard.config import Settings
 from likvard.domain import CITY_TZ

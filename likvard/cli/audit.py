@@ -1,7 +1,7 @@
 """The auditor's questions on the command line: `likvard access-log` (who read case X, which
 cases did actor Y read, which emergency reads happened, between days).
 
-It reads the access-log store itself (`likvard.access_log.search`, the decoded chained
+It reads the access-log store itself (`likvard.access_log_audit.search`, the decoded chained
 bytes), not the reporting API's projection: the source of truth, with no relay or
 projection lag, so an entry committed before an answer left is listed at once. Like the
 other commands that read straight from the database, the operator's read is logged first
@@ -21,7 +21,7 @@ from likvard.cli.base import app, console, fail, settings_or_exit, stdout
 from likvard.config import ConfigError
 
 if TYPE_CHECKING:
-    from likvard.access_log import AccessRecord
+    from likvard.access_log_audit import AccessRecord
 
 COLUMNS = (
     "accessed_at",
@@ -55,7 +55,7 @@ def access_log(
     outcome, reason, emergency reason): every case-level read and every refusal."""
     import psycopg
 
-    from likvard.access_log import search
+    from likvard.access_log_audit import search
     from likvard.cli.operator import record_read
     from likvard.db import check_schema_name
     from likvard.policy import Action

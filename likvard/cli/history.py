@@ -251,7 +251,7 @@ def verify(
     `access-log`, also each row's queryable copy against its chained bytes and the stream
     heads (an edited or deleted entry). Verifying one case's stream is a read of that case:
     it is logged under the operator's identity first."""
-    from likvard import access_log
+    from likvard import access_log, access_log_audit
     from likvard.eventstore import verify_chain
 
     _check(service)
@@ -259,8 +259,8 @@ def verify(
     store = _store(settings, service, schema)
     try:
         if service == access_log.SERVICE:
-            breaks = access_log.verify(store, stream)
-            streams = len(access_log.streams(store)) if stream is None else 1
+            breaks = access_log_audit.verify(store, stream)
+            streams = len(access_log_audit.streams(store)) if stream is None else 1
         elif stream is not None:
             events = store.read_stream(stream)
             case_id = str(events[0].metadata["case_id"]) if events else stream

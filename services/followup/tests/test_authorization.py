@@ -10,7 +10,7 @@ from datetime import UTC, datetime, timedelta
 import httpx
 import pytest
 
-from likvard import access_log
+from likvard import access_log_audit
 from likvard.config import Settings
 from services.followup.tests.test_api import (
     COMPLETE,
@@ -65,7 +65,7 @@ def test_a_hisingen_worker_cannot_change_or_read_a_nordost_case(
     for r in refused:
         assert_problem(r, 403, "forbidden")
     assert followup.store.count() == before
-    logged = access_log.search(settings, actor=who)
+    logged = access_log_audit.search(settings, actor=who)
     assert [(e.action, e.case_id, e.outcome, e.reason) for e in logged] == [
         ("case.change", case, "refused", "not-your-district"),
         ("case.change", case, "refused", "not-your-district"),
@@ -111,7 +111,9 @@ def test_after_a_transfer_the_receiving_district_changes_and_the_sender_only_rea
     r = client.post(f"/cases/{case}/children", json=children, headers=worker("hisingen"))
     assert r.status_code == 200, r.text
     assert followup.store.read_stream(case)[0].metadata["district"] == "hisingen"
-    reasons = [(e.action, e.actor, e.reason) for e in access_log.search(settings, case_id=case)]
+    reasons = [
+        (e.action, e.actor, e.reason) for e in access_log_audit.search(settings, case_id=case)
+    ]
     assert reasons == [
         ("case.change", "cw-nordost", "not-your-district"),
         ("case.read", "cw-nordost", "former-district"),
@@ -129,7 +131,7 @@ def test_an_emergency_read_is_allowed_logged_and_flagged(
         headers={**worker("centrum", who=who), "Likvard-Emergency-Reason": "out-of-hours-duty"},
     )
     assert r.status_code == 200, r.text
-    [entry] = access_log.search(settings, actor=who, emergency=True)
+    [entry] = access_log_audit.search(settings, actor=who, emergency=True)
     assert (entry.case_id, entry.reason, entry.emergency_reason) == (
         case,
         "emergency",
@@ -158,7 +160,7 @@ def test_due_answers_only_the_callers_districts_and_logs_each_case_shown(
     shown = [f["case_id"] for f in r.json()]
     assert set(shown) == set(north) and {f["district"] for f in r.json()} == {"nordost"}
 
-    logged = access_log.search(settings, actor=who)
+    logged = access_log_audit.search(settings, actor=who)
     # One entry per district asked (Nordost and the older districts it took over), then
     # one per case shown.
     asked = {e.resource for e in logged if e.case_id is None}
@@ -174,7 +176,7 @@ def test_due_answers_only_the_callers_districts_and_logs_each_case_shown(
     assert_problem(other, 403, "forbidden")
     staff = bearer("unit-staff", unit="hisingen-anhorigstod", subject="staff-anhorig")
     assert_problem(client.get("/followups/due", params={"before": before}, headers=staff), 403)
-    assert not access_log.search(settings, case_id=centrum)  # never shown, never logged
+    assert not access_log_audit.search(settings, case_id=centrum)  # never shown, never logged
     # a reason that is not on the fixed list is refused, with or without a district named
     for params in ({"before": before}, {"before": before, "district": "nordost"}):
         bad = client.get(

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from likvard import access_log
+from likvard import access_log_audit
 from likvard.config import Settings
 from likvard.identity import Principal, Role
 from likvard.policy import Action, allowed
@@ -59,7 +59,7 @@ def log_of(settings: Settings, case_id: str) -> list[tuple[str, str, str, str, s
     """The case's access-log entries as (actor, action, outcome, reason, emergency)."""
     return [
         (e.actor, e.action, e.outcome, e.reason, e.emergency_reason)
-        for e in access_log.search(settings, case_id=case_id)
+        for e in access_log_audit.search(settings, case_id=case_id)
     ]
 
 
@@ -148,7 +148,7 @@ def test_an_emergency_read_outside_the_district_is_allowed_logged_and_flagged(
         (HISINGEN, "case.change", "refused", "not-your-district", None),
         (HISINGEN, "case.read", "refused", "unknown-emergency-reason", None),
     ]
-    flagged = access_log.search(settings, case_id=case, emergency=True)
+    flagged = access_log_audit.search(settings, case_id=case, emergency=True)
     assert [(e.action, e.emergency_reason) for e in flagged] == [
         ("case.read", "child-at-risk"),
         ("case.history", "child-at-risk"),

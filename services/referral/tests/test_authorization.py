@@ -13,7 +13,7 @@ import httpx
 import psycopg
 import pytest
 
-from likvard import access_log
+from likvard import access_log_audit
 from likvard.config import Settings
 from likvard.known_cases import CaseDirectory
 from services.referral.tests.test_api import assert_problem, city_unit_in, seed_case
@@ -75,7 +75,7 @@ def test_only_the_addressed_units_staff_answer_and_read_its_inbox(
     assert_problem(inbox, 403, "forbidden")
     assert referral.store.count() == before  # nothing was accepted
 
-    logged = access_log.search(settings, actor=intruder)
+    logged = access_log_audit.search(settings, actor=intruder)
     assert [(e.action, e.resource, e.case_id, e.outcome, e.reason) for e in logged] == [
         ("referral.answer", f"referral:{rid}", case, "refused", "not-your-unit"),
         ("unit.inbox", f"unit:{unit}", None, "refused", "not-your-unit"),
@@ -101,7 +101,7 @@ def test_a_case_worker_refers_only_cases_of_their_own_district(
     )
     assert_problem(r, 403, "forbidden")
     assert referral.store.count() == before
-    [entry] = access_log.search(settings, case_id=case)
+    [entry] = access_log_audit.search(settings, case_id=case)
     assert (entry.actor, entry.action, entry.resource, entry.outcome, entry.reason) == (
         who,
         "case.change",
@@ -138,7 +138,7 @@ def test_the_inbox_read_is_logged_once_per_case_shown(
     shown = [i["case_id"] for i in r.json()]
     assert sorted(set(shown)) == sorted(cases) and len(shown) == 4
 
-    logged = access_log.search(settings, actor=reader)
+    logged = access_log_audit.search(settings, actor=reader)
     assert logged[0].case_id is None and logged[0].resource == f"unit:{unit}"
     per_case = [str(e.case_id) for e in logged[1:]]
     assert sorted(per_case) == sorted(cases)  # once each
@@ -186,7 +186,7 @@ def test_withdraw_and_read_follow_the_cases_current_district(
         headers={**worker("centrum", who), "Likvard-Emergency-Reason": "child-at-risk"},
     )
     assert urgent.status_code == 200, urgent.text
-    [flagged] = access_log.search(settings, actor=who)
+    [flagged] = access_log_audit.search(settings, actor=who)
     assert (flagged.emergency_reason, flagged.reason, flagged.case_id) == (
         "child-at-risk",
         "emergency",
@@ -200,7 +200,7 @@ def test_withdraw_and_read_follow_the_cases_current_district(
     assert withdrawn.status_code == 200, withdrawn.text
     reads = [
         (e.actor, e.outcome)
-        for e in access_log.search(settings, case_id=case)
+        for e in access_log_audit.search(settings, case_id=case)
         if e.action == "referral.read"
     ]
     assert ("cw-nordost", "allowed") in reads and ("cw-centrum", "refused") in reads
