@@ -60,9 +60,10 @@ class Clock:
         return self.now
 
 
-def get(url: str) -> tuple[int, str]:
+def get(url: str, headers: dict[str, str] | None = None) -> tuple[int, str]:
     try:
-        with urllib.request.urlopen(url, timeout=5) as answer:
+        request = urllib.request.Request(url, headers=headers or {})
+        with urllib.request.urlopen(request, timeout=5) as answer:
             return int(answer.status), answer.read().decode()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read().decode()
@@ -177,8 +178,12 @@ def test_a_service_serves_its_request_metrics(intake: object) -> None:
     from tests.support import RunningService
 
     assert isinstance(intake, RunningService)
-    assert get(f"{intake.base_url}/cases/{'0' * 8}-0000-0000-0000-{'0' * 12}")[0] == 404
-    status, text = get(f"{intake.base_url}/metrics")
+    from tests.identity import bearer
+
+    unknown = f"{intake.base_url}/cases/{'0' * 8}-0000-0000-0000-{'0' * 12}"
+    assert get(unknown, bearer("case-worker", districts=["nordost"]))[0] == 404
+    assert get(f"{intake.base_url}/metrics")[0] == 401  # metrics are for ops only
+    status, text = get(f"{intake.base_url}/metrics", bearer("ops"))
     assert status == 200
     series = [
         line

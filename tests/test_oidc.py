@@ -108,12 +108,17 @@ def test_a_token_within_the_leeway_and_one_for_several_audiences_are_accepted() 
     assert verifier().authenticate(several).has(Role.CASE_WORKER)
 
 
+def now() -> int:
+    return int(time.time())
+
+
 def _cases() -> list[tuple[str, Any]]:
-    now = int(time.time())
+    # Times are taken when a case runs, not when the tests are collected: a long session
+    # reaches these many minutes after collection.
     return [
-        ("expired", lambda idp: idp.forge(idp.claims(exp=now - 120, iat=now - 900))),
-        ("not-yet-valid", lambda idp: idp.forge(idp.claims(nbf=now + 600))),
-        ("not-yet-valid", lambda idp: idp.forge(idp.claims(iat=now + 600))),
+        ("expired", lambda idp: idp.forge(idp.claims(exp=now() - 120, iat=now() - 900))),
+        ("not-yet-valid", lambda idp: idp.forge(idp.claims(nbf=now() + 600))),
+        ("not-yet-valid", lambda idp: idp.forge(idp.claims(iat=now() + 600))),
         ("wrong-audience", lambda idp: idp.forge(idp.claims(aud="another-app"))),
         ("wrong-audience", lambda idp: idp.forge(idp.claims(aud=["a", "b"]))),
         ("wrong-audience", lambda idp: idp.forge(idp.claims(aud=None))),
