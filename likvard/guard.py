@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -30,7 +31,7 @@ from starlette.concurrency import run_in_threadpool
 from likvard import telemetry
 from likvard.config import Settings
 from likvard.http import ProblemError, RequestContext, problem, request_context
-from likvard.identity import Principal
+from likvard.identity import Principal, looks_like_identity_number
 from likvard.policy import (
     CASE_LEVEL,
     EMERGENCY_REASONS,
@@ -159,17 +160,32 @@ EmergencyReason = Annotated[
 ]
 
 
+_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+NOT_AN_ID = "(not-an-id)"
+
+
+def _safe(value: str | None) -> str | None:
+    """An id or code as the access log may keep it. The caller wrote it (a path, a query, a
+    body): anything that is not an id's alphabet, or holds an identity number, is replaced,
+    so no free text or personal data reaches the log (nor a NUL that PostgreSQL refuses)."""
+    if value is None:
+        return None
+    if not _ID.fullmatch(value) or looks_like_identity_number(value):
+        return NOT_AN_ID
+    return value
+
+
 def _label(resource: Resource) -> tuple[str, str | None]:
     """The resource's label in the access log, and the case it is of, if one."""
     match resource:
         case CaseScope(case_id=case_id):
-            return f"case:{case_id}", case_id
+            return f"case:{_safe(case_id)}", _safe(case_id)
         case ReferralScope(referral_id=rid, case=case):
-            return f"referral:{rid}", case.case_id
+            return f"referral:{_safe(rid)}", _safe(case.case_id)
         case UnitScope(unit=unit):
-            return f"unit:{unit}", None
+            return f"unit:{_safe(unit)}", None
         case DistrictScope(district=district):
-            return f"district:{district}", None
+            return f"district:{_safe(district)}", None
         case SystemScope(name=name):
             return name, None
     raise TypeError(type(resource).__name__)
@@ -241,7 +257,7 @@ def record_reads(
     label, _ = _label(resource)
     now = datetime.now(UTC)
     entries = [
-        _entry(request, principal, action, label, c, decision, emergency, now)
+        _entry(request, principal, action, label, _safe(c), decision, emergency, now)
         for c in dict.fromkeys(case_ids)
     ]
     if entries:

@@ -163,3 +163,15 @@ def test_an_access_log_that_cannot_be_written_refuses_the_request(
     r = client.get("/metrics", headers={"Authorization": "Bearer cw-token"})
     assert r.status_code == 503
     assert r.json()["type"].endswith("/access-log-unavailable")
+
+
+def test_what_a_caller_wrote_reaches_the_access_log_only_as_an_id() -> None:
+    from likvard.guard import NOT_AN_ID, _label
+    from likvard.policy import CaseScope, DistrictScope, UnitScope
+
+    assert _label(DistrictScope("nordost")) == ("district:nordost", None)
+    assert _label(DistrictScope("a\x00b")) == (f"district:{NOT_AN_ID}", None)
+    assert _label(DistrictScope("19121212-1212")) == (f"district:{NOT_AN_ID}", None)
+    assert _label(UnitScope("Anna Andersson")) == (f"unit:{NOT_AN_ID}", None)
+    case = "4f6b1f1e-5a3c-4d1e-9a57-2f3b8c1d0e9a"
+    assert _label(CaseScope(case, "nordost")) == (f"case:{case}", case)

@@ -64,6 +64,7 @@ District = Annotated[
         examples=["nordost"],
         min_length=1,
         max_length=64,
+        pattern=r"^[a-z0-9-]{1,64}$",
     ),
 ]
 
