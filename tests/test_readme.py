@@ -9,9 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import httpx
 import pytest
 
 from likvard.cli.devstack import free_port
+from tests.identity import token_from
 from tests.support import env_without_stack, stop_process, wait_for
 
 pytestmark = pytest.mark.integration
@@ -42,6 +44,44 @@ def expected_statuses(script: str) -> list[str]:
             m = re.search(r"#\s*(\d{3})\b", line)
             wanted.append(m.group(1) if m else "2xx")
     return wanted
+
+
+def consumers_joined(ports: dict[str, str], issuer: str) -> None:
+    """A person reading the README takes longer between steps than the consumers of a stack
+    that has just started take to join their groups (the README says so): wait as long, by
+    registering a case and waiting until referral and follow-up know it."""
+    auth = {"Authorization": f"Bearer {token_from(issuer, 'case-worker', districts=['nordost'])}"}
+    case = httpx.post(
+        f"http://127.0.0.1:{ports['8001']}/cases",
+        headers=auth,
+        json={
+            "personal_identity_number": "19121212-1212",
+            "district": "nordost",
+            "substances": ["ALCOHOL"],
+            "referral_source": "SELF",
+            "children_in_household": "NO",
+        },
+        timeout=30,
+    ).json()["case_id"]
+    followups = f"http://127.0.0.1:{ports['8003']}/cases/{case}/followups"
+    wait_for(
+        lambda: httpx.get(followups, headers=auth, timeout=30).status_code == 200,
+        90,
+        "the follow-up service to learn a case from intake",
+    )
+    referral = {
+        "case_id": case,
+        "unit_id": "centrum-beroendeteam",
+        "intervention_code": "relapse-prevention-alcohol",
+    }
+
+    def referral_knows_it() -> bool:
+        r = httpx.post(
+            f"http://127.0.0.1:{ports['8002']}/referrals", headers=auth, json=referral, timeout=30
+        )
+        return not r.json().get("type", "").endswith("/case-not-found")
+
+    wait_for(referral_knows_it, 90, "the referral service to learn a case from intake")
 
 
 @pytest.mark.skipif(shutil.which("curl") is None, reason="the walk-through uses curl")
@@ -75,6 +115,7 @@ def test_the_readme_walk_through_works_as_written(tmp_path: Path) -> None:
         )
         assert up.poll() is None, log.read_text()
         env["LIKVARD_OIDC_ISSUER"] = f"http://127.0.0.1:{idp}"  # what `likvard token` finds
+        consumers_joined(ports, env["LIKVARD_OIDC_ISSUER"])
         run = subprocess.run(
             ["bash", "-c", "set -eo pipefail\n" + runnable],
             env=env,
