@@ -380,20 +380,7 @@ class _AccessLogStore(EventStore):
     ) -> tuple[bytes, dict[str, Any]]:
         if event.event_type != EVENT_TYPE:
             return super()._encode(stream_id, version, event, recorded_at)
-        metadata: dict[str, Any] = {
-            "event_id": str(event.event_id),
-            "event_type": event.event_type,
-            "case_id": event.case_id or stream_id,
-            "stream_version": version,
-            "occurred_at": event.occurred_at,
-            "recorded_at": recorded_at,
-            "producer": event.producer or self.producer,
-            "district": event.district,
-            "actor": event.actor,
-            "correlation_id": event.correlation_id,
-            "causation_id": event.causation_id,
-            "traceparent": event.traceparent,
-        }
+        metadata = self._metadata(stream_id, version, event, recorded_at)
         writer = self.catalogue.writer(EVENT_TYPE)
         body = io.BytesIO()
         body.write(SINGLE_OBJECT_MARKER)

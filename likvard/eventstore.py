@@ -200,7 +200,15 @@ class EventStore:
     def _encode(
         self, stream_id: str, version: int, event: NewEvent, recorded_at: datetime
     ) -> tuple[bytes, dict[str, Any]]:
-        metadata: dict[str, Any] = {
+        metadata = self._metadata(stream_id, version, event, recorded_at)
+        data = self.catalogue.encode(event.event_type, {"metadata": metadata, **event.data})
+        return data, metadata
+
+    def _metadata(
+        self, stream_id: str, version: int, event: NewEvent, recorded_at: datetime
+    ) -> dict[str, Any]:
+        """The shared metadata record of an event about to be stored at `version`."""
+        return {
             "event_id": str(event.event_id),
             "event_type": event.event_type,
             "case_id": event.case_id or stream_id,
@@ -214,8 +222,6 @@ class EventStore:
             "causation_id": event.causation_id,
             "traceparent": event.traceparent,
         }
-        data = self.catalogue.encode(event.event_type, {"metadata": metadata, **event.data})
-        return data, metadata
 
     def append(
         self,
