@@ -335,6 +335,31 @@ def env_without_stack() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if k not in skip}
 
 
+@contextmanager
+def likvard_up(
+    args: list[str], env: dict[str, str], log: Path, timeout: float = 60
+) -> Iterator[subprocess.Popen[bytes]]:
+    """`likvard up ARGS` with its output in `log`, once it says the stack is up (it must
+    not have stopped); stopped with Ctrl-C (SIGINT) when the block ends."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "likvard.cli", "up", *args],
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+    try:
+        wait_for(
+            lambda: "Likvärd is up" in log.read_text() or proc.poll() is not None,
+            timeout,
+            "`likvard up` to report the stack up",
+        )
+        assert proc.poll() is None, log.read_text()
+        yield proc
+    finally:
+        stop_process(proc)
+
+
 def stop_process(proc: subprocess.Popen[bytes], sig: int = signal.SIGINT, wait: float = 60) -> None:
     """Ask a process to stop with `sig`; kill it if it has not stopped within `wait` s."""
     proc.send_signal(sig)

@@ -19,7 +19,7 @@ from likvard.cli.devstack import free_port
 from likvard.codec import Catalogue
 from services.projections import readmodels
 from tests.district import DistrictSystem, produce_all, registered
-from tests.support import consume, env_without_stack, stop_process, wait_for
+from tests.support import consume, env_without_stack, likvard_up, wait_for
 
 OIDC = ("LIKVARD_OIDC_ISSUER", "LIKVARD_OIDC_AUDIENCE")
 
@@ -49,20 +49,7 @@ def test_up_runs_the_stack_and_stops_cleanly(tmp_path: Path) -> None:
     projections_port = free_port()
     env["LIKVARD_PROJECTIONS_PORT"] = str(projections_port)
     log = tmp_path / "up.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "likvard.cli", "up", "--broker-port", str(broker_port)],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        wait_for(
-            lambda: "Likvärd is up" in log.read_text() or proc.poll() is not None,
-            60,
-            "`likvard up` to report the stack up",
-        )
-        assert proc.poll() is None, log.read_text()
+    with likvard_up(["--broker-port", str(broker_port)], env, log) as proc:
         descendants = psutil.Process(proc.pid).children(recursive=True)
         assert len(descendants) >= 3  # broker, service, relay (and PostgreSQL)
         names = {" ".join(p.cmdline()[-2:]) for p in descendants if p.is_running()}
@@ -157,8 +144,6 @@ def test_up_runs_the_stack_and_stops_cleanly(tmp_path: Path) -> None:
         assert exported.group(2) == f"127.0.0.1:{broker_port}"
         with psycopg.connect(exported.group(1)) as conn:
             assert readmodels.case_facts(conn, "projections", case) is not None
-    finally:
-        stop_process(proc)
     assert proc.returncode == 0, log.read_text()
     assert "stopped" in log.read_text()
     wait_for(
@@ -177,27 +162,7 @@ def test_up_with_an_issuer_set_trusts_it_and_starts_no_provider(tmp_path: Path) 
     env["LIKVARD_INTAKE_PORT"] = str(port)
     env["LIKVARD_DEV_IDP_PORT"] = str(free_port())
     log = tmp_path / "up.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "likvard.cli",
-                "up",
-                "--services=intake",
-                f"--broker-port={broker_port}",
-            ],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        wait_for(
-            lambda: "Likvärd is up" in log.read_text() or proc.poll() is not None,
-            60,
-            "`likvard up` to report the stack up",
-        )
-        assert proc.poll() is None, log.read_text()
+    with likvard_up(["--services=intake", f"--broker-port={broker_port}"], env, log) as proc:
         text = log.read_text()
         assert f"Sign-in      {issuer} (LIKVARD_OIDC_ISSUER)" in text
         assert "development OpenID provider on" not in text
@@ -206,8 +171,6 @@ def test_up_with_an_issuer_set_trusts_it_and_starts_no_provider(tmp_path: Path) 
         unknown = f"http://127.0.0.1:{port}/cases/{uuid.uuid4()}"
         answer = httpx.get(unknown, headers=bearer("case-worker", districts=["nordost"]))
         assert answer.status_code == 404, answer.text
-    finally:
-        stop_process(proc)
     assert proc.returncode == 0, log.read_text()
 
 

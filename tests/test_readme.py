@@ -14,7 +14,7 @@ import pytest
 
 from likvard.cli.devstack import free_port
 from tests.identity import token_from
-from tests.support import env_without_stack, stop_process, wait_for
+from tests.support import env_without_stack, likvard_up, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -99,21 +99,7 @@ def test_the_readme_walk_through_works_as_written(tmp_path: Path) -> None:
     for standard, port in ports.items():
         runnable = runnable.replace(f"localhost:{standard}", f"localhost:{port}")
     runnable = runnable.replace(".venv/bin/likvard", str(Path(sys.executable).parent / "likvard"))
-    log = tmp_path / "up.log"
-    with log.open("wb") as out:
-        up = subprocess.Popen(
-            [sys.executable, "-m", "likvard.cli", "up", "--broker-port", str(free_port())],
-            env=env,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        wait_for(
-            lambda: "Likvärd is up" in log.read_text() or up.poll() is not None,
-            90,
-            "`likvard up` to report the stack up",
-        )
-        assert up.poll() is None, log.read_text()
+    with likvard_up(["--broker-port", str(free_port())], env, tmp_path / "up.log", 90):
         env["LIKVARD_OIDC_ISSUER"] = f"http://127.0.0.1:{idp}"  # what `likvard token` finds
         consumers_joined(ports, env["LIKVARD_OIDC_ISSUER"])
         run = subprocess.run(
@@ -130,5 +116,3 @@ def test_the_readme_walk_through_works_as_written(tmp_path: Path) -> None:
         assert len(got) == len(wanted), run.stdout
         for status, want in zip(got, wanted, strict=True):
             assert status == want or (want == "2xx" and status.startswith("2")), run.stdout
-    finally:
-        stop_process(up)
