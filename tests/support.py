@@ -339,8 +339,9 @@ def env_without_stack() -> dict[str, str]:
 def likvard_up(
     args: list[str], env: dict[str, str], log: Path, timeout: float = 60
 ) -> Iterator[subprocess.Popen[bytes]]:
-    """`likvard up ARGS` with its output in `log`, once it says the stack is up (it must
-    not have stopped); stopped with Ctrl-C (SIGINT) when the block ends."""
+    """`likvard up ARGS` with its output in `log`, once it has said the stack is up and
+    printed all it says then (its last line, "Press Ctrl-C to stop."; it must not have
+    stopped); stopped with Ctrl-C (SIGINT) when the block ends."""
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "likvard.cli", "up", *args],
@@ -350,7 +351,7 @@ def likvard_up(
         )
     try:
         wait_for(
-            lambda: "Likvärd is up" in log.read_text() or proc.poll() is not None,
+            lambda: "Press Ctrl-C to stop." in log.read_text() or proc.poll() is not None,
             timeout,
             "`likvard up` to report the stack up",
         )
