@@ -104,6 +104,14 @@ class Settings:
     oidc_leeway_seconds: int = 30
     public_docs: bool = False
     access_log_database_url: str | None = None
+    # Personal data (docs/personal-data.md): the key store's PostgreSQL (its own role), the
+    # key-encryption key, and how long records are kept after their last entry.
+    keys_database_url: str | None = field(
+        default_factory=lambda: _env("LIKVARD_KEYS_DATABASE_URL")
+    )
+    kek: str | None = field(default_factory=lambda: _env("LIKVARD_KEK"))
+    kek_id: str = field(default_factory=lambda: _env("LIKVARD_KEK_ID") or "env-1")
+    retention_years: int = 5
 
     def require_oidc(self) -> str:
         """The issuer every token must come from; ConfigError with the fix when unset."""
@@ -132,6 +140,17 @@ class Settings:
                 "LIKVARD_ACCESS_LOG_DATABASE_URL (or LIKVARD_DATABASE_URL) is not set: the"
                 " access log needs a PostgreSQL (e.g. export LIKVARD_DATABASE_URL="
                 "postgresql://user@host/dbname). " + _UP_EXPORTS
+            )
+        return url
+
+    def require_keys_database(self) -> str:
+        """The key store's PostgreSQL (LIKVARD_KEYS_DATABASE_URL, else the service's): in
+        production a role that only the key store uses (docs/personal-data.md)."""
+        url = self.keys_database_url or self.database_url
+        if not url:
+            raise ConfigError(
+                "LIKVARD_KEYS_DATABASE_URL (or LIKVARD_DATABASE_URL) is not set: the key"
+                " store of the persons' data keys needs a PostgreSQL. " + _UP_EXPORTS
             )
         return url
 
@@ -262,4 +281,25 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         oidc_leeway_seconds=_leeway(e.get("LIKVARD_OIDC_LEEWAY_SECONDS") or "30"),
         public_docs=_flag("LIKVARD_PUBLIC_DOCS", e.get("LIKVARD_PUBLIC_DOCS")),
         access_log_database_url=e.get("LIKVARD_ACCESS_LOG_DATABASE_URL") or None,
+        keys_database_url=e.get("LIKVARD_KEYS_DATABASE_URL") or None,
+        kek=e.get("LIKVARD_KEK") or None,
+        kek_id=_kek_id(e.get("LIKVARD_KEK_ID") or "env-1"),
+        retention_years=_years(e.get("LIKVARD_RETENTION_YEARS") or "5"),
     )
+
+
+def _kek_id(text: str) -> str:
+    if not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", text):
+        raise ConfigError(
+            f"LIKVARD_KEK_ID must be 1-64 letters, digits or ._- (names the KEK), not {text!r}"
+        )
+    return text
+
+
+def _years(text: str) -> int:
+    if not text.isdigit() or not 1 <= int(text) <= 100:
+        raise ConfigError(
+            "LIKVARD_RETENTION_YEARS must be a whole number of years, 1-100 (records are"
+            f" culled that long after their last entry), not {text!r}"
+        )
+    return int(text)

@@ -21,6 +21,7 @@ class Role(StrEnum):
     AUDITOR = "auditor"
     RECORDS_OFFICER = "records-officer"
     OPS = "ops"
+    DISTRICT_SYSTEM = "district-system"  # a district's case system (a client, not a person)
 
 
 ROLES: tuple[Role, ...] = tuple(Role)

@@ -16,6 +16,12 @@ The rules (docs/security.md says the same to operators):
   aggregate reports, the access log, replay and verification.
 - records-officer: erasure and retention, nothing else. ops: health, readiness, metrics
   and the API documents.
+- district-system: a district's case system asks for pseudonyms (it never holds the
+  secret); its records on Kafka are judged by their signatures, not by this policy.
+
+Personal text (a care plan's goals, a birth year), decrypted with the person's data key, is
+shown only where the role needs it: `sees_personal_text`. The pseudonym, which links a
+person's cases, only to those who link cases: `sees_pseudonym`.
 """
 
 from __future__ import annotations
@@ -51,7 +57,8 @@ class Action(StrEnum):
     ACCESS_LOG_READ = "access-log.read"
     REPLAY = "history.replay"
     VERIFY = "history.verify"
-    RECORDS_MANAGE = "records.manage"
+    RECORDS_MANAGE = "records.manage"  # erasure of a person's data, retention runs
+    PSEUDONYMS = "pseudonyms.compute"  # identity numbers in, pseudonyms out
     OPS_READ = "ops.read"
 
 
@@ -155,6 +162,7 @@ _BY_ROLE: dict[Action, frozenset[Role]] = {
     Action.REPLAY: frozenset({Role.AUDITOR}),
     Action.VERIFY: frozenset({Role.AUDITOR}),
     Action.RECORDS_MANAGE: frozenset({Role.RECORDS_OFFICER}),
+    Action.PSEUDONYMS: frozenset({Role.DISTRICT_SYSTEM}),
     Action.OPS_READ: frozenset({Role.OPS}),
 }
 
@@ -240,3 +248,20 @@ def _referral(
     # The referring side: the case's own district reads the referral and withdraws it.
     as_case = Action.CASE_READ if action is Action.REFERRAL_READ else Action.CASE_CHANGE
     return _case(p, as_case, referral.case, now, emergency)
+
+
+def sees_personal_text(principal: Principal, action: Action, decision: Decision) -> bool:
+    """Whether an allowed read shows the person's decrypted text: a case worker's read of a
+    case they may read (their own, a former district's, an emergency), or an auditor's
+    history. Aggregates never need it; unit staff see the referral, not the person."""
+    if not decision.allow or action not in (Action.CASE_READ, Action.CASE_HISTORY):
+        return False
+    return principal.has(Role.CASE_WORKER) or (
+        action is Action.CASE_HISTORY and principal.has(Role.AUDITOR)
+    )
+
+
+def sees_pseudonym(principal: Principal) -> bool:
+    """Whether a response may show the person's pseudonym: only to those who link a
+    person's cases (case workers, auditors), never to unit staff or analysts."""
+    return bool(principal.roles & {Role.CASE_WORKER, Role.AUDITOR})
