@@ -111,6 +111,7 @@ class Settings:
     )
     kek: str | None = field(default_factory=lambda: _env("LIKVARD_KEK"))
     kek_id: str = field(default_factory=lambda: _env("LIKVARD_KEK_ID") or "env-1")
+    kek_previous: str | None = field(default_factory=lambda: _env("LIKVARD_KEK_PREVIOUS"))
     retention_years: int = 5
 
     def require_oidc(self) -> str:
@@ -284,6 +285,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         keys_database_url=e.get("LIKVARD_KEYS_DATABASE_URL") or None,
         kek=e.get("LIKVARD_KEK") or None,
         kek_id=_kek_id(e.get("LIKVARD_KEK_ID") or "env-1"),
+        kek_previous=e.get("LIKVARD_KEK_PREVIOUS") or None,
         retention_years=_years(e.get("LIKVARD_RETENTION_YEARS") or "5"),
     )
 
