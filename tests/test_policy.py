@@ -22,6 +22,8 @@ from likvard.policy import (
     Transfer,
     UnitScope,
     allowed,
+    sees_personal_text,
+    sees_pseudonym,
 )
 
 NOW = datetime(2026, 6, 1, 12, 0, tzinfo=UTC)
@@ -36,6 +38,7 @@ PRINCIPALS = {
     Role.AUDITOR: Principal("au-1", frozenset({Role.AUDITOR})),
     Role.RECORDS_OFFICER: Principal("ro-1", frozenset({Role.RECORDS_OFFICER})),
     Role.OPS: Principal("ops-1", frozenset({Role.OPS})),
+    Role.DISTRICT_SYSTEM: Principal("sys-1", frozenset({Role.DISTRICT_SYSTEM})),
 }
 
 
@@ -80,18 +83,20 @@ RESOURCES: dict[Action, tuple[tuple[str, ...], Callable[[str], Resource]]] = {
             Action.REPLAY,
             Action.VERIFY,
             Action.RECORDS_MANAGE,
+            Action.PSEUDONYMS,
             Action.OPS_READ,
         )
     },
 }
 
-CW, US, AN, AU, RO, OPS = (
+CW, US, AN, AU, RO, OPS, SYS = (
     Role.CASE_WORKER,
     Role.UNIT_STAFF,
     Role.ANALYST,
     Role.AUDITOR,
     Role.RECORDS_OFFICER,
     Role.OPS,
+    Role.DISTRICT_SYSTEM,
 )
 READ_OF_A_CASE = {"own", "former", "emergency"}
 # (role, action) -> the scopes allowed; every other cell is refused.
@@ -113,6 +118,7 @@ EXPECTED: dict[tuple[Role, Action], set[str]] = {
     (AU, Action.CASE_HISTORY): set(CASE_SCOPES),  # timelines of any case, read-only
     (RO, Action.RECORDS_MANAGE): {"any"},
     (OPS, Action.OPS_READ): {"any"},
+    (SYS, Action.PSEUDONYMS): {"any"},
 }
 
 CELLS = [
@@ -122,7 +128,7 @@ CELLS = [
 
 def test_every_action_has_resources_in_the_table() -> None:
     assert set(RESOURCES) == set(Action)
-    assert len(CELLS) == len(Role) * (8 * 5 - 2 * 3 + 6)  # 6 roles x 40 cells
+    assert len(CELLS) == len(Role) * (8 * 5 - 2 * 3 + 7)  # 7 roles x 41 cells
 
 
 @pytest.mark.parametrize(("role", "action", "scope"), CELLS)
@@ -199,3 +205,23 @@ def test_a_worker_with_a_unit_answers_referrals_only_as_unit_staff() -> None:
     )
     assert not allowed(worker_with_unit, Action.REFERRAL_ANSWER, referral("own"), now=NOW)
     assert not allowed(worker_with_unit, Action.UNIT_INBOX, UnitScope(OWN_UNIT), now=NOW)
+
+
+# Who sees the decrypted text: (role, action) pairs whose allowed reads show it.
+SEES_TEXT = {(CW, Action.CASE_READ), (CW, Action.CASE_HISTORY), (AU, Action.CASE_HISTORY)}
+
+
+@pytest.mark.parametrize(("role", "action", "scope"), CELLS)
+def test_personal_text_only_on_allowed_reads_that_need_it(
+    role: Role, action: Action, scope: str
+) -> None:
+    resource = RESOURCES[action][1](scope)
+    emergency = REASON if scope == "emergency" else None
+    decision = allowed(PRINCIPALS[role], action, resource, now=NOW, emergency=emergency)
+    expected = decision.allow and (role, action) in SEES_TEXT
+    assert sees_personal_text(PRINCIPALS[role], action, decision) is expected
+
+
+@pytest.mark.parametrize("role", list(Role))
+def test_the_pseudonym_only_to_those_who_link_cases(role: Role) -> None:
+    assert sees_pseudonym(PRINCIPALS[role]) is (role in (CW, AU))
