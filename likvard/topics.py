@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import (  # type: ignore[attr-defined]  # public, re-exported
+    AdminClient,
+    AlterConfigOpType,
+    ConfigEntry,
+    ConfigResource,
+    ResourceType,
+)
 from confluent_kafka.cimpl import NewTopic
 
 from likvard.config import kafka_client_settings, no_auto_create
@@ -23,6 +30,15 @@ SERVICE_TOPICS = {
 }
 ACCESS_LOG_TOPIC = "likvard.access-log.v1"
 """`CaseAccessed` events of every service's access-log stream (likvard.access_log)."""
+RECONCILED_CONFIG = ("retention.ms", "retention.bytes")
+"""The settings of a topic that exists already which `ensure_topics` brings to the
+definition's: how long its records are kept. A dead letter holds a refused record in full
+(personal data included), so the dead-letter topic's finite retention must reach a topic
+created before it was set; an event topic found with a finite one (made by hand, or by a
+client with the broker's default of 7 days) would lose history. Partition counts are never
+altered (see `_partition_problem`), nor other settings."""
+
+log = logging.getLogger("likvard.topics")
 
 
 class TopicError(RuntimeError):
@@ -80,13 +96,20 @@ def _admin(bootstrap: str) -> AdminClient:
     )
 
 
-def ensure_topics(bootstrap: str, specs: list[TopicSpec], timeout: float = 30.0) -> dict[str, str]:
-    """Create missing topics (existing ones are never altered), then check that every topic
-    has the partition count of its spec: a client may have auto-created one with the
-    broker's default before this ran, and keys would then map to other partitions than
-    everywhere else. Returns name -> outcome; raises TopicError naming the fix."""
+def ensure_topics(
+    bootstrap: str, specs: list[TopicSpec], timeout: float = 30.0, *, align_config: bool = True
+) -> dict[str, str]:
+    """Create missing topics, bring the retention of existing ones to their spec's
+    (`RECONCILED_CONFIG`, unless `align_config` is False), then check that every topic has
+    the partition count of its spec: a client may have auto-created one with the broker's
+    default before this ran, and keys would then map to other partitions than everywhere
+    else. Returns name -> outcome ("created", "exists", or what was altered or could not be
+    checked); raises TopicError naming the fix of a wrong partition count."""
     admin = _admin(bootstrap)
     outcome = _create_missing(admin, specs, timeout)
+    if align_config:
+        existing = [s for s in specs if outcome.get(s.name) == "exists"]
+        outcome.update(_align_config(admin, existing, timeout))
     _check_partitions(admin, bootstrap, specs, timeout)
     return outcome
 
@@ -104,7 +127,11 @@ def require_topics(
             f"{', '.join(unknown)} not defined in {topics_file()}: add the topic there (or"
             " check LIKVARD_TOPIC_PREFIX)"
         )
-    return ensure_topics(bootstrap, [by_name[n] for n in dict.fromkeys(names)], timeout)
+    # Settings of existing topics are `likvard topics`'s to align: a process under Kafka
+    # ACLs may describe its topics but not their configuration.
+    return ensure_topics(
+        bootstrap, [by_name[n] for n in dict.fromkeys(names)], timeout, align_config=False
+    )
 
 
 def _create_missing(admin: AdminClient, specs: list[TopicSpec], timeout: float) -> dict[str, str]:
@@ -203,3 +230,85 @@ def _partition_problem(spec: TopicSpec, actual: int | None, bootstrap: str) -> s
         f"topic {spec.name} has {actual} partitions, {where} says {spec.partitions}"
         f" (a client created it before `likvard topics` ran?): {fix}"
     )
+
+
+# --- retention of existing topics -----------------------------------------------------------
+def config_changes(spec: TopicSpec, current: Mapping[str, str | None]) -> dict[str, str]:
+    """The settings of `RECONCILED_CONFIG` whose value on the broker (`current`, None or
+    absent if the broker shows none) is not the spec's: what `ensure_topics` alters. Pure."""
+    return {
+        name: spec.config[name]
+        for name in RECONCILED_CONFIG
+        if name in spec.config and current.get(name) != spec.config[name]
+    }
+
+
+def _align_config(admin: AdminClient, specs: list[TopicSpec], timeout: float) -> dict[str, str]:
+    """Alter the retention of existing topics whose broker value differs from the spec's
+    (idempotent: an aligned topic is not touched). Tolerant: a broker that cannot describe
+    or alter configurations, or a principal not allowed to, leaves the topic as it is with
+    a warning and an outcome saying so; it never stops a process from starting."""
+    wanted = [s for s in specs if any(k in s.config for k in RECONCILED_CONFIG)]
+    if not wanted:
+        return {}
+    outcome: dict[str, str] = {}
+    try:
+        current = _describe_configs(admin, [s.name for s in wanted], timeout)
+    except KafkaException as exc:
+        why = _error_name(exc)
+        log.warning("could not read the topics' configuration (%s): retention not checked", why)
+        return {s.name: f"exists (retention not checked: {why})" for s in wanted}
+    changes = {s.name: config_changes(s, current.get(s.name, {})) for s in wanted}
+    changes = {name: change for name, change in changes.items() if change}
+    if not changes:
+        return outcome
+    resources = [
+        ConfigResource(
+            ResourceType.TOPIC,
+            name,
+            incremental_configs=[
+                ConfigEntry(k, v, incremental_operation=AlterConfigOpType.SET)
+                for k, v in change.items()
+            ],
+        )
+        for name, change in changes.items()
+    ]
+    try:
+        futures = admin.incremental_alter_configs(resources, request_timeout=timeout)
+    except KafkaException as exc:
+        why = _error_name(exc)
+        log.warning("could not alter the topics' retention (%s)", why)
+        return {name: f"exists (retention not altered: {why})" for name in changes}
+    for resource, fut in futures.items():
+        name = resource.name
+        was = current.get(name, {})
+        done = ", ".join(f"{k} {v} (was {was.get(k) or 'unset'})" for k, v in changes[name].items())
+        try:
+            fut.result(timeout=timeout)
+        except KafkaException as exc:
+            why = _error_name(exc)
+            log.warning("could not alter %s to %s: %s", name, done, why)
+            outcome[name] = f"exists (not altered to {done}: {why})"
+            continue
+        log.info("altered %s: %s", name, done)
+        outcome[name] = f"altered: {done}"
+    return outcome
+
+
+def _describe_configs(
+    admin: AdminClient, names: list[str], timeout: float
+) -> dict[str, dict[str, str | None]]:
+    """The broker's values of `RECONCILED_CONFIG` per topic (a broker may show only what
+    was set on the topic, so an absent setting is the broker's default: it differs)."""
+    resources = [ConfigResource(ResourceType.TOPIC, name) for name in names]
+    futures = admin.describe_configs(resources, request_timeout=timeout)
+    found: dict[str, dict[str, str | None]] = {}
+    for resource, fut in futures.items():
+        entries = fut.result(timeout=timeout)
+        found[resource.name] = {k: entries[k].value for k in RECONCILED_CONFIG if k in entries}
+    return found
+
+
+def _error_name(exc: KafkaException) -> str:
+    err = exc.args[0] if exc.args else exc
+    return err.name() if isinstance(err, KafkaError) else str(err)

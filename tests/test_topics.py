@@ -1,6 +1,8 @@
 """Topics have the partition counts of deploy/topics.toml or a process refuses to start: a
 topic a client auto-created (the broker's default count) is a loud error naming the fix,
-and with `no_auto_create` clients do not create topics at all."""
+and with `no_auto_create` clients do not create topics at all. Retention is the
+definition's, on a new topic and (`likvard topics`) on one that exists: the dead letters,
+which hold refused records in full, are kept 30 days."""
 
 from __future__ import annotations
 
@@ -10,18 +12,30 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Consumer, KafkaError, Message, Producer
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import (  # type: ignore[attr-defined]  # public, re-exported
+    AdminClient,
+    ConfigResource,
+    ResourceType,
+)
 from confluent_kafka.cimpl import NewTopic
 
 from likvard.cli.devstack import TansuBroker
 from likvard.config import no_auto_create
-from likvard.topics import TopicError, TopicSpec, ensure_topics, load_topics, require_topics
+from likvard.topics import (
+    TopicError,
+    TopicSpec,
+    config_changes,
+    ensure_topics,
+    load_topics,
+    require_topics,
+)
 from tests.support import wait_for
 
 pytestmark = pytest.mark.integration
 
 INTAKE = "likvard.intake.v1"
 DEAD_LETTER = "likvard.dead-letter.v1"
+THIRTY_DAYS_MS = str(30 * 24 * 60 * 60 * 1000)
 
 
 @pytest.fixture
@@ -40,9 +54,21 @@ def partitions(bootstrap: str) -> dict[str, int]:
     return {name: len(t.partitions) for name, t in meta.topics.items() if t.error is None}
 
 
-def create_by_hand(bootstrap: str, name: str, count: int) -> None:
+def create_by_hand(
+    bootstrap: str, name: str, count: int, config: dict[str, str] | None = None
+) -> None:
     client = admin(bootstrap)  # kept until the result is in: a dropped client cancels it
-    client.create_topics([NewTopic(name, num_partitions=count)])[name].result(10)
+    topic = NewTopic(name, num_partitions=count, config=config or {})
+    client.create_topics([topic])[name].result(10)
+
+
+def retention(bootstrap: str, name: str) -> str | None:
+    """The topic's retention.ms as the broker describes it (None if it shows none)."""
+    client = admin(bootstrap)
+    resource = ConfigResource(ResourceType.TOPIC, name)
+    entries = client.describe_configs([resource], request_timeout=10)[resource].result(10)
+    entry = entries.get("retention.ms")
+    return None if entry is None else str(entry.value)
 
 
 def spec(specs: list[TopicSpec], name: str) -> TopicSpec:
@@ -185,3 +211,63 @@ def test_no_auto_create_gives_no_client_a_configuration_warning(kafka_bootstrap:
         m for m in seen if "enable.auto.commit is a consumer property" in m
     ]
     assert any("enable.auto.commit" in m for m in seen)
+
+
+# --- retention ---------------------------------------------------------------------------
+def test_the_definition_keeps_dead_letters_30_days_and_the_history_forever() -> None:
+    """The plan, pure: what the definition says, and what would be altered on a topic."""
+    specs = {s.name: s for s in load_topics()}
+    assert specs[DEAD_LETTER].config["retention.ms"] == THIRTY_DAYS_MS
+    assert all(s.config["retention.ms"] == "-1" for name, s in specs.items() if name != DEAD_LETTER)
+    dead, intake = specs[DEAD_LETTER], specs[INTAKE]
+    forever = {"retention.ms": "-1", "retention.bytes": "-1"}
+    assert config_changes(dead, forever) == {"retention.ms": THIRTY_DAYS_MS}  # the old one
+    assert config_changes(dead, {**forever, "retention.ms": THIRTY_DAYS_MS}) == {}
+    assert config_changes(intake, forever) == {}
+    # a broker that shows no value has its default (7 days on Apache Kafka): both differ
+    assert config_changes(intake, {}) == forever
+    assert config_changes(intake, {"retention.ms": "604800000", "retention.bytes": None}) == (
+        forever
+    )
+    # only retention is aligned, never e.g. the cleanup policy
+    assert config_changes(intake, {**forever, "cleanup.policy": "compact"}) == {}
+
+
+def test_a_created_dead_letter_topic_has_the_finite_retention(
+    kafka_bootstrap: str, specs: list[TopicSpec]
+) -> None:
+    dead, intake = spec(specs, DEAD_LETTER), spec(specs, INTAKE)
+    assert ensure_topics(kafka_bootstrap, [dead, intake], timeout=10) == dict.fromkeys(
+        [dead.name, intake.name], "created"
+    )
+    assert retention(kafka_bootstrap, dead.name) == THIRTY_DAYS_MS
+    assert retention(kafka_bootstrap, intake.name) == "-1"
+
+
+def test_an_existing_dead_letter_topic_kept_forever_is_altered_once_by_likvard_topics(
+    kafka_bootstrap: str, specs: list[TopicSpec]
+) -> None:
+    """The dead-letter topic as the earlier definition made it (retention.ms -1): a process
+    starting (require_topics) leaves it alone; `likvard topics` (ensure_topics) alters it,
+    and a second run changes nothing."""
+    dead = spec(specs, DEAD_LETTER)
+    create_by_hand(kafka_bootstrap, dead.name, 6, {"retention.ms": "-1", "retention.bytes": "-1"})
+    assert require_topics(kafka_bootstrap, specs, [dead.name], timeout=10) == {dead.name: "exists"}
+    assert retention(kafka_bootstrap, dead.name) == "-1"
+    first = ensure_topics(kafka_bootstrap, [dead], timeout=10)
+    assert first == {dead.name: f"altered: retention.ms {THIRTY_DAYS_MS} (was -1)"}
+    assert retention(kafka_bootstrap, dead.name) == THIRTY_DAYS_MS
+    assert ensure_topics(kafka_bootstrap, [dead], timeout=10) == {dead.name: "exists"}
+    assert retention(kafka_bootstrap, dead.name) == THIRTY_DAYS_MS
+
+
+def test_a_topic_with_no_retention_set_gets_the_definitions(
+    kafka_bootstrap: str, specs: list[TopicSpec]
+) -> None:
+    """A topic made with the broker's defaults (by hand, or a client before `likvard topics`
+    ran): an event topic is set to keep everything, as the history must."""
+    intake = spec(specs, INTAKE)
+    create_by_hand(kafka_bootstrap, intake.name, 6)
+    outcome = ensure_topics(kafka_bootstrap, [intake], timeout=10)
+    assert outcome[intake.name].startswith("altered: retention.ms -1 (was ")
+    assert retention(kafka_bootstrap, intake.name) == "-1"
