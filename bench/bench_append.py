@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import secrets
 import subprocess
 import sys
 import tempfile
@@ -184,7 +185,7 @@ def main() -> None:
         env = dict(
             os.environ,
             LIKVARD_DATABASE_URL=url,
-            LIKVARD_PSEUDONYM_SECRET="bench" * 8,
+            LIKVARD_PSEUDONYM_SECRET=secrets.token_hex(32),
             LIKVARD_LOG_LEVEL="WARNING",
             LIKVARD_OIDC_ISSUER=idp,
             LIKVARD_OIDC_AUDIENCE="likvard",

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import math
 import os
 import re
+from collections import Counter
 from dataclasses import dataclass, field
+from itertools import pairwise
 
 SERVICES = ("intake", "referral", "followup")
 DEFAULT_PORTS = {"intake": 8001, "referral": 8002, "followup": 8003, "projections": 8004}
@@ -79,6 +82,52 @@ def _env_audience() -> str:
     return os.environ.get("LIKVARD_OIDC_AUDIENCE") or "likvard"
 
 
+MIN_SECRET_BYTES = 32
+MIN_SECRET_BITS_PER_BYTE = 2.75
+"""Shannon entropy per character at least: a random hex secret of 32 characters (the
+shortest allowed) measures 2.8 or more (none below it in 300,000 draws), "aaaa..." 0,
+"abab..." 1."""
+_MAKE_SECRET = (
+    "Set it to a random secret of at least 32 characters, the same in every intake replica"
+    " (e.g. python -c 'import secrets; print(secrets.token_hex(32))'); docs/pseudonyms.md"
+    " says how to rotate it."
+)
+
+
+def _bits_per_byte(data: bytes) -> float:
+    """Shannon entropy of the secret's byte frequencies (a random hex string: about 3.8;
+    'aaaa...': 0)."""
+    n = len(data)
+    return sum(c / n * math.log2(n / c) for c in Counter(data).values())
+
+
+def _period(data: bytes) -> int:
+    """The length of the shortest unit the secret repeats ('abab...': 2; none: its length)."""
+    return next((p for p in range(1, len(data)) if data[p:] == data[:-p]), len(data))
+
+
+def pseudonym_secret_weakness(secret: bytes) -> str | None:
+    """Why the secret is too weak to key pseudonyms, or None if it is strong enough. Pure;
+    the reason gives lengths and measures, never the secret. With a guessable secret,
+    whoever reads the events could turn every pseudonym back into an identity number (there
+    are only some tens of millions to try), so short, typed, repeated and sequential ones
+    are refused."""
+    if len(secret) < MIN_SECRET_BYTES:
+        return f"it is {len(secret)} bytes long, and must be at least {MIN_SECRET_BYTES}"
+    bits = _bits_per_byte(secret)
+    if bits < MIN_SECRET_BITS_PER_BYTE:
+        return (
+            f"it has {bits:.1f} bits of entropy per character (too few different characters),"
+            f" and must have at least {MIN_SECRET_BITS_PER_BYTE:.2f}"
+        )
+    if _period(secret) <= len(secret) // 2:
+        return "it repeats a shorter pattern"
+    steps = Counter(b - a for a, b in pairwise(secret))
+    if steps.most_common(1)[0][1] * 2 > len(secret) - 1:
+        return "it is mostly a run of characters in sequence (such as abcdef... or 012345...)"
+    return None
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str | None = None
@@ -106,9 +155,7 @@ class Settings:
     access_log_database_url: str | None = None
     # Personal data (docs/personal-data.md): the key store's PostgreSQL (its own role), the
     # key-encryption key, and how long records are kept after their last entry.
-    keys_database_url: str | None = field(
-        default_factory=lambda: _env("LIKVARD_KEYS_DATABASE_URL")
-    )
+    keys_database_url: str | None = field(default_factory=lambda: _env("LIKVARD_KEYS_DATABASE_URL"))
     kek: str | None = field(default_factory=lambda: _env("LIKVARD_KEK"))
     kek_id: str = field(default_factory=lambda: _env("LIKVARD_KEK_ID") or "env-1")
     kek_previous: str | None = field(default_factory=lambda: _env("LIKVARD_KEK_PREVIOUS"))
@@ -172,11 +219,16 @@ class Settings:
         return self.kafka_bootstrap
 
     def require_pseudonym_secret(self) -> bytes:
-        if not self.pseudonym_secret or len(self.pseudonym_secret) < 16:
+        """The key of the person pseudonyms, checked for strength when a service starts:
+        ConfigError (which never quotes the secret) if it is missing or weak."""
+        if not self.pseudonym_secret:
             raise ConfigError(
-                "LIKVARD_PSEUDONYM_SECRET must be set to at least 16 characters: it keys the"
-                " person pseudonyms, so the same person gets the same pseudonym in every service."
+                "LIKVARD_PSEUDONYM_SECRET is not set: it keys the person pseudonyms, so the"
+                " same person gets the same pseudonym in every service. " + _MAKE_SECRET
             )
+        weakness = pseudonym_secret_weakness(self.pseudonym_secret)
+        if weakness:
+            raise ConfigError(f"LIKVARD_PSEUDONYM_SECRET is too weak: {weakness}. {_MAKE_SECRET}")
         return self.pseudonym_secret
 
     def topic(self, name: str) -> str:

@@ -8,6 +8,9 @@ app verifies against it exactly as against a city's provider.
   token endpoint (a ready-made user's password grant when one fits, else the dev client
   naming the claims); cached while it has more than five minutes left. `token_from(issuer,
   role, ...)`: the same from another dev provider (one a `likvard up` under test started).
+- `system_token(district)` / `system_bearer(district)`: a district system's token, by the
+  client-credentials grant of its own client `district-system-<district>` (as a district
+  system signs in against the city's provider), subject `dev-system-<district>`.
 - Forged tokens for the refusals: `SESSION.claims(...)` gives valid claims to change,
   `SESSION.forge(claims)` signs them with the provider's own key (from its keys file),
   `forge(claims, other_key())` with a key it never published, `unsigned(claims)` is
@@ -232,6 +235,37 @@ def bearer(
     }
 
 
+SYSTEM_SECRET = "dev"
+
+
+def system_token(district: str, *, issuer: str | None = None) -> str:
+    """A district system's access token: client credentials of `district-system-<district>`
+    at the session's provider (or `issuer`); role district-system, the district's claim."""
+    base = (issuer or _issuer()).rstrip("/")
+    key = (base, "client", district)
+    with _lock:
+        cached = _cache.get(key)
+    if cached is not None and cached[1] - time.time() > 300:
+        return cached[0]
+    form = {
+        "grant_type": "client_credentials",
+        "client_id": f"district-system-{district}",
+        "client_secret": SYSTEM_SECRET,
+    }
+    response = httpx.post(f"{base}/token", data=form, timeout=10)
+    response.raise_for_status()
+    body = response.json()
+    access: str = body["access_token"]
+    with _lock:
+        _cache[key] = (access, time.time() + float(body["expires_in"]))
+    return access
+
+
+def system_bearer(district: str) -> dict[str, str]:
+    """The Authorization header for `system_token(district)`."""
+    return {"Authorization": "Bearer " + system_token(district)}
+
+
 _cache: dict[tuple[object, ...], tuple[str, float]] = {}
 _users: dict[str, frozenset[str]] = {}
 _lock = threading.Lock()
@@ -325,6 +359,8 @@ __all__ = [
     "hs256_with_public_key",
     "other_key",
     "running_idp",
+    "system_bearer",
+    "system_token",
     "token",
     "token_from",
     "unsigned",

@@ -48,7 +48,7 @@ pytestmark = pytest.mark.integration
 LIKVARD = [sys.executable, "-m", "likvard.cli"]
 SECRETS = {
     **dict.fromkeys(COMPOSE_SECRETS, "not-used-here"),
-    "LIKVARD_PSEUDONYM_SECRET": "t" * 32,
+    "LIKVARD_PSEUDONYM_SECRET": "deploy-processes-pseudonym-secret-5f3a9c1e",
 }
 DATABASE_VARS = ("LIKVARD_DATABASE_URL", "LIKVARD_ACCESS_LOG_DATABASE_URL")
 KEYCLOAK_ISSUER = "http://keycloak:8080/realms/likvard"

@@ -3,9 +3,13 @@ endpoint) with ready-made users for every role, district and specialist unit, so
 `likvard up`, the demo and the tests sign in exactly as against a city's own provider.
 
 Development only, never for production: every user's password is "dev", and the dev client
-may ask for a token with any claims. The signing key (RSA, RS256) is generated into a JWKS
-file (with the private key, mode 0600) on first start and reused after; its `kid` is the
-key's RFC 7638 thumbprint, so a new file is a new key the services learn from the JWKS.
+may ask for a token with any claims. A district's case system is a client, not a person: it
+signs in with client credentials as `district-system-<district>` (secret "dev"), and its
+token carries the district-system role and its district (`dev_clients`).
+
+The signing key (RSA, RS256) is generated into a JWKS file (with the private key, mode
+0600) on first start and reused after; its `kid` is the key's RFC 7638 thumbprint, so a new
+file is a new key the services learn from the JWKS.
 
 Tokens carry the claims in Keycloak's shape, the default claim mapping of
 `likvard.config`: `realm_access.roles`, `likvard_districts`, `likvard_unit`.
@@ -33,6 +37,8 @@ DEFAULT_PORT = 8009
 PASSWORD = "dev"
 DEV_CLIENT_ID = "likvard-dev"
 DEV_CLIENT_SECRET = "dev"
+SYSTEM_CLIENT_PREFIX = "district-system-"
+SYSTEM_CLIENT_SECRET = "dev"
 ALGORITHM = "RS256"
 WARNING = (
     "Development OpenID provider: ready-made users with the password 'dev'."
@@ -45,6 +51,7 @@ _SHORT = {
     Role.AUDITOR: "auditor",
     Role.RECORDS_OFFICER: "records",
     Role.OPS: "ops",
+    Role.DISTRICT_SYSTEM: "system",
 }
 
 
@@ -57,6 +64,17 @@ class DevUser:
     role: Role
     districts: tuple[str, ...] = ()
     unit: str | None = None
+
+
+@dataclass(frozen=True)
+class DevClient:
+    """A ready-made confidential client (a district system's service account): its client
+    id, the subject of its tokens and its claims."""
+
+    client_id: str
+    subject: str
+    role: Role
+    districts: tuple[str, ...] = ()
 
 
 def current_districts(day: date | None = None) -> list[str]:
@@ -84,9 +102,23 @@ def dev_users(districts: list[str] | None = None, units: list[str] | None = None
         DevUser(f"unit-staff-{u}", f"dev-us-{u}", Role.UNIT_STAFF, unit=u)
         for u in (unit_ids() if units is None else units)
     ]
-    others = [r for r in Role if r not in (Role.CASE_WORKER, Role.UNIT_STAFF)]
-    users += [DevUser(str(r), f"dev-{_SHORT[r]}", r) for r in others]
+    people = (Role.CASE_WORKER, Role.UNIT_STAFF, Role.DISTRICT_SYSTEM)  # systems are clients
+    users += [DevUser(str(r), f"dev-{_SHORT[r]}", r) for r in Role if r not in people]
     return users
+
+
+def dev_clients(districts: list[str] | None = None) -> list[DevClient]:
+    """One district-system client per current district: `district-system-nordost` signs in
+    with client credentials (secret "dev") as the subject `dev-system-nordost`."""
+    return [
+        DevClient(
+            f"{SYSTEM_CLIENT_PREFIX}{d}",
+            f"dev-{_SHORT[Role.DISTRICT_SYSTEM]}-{d}",
+            Role.DISTRICT_SYSTEM,
+            (d,),
+        )
+        for d in (current_districts() if districts is None else districts)
+    ]
 
 
 def username_for(role: str, district: str | None = None, unit: str | None = None) -> str:
@@ -130,8 +162,10 @@ def claims_for(
     unit: str | None,
     lifetime: int,
     now: int | None = None,
+    client_id: str = DEV_CLIENT_ID,
 ) -> dict[str, Any]:
-    """A token's claims, Keycloak's shape (realm_access.roles)."""
+    """A token's claims, Keycloak's shape (realm_access.roles); `azp` is the client that
+    asked."""
     issued = int(time.time()) if now is None else now
     claims: dict[str, Any] = {
         "iss": issuer,
@@ -140,7 +174,7 @@ def claims_for(
         "iat": issued,
         "nbf": issued,
         "exp": issued + lifetime,
-        "azp": DEV_CLIENT_ID,
+        "azp": client_id,
         "realm_access": {"roles": roles},
         "likvard_districts": districts,
     }
@@ -159,14 +193,24 @@ def create_app(
     audience: str = "likvard",
     lifetime: int = 3600,
     users: list[DevUser] | None = None,
+    clients: list[DevClient] | None = None,
 ) -> FastAPI:
     """The provider's HTTP API: discovery, the public JWKS and the token endpoint."""
     key = signing_key(keys)
     by_name = {u.username: u for u in (dev_users() if users is None else users)}
+    by_client = {c.client_id: c for c in (dev_clients() if clients is None else clients)}
     app = FastAPI(title="Likvärd development OpenID provider", description=WARNING)
 
-    def sign(subject: str, roles: list[str], districts: list[str], unit: str | None) -> str:
-        claims = claims_for(issuer, audience, subject, roles, districts, unit, lifetime)
+    def sign(
+        subject: str,
+        roles: list[str],
+        districts: list[str],
+        unit: str | None,
+        client_id: str = DEV_CLIENT_ID,
+    ) -> str:
+        claims = claims_for(
+            issuer, audience, subject, roles, districts, unit, lifetime, client_id=client_id
+        )
         return jwt.encode({"alg": ALGORITHM, "kid": key.kid, "typ": "JWT"}, claims, key)
 
     def answer(token: str) -> JSONResponse:
@@ -201,6 +245,19 @@ def create_app(
             for u in by_name.values()
         ]
 
+    @app.get("/clients")
+    def list_clients() -> list[dict[str, Any]]:
+        """The ready-made district-system clients (development only: their secret is 'dev')."""
+        return [
+            {
+                "client_id": c.client_id,
+                "subject": c.subject,
+                "role": str(c.role),
+                "districts": list(c.districts),
+            }
+            for c in by_client.values()
+        ]
+
     @app.post("/token")
     async def token(request: Request) -> JSONResponse:
         form = {k: v for k, v in parse_qs((await request.body()).decode("utf-8")).items()}
@@ -216,6 +273,13 @@ def create_app(
                 return _error("invalid_grant", "unknown user or wrong password")
             districts = list(user.districts)
             return answer(sign(user.subject, [str(user.role)], districts, user.unit))
+        system = by_client.get(one("client_id") or "")
+        if grant == "client_credentials" and system is not None:
+            # A district system's service account: its claims are the client's, never asked.
+            if one("client_secret") != SYSTEM_CLIENT_SECRET:
+                return _error("invalid_client", "unknown client or wrong secret", 401)
+            roles, districts = [str(system.role)], list(system.districts)
+            return answer(sign(system.subject, roles, districts, None, system.client_id))
         if grant == "client_credentials":
             # The dev client may name any claims: the tests' way to a token for any role,
             # districts, unit and subject (development only).
@@ -249,9 +313,13 @@ __all__ = [
     "DEV_CLIENT_ID",
     "DEV_CLIENT_SECRET",
     "PASSWORD",
+    "SYSTEM_CLIENT_PREFIX",
+    "SYSTEM_CLIENT_SECRET",
     "WARNING",
+    "DevClient",
     "DevUser",
     "create_app",
+    "dev_clients",
     "dev_users",
     "load_or_create_keys",
     "serve",

@@ -10,7 +10,13 @@ from pathlib import Path
 import typer
 
 from likvard.cli.base import app, console, fail
-from likvard.cli.devidp import DEFAULT_PORT, PASSWORD, WARNING
+from likvard.cli.devidp import (
+    DEFAULT_PORT,
+    PASSWORD,
+    SYSTEM_CLIENT_PREFIX,
+    SYSTEM_CLIENT_SECRET,
+    WARNING,
+)
 
 DEFAULT_KEYS = Path(".likvard") / "dev-idp-keys.json"
 
@@ -32,7 +38,9 @@ def dev_idp(
     case-worker-<district> for each district in operation (case-worker-nordost,
     case-worker-centrum, case-worker-sydvast, case-worker-hisingen),
     unit-staff-<unit> for each specialist unit (e.g. unit-staff-hisingen-bostad-forst),
-    analyst, auditor, records-officer and ops; GET /users lists them. The audience is
+    analyst, auditor, records-officer and ops; GET /users lists them. District systems
+    are clients (grant_type=client_credentials): district-system-<district>, secret "dev",
+    for each district in operation; GET /clients lists them. The audience is
     LIKVARD_OIDC_AUDIENCE (default likvard).
     """
     from likvard.cli.devidp import serve
@@ -52,7 +60,9 @@ def dev_idp(
 @app.command()
 def token(
     role: str = typer.Option(..., help="case-worker, unit-staff, analyst, auditor, ..."),
-    district: str | None = typer.Option(None, help="The case worker's district, e.g. nordost"),
+    district: str | None = typer.Option(
+        None, help="The case worker's or district system's district, e.g. nordost"
+    ),
     unit: str | None = typer.Option(None, help="The unit-staff user's specialist unit"),
     issuer: str | None = typer.Option(
         None, help="The development provider (default LIKVARD_OIDC_ISSUER, else port 8009)"
@@ -60,7 +70,9 @@ def token(
 ) -> None:
     """Print an access token of a ready-made user of the development provider, and only
     the token: TOKEN=$(likvard token --role case-worker --district nordost); then
-    curl -H "Authorization: Bearer $TOKEN" ..."""
+    curl -H "Authorization: Bearer $TOKEN" ... A district system's token (client
+    credentials of its client district-system-<district>): --role district-system
+    --district nordost."""
     import httpx
 
     from likvard.cli.devidp import username_for
@@ -72,24 +84,30 @@ def token(
         raise fail("a case worker works for a district: add --district, e.g. nordost")
     if role == Role.UNIT_STAFF and not unit:
         raise fail("unit staff work for a unit: add --unit, e.g. hisingen-bostad-forst")
+    if role == Role.DISTRICT_SYSTEM and not district:
+        raise fail("a district system is its district's: add --district, e.g. nordost")
     base = issuer or os.environ.get("LIKVARD_OIDC_ISSUER") or f"http://127.0.0.1:{DEFAULT_PORT}"
     username = username_for(role, district, unit)
+    form = {"grant_type": "password", "username": username, "password": PASSWORD}
+    if role == Role.DISTRICT_SYSTEM:
+        username = f"{SYSTEM_CLIENT_PREFIX}{district}"
+        form = {
+            "grant_type": "client_credentials",
+            "client_id": username,
+            "client_secret": SYSTEM_CLIENT_SECRET,
+        }
     try:
-        response = httpx.post(
-            base.rstrip("/") + "/token",
-            data={"grant_type": "password", "username": username, "password": PASSWORD},
-            timeout=5,
-        )
+        response = httpx.post(base.rstrip("/") + "/token", data=form, timeout=5)
     except httpx.HTTPError as exc:
         raise fail(
             f"the development provider at {base} does not answer ({type(exc).__name__}):"
             " start it with `likvard up` or `likvard dev-idp`",
             1,
         ) from exc
-    if response.status_code == 400 and "invalid_grant" in response.text:
+    if response.status_code in (400, 401) and "invalid_" in response.text:
         raise fail(
-            f"the provider at {base} has no user {username!r} (see its GET /users, or"
-            " `likvard dev-idp --help`)",
+            f"the provider at {base} has no user or client {username!r} (see its GET /users"
+            " and GET /clients, or `likvard dev-idp --help`)",
             1,
         )
     if response.status_code != 200:
