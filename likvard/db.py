@@ -1,9 +1,19 @@
-"""PostgreSQL plumbing shared by every service: pools, schema names and versioned migrations."""
+"""PostgreSQL plumbing shared by every service: pools, schema names and versioned migrations.
+
+Who migrates (docs/security.md, "Database roles"): LIKVARD_MIGRATE=auto (the default) lets a
+process apply pending migrations at start when its role may create in the schema (the
+owner role, or the superuser of a development database); a service's own role may not, so
+the process only checks that the schema is at the version this release needs and stops
+with "run `likvard db migrate`" if not. LIKVARD_MIGRATE=off never migrates at start, even
+as the owner: production runs `likvard db migrate` (a job) before the services.
+"""
 
 from __future__ import annotations
 
+import os
 import re
 from importlib import resources
+from typing import Any
 
 import psycopg
 from psycopg import sql
@@ -12,8 +22,28 @@ from psycopg_pool import ConnectionPool
 _SCHEMA_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 
 
+MIGRATE_ENV = "LIKVARD_MIGRATE"
+MIGRATE_MODES = ("auto", "off")
+MIGRATE_HINT = (
+    "run `likvard db migrate` with the owner role's URL (LIKVARD_OWNER_DATABASE_URL) before"
+    " the services start (docs/security.md, Database roles)"
+)
+
+
 class MigrationError(RuntimeError):
-    """A migration failed; the database is left at the last version that applied fully."""
+    """A migration failed, or the schema is not at the version this release needs and this
+    process may not migrate it; the database is left at the last version that applied fully."""
+
+
+def migrate_mode(env: dict[str, str] | None = None) -> str:
+    """LIKVARD_MIGRATE: `auto` (the default) or `off`; MigrationError names the fix."""
+    value = ((os.environ if env is None else env).get(MIGRATE_ENV) or "auto").strip().lower()
+    if value not in MIGRATE_MODES:
+        raise MigrationError(
+            f"{MIGRATE_ENV} must be auto (migrate at start when this role may create in the"
+            f" schema) or off (never: `likvard db migrate` does it), not {value!r}"
+        )
+    return value
 
 
 def check_schema_name(schema: str) -> str:
@@ -60,13 +90,92 @@ def _migration_files(kind: str) -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
-def migrate(conn: psycopg.Connection[object], schema: str, kind: str) -> list[int]:
+def may_migrate(conn: psycopg.Connection[Any], schema: str) -> bool:
+    """Whether this process runs DDL in `schema` at start: LIKVARD_MIGRATE is not `off` and
+    the connected role may create in the schema (or, when it does not exist yet, in the
+    database). A service's role may not: it only checks (`require_current`,
+    `require_relations`). Every idempotent CREATE/ALTER at start asks this first."""
+    if migrate_mode() == "off":
+        return False
+    row = conn.execute(
+        "SELECT CASE WHEN to_regnamespace(%s) IS NULL"
+        " THEN has_database_privilege(current_database(), 'CREATE')"
+        " ELSE has_schema_privilege(%s, 'CREATE') END",
+        (check_schema_name(schema), schema),
+    ).fetchone()
+    return bool(row and row[0])
+
+
+def pending(conn: psycopg.Connection[Any], schema: str, kind: str) -> list[int]:
+    """The shipped migrations of `kind` not yet applied to `schema` (all of them when the
+    schema or its migrations table does not exist)."""
+    check_schema_name(schema)
+    shipped = [version for version, _, _ in _migration_files(kind)]
+    row = conn.execute(
+        "SELECT to_regclass(%s) IS NOT NULL", (f"{schema}.schema_migrations",)
+    ).fetchone()
+    if not (row and row[0]):
+        return shipped
+    done = {
+        int(r[0])
+        for r in conn.execute(
+            sql.SQL("SELECT version FROM {}.schema_migrations WHERE kind = %s").format(
+                sql.Identifier(schema)
+            ),
+            (kind,),
+        ).fetchall()
+    }
+    return [v for v in shipped if v not in done]
+
+
+def require_current(conn: psycopg.Connection[Any], schema: str, kind: str) -> None:
+    """MigrationError with the fix unless `schema` holds every shipped migration of `kind`."""
+    try:
+        missing = pending(conn, schema, kind)
+    except psycopg.errors.InsufficientPrivilege as exc:
+        raise MigrationError(
+            f"the role {conn.info.user!r} may not read {schema}.schema_migrations (its"
+            f" grants are missing): {MIGRATE_HINT}"
+        ) from exc
+    if missing:
+        raise MigrationError(
+            f"schema {schema} lacks the {kind} migrations {', '.join(f'{v:04d}' for v in missing)}"
+            f" this release needs, and the role {conn.info.user!r} may not apply them: "
+            + MIGRATE_HINT
+        )
+
+
+def require_relations(conn: psycopg.Connection[Any], schema: str, names: list[str]) -> None:
+    """MigrationError with the fix unless every table `names` exists in `schema`: the check
+    a process makes instead of its CREATE TABLE IF NOT EXISTS when `may_migrate` is false."""
+    missing = [
+        name
+        for name in names
+        if not conn.execute(
+            "SELECT to_regclass(%s) IS NOT NULL", (f"{check_schema_name(schema)}.{name}",)
+        ).fetchone()[0]  # type: ignore[index]
+    ]
+    if missing:
+        raise MigrationError(
+            f"schema {schema} has no table {', '.join(missing)}, and the role"
+            f" {conn.info.user!r} may not create it: " + MIGRATE_HINT
+        )
+
+
+def migrate(conn: psycopg.Connection[Any], schema: str, kind: str) -> list[int]:
     """Apply the pending migrations of `kind` to `schema`; returns the versions applied.
 
     Runs under a transaction-level advisory lock so several processes starting at once
-    (service, relay, CLI) apply each migration exactly once.
+    (service, relay, CLI) apply each migration exactly once. A process that may not
+    migrate (`may_migrate`) only checks the schema is current, and applies nothing.
     """
     check_schema_name(schema)
+    with conn.transaction():  # its own: a pooled connection is not left in a transaction
+        allowed = may_migrate(conn, schema)
+        if not allowed:
+            require_current(conn, schema, kind)
+    if not allowed:
+        return []
     applied: list[int] = []
     with conn.transaction():
         conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (f"likvard.migrate.{schema}",))
@@ -84,7 +193,7 @@ def migrate(conn: psycopg.Connection[object], schema: str, kind: str) -> list[in
             ),
             (kind,),
         )
-        done = {int(row[0]) for row in cur.fetchall()}  # type: ignore[index]
+        done = {int(row[0]) for row in cur.fetchall()}
         for version, name, text in _migration_files(kind):
             if version in done:
                 continue

@@ -6,7 +6,16 @@ order `likvard --help` lists them."""
 
 # isort: skip_file
 from likvard.cli.base import APPS, CONSUMERS, INGESTERS, READ_APPS, app
-from likvard.cli import workers, history, audit, stack, dead_letters, contract, identity as identity
+from likvard.cli import (
+    workers,
+    history,
+    audit,
+    stack,
+    dead_letters,
+    contract,
+    identity as identity,
+    database as database,
+)
 
 __all__ = [
     "APPS",
