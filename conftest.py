@@ -24,6 +24,7 @@ from likvard.topics import SERVICE_TOPICS, ensure_topics, load_topics
 from tests.identity import DevIdp, running_idp
 from tests.support import (
     FAST_GROUP,
+    TEST_KEK,
     Background,
     CareStack,
     IngestStack,
@@ -57,6 +58,21 @@ def identity_provider(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DevI
                     os.environ[name] = value
 
 
+@pytest.fixture(scope="session", autouse=True)
+def key_encryption_key() -> Iterator[str]:
+    """LIKVARD_KEK for the session, as an operator sets it: every Settings built in code,
+    and every process a test starts, wraps its data keys with it."""
+    before = os.environ.get("LIKVARD_KEK")
+    os.environ["LIKVARD_KEK"] = TEST_KEK
+    try:
+        yield TEST_KEK
+    finally:
+        if before is None:
+            os.environ.pop("LIKVARD_KEK", None)
+        else:
+            os.environ["LIKVARD_KEK"] = before
+
+
 @pytest.fixture(scope="session")
 def database_url() -> Iterator[str]:
     with postgres_from("LIKVARD_TEST_DATABASE_URL") as url:
@@ -85,7 +101,8 @@ def schema(database_url: str) -> Iterator[str]:
     name = f"t_{uuid.uuid4().hex[:12]}"
     yield name
     with psycopg.connect(database_url, autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name)))
+        for made in (name, f"{name}_keys"):  # and the key store beside an intake schema
+            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(made)))
 
 
 @pytest.fixture
@@ -107,6 +124,11 @@ def pool(database_url: str) -> Iterator[ConnectionPool]:
 
 @pytest.fixture
 def store(pool: ConnectionPool, schema: str, catalogue: Catalogue, topic_prefix: str) -> EventStore:
+    """An intake event store that seals personal details, as the intake service's does
+    (its key store in `<schema>_keys`, on the same pool)."""
+    from likvard.keys import KeyStore, kek_from_settings
+    from services.intake.personal import attach, keys_schema_for
+
     s = EventStore(
         pool,
         schema,
@@ -115,6 +137,9 @@ def store(pool: ConnectionPool, schema: str, catalogue: Catalogue, topic_prefix:
         topic=topic_prefix + SERVICE_TOPICS["intake"],
     )
     s.migrate()
+    keys = KeyStore(pool, kek_from_settings(Settings()), schema=keys_schema_for(schema))
+    keys.migrate()
+    attach(s, keys)
     return s
 
 

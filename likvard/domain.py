@@ -51,6 +51,30 @@ def require_symbol(value: str | None, allowed: frozenset[str], code: str, what: 
         raise RuleViolation(code, f"The {what} must be one of " + ", ".join(sorted(allowed)) + ".")
 
 
+AGE_BANDS: tuple[tuple[int, int | None, str], ...] = (
+    (0, 17, "0-17"),
+    (18, 24, "18-24"),
+    (25, 34, "25-34"),
+    (35, 44, "35-44"),
+    (45, 54, "45-54"),
+    (55, 64, "55-64"),
+    (65, None, "65+"),
+)
+"""The reports' age bands (the open comparisons' breakdown): a code, never the birth year."""
+
+
+def age_band(birth_year: int | None, year: int) -> str | None:
+    """The age band of someone born in `birth_year` in `year` (the age they reach that
+    year): the reports need the band, and the birth year itself is sealed."""
+    if birth_year is None:
+        return None
+    age = year - birth_year
+    for low, high, code in AGE_BANDS:
+        if age >= low and (high is None or age <= high):
+            return code
+    return None
+
+
 def require_uuid(value: str, what: str) -> None:
     try:
         uuid.UUID(value)

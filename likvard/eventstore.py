@@ -15,7 +15,7 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 from psycopg import sql
@@ -167,8 +167,22 @@ def row_to_event(row: tuple[Any, ...]) -> StoredEvent:
     )
 
 
+class PersonalData(Protocol):
+    """Seals the personal details of events about to be stored (`likvard.sealing`), and
+    reveals them again where the service itself must compare what it stored."""
+
+    def seal(self, appends: Sequence[tuple[str, Sequence[NewEvent]]]) -> list[list[NewEvent]]: ...
+
+    def reveal(self, events: Sequence[StoredEvent]) -> list[dict[str, Any]]: ...
+
+    def close(self) -> None: ...
+
+
 class EventStore:
-    """Event store of one service in its own PostgreSQL schema."""
+    """Event store of one service in its own PostgreSQL schema. With `personal`, every
+    append seals the events' personal details first, whichever path decided them."""
+
+    personal: PersonalData | None = None
 
     def __init__(
         self,
@@ -196,6 +210,20 @@ class EventStore:
 
     def _q(self, text: str) -> sql.Composed:
         return sql.SQL(text).format(s=self._t)
+
+    def _refuse_unsealed(self, events: Sequence[NewEvent]) -> None:
+        """Without a key store, personal details would be stored in clear: refuse."""
+        for event in events:
+            for f in self.catalogue.schema(event.event_type)["fields"]:
+                if f["name"] != "personal":
+                    continue
+                if any(
+                    event.data.get(n) not in (None, [], ()) for n in f.get("likvard.personal", ())
+                ):
+                    raise ValueError(
+                        f"{event.event_type} holds personal details and this event store has"
+                        " no key store to seal them (set EventStore.personal)"
+                    )
 
     def _encode(
         self, stream_id: str, version: int, event: NewEvent, recorded_at: datetime
@@ -258,6 +286,11 @@ class EventStore:
             return []
         if len({s for s, _, _ in appends}) != len(appends):
             raise ValueError("append_many takes each stream at most once")
+        if self.personal is not None:
+            sealed = self.personal.seal([(s, e) for s, _, e in appends])
+            appends = [(s, v, e) for (s, v, _), e in zip(appends, sealed, strict=True)]
+        else:
+            self._refuse_unsealed([e for _, _, es in appends for e in es])
         recorded_at = datetime.now(UTC)
         # Encode before taking the stream locks: they are held only for the writes.
         encoded = [

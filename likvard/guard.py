@@ -132,6 +132,15 @@ def signed_in(request: Request) -> Principal:
         principal = authenticator.authenticate(token.strip())
     except AuthenticationError as exc:
         raise _unauthorized(exc.code, exc.detail) from exc
+    if looks_like_identity_number(principal.subject):
+        # The subject becomes the actor of events and access-log entries: never a number.
+        raise ProblemError(
+            422,
+            "identity-number-in-actor",
+            "Actor refused",
+            "The token's subject is shaped like a personal identity number; the identity"
+            " provider must give an opaque subject.",
+        )
     request.state.principal = principal
     return principal
 

@@ -434,9 +434,13 @@ def derived_event_id(event_id: str, index: int, event_type: str) -> uuid.UUID:
     return uuid.uuid5(DERIVED_NAMESPACE, f"{event_id}:{index}:{event_type}")
 
 
-def check_matches(event: Incoming, decided: Sequence[DomainEventLike]) -> None:
+def check_matches(
+    event: Incoming, decided: Sequence[DomainEventLike], optional: frozenset[str] = frozenset()
+) -> None:
     """The decider must make exactly the event the district system sent: fields Likvärd
-    derives (a transfer's from_district, a referral's districts ...) must agree."""
+    derives (a transfer's from_district, a referral's districts ...) must agree. Those in
+    `optional` the district may leave null (an age band Likvärd derives from the birth year;
+    `personal`, which Likvärd's store seals)."""
     if not decided:
         return
     first = decided[0]
@@ -446,6 +450,7 @@ def check_matches(event: Incoming, decided: Sequence[DomainEventLike]) -> None:
         name
         for name in set(first.data) | set(event.data)
         if first.data.get(name) != event.data.get(name)
+        and not (name in optional and event.data.get(name) is None)
     )
     if differ:
         raise Rejected(
@@ -465,7 +470,7 @@ def judge(
         decided = list(rules.decide(event, stream, case))
     except DomainError as exc:
         raise Rejected("rule", exc.code, exc.detail) from None
-    check_matches(event, decided)
+    check_matches(event, decided, getattr(rules, "optional_fields", frozenset()))
     return decided
 
 
@@ -586,7 +591,7 @@ class IngestProcessor:
         store stream by stream instead, each on its current state."""
         items = [p for ps in pending.values() for p in ps]
         ids = {uuid.UUID(p.event.event_id) for p in items}
-        seen = {str(k): self._comparable(v) for k, v in self.store.find_events(list(ids)).items()}
+        seen = self._comparables(self.store.find_events(list(ids)))
         cases = self._cases(
             sorted({p.event.case_id for p in items if self.rules.needs_case(p.event)}),
             sorted({p.event.case_id for p in items}),
@@ -617,10 +622,31 @@ class IngestProcessor:
                 outcomes.update(self._stream(stream_id, stream_items, latest, seen, cases))
         return outcomes
 
-    def _comparable(self, stored: StoredEvent) -> _Comparable:
-        record = dict(self.catalogue.decode(stored.data).record)
-        metadata = record.pop("metadata")
-        return stored.event_type, str(metadata["case_id"]), metadata["occurred_at"], record
+    def _comparables(self, stored: Mapping[uuid.UUID, StoredEvent]) -> dict[str, _Comparable]:
+        """The stored events as their district sent them: with the personal details the
+        store sealed opened again (one key-store round trip), so a re-delivery compares
+        equal. Only this comparison sees them; nothing here is logged."""
+        events = list(stored.values())
+        if self.store.personal is not None:
+            records = self.store.personal.reveal(events)
+        else:
+            records = [dict(self.catalogue.decode(e.data).record) for e in events]
+        out: dict[str, _Comparable] = {}
+        for e, record in zip(events, records, strict=True):
+            metadata = e.metadata
+            record.pop("metadata", None)
+            case_id = str(metadata.get("case_id") or e.stream_id)
+            occurred = e.occurred_at
+            out[str(e.event_id)] = (e.event_type, case_id, occurred, record)
+        return out
+
+    def _same(self, stored: _Comparable, sent: _Comparable) -> bool:
+        """Whether a stored event is the event sent again (the rules may ignore what the
+        store derives or sealed: see `optional_fields`, `personal`)."""
+        if stored[:3] != sent[:3]:
+            return False
+        same = getattr(self.rules, "same_data", None)
+        return bool(same(sent[3], stored[3])) if same is not None else stored[3] == sent[3]
 
     def _cases(self, needed: list[str], every: list[str]) -> dict[str, KnownCase]:
         """What the service knows of the batch's cases, waiting (once for the whole batch) up
@@ -659,7 +685,7 @@ class IngestProcessor:
                 # Another worker stored one of these event ids meanwhile: they are repeats.
                 ids = [uuid.UUID(p.event.event_id) for p in items]
                 found = self.store.find_events(ids)
-                seen.update({str(k): self._comparable(v) for k, v in found.items()})
+                seen.update(self._comparables(found))
                 stored = self.store.read_stream(stream_id)
                 continue
             except (EncodeError, psycopg.DataError) as exc:
@@ -706,7 +732,7 @@ class IngestProcessor:
             if prior is not None:
                 outcomes[p.index] = (
                     Outcome(p.record, "duplicate", event.event_id, event.event_type)
-                    if prior == this
+                    if self._same(prior, this)
                     else _dead(p.record, _reused_id(), event)
                 )
                 continue

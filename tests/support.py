@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import signal
 import subprocess
 import sys
@@ -304,6 +305,10 @@ def live_worker(env: dict[str, str], schema: str, log: Path) -> Iterator[None]:
             stop_process(proc, signal.SIGTERM, 30)
 
 
+TEST_KEK = base64.b64encode(bytes(range(7, 39))).decode()
+"""The tests' key-encryption key (32 distinct bytes): never a production secret."""
+
+
 def made_schemas(database_url: str, prefix: str = "") -> Iterator[Callable[[str], str]]:
     """A fixture body: makes fresh schema names, and drops every schema made when done."""
     import psycopg
@@ -318,7 +323,10 @@ def made_schemas(database_url: str, prefix: str = "") -> Iterator[Callable[[str]
     yield make
     with psycopg.connect(database_url, autocommit=True) as conn:
         for schema in made:
-            conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+            for name in (schema, f"{schema}_keys"):  # and an intake schema's key store
+                conn.execute(
+                    sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(name))
+                )
 
 
 def env_without_stack() -> dict[str, str]:

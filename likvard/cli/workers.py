@@ -29,10 +29,20 @@ from likvard.cli.base import (
     start_telemetry,
     stop_on_signals,
 )
-from likvard.config import ConfigError, service_port
+from likvard.config import ConfigError, Settings, service_port
 
 if TYPE_CHECKING:
     pass
+
+
+def _require_kek(settings: Settings) -> None:
+    """The key-encryption key that wraps the data keys: checked before anything starts."""
+    from likvard.keys import KekError, kek_from_settings
+
+    try:
+        kek_from_settings(settings)
+    except KekError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 @app.command()
@@ -69,6 +79,7 @@ def serve(
         settings.require_database()
         if service == "intake":
             settings.require_pseudonym_secret()
+            _require_kek(settings)
         listen = port or service_port(service)
     except ConfigError as exc:
         raise fail(str(exc)) from exc
@@ -215,6 +226,8 @@ def ingest(
             worker.run(consumer, settings.topic(INGEST_TOPIC), stop, lag=lag)
     finally:
         processor.store.pool.close()
+        if processor.store.personal is not None:
+            processor.store.personal.close()
     s = worker.stats
     console.print(
         f"ingest {service}: {s.accepted} accepted, {s.duplicates} duplicates,"

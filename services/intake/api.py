@@ -8,18 +8,27 @@ import uuid
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, Path, Request, Response
 from pydantic import BaseModel, Field
 
 from likvard import guard, http
+from likvard.archive import in_archive_sample
 from likvard.codec import Catalogue
 from likvard.config import Settings, load_settings
 from likvard.districts import DistrictRegistry
 from likvard.eventstore import StoredEvent, open_store
 from likvard.identity import Principal
-from likvard.policy import Action, CaseScope, DistrictScope
+from likvard.keys import kek_from_settings, open_key_store
+from likvard.policy import (
+    Action,
+    CaseScope,
+    DistrictScope,
+    SystemScope,
+    sees_personal_text,
+    sees_pseudonym,
+)
 from likvard.pseudonym import InvalidIdentityNumber, pseudonymise
 from likvard.telemetry import setup_tracing
 from services.intake import domain as d
@@ -34,6 +43,8 @@ from services.intake.domain import (
     Substance,
     TransferReason,
 )
+from services.intake.erasure import LEGAL_BASES, erase_person
+from services.intake.personal import IntakePersonalData, attach, keys_schema_for
 from services.intake.service import IntakeService, make_service
 
 ETAG_HEADER = {
@@ -130,6 +141,20 @@ class ReopenCase(http.Timed):
     reason: ReopenReason
 
 
+class EraseData(BaseModel):
+    legal_basis: Literal[
+        "retention-period-ended", "erasure-request", "wrongly-recorded", "authority-decision"
+    ] = Field(..., description="Why the person's personal data is erased (a fixed list)")
+
+
+class ErasureResult(BaseModel):
+    cases: list[uuid.UUID] = Field(..., description="The person's cases")
+    recorded: list[uuid.UUID] = Field(
+        ..., description="The cases that got a PersonalDataErased now (the others had it)"
+    )
+    keys_destroyed: int = Field(..., description="Data keys destroyed now (0: already done)")
+
+
 class CommandResult(BaseModel):
     case_id: uuid.UUID
     version: int = Field(..., description="The case's stream version after the command")
@@ -141,7 +166,17 @@ class CaseView(BaseModel):
     version: int
     status: str
     district: str | None
-    person: str | None = Field(None, description="Keyed pseudonym of the person")
+    person: str | None = Field(
+        None,
+        description="Keyed pseudonym of the person: shown to case workers and auditors only",
+    )
+    age_band: str | None = Field(None, description="Age band at intake, e.g. 25-34")
+    archive_sample: bool = Field(
+        False, description="Whether the city's archive decision keeps the case from culling"
+    )
+    personal_data_erased: bool = Field(
+        False, description="Whether the person's personal details were erased"
+    )
     substances: list[str]
     referral_source: str | None
     children_in_household: str | None
@@ -159,7 +194,12 @@ class EventView(BaseModel):
     occurred_at: datetime
     recorded_at: datetime
     metadata: dict[str, Any]
-    payload: dict[str, Any]
+    payload: dict[str, Any] = Field(
+        ...,
+        description="The event's data. Personal details (goals, birth year) are sealed with"
+        " the person's key: `personal` says whether they are shown ('open'), not shown to"
+        " your role ('withheld'), or gone ('erased')",
+    )
     hash: str = Field(..., description="SHA-256 hash-chain link of this event (hex)")
     prev_hash: str
 
@@ -187,7 +227,7 @@ def _result(case_id: uuid.UUID, decided: Any, response: Response) -> CommandResu
     )
 
 
-def _event_view(e: StoredEvent) -> EventView:
+def _event_view(e: StoredEvent, payload: dict[str, Any]) -> EventView:
     return EventView(
         event_id=e.event_id,
         event_type=e.event_type,
@@ -196,19 +236,24 @@ def _event_view(e: StoredEvent) -> EventView:
         occurred_at=e.occurred_at,
         recorded_at=e.recorded_at,
         metadata=e.metadata,
-        payload=e.payload,
+        payload=payload,
         hash=e.hash.hex(),
         prev_hash=e.prev_hash.hex(),
     )
 
 
-def _case_view(case_id: uuid.UUID, state: d.CaseState, version: int) -> CaseView:
+def _case_view(
+    case_id: uuid.UUID, state: d.CaseState, version: int, *, pseudonym: bool
+) -> CaseView:
     return CaseView(
         case_id=case_id,
         version=version,
         status=state.status,
         district=state.district,
-        person=state.person,
+        person=state.person if pseudonym else None,
+        age_band=state.age_band,
+        archive_sample=state.archive_sample,
+        personal_data_erased=state.erased,
         substances=list(state.substances),
         referral_source=state.referral_source,
         children_in_household=state.children_in_household,
@@ -225,25 +270,35 @@ def create_app(
     settings: Settings | None = None,
     *,
     schema: str = "intake",
+    keys_schema: str | None = None,
     catalogue: Catalogue | None = None,
     districts: DistrictRegistry | None = None,
 ) -> FastAPI:
-    """Build the intake app; the pool and migrations are set up when it starts."""
+    """Build the intake app; the pools and migrations are set up when it starts. Every
+    append seals the personal details with the person's key from the key store."""
     settings = settings or load_settings()
     secret = settings.require_pseudonym_secret()
     settings.require_database()
+    kek_from_settings(settings)  # a missing or weak KEK stops the start, not the first write
     catalogue = catalogue or Catalogue.load()
     districts = districts or DistrictRegistry.load()
     setup_tracing("intake")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        store = open_store(settings, "intake", schema=schema, catalogue=catalogue, max_size=20)
+        keys = open_key_store(settings, schema=keys_schema or keys_schema_for(schema))
+        try:
+            store = open_store(settings, "intake", schema=schema, catalogue=catalogue, max_size=20)
+        except Exception:
+            keys.pool.close()
+            raise
+        app.state.personal = attach(store, keys)
         app.state.service = make_service(store, districts)
         try:
             yield
         finally:
             store.pool.close()
+            keys.pool.close()
 
     app = FastAPI(
         title="Likvärd intake service",
@@ -308,6 +363,7 @@ def create_app(
         guard.authorize(request, caller, Action.CASE_REGISTER, DistrictScope(body.district))
         try:
             person = pseudonymise(body.personal_identity_number, secret)
+            archive_sample = in_archive_sample(body.personal_identity_number)
         except InvalidIdentityNumber as exc:
             raise http.ProblemError(
                 422, "invalid-identity-number", "Invalid identity number", str(exc)
@@ -322,6 +378,7 @@ def create_app(
             referral_source=body.referral_source,
             children_in_household=body.children_in_household,
             birth_year=body.birth_year,
+            archive_sample=archive_sample,
         )
         result = run(svc, case_id, command, '"0"', ctx, response)
         response.headers["Location"] = f"/cases/{case_id}"
@@ -524,7 +581,7 @@ def create_app(
         if version == 0:
             raise http.ProblemError(404, "case-not-found", "Case not found", "No case has this id.")
         response.headers["ETag"] = http.etag(version)
-        return _case_view(case_id, state, version)
+        return _case_view(case_id, state, version, pseudonym=sees_pseudonym(caller))
 
     @app.get(
         "/cases/{case_id}/events",
@@ -542,11 +599,57 @@ def create_app(
     ) -> list[EventView]:
         state, _, events = svc.load(str(case_id))
         scope = case_scope(str(case_id), state)
-        guard.authorize(request, caller, Action.CASE_HISTORY, scope, emergency=emergency)
+        decision = guard.authorize(request, caller, Action.CASE_HISTORY, scope, emergency=emergency)
         if not events:
             raise http.ProblemError(404, "case-not-found", "Case not found", "No case has this id.")
-        return [_event_view(e) for e in events]
+        personal: IntakePersonalData = request.app.state.personal
+        show = sees_personal_text(caller, Action.CASE_HISTORY, decision)
+        payloads = personal.open_payloads(events, show=show)
+        if not sees_pseudonym(caller):
+            payloads = [{**p, "person": None} if "person" in p else p for p in payloads]
+        return [_event_view(e, p) for e, p in zip(events, payloads, strict=True)]
 
-    http.add_health(app, lambda request: request.app.state.service.store.ping())
+    @app.post(
+        "/persons/{pseudonym}/erasure",
+        response_model=ErasureResult,
+        tags=["persons"],
+        summary="Erase a person's personal data (destroys their data key)",
+        description="Destroys the person's data keys, then records `PersonalDataErased` on"
+        " each of their cases: from then on every reader shows the sealed details (care-plan"
+        " goals, year of birth) as erased. Counts, codes and the hash chain stay. Idempotent:"
+        " asking again finishes an erasure that was cut short and changes nothing else.",
+        openapi_extra=guard.policy(Action.RECORDS_MANAGE),
+    )
+    def erase(
+        pseudonym: Annotated[
+            str,
+            Path(
+                description="The person's pseudonym (64 lowercase hex characters)",
+                pattern=r"^[0-9a-f]{64}$",
+            ),
+        ],
+        body: EraseData,
+        svc: Svc,
+        caller: guard.Caller,
+        ctx: Ctx,
+        request: Request,
+    ) -> ErasureResult:
+        resource = SystemScope("person-erasure")
+        decision = guard.authorize(request, caller, Action.RECORDS_MANAGE, resource)
+        keys = request.app.state.personal.keys
+        done = erase_person(svc, keys, pseudonym, LEGAL_BASES[body.legal_basis], ctx)
+        # One access-log entry per case the erasure touched (the pseudonym is not logged).
+        guard.record_reads(request, caller, Action.RECORDS_MANAGE, decision, resource, done.cases)
+        return ErasureResult(
+            cases=[uuid.UUID(c) for c in done.cases],
+            recorded=[uuid.UUID(c) for c in done.recorded],
+            keys_destroyed=len(done.destroyed_now),
+        )
+
+    def ready(request: Request) -> None:
+        request.app.state.service.store.ping()
+        request.app.state.personal.keys.ping()
+
+    http.add_health(app, ready)
 
     return app

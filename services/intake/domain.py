@@ -17,14 +17,17 @@ from datetime import date, datetime
 from typing import Any, Literal, Protocol, assert_never, get_args
 
 from likvard.domain import (
+    AGE_BANDS,
     CITY_TZ as CITY_TZ,
     DomainError as DomainError,
     DomainEvent as DomainEvent,
     RuleViolation as RuleViolation,
+    age_band,
     local_date as local_date,
     require_symbol,
     require_uuid,
 )
+from likvard.identity import looks_like_identity_number
 from likvard.policy import Transfer
 from services.intake.instruments import INSTRUMENTS, Score as Score, score_problems
 
@@ -48,6 +51,9 @@ CloseReason = Literal[
     "OTHER",
 ]
 ReopenReason = Literal["RELAPSE", "NEW_NEED", "CLOSED_IN_ERROR", "OTHER"]
+LegalBasis = Literal[
+    "RETENTION_PERIOD_ENDED", "ERASURE_REQUEST", "WRONGLY_RECORDED", "AUTHORITY_DECISION"
+]
 CaseStatus = Literal["unregistered", "open", "closed"]
 
 SUBSTANCES: frozenset[str] = frozenset(get_args(Substance))
@@ -59,6 +65,8 @@ CONSENT_RECIPIENTS: frozenset[str] = frozenset(get_args(ConsentRecipient))
 TRANSFER_REASONS: frozenset[str] = frozenset(get_args(TransferReason))
 CLOSE_REASONS: frozenset[str] = frozenset(get_args(CloseReason))
 REOPEN_REASONS: frozenset[str] = frozenset(get_args(ReopenReason))
+LEGAL_BASES: frozenset[str] = frozenset(get_args(LegalBasis))
+AGE_BAND_CODES: frozenset[str] = frozenset(code for _, _, code in AGE_BANDS)
 
 EVENT_TYPES: tuple[str, ...] = (
     "IntakeRegistered",
@@ -69,6 +77,7 @@ EVENT_TYPES: tuple[str, ...] = (
     "CaseTransferred",
     "CaseClosed",
     "CaseReopened",
+    "PersonalDataErased",
 )
 
 
@@ -111,6 +120,8 @@ class RegisterIntake:
     referral_source: str
     children_in_household: str
     birth_year: int | None = None
+    archive_sample: bool = False
+    age_band: str | None = None  # derived from birth_year when not given
 
 
 @dataclass(frozen=True)
@@ -171,6 +182,17 @@ class ReopenCase:
     reason: str
 
 
+@dataclass(frozen=True)
+class ErasePersonalData:
+    """Record that the person's data keys were destroyed (erasure or culling): the case's
+    sealed details are erased from now on; nothing else changes."""
+
+    case_id: str
+    occurred_at: datetime
+    legal_basis: str
+    key_ids: tuple[str, ...]
+
+
 Command = (
     RegisterIntake
     | CompleteAssessment
@@ -180,6 +202,7 @@ Command = (
     | TransferCase
     | CloseCase
     | ReopenCase
+    | ErasePersonalData
 )
 
 
@@ -201,7 +224,8 @@ class CaseState:
     substances: tuple[str, ...] = ()
     referral_source: str | None = None
     children_in_household: str | None = None
-    birth_year: int | None = None
+    age_band: str | None = None
+    archive_sample: bool = False
     registered_at: datetime | None = None
     closed_at: datetime | None = None
     assessment_ids: frozenset[str] = frozenset()
@@ -214,6 +238,9 @@ class CaseState:
     # The districts the case left and when, oldest first: the policy lets a sending
     # district read the case for a while after a transfer.
     transfers: tuple[Transfer, ...] = ()
+    # The data keys destroyed by erasure or culling (their ids): the sealed details are gone.
+    erased_key_ids: frozenset[str] = frozenset()
+    erased: bool = False
     version: int = 0
 
     @property
@@ -255,7 +282,9 @@ def evolve(state: CaseState, event: DomainEvent) -> CaseState:
                 substances=tuple(d["substances"]),
                 referral_source=d["referral_source"],
                 children_in_household=d["children_in_household"],
-                birth_year=d.get("birth_year"),
+                age_band=d.get("age_band")
+                or age_band(d.get("birth_year"), local_date(event.occurred_at).year),
+                archive_sample=bool(d.get("archive_sample", False)),
                 registered_at=event.occurred_at,
             )
         case "AssessmentCompleted":
@@ -289,6 +318,10 @@ def evolve(state: CaseState, event: DomainEvent) -> CaseState:
             new = replace(state, status="closed", closed_at=event.occurred_at)
         case "CaseReopened":
             new = replace(state, status="open", closed_at=None)
+        case "PersonalDataErased":
+            new = replace(
+                state, erased=True, erased_key_ids=state.erased_key_ids | set(d["key_ids"])
+            )
     return replace(new, version=state.version + 1)
 
 
@@ -309,6 +342,7 @@ _EVENT_OF: Mapping[type, str] = {
     TransferCase: "CaseTransferred",
     CloseCase: "CaseClosed",
     ReopenCase: "CaseReopened",
+    ErasePersonalData: "PersonalDataErased",
 }
 
 
@@ -333,6 +367,11 @@ def decide(command: Command, state: CaseState, districts: DistrictLookup) -> lis
             data = _close(command, state)
         case ReopenCase():
             data = _reopen(command, state)
+        case ErasePersonalData():
+            erased = _erase(command, state)
+            if erased is None:
+                return []  # those keys are already recorded as erased: nothing new
+            data = erased
         case _:
             assert_never(command)
     return [DomainEvent(_EVENT_OF[type(command)], data, command.occurred_at)]
@@ -397,6 +436,16 @@ def _register(c: RegisterIntake, state: CaseState, districts: DistrictLookup) ->
             "birth-year-out-of-range",
             f"The birth year must be from 1900 to {latest}: the service is for adults.",
         )
+    band = c.age_band if c.birth_year is None else age_band(c.birth_year, day.year)
+    if band is not None and band not in AGE_BAND_CODES - {"0-17"}:
+        raise RuleViolation(
+            "unknown-age-band",
+            "The age band must be one of " + ", ".join(sorted(AGE_BAND_CODES - {"0-17"})) + ".",
+        )
+    if c.age_band is not None and c.age_band != band:
+        raise RuleViolation("age-band-mismatch", "The age band does not match the birth year.")
+    # The birth year goes into the event for the store to seal with the person's key; the
+    # reports keep only the band.
     return {
         "person": c.person,
         "district": c.district,
@@ -404,6 +453,8 @@ def _register(c: RegisterIntake, state: CaseState, districts: DistrictLookup) ->
         "referral_source": c.referral_source,
         "children_in_household": c.children_in_household,
         "birth_year": c.birth_year,
+        "age_band": band,
+        "archive_sample": c.archive_sample,
     }
 
 
@@ -439,6 +490,7 @@ def _care_plan(c: AgreeCarePlan, state: CaseState) -> dict[str, Any]:
         raise RuleViolation("goal-blank", "A goal may not be blank.")
     if any(len(g) > MAX_GOAL_LENGTH for g in c.goals):
         raise RuleViolation("goal-too-long", f"A goal may be at most {MAX_GOAL_LENGTH} characters.")
+    require_no_identity_number(c.goals, "goal")
     if c.review_on is not None and c.review_on < local_date(c.occurred_at):
         raise RuleViolation(
             "review-date-in-past", "The review date may not be before the plan's date."
@@ -449,6 +501,17 @@ def _care_plan(c: AgreeCarePlan, state: CaseState) -> dict[str, Any]:
         "person_participated": c.person_participated,
         "review_on": c.review_on,
     }
+
+
+def require_no_identity_number(texts: Iterable[str], what: str) -> None:
+    """Free text must not hold a personal or coordination number (Luhn-checked): the
+    pseudonym is the only way a person is named. The refusal never repeats the text."""
+    if any(looks_like_identity_number(t) for t in texts):
+        raise RuleViolation(
+            "identity-number-in-free-text",
+            f"A {what} holds something shaped like a personal identity number; remove it"
+            " (the person is identified by their pseudonym only).",
+        )
 
 
 def _consent(c: RecordConsent, state: CaseState) -> dict[str, Any]:
@@ -506,3 +569,15 @@ def _reopen(c: ReopenCase, state: CaseState) -> dict[str, Any]:
         raise RuleViolation("case-not-closed", "Only a closed case can be reopened.")
     require_symbol(c.reason, REOPEN_REASONS, "unknown-reopen-reason", "reopen reason")
     return {"reason": c.reason}
+
+
+def _erase(c: ErasePersonalData, state: CaseState) -> dict[str, Any] | None:
+    # No open-case check: a closed case is erased as well, and culling is of closed cases.
+    if not state.exists:
+        raise CaseNotFound()
+    require_symbol(c.legal_basis, LEGAL_BASES, "unknown-legal-basis", "legal basis")
+    for key_id in c.key_ids:
+        require_uuid(key_id, "key id")
+    if state.erased and set(c.key_ids) <= state.erased_key_ids:
+        return None
+    return {"legal_basis": c.legal_basis, "key_ids": list(c.key_ids)}

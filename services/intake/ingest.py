@@ -20,9 +20,15 @@ from likvard.districts import DistrictRegistry
 from likvard.eventstore import open_store
 from likvard.inbox import Incoming
 from likvard.ingest import IngestProcessor, StreamView
+from likvard.keys import open_key_store
 from likvard.known_cases import KnownCase
+from likvard.sealing import ERASED, PERSONAL
 from services.intake import domain as d
+from services.intake.personal import attach, keys_schema_for
 from services.intake.service import make_service
+
+SEALED_FIELDS = frozenset({"birth_year", "goals"})
+"""The intake fields the contract seals (`likvard.personal` in schemas/intake)."""
 
 
 def command_for(
@@ -40,6 +46,8 @@ def command_for(
                 referral_source=data["referral_source"],
                 children_in_household=data["children_in_household"],
                 birth_year=data.get("birth_year"),
+                archive_sample=bool(data.get("archive_sample", False)),
+                age_band=data.get("age_band"),
             )
         case "AssessmentCompleted":
             return d.CompleteAssessment(
@@ -75,6 +83,11 @@ def command_for(
             return d.CloseCase(case_id, occurred_at, data["reason"])
         case "CaseReopened":
             return d.ReopenCase(case_id, occurred_at, data["reason"])
+        case "PersonalDataErased":
+            raise d.RuleViolation(
+                "not-a-district-event",
+                "Only Likvärd records an erasure (it destroys the person's key first).",
+            )
     raise ValueError(f"{event_type} is not an intake event")
 
 
@@ -82,6 +95,8 @@ class IntakeRules:
     """`likvard.ingest.IngestRules` for the intake service: the stream is the case."""
 
     service = "intake"
+    # A district may leave the age band null: Likvärd derives it from the birth year.
+    optional_fields = frozenset({"age_band"})
 
     def __init__(self, districts: d.DistrictLookup) -> None:
         self.districts = districts
@@ -103,13 +118,31 @@ class IntakeRules:
     def district(self, event: Incoming, state: Any, case: KnownCase | None) -> str | None:
         return None  # the case's district after the event, as for the HTTP API
 
+    def same_data(self, sent: Mapping[str, Any], stored: Mapping[str, Any]) -> bool:
+        """A re-delivered event is the stored one if the district's fields agree: the
+        stored age band may be derived, and details sealed under a key since destroyed
+        (erasure, culling) can no longer be compared, so they are not."""
+        ignore = {PERSONAL} | {f for f in self.optional_fields if sent.get(f) is None}
+        if stored.get(PERSONAL) == ERASED:
+            ignore |= SEALED_FIELDS
+        return {k: v for k, v in sent.items() if k not in ignore} == {
+            k: v for k, v in stored.items() if k not in ignore
+        }
 
-def build(settings: Settings, schema: str = "intake") -> IngestProcessor:
-    """The intake service's ingest processor on its own pool (closed by the caller)."""
+
+def build(settings: Settings, schema: str = "intake", keys_schema: str = "keys") -> IngestProcessor:
+    """The intake service's ingest processor on its own pools (the caller closes
+    `processor.store.pool`, and `processor.store.personal.keys.pool`)."""
     catalogue = Catalogue.load()
     districts = DistrictRegistry.load()
     keys = DistrictKeys.from_env(districts)  # before the pool: bad key files fail first
-    store = open_store(settings, "intake", schema=schema, catalogue=catalogue, max_size=2)
+    data_keys = open_key_store(settings, schema=keys_schema or keys_schema_for(schema), max_size=2)
+    try:
+        store = open_store(settings, "intake", schema=schema, catalogue=catalogue, max_size=2)
+    except Exception:
+        data_keys.pool.close()
+        raise
+    attach(store, data_keys)
     return IngestProcessor(
         make_service(store, districts),
         IntakeRules(districts),

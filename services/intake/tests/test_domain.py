@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given as for_all, strategies as st
 
 from likvard.districts import District, DistrictRegistry
+from likvard.domain import age_band, local_date
 from likvard.policy import Transfer
 from services.intake import domain as d
 from services.intake.domain import (
@@ -71,8 +72,11 @@ def registered(at: datetime = T0, **data: Any) -> DomainEvent:
         "referral_source": "HEALTHCARE",
         "children_in_household": "YES",
         "birth_year": 1975,
+        "archive_sample": False,
     }
-    return DomainEvent("IntakeRegistered", {**payload, **data}, at)
+    merged = {**payload, **data}
+    merged.setdefault("age_band", age_band(merged["birth_year"], local_date(at).year))
+    return DomainEvent("IntakeRegistered", merged, at)
 
 
 def assessed(
@@ -703,7 +707,7 @@ def test_state_after_the_whole_life_of_a_case() -> None:
     assert state.person == PERSON and state.district == "hisingen"
     assert state.substances == ("ALCOHOL", "GAMBLING")
     assert state.referral_source == "HEALTHCARE" and state.children_in_household == "YES"
-    assert state.birth_year == 1975 and state.registered_at == t[0]
+    assert state.age_band == age_band(1975, t[0].year) and state.registered_at == t[0]
     assert state.assessment_ids == {ASSESSMENT} and state.need_level == "HIGH"
     assert state.care_plan_ids == {PLAN}
     assert dict(state.consents) == {CONSENT: ("HEALTHCARE", "NON_PROFIT")}
@@ -783,6 +787,8 @@ SPEC_FIELDS = {
         "referral_source",
         "children_in_household",
         "birth_year",
+        "age_band",
+        "archive_sample",
     },
     "AssessmentCompleted": {"assessment_id", "instrument", "scores", "need_level"},
     "CarePlanAgreed": {"plan_id", "goals", "person_participated", "review_on"},
@@ -791,6 +797,7 @@ SPEC_FIELDS = {
     "CaseTransferred": {"from_district", "to_district", "reason"},
     "CaseClosed": {"reason"},
     "CaseReopened": {"reason"},
+    "PersonalDataErased": {"legal_basis", "key_ids"},
 }
 
 
@@ -805,6 +812,7 @@ def test_every_decided_event_carries_exactly_the_spec_payload_fields() -> None:
         transfer(),
         close(),
         reopen(),
+        d.ErasePersonalData(CASE, NOW, "ERASURE_REQUEST", (OTHER_ID,)),
     ]
     for cmd in commands:
         for event in d.decide(cmd, state, DISTRICTS):
@@ -836,3 +844,71 @@ def test_the_state_keeps_each_district_a_case_left_and_when() -> None:
     )
     assert state.district == "angered"
     assert state.transfers == (Transfer("nordost", T0), Transfer("hisingen", later))
+
+
+# --- personal data: age band, archive sample, identity numbers in free text, erasure -----
+@pytest.mark.parametrize(
+    ("birth_year", "band"),
+    [(2008, "18-24"), (2002, "18-24"), (2001, "25-34"), (1962, "55-64"), (1961, "65+")],
+)
+def test_the_age_band_is_derived_from_the_birth_year_in_the_year_of_intake(
+    birth_year: int, band: str
+) -> None:
+    # NOW is in 2026: born 2002 is 24 that year, 2001 is 25, 1961 is 65.
+    (event,) = d.decide(register(birth_year=birth_year), d.initial_state(), DISTRICTS)
+    assert event.data["age_band"] == band
+
+
+def test_an_age_band_without_a_birth_year_is_kept_and_checked() -> None:
+    (event,) = d.decide(register(birth_year=None, age_band="35-44"), d.initial_state(), DISTRICTS)
+    assert event.data["age_band"] == "35-44" and event.data["birth_year"] is None
+    given().when(register(birth_year=None, age_band="40-50")).then_raises(
+        RuleViolation, "unknown-age-band"
+    )
+    given().when(register(birth_year=1975, age_band="18-24")).then_raises(
+        RuleViolation, "age-band-mismatch"
+    )
+
+
+def test_the_archive_sample_flag_is_recorded_and_folded() -> None:
+    (event,) = d.decide(register(archive_sample=True), d.initial_state(), DISTRICTS)
+    assert event.data["archive_sample"] is True
+    assert d.fold([event]).archive_sample and not d.fold([registered()]).archive_sample
+
+
+@pytest.mark.parametrize(
+    "goal",
+    [
+        "Ring 19121212-1212 om bostaden",
+        "pnr 191212121212",
+        "samordningsnummer 701063-2391",
+    ],
+)
+def test_a_goal_holding_an_identity_number_is_refused_without_echoing_it(goal: str) -> None:
+    error = (
+        given(*OPEN)
+        .when(agree(goals=("Behålla jobbet", goal)))
+        .then_raises(RuleViolation, "identity-number-in-free-text")
+    )
+    assert not any(ch.isdigit() for ch in error.detail)
+
+
+def test_a_goal_with_numbers_that_fail_the_check_digit_is_accepted() -> None:
+    # Ten digits with a wrong Luhn digit, a phone number, a date: not identity numbers.
+    goals = ("Ring 19121212-1213 i morgon", "Träffas 2026-05-01", "Telefon 031-123 45 67")
+    (event,) = d.decide(agree(goals=goals), d.fold(OPEN), DISTRICTS)
+    assert tuple(event.data["goals"]) == goals
+
+
+def test_erasure_is_recorded_once_per_set_of_keys_and_on_closed_cases_too() -> None:
+    erase = d.ErasePersonalData(CASE, NOW, "RETENTION_PERIOD_ENDED", (OTHER_ID,))
+    (event,) = d.decide(erase, d.fold(CLOSED), DISTRICTS)
+    assert event.type == "PersonalDataErased"
+    assert event.data == {"legal_basis": "RETENTION_PERIOD_ENDED", "key_ids": [OTHER_ID]}
+    after = d.fold([*CLOSED, event])
+    assert after.erased_key_ids == {OTHER_ID} and after.status == "closed"
+    assert d.decide(erase, after, DISTRICTS) == []  # already recorded: nothing new
+    given().when(erase).then_raises(CaseNotFound, "case-not-found")
+    given(*OPEN).when(replace(erase, legal_basis="BORED")).then_raises(
+        RuleViolation, "unknown-legal-basis"
+    )

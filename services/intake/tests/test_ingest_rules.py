@@ -14,6 +14,7 @@ from typing import Any
 import pytest
 
 from likvard.districts import DistrictRegistry
+from likvard.domain import age_band
 from likvard.inbox import Incoming
 from likvard.ingest import Rejected, StreamView
 from likvard.known_cases import KnownCase
@@ -39,15 +40,19 @@ T1 = T0 + timedelta(days=7)
 
 # --- payloads, as fastavro decodes them ---------------------------------------------
 def registration(**data: Any) -> dict[str, Any]:
-    return {
+    """A v2 registration as sent; its age band is the birth year's in 2026 unless given."""
+    payload = {
         "person": PERSON,
         "district": "nordost",
         "substances": ["ALCOHOL", "GAMBLING"],
         "referral_source": "HEALTHCARE",
         "children_in_household": "YES",
         "birth_year": 1975,
+        "archive_sample": False,
         **data,
     }
+    payload.setdefault("age_band", age_band(payload["birth_year"], 2026))
+    return payload
 
 
 def assessment(assessment_id: str = ASSESSMENT, total: int = 21) -> dict[str, Any]:
@@ -59,10 +64,13 @@ def assessment(assessment_id: str = ASSESSMENT, total: int = 21) -> dict[str, An
     }
 
 
-def care_plan(review_on: date | None = date(2026, 6, 1)) -> dict[str, Any]:
+def care_plan(
+    review_on: date | None = date(2026, 6, 1),
+    goals: Sequence[str] = ("Sleep through the night", "Back at work by summer"),
+) -> dict[str, Any]:
     return {
         "plan_id": PLAN,
-        "goals": ["Sleep through the night", "Back at work by summer"],
+        "goals": list(goals),
         "person_participated": True,
         "review_on": review_on,
     }
@@ -164,8 +172,14 @@ def test_a_district_event_that_keeps_the_rules_is_stored_as_sent(case: Accepted)
     assert ingested(incoming, given(*case.history)) == itself(incoming)
 
 
-def test_every_intake_event_type_can_be_ingested() -> None:
-    assert {a.event_type for a in ACCEPTED} == set(d.EVENT_TYPES)
+def test_every_intake_event_type_can_be_ingested_but_an_erasure() -> None:
+    assert {a.event_type for a in ACCEPTED} == set(d.EVENT_TYPES) - {"PersonalDataErased"}
+
+
+def test_a_district_cannot_send_an_erasure() -> None:
+    erasure = {"legal_basis": "ERASURE_REQUEST", "key_ids": [CONSENT]}
+    incoming = district_event("PersonalDataErased", erasure)
+    assert refusal(incoming, given(registered())).code == "not-a-district-event"
 
 
 def test_an_ingested_event_changes_the_case_as_one_from_the_api_does() -> None:
@@ -325,3 +339,45 @@ def test_an_event_of_another_service_is_not_an_intake_command() -> None:
     incoming = district_event("ReferralAccepted", {"referral_id": CASE, "planned_start": None})
     with pytest.raises(ValueError):
         RULES.decide(incoming, given(registered()), None)
+
+
+def test_a_district_may_leave_the_age_band_to_likvard() -> None:
+    # An older district system sends no age band (v1): Likvärd derives it.
+    incoming = district_event("IntakeRegistered", registration(age_band=None), at=T1)
+    (event,) = ingested(incoming, given())
+    assert event.data["age_band"] == "45-54" and event.data["birth_year"] == 1975
+    wrong = district_event("IntakeRegistered", registration(age_band="18-24"), at=T1)
+    assert refusal(wrong, given()).code == "age-band-mismatch"
+
+
+def test_the_archive_sample_flag_a_district_sends_is_kept() -> None:
+    incoming = district_event("IntakeRegistered", registration(archive_sample=True), at=T1)
+    assert ingested(incoming, given()) == itself(incoming)
+
+
+def test_a_care_plan_goal_with_an_identity_number_is_refused() -> None:
+    plan = care_plan(goals=["Ring 19121212-1212"])
+    rejected = refusal(district_event("CarePlanAgreed", plan), given(registered()))
+    assert rejected.code == "identity-number-in-free-text"
+    assert "1212" not in rejected.reason
+
+
+def test_a_redelivery_compares_equal_to_the_sealed_stored_event() -> None:
+    sent = {**registration(age_band=None), "personal": None}
+    stored = {**registration(), "birth_year": 1975, "personal": "open"}
+    assert RULES.same_data(sent, stored)
+    assert not RULES.same_data({**sent, "district": "centrum"}, stored)
+    # Once the key is destroyed, the sealed fields can no longer be compared.
+    erased = {**stored, "birth_year": None, "personal": "erased"}
+    assert RULES.same_data(sent, erased)
+    assert not RULES.same_data({**sent, "substances": ["ALCOHOL"]}, erased)
+
+
+def test_the_sealed_fields_are_the_contracts() -> None:
+    from likvard.codec import Catalogue
+    from likvard.sealing import personal_fields
+    from services.intake.ingest import SEALED_FIELDS
+
+    catalogue = Catalogue.load()
+    contract = {f for t in d.EVENT_TYPES for f in personal_fields(catalogue, t)}
+    assert contract == SEALED_FIELDS
