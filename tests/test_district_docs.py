@@ -22,11 +22,13 @@ from typing import Any
 
 import pytest
 
+from conftest import TEST_SECRET
 from likvard import district_keys, dlq, ingest
 from likvard.codec import Catalogue
-from likvard.pseudonym import pseudonymise
+from likvard.pseudonym import DOMAIN, ERROR_CODES, MAX_BATCH, VERSION, pseudonymise
 from services.followup.scheduling import FOLLOWUP_NAMESPACE
 from tests.district import private_key
+from tests.support import RunningService
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC = ROOT / "docs" / "district-integration.md"
@@ -212,12 +214,30 @@ def test_the_java_encoder_writes_the_same_bytes(
     assert out.read_bytes().hex(" ") == encoded.hex(" ")
 
 
-def test_the_pseudonym_example_is_likvards_pseudonym() -> None:
+@pytest.mark.integration
+def test_the_pseudonym_example_asks_a_running_intake(
+    intake: RunningService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The example, run as written against the intake service on a real server, signed in
+    with the client credentials of a district system at the development provider (a real
+    process): the pseudonym it gets is the one intake computes, and its answer is the
+    document's."""
+    monkeypatch.setenv("LIKVARD_TOKEN_URL", os.environ["LIKVARD_OIDC_ISSUER"] + "/token")
+    monkeypatch.setenv("LIKVARD_INTAKE_URL", intake.base_url)
+    monkeypatch.setenv("LIKVARD_CLIENT_ID", "district-system-nordost")
+    monkeypatch.setenv("LIKVARD_CLIENT_SECRET", "dev")
     namespace: dict[str, Any] = {}
-    exec(fenced_after("example:pseudonym", "python"), namespace)  # runs its own assert
-    number = namespace["number"]
-    dashed = f"{number[:8]}-{number[8:]}"
-    assert namespace["person"] == pseudonymise(dashed, namespace["secret"])
+    exec(fenced_after("example:pseudonyms", "python"), namespace)  # runs its own assert
+    assert namespace["person"] == pseudonymise("19121212-1212", TEST_SECRET)
+    assert namespace["answer"] == json.loads(fenced_after("example:pseudonyms-answer", "json"))
+    assert namespace["answer"]["version"] == VERSION
+
+
+def test_the_pseudonym_error_table_names_every_code() -> None:
+    codes = [unquote(code) for code, *_ in table_rows(section("pseudonym-errors"))]
+    assert codes == list(ERROR_CODES)
+    assert f"`{DOMAIN[:-1].decode()}`, a NUL byte" in doc()  # how intake computes it
+    assert f"up to {MAX_BATCH} numbers" in doc() and f"more than {MAX_BATCH}," in doc()
 
 
 # --- the tables and the facts they rest on -------------------------------------------------

@@ -89,7 +89,8 @@ TOPICS = {
 DEMO_NAMESPACE = uuid.UUID("5d1f0c4e-7a43-4c8e-9d56-1c0de5ea7d01")
 """Namespace of the ids `to_events` derives, so the same plans give the same events."""
 DEMO_SECRET = b"likvard-demo-pseudonym-secret-0001"
-"""Pseudonym key of the direct path only (the services use their own secret)."""
+"""Pseudonym key of the direct path only (the services use their own secret; `run` sends
+identity numbers to the intake API, which pseudonymises them)."""
 
 FAILURE_LIMIT = 0.01
 """A demo with more than this share of failed (or skipped) steps raises `DemoFailed`."""
@@ -724,6 +725,9 @@ def _simulate(plan: PersonPlan, out: _Emitter, reference: ReferenceCatalogue) ->
         iid = _id("intervention", key, ref)
         match step.action:
             case "intake":
+                # The direct path stands for what the intake service stores, not for a
+                # district system (which asks POST /pseudonyms and never holds a secret):
+                # `pseudonymise` is intake's own function, keyed here with the demo's key.
                 data = {
                     "person": pseudonymise(plan.personal_identity_number, DEMO_SECRET),
                     "district": b["district"],
