@@ -281,8 +281,9 @@ class KeyStore:
         return self.keys_for([person])[person]
 
     def open_keys(self, key_ids: Iterable[str]) -> dict[str, DataKey | None]:
-        """The keys with these ids; None for a destroyed (or unknown) one. Asks the store
-        each time, so a key destroyed by another process is never used from a cache."""
+        """The keys with these ids; None for a destroyed one; an id this store does not
+        hold is left out (a misconfigured store is not an erasure). Asks the store each
+        time, so a key destroyed by another process is never used from a cache."""
         ids = sorted({k for k in key_ids if k})
         if not ids:
             return {}
@@ -294,10 +295,11 @@ class KeyStore:
                 ),
                 (ids,),
             ).fetchall()
-        found: dict[str, DataKey | None] = dict.fromkeys(ids)
+        found: dict[str, DataKey | None] = {}
         gone: list[str] = []
         for key_id, kek_id, wrapped in rows:
             if wrapped is None:
+                found[key_id] = None
                 gone.append(key_id)
             else:
                 found[key_id] = DataKey(key_id, self._unwrap(key_id, kek_id, bytes(wrapped)))

@@ -153,9 +153,10 @@ class ToOpen:
 
 
 class Sealer:
-    """Seals and opens events in batches: one key-store round trip per batch."""
+    """Seals and opens events in batches: one key-store round trip per batch. Without a
+    key store (a reader not given the KEK) it opens nothing: every detail is withheld."""
 
-    def __init__(self, catalogue: Catalogue, keys: KeyStore) -> None:
+    def __init__(self, catalogue: Catalogue, keys: KeyStore | None) -> None:
         self.catalogue = catalogue
         self.keys = keys
         self._fields: dict[str, tuple[str, ...]] = {}
@@ -168,7 +169,9 @@ class Sealer:
     def seal(self, items: Sequence[ToSeal]) -> list[dict[str, Any]]:
         """Each item's data sealed with its person's key (created if the person has none)."""
         needed = {i.person for i in items if self.fields(i.event_type)}
-        keys = self.keys.keys_for(needed) if needed else {}
+        if needed and self.keys is None:
+            raise ValueError("sealing needs a key store")
+        keys = self.keys.keys_for(needed) if needed and self.keys is not None else {}
         return [
             seal_data(i.event_type, i.event_id, i.data, self.fields(i.event_type), keys[i.person])
             if self.fields(i.event_type)
@@ -178,16 +181,21 @@ class Sealer:
 
     def open(self, items: Sequence[ToOpen], *, show: bool) -> list[dict[str, Any]]:
         """Each payload as the reader sees it; keys are looked up only when shown."""
+        show = show and self.keys is not None
         ids = [sealed_key_id(i.payload) for i in items] if show else []
-        keys = self.keys.open_keys(k for k in ids if k) if show else {}
-        return [
-            open_data(
+        keys = self.keys.open_keys(k for k in ids if k) if show and self.keys else {}
+        out = []
+        for i in items:
+            key_id = sealed_key_id(i.payload)
+            opened = open_data(
                 i.event_type,
                 i.event_id,
                 i.payload,
                 self.fields(i.event_type),
-                keys.get(sealed_key_id(i.payload) or ""),
+                keys.get(key_id or ""),
                 show=show,
             )
-            for i in items
-        ]
+            if show and key_id is not None and key_id not in keys:
+                opened[PERSONAL] = UNREADABLE  # a key this store never held: not an erasure
+            out.append(opened)
+        return out

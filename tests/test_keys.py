@@ -94,3 +94,29 @@ def test_the_kek_setting_is_checked() -> None:
     good = base64.b64encode(os.urandom(32)).decode()
     ring = kek_from_settings(Settings(kek=good, kek_id="2026-12"))
     assert ring.current.kek_id == "2026-12"
+
+
+def test_sealed_text_opens_until_the_key_is_destroyed_and_a_foreign_key_is_unreadable(
+    keys: KeyStore, pool: ConnectionPool, new_schema: object
+) -> None:
+    import uuid
+
+    from likvard.codec import Catalogue
+    from likvard.sealing import ERASED, OPEN, UNREADABLE, Sealer, ToOpen, ToSeal
+
+    sealer = Sealer(Catalogue.load(), keys)
+    event_id = str(uuid.uuid4())
+    data = {"plan_id": event_id, "goals": ["Träffa barnen varje vecka"], "review_on": None}
+    (sealed,) = sealer.seal([ToSeal("CarePlanAgreed", event_id, data, "p1")])
+    item = ToOpen("CarePlanAgreed", event_id, sealed)
+    (opened,) = sealer.open([item], show=True)
+    assert opened["goals"] == data["goals"] and opened["personal"] == OPEN
+    # Another key store (another city, a misconfigured service) never held the key.
+    assert callable(new_schema)
+    other = KeyStore(pool, keys.kek, schema=new_schema("k"))
+    other.migrate()
+    assert Sealer(Catalogue.load(), other).open([item], show=True)[0]["personal"] == UNREADABLE
+    assert other.open_keys([sealed["personal"]["key_id"]]) == {}
+    keys.destroy("p1", "ERASURE_REQUEST")
+    (gone,) = sealer.open([item], show=True)
+    assert gone["goals"] == [] and gone["personal"] == ERASED

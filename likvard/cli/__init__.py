@@ -15,6 +15,7 @@ from likvard.cli import (
     contract,
     identity as identity,
     database as database,
+    records as records,
 )
 
 __all__ = [

@@ -15,6 +15,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager
@@ -28,14 +29,19 @@ from psycopg_pool import ConnectionPool
 from pydantic import BaseModel
 
 from likvard import guard, http
+from likvard.codec import Catalogue
 from likvard.config import Settings, load_settings
 from likvard.db import check_schema_name, make_pool
 from likvard.districts import DistrictRegistry
 from likvard.identity import Principal, looks_like_identity_number
-from likvard.policy import Action, CaseScope, SystemScope
+from likvard.keys import open_key_store
+from likvard.policy import Action, CaseScope, SystemScope, sees_personal_text
+from likvard.sealing import Sealer, ToOpen
 from likvard.telemetry import setup_tracing
 from services.projections import access_log, readmodels, reports
 from services.projections.audit import AuditCell, audit
+
+log = logging.getLogger("likvard.projections")
 
 Format = Literal["json", "csv"]
 Structure = Literal["current", "as-recorded"]
@@ -190,9 +196,11 @@ def create_app(
     *,
     schema: str = "projections",
     access_log_schema: str | None = None,
+    keys_schema: str = "keys",
 ) -> FastAPI:
     """The reporting API over the read models in `schema`; its own reads and refusals go
-    to the access-log store in `access_log_schema`."""
+    to the access-log store in `access_log_schema`. With LIKVARD_KEK, a timeline opens the
+    sealed personal details for those who see them (the key store in `keys_schema`)."""
     settings = settings or load_settings()
     dsn = settings.require_database()
     check_schema_name(schema)
@@ -209,10 +217,22 @@ def create_app(
             pool.close()
             raise
         app.state.pool = pool
+        keys = None
+        if settings.kek:
+            try:
+                keys = open_key_store(settings, schema=keys_schema, max_size=3)
+            except Exception:
+                pool.close()
+                raise
+        else:
+            log.warning("LIKVARD_KEK is not set: timelines show no personal details to anyone")
+        app.state.sealer = Sealer(Catalogue.load(), keys)
         try:
             yield
         finally:
             pool.close()
+            if keys is not None:
+                keys.pool.close()
 
     app = FastAPI(
         title="Likvärd reporting",
@@ -330,7 +350,7 @@ def create_app(
         if _not_a_case_id(case_id):
             raise _case_not_found()  # nothing read, and no identity number in the log
         district, transfers = readmodels.case_scope(conn, schema, case_id)
-        guard.authorize(
+        decision = guard.authorize(
             request,
             caller,
             Action.CASE_HISTORY,
@@ -340,6 +360,13 @@ def create_app(
         rows = readmodels.timeline(conn, schema, case_id)
         if not rows:
             raise _case_not_found()
+        sealer: Sealer = request.app.state.sealer
+        opened = sealer.open(
+            [ToOpen(r["event_type"], str(r["event_id"]), r["payload"]) for r in rows],
+            show=sees_personal_text(caller, Action.CASE_HISTORY, decision),
+        )
+        for row, payload in zip(rows, opened, strict=True):
+            row["payload"] = payload
         columns = list(rows[0])
         if format == "csv":
             for row in rows:

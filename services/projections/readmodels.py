@@ -39,6 +39,7 @@ import psycopg
 from psycopg import sql
 
 from likvard.db import check_schema_name
+from likvard.domain import age_band, local_date
 from likvard.inbox import Incoming
 from likvard.policy import Transfer
 from likvard.topics import ACCESS_LOG_TOPIC, SERVICE_TOPICS
@@ -79,7 +80,8 @@ FACTS: tuple[Column, ...] = (
     _col("substances", "text[]", Merge.ONCE),
     _col("referral_source", "text", Merge.ONCE),
     _col("children_in_household", "text", Merge.ONCE),
-    _col("birth_year", "integer", Merge.ONCE),
+    _col("age_band", "text", Merge.ONCE),  # a code: the birth year itself is sealed
+    _col("archive_sample", "boolean", Merge.OR),  # kept from culling by the archive decision
     _col("intake_at", "timestamptz", Merge.MIN),
     _col("district_now", "text", Merge.LATEST, "district_now_version"),
     _col("district_now_version", "integer", Merge.KEY),
@@ -147,6 +149,14 @@ def migrate(conn: psycopg.Connection[Any], schema: str) -> None:
             t, sql.SQL(", ".join(columns))
         )
     )
+    # Read models made before the age band held the birth year in clear: drop it.
+    conn.execute(
+        sql.SQL(
+            "ALTER TABLE {}.case_facts ADD COLUMN IF NOT EXISTS age_band text,"
+            " ADD COLUMN IF NOT EXISTS archive_sample boolean NOT NULL DEFAULT false,"
+            " DROP COLUMN IF EXISTS birth_year"
+        ).format(t)
+    )
     conn.execute(
         sql.SQL(
             "CREATE TABLE IF NOT EXISTS {}.timeline (event_id uuid PRIMARY KEY,"
@@ -194,6 +204,8 @@ def _greatest(acc: dict[str, Any], name: str, value: Any) -> None:
 def fold(acc: dict[str, Any], e: Incoming) -> None:
     """Add one event to a case's partial facts (every operation commutative)."""
     data, at, version = e.data, e.metadata["occurred_at"], int(e.metadata["stream_version"])
+    if e.event_type == "PersonalDataErased":
+        return  # an erasure is not an entry of the case: every count stays as it was
     acc["events"] += 1
     _least(acc, "first_event_at", at)
     _greatest(acc, "last_event_at", at)
@@ -205,10 +217,14 @@ def fold(acc: dict[str, Any], e: Incoming) -> None:
                 ("substances", [str(s) for s in data["substances"]]),
                 ("referral_source", data["referral_source"]),
                 ("children_in_household", data["children_in_household"]),
-                ("birth_year", data.get("birth_year")),
+                (
+                    "age_band",
+                    data.get("age_band") or age_band(data.get("birth_year"), local_date(at).year),
+                ),
             ):
                 if acc[name] is None:
                     acc[name] = value
+            acc["archive_sample"] = acc["archive_sample"] or bool(data.get("archive_sample"))
             _least(acc, "intake_at", at)
             _latest(acc, "district_now", "district_now_version", data["district"], version)
             _latest(acc, "status", "status_version", "open", version)
