@@ -9,6 +9,11 @@ stores when a case worker registers the person."""
 
 from __future__ import annotations
 
+import base64
+import json
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -26,7 +31,7 @@ from likvard.access_log_audit import AccessRecord, search
 from likvard.config import Settings
 from likvard.pseudonym import MAX_BATCH, VERSION, normalise, pseudonymise
 from services.intake.pseudonyms_api import pseudonyms_router
-from tests.identity import bearer, system_bearer
+from tests.identity import bearer, system_bearer, system_token
 from tests.support import RunningService, serving
 
 pytestmark = pytest.mark.integration
@@ -203,3 +208,41 @@ def test_every_call_is_in_the_access_log_with_counts_never_numbers(
     for row in rows:
         stored = b"".join(v if isinstance(v, bytes) else (v or "").encode() for v in row)
         assert not [f for f in forms if f in stored]
+
+
+# --- how a district system signs in (development provider) --------------------------------
+def _claims(access: str) -> dict[str, object]:
+    payload = access.split(".")[1]
+    decoded: dict[str, object] = json.loads(base64.urlsafe_b64decode(payload + "=" * 4))
+    return decoded
+
+
+def test_a_district_system_signs_in_with_its_own_client_credentials() -> None:
+    issuer = os.environ["LIKVARD_OIDC_ISSUER"]
+    claims = _claims(system_token("hisingen"))
+    assert claims["sub"] == "dev-system-hisingen" and claims["azp"] == "district-system-hisingen"
+    assert claims["realm_access"] == {"roles": ["district-system"]}
+    assert claims["likvard_districts"] == ["hisingen"]
+    clients = httpx.get(f"{issuer}/clients", timeout=10).json()
+    assert "district-system-nordost" in {c["client_id"] for c in clients}
+    assert "district-system" not in {u["username"] for u in httpx.get(f"{issuer}/users").json()}
+    for client_id, secret in (("district-system-nordost", "wrong"), ("district-system-x", "dev")):
+        form = {"grant_type": "client_credentials", "client_id": client_id}
+        refused = httpx.post(f"{issuer}/token", data=form | {"client_secret": secret})
+        assert refused.status_code == 401 and refused.json()["error"] == "invalid_client"
+
+
+def test_likvard_token_prints_a_district_systems_token() -> None:
+    def likvard_token(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "likvard.cli", "token", "--role", "district-system"]
+        return subprocess.run([*command, *args], capture_output=True, text=True, timeout=60)
+
+    printed = likvard_token("--district", "nordost")
+    assert printed.returncode == 0, printed.stderr
+    claims = _claims(printed.stdout.strip())
+    assert (claims["sub"], claims["likvard_districts"]) == ("dev-system-nordost", ["nordost"])
+    nowhere = likvard_token("--district", "atlantis")
+    assert nowhere.returncode == 1 and nowhere.stdout == ""
+    assert "no client 'district-system-atlantis'" in " ".join(nowhere.stderr.split())
+    missing = likvard_token()
+    assert missing.returncode == 2 and "--district" in missing.stderr

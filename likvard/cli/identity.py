@@ -104,10 +104,16 @@ def token(
             " start it with `likvard up` or `likvard dev-idp`",
             1,
         ) from exc
-    if response.status_code in (400, 401) and "invalid_" in response.text:
+    if response.status_code == 400 and "invalid_grant" in response.text:
         raise fail(
-            f"the provider at {base} has no user or client {username!r} (see its GET /users"
-            " and GET /clients, or `likvard dev-idp --help`)",
+            f"the provider at {base} has no user {username!r} (see its GET /users, or"
+            " `likvard dev-idp --help`)",
+            1,
+        )
+    if response.status_code == 401 and role == Role.DISTRICT_SYSTEM:
+        raise fail(
+            f"the provider at {base} has no client {username!r} (see its GET /clients, or"
+            " `likvard dev-idp --help`)",
             1,
         )
     if response.status_code != 200:
