@@ -18,7 +18,15 @@ re-submits chosen records to the ingest topic after a fix, marked `dlq_retry_of`
 path judges a retried record like any other, so a fixed one is stored and one still wrong
 comes back as a new dead letter that names the one it retries.
 
-Reasons never quote record values (events hold personal data), so they are safe to print.
+A refused record may hold personal data (free text, an identity number where an id
+belongs), so the dlq headers never carry a value of it: reasons are Likvärd's own sentences
+naming codes, field names, sizes and offsets, and `dead_letter_headers` enforces it where
+they are written (an identity-number-shaped run is removed, codes keep their alphabet, a
+reason its length). The record's own headers are copied unchanged (its signature covers
+them, and a retry must re-submit it as it was); `shown_header` and the `event_type` and
+`event_id` properties show them only when they have the shape of an id. The topic keeps
+dead letters 30 days (deploy/topics.toml), and only an auditor may read a payload
+(`likvard dlq show --payload`).
 """
 
 from __future__ import annotations
@@ -32,6 +40,7 @@ from typing import Any
 
 from confluent_kafka import KafkaError, Message, Producer
 
+from likvard.identity import looks_like_identity_number
 from likvard.relay import Deliveries, Headers, produce, producer_config
 from likvard.topic_reader import TopicReader, TopicReadError, record_headers
 
@@ -83,6 +92,16 @@ SUMMARY_BYTES = 16_384
 
 _PREFIX = "dlq_"
 _ID = re.compile(r"^(\d+):(\d+)$")
+MAX_REASON_CHARS = 1000
+"""A reason is a few sentences; one longer is cut here, so it never carries a whole text."""
+REMOVED = "(removed: shaped like an identity number)"
+INVALID_CODE = "invalid-code"
+_CODE = re.compile(r"[a-z0-9][a-z0-9-]{0,63}")
+_DIGIT_RUN = re.compile(r"(?<![0-9])[0-9]{6,8}[-+]?[0-9]{4}(?![0-9])")
+_SHOWN = re.compile(r"[A-Za-z0-9._:-]{1,1024}")
+_EVENT_TYPE = re.compile(r"[A-Z][A-Za-z0-9]{0,63}")
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", re.I)
+"""All used with fullmatch."""
 
 
 class DeadLetterError(RuntimeError):
@@ -103,6 +122,36 @@ def own_headers(headers: Iterable[tuple[str, str | bytes | None]]) -> Headers:
     return [(k, v) for k, v in headers if not k.startswith(_PREFIX) or k == RETRY_OF]
 
 
+def safe_reason(reason: str) -> str:
+    """A reason as a dead letter may carry it: runs of digits shaped like a personal or
+    coordination number removed, control characters made spaces, at most
+    MAX_REASON_CHARS. Reasons never quote values by construction; this is the check at
+    the one place they are written, so a mistake in a rule's sentence cannot leak one."""
+    text = _DIGIT_RUN.sub(
+        lambda m: REMOVED if looks_like_identity_number(m.group()) else m.group(), reason
+    )
+    text = "".join(" " if ord(c) < 32 or 127 <= ord(c) < 160 else c for c in text)
+    return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 1] + "…"
+
+
+def safe_code(code: str) -> str:
+    """A stage or code as a dead letter may carry it: kebab-case of its alphabet, else
+    INVALID_CODE (a code is Likvärd's, never a value)."""
+    return code if _CODE.fullmatch(code) else INVALID_CODE
+
+
+def shown_header(name: str, value: str | bytes | None) -> str:
+    """A dead letter's header as `likvard dlq show` prints it without `--payload`: the dlq
+    headers (Likvärd's) as they are; the record's own only if an id's alphabet and not an
+    identity number (event_type, event_id, traceparent, the signature), else their size."""
+    text = _text(value)
+    if name.startswith(_PREFIX) and name != RETRY_OF:
+        return text
+    if (_SHOWN.fullmatch(text) and not looks_like_identity_number(text)) or not text:
+        return text
+    return f"({len(_bytes(value))} bytes, not shown: not an id; --payload shows it)"
+
+
 def dead_letter_headers(
     headers: Iterable[tuple[str, str | bytes | None]],
     *,
@@ -113,13 +162,14 @@ def dead_letter_headers(
     source: tuple[str, int, int],
     failed_at: datetime,
 ) -> Headers:
-    """The dead letter's headers: the record's own, then why and where it came from."""
+    """The dead letter's headers: the record's own, then why and where it came from (codes,
+    a sentence, coordinates: never a value of the record, see `safe_reason`)."""
     topic, partition, offset = source
     return [
         *own_headers(headers),
-        (REASON, reason.encode()),
-        (STAGE, stage.encode()),
-        (CODE, code.encode()),
+        (REASON, safe_reason(reason).encode()),
+        (STAGE, safe_code(stage).encode()),
+        (CODE, safe_code(code).encode()),
         (SERVICE, service.encode()),
         (FAILED_AT, failed_at.isoformat().encode()),
         (SOURCE_TOPIC, topic.encode()),
@@ -209,7 +259,7 @@ def summary_letter(
             source=source,
             failed_at=failed_at,
         ),
-        (ORIGINAL_CODE, code.encode()),
+        (ORIGINAL_CODE, safe_code(code).encode()),
         (ORIGINAL_SIZE, str(size).encode()),
         (ORIGINAL_SHA256, hashlib.sha256(value or b"").hexdigest().encode()),
     ]
@@ -277,15 +327,21 @@ class DeadLetter:
 
     @property
     def event_type(self) -> str:
-        return self.header("event_type")
+        """The record's `event_type` header if it is shaped like one ('' if not: the
+        district system wrote it, and it is listed to operations)."""
+        text = self.header("event_type")
+        return text if _EVENT_TYPE.fullmatch(text) else ""
 
     @property
     def event_id(self) -> str:
-        return self.header("event_id")
+        """The record's `event_id` header if it is a UUID ('' if not)."""
+        text = self.header("event_id")
+        return text if _UUID.fullmatch(text) else ""
 
     @property
     def retry_of(self) -> str:
-        return self.header(RETRY_OF)
+        text = self.header(RETRY_OF)
+        return text if _ID.fullmatch(text) else ""
 
     @property
     def is_summary(self) -> bool:

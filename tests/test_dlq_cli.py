@@ -13,34 +13,41 @@ from typing import Any
 import pytest
 
 from likvard import dlq
+from likvard.access_log_audit import search
 from likvard.codec import Catalogue
+from likvard.config import Settings
 from tests.district import (
     DistrictSystem,
     assessment,
     produce_all,
     registered,
 )
+from tests.identity import token
 from tests.support import IngestStack, wait_for
 
 pytestmark = pytest.mark.integration
 
 
-def likvard(stack: IngestStack, *args: str) -> subprocess.CompletedProcess[str]:
-    env = {
-        **os.environ,
-        "KAFKA_BOOTSTRAP_SERVERS": stack.settings.kafka_bootstrap or "",
-        "LIKVARD_TOPIC_PREFIX": stack.settings.topic_prefix,
-        # `dlq show` records the operator's read in the access log (its own schema there)
-        "LIKVARD_DATABASE_URL": stack.settings.database_url or "",
-        "COLUMNS": "250",
-    }
+def run_cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "likvard.cli", *args],
-        env=env,
+        env={**os.environ, "COLUMNS": "250", **env},
         capture_output=True,
         text=True,
         timeout=120,
     )
+
+
+def likvard(stack: IngestStack, *args: str, token: str = "") -> subprocess.CompletedProcess[str]:
+    """The command as an operator runs it; `token` is LIKVARD_TOKEN (none: the OS login)."""
+    env = {
+        "KAFKA_BOOTSTRAP_SERVERS": stack.settings.kafka_bootstrap or "",
+        "LIKVARD_TOPIC_PREFIX": stack.settings.topic_prefix,
+        # `dlq show` records the operator's read in the access log (its own schema there)
+        "LIKVARD_DATABASE_URL": stack.settings.database_url or "",
+        "LIKVARD_TOKEN": token,
+    }
+    return run_cli(env, *args)
 
 
 def listed(stack: IngestStack, *filters: str) -> list[dict[str, Any]]:
@@ -103,7 +110,8 @@ def test_dead_letters_are_listed_shown_and_retried_after_a_fix(
     assert f"metadata.case_id: {case}" in shown.stdout
     assert "assessment_id, instrument, scores, need_level" in shown.stdout  # names only,
     assert "AUDIT" not in shown.stdout  # not values, unless asked for
-    with_payload = likvard(stack, "dlq", "show", closed["id"], "--payload")
+    with_payload = likvard(stack, "dlq", "show", closed["id"], "--payload", token=token("auditor"))
+    assert with_payload.returncode == 0, with_payload.stderr
     assert '"instrument": "AUDIT"' in with_payload.stdout
 
     # Mistakes get a message and exit code 2, and change nothing.
@@ -143,3 +151,61 @@ def test_dead_letters_are_listed_shown_and_retried_after_a_fix(
     dry = likvard(stack, "dlq", "retry", "--all", "--stage", "decode", "--dry-run")
     assert f"would re-submit {again[0]['id']}" in dry.stderr
     assert f"would re-submit {first['id']} " not in dry.stderr
+
+
+def test_only_an_auditor_reads_a_dead_letters_payload_and_the_read_is_logged(
+    database_url: str, kafka_bootstrap: str, topic_prefix: str, schema: str, catalogue: Catalogue
+) -> None:
+    """`dlq show --payload` prints the refused record's values to a verified auditor token
+    only; an ops token and an operating-system login (no token) are refused with exit 1
+    and nothing of the record; `dlq show` without it stays operations' (codes, field
+    names). The access log has the auditor's read, the ops token's refusal and its read."""
+    from likvard.ingest import DEAD_LETTER_TOPIC, DeadLetterSink, Outcome, Rejected, SourceRecord
+
+    case = str(uuid.uuid4())
+    bad = DistrictSystem(catalogue).record("AssessmentCompleted", case, assessment())
+    source = SourceRecord(topic_prefix + "likvard.district-ingest.v1", 0, 3, bad.key, bad.value, ())
+    sink = DeadLetterSink(kafka_bootstrap, topic_prefix + DEAD_LETTER_TOPIC, "intake")
+    try:
+        rejected = Rejected("rule", "case-closed", "The case is closed; reopen it first.")
+        sink.send(
+            [Outcome(source, "dead-lettered", None, "AssessmentCompleted", rejection=rejected)]
+        )
+    finally:
+        sink.close()
+    (letter,) = dlq.read_all(kafka_bootstrap, topic_prefix + DEAD_LETTER_TOPIC, settle=0.2)
+    env = {
+        "LIKVARD_DATABASE_URL": database_url,
+        "KAFKA_BOOTSTRAP_SERVERS": kafka_bootstrap,
+        "LIKVARD_TOPIC_PREFIX": topic_prefix,
+        "LIKVARD_ACCESS_LOG_SCHEMA": schema,
+    }
+    auditor, ops = f"au-{uuid.uuid4().hex[:8]}", f"ops-{uuid.uuid4().hex[:8]}"
+    show = ("dlq", "show", letter.id)
+
+    read = run_cli({**env, "LIKVARD_TOKEN": token("auditor", subject=auditor)}, *show, "--payload")
+    assert read.returncode == 0, read.stderr
+    assert '"instrument": "AUDIT"' in read.stdout and '"need_level": "HIGH"' in read.stdout
+
+    ops_token = token("ops", subject=ops)
+    for who in (ops_token, ""):
+        refused = run_cli({**env, "LIKVARD_TOKEN": who}, *show, "--payload")
+        assert refused.returncode == 1, refused.stdout + refused.stderr
+        assert "only an auditor may read it" in refused.stderr
+        assert "LIKVARD_TOKEN" in refused.stderr
+        assert refused.stdout == ""  # nothing of the record, not even its reason
+        assert "AUDIT" not in refused.stderr and "HIGH" not in refused.stderr
+
+    plain = run_cli({**env, "LIKVARD_TOKEN": ops_token}, *show)
+    assert plain.returncode == 0, plain.stderr
+    assert "rule/case-closed" in plain.stdout and "The case is closed" in plain.stdout
+    assert "assessment_id, instrument, scores, need_level" in plain.stdout
+    assert "AUDIT" not in plain.stdout and "HIGH" not in plain.stdout
+
+    found = search(Settings(database_url=database_url), schema=schema)
+    assert [(f.actor, f.action, f.resource, f.outcome) for f in found] == [
+        (auditor, "history.replay", f"dead-letter:{letter.id}", "allowed"),
+        (ops, "history.replay", f"dead-letter:{letter.id}", "refused"),
+        (ops, "ops.read", f"dead-letter:{letter.id}", "allowed"),
+    ]
+    assert found[0].case_id == case and {f.service for f in found} == {"cli"}

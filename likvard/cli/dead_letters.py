@@ -1,4 +1,11 @@
-"""`likvard dlq`: read the dead-letter topic and re-submit records after a fix."""
+"""`likvard dlq`: read the dead-letter topic and re-submit records after a fix.
+
+A dead letter holds a district's refused record in full, personal data included. Operations
+(`list`, `show`, `retry`) see why it was refused, its codes, coordinates and the names of its
+fields; the values of the record (`show --payload`) only an auditor sees: the operator's
+verified token (LIKVARD_TOKEN) must allow `PAYLOAD_ACTION`, and the read is recorded in the
+access log before anything is shown, like every command-line read
+(`likvard.cli.operator.record_read`)."""
 
 from __future__ import annotations
 
@@ -15,10 +22,21 @@ from likvard.cli.base import (
     stdout,
 )
 from likvard.config import ConfigError, Settings
+from likvard.policy import Action
 
 if TYPE_CHECKING:
     from likvard import dlq
     from likvard.codec import Decoded
+
+PAYLOAD_ACTION = Action.REPLAY
+"""What reading a dead letter's values takes: the auditor's read of records straight from
+the log (`likvard replay`), the nearest of the policy's actions; operations' `OPS_READ`
+does not reach personal data."""
+PAYLOAD_REFUSED = (
+    "--payload prints the district's refused record, which may hold personal data: only an"
+    " auditor may read it. Set LIKVARD_TOKEN to an auditor's token (`likvard dlq show`"
+    " without --payload shows why it was refused, its codes and field names)"
+)
 
 # --- dead letters -------------------------------------------------------------------------
 dlq_app = typer.Typer(
@@ -117,7 +135,10 @@ def dlq_list(
 def dlq_show(
     letter_id: str = typer.Argument(..., metavar="ID", help="<partition>:<offset>, from list"),
     payload: bool = typer.Option(
-        False, "--payload", help="Also print the decoded event (it may hold personal data)"
+        False,
+        "--payload",
+        help="Also print the record's values (they may hold personal data): auditors only,"
+        " with LIKVARD_TOKEN",
     ),
 ) -> None:
     """Show one dead letter: why it was refused, its headers, and what it holds."""
@@ -126,11 +147,15 @@ def dlq_show(
     from likvard import dlq
     from likvard.cli.operator import record_read
     from likvard.codec import Catalogue, CodecError
-    from likvard.policy import Action
 
     settings = settings_or_exit()
     try:
         dlq.parse_id(letter_id)
+    except ValueError as exc:
+        raise fail(str(exc)) from exc
+    if payload:
+        _require_auditor(settings, f"dead-letter:{letter_id.strip()}")
+    try:
         (letter,) = dlq.find(_dead_letters(settings), [letter_id])
     except ValueError as exc:
         raise fail(str(exc)) from exc
@@ -141,21 +166,26 @@ def dlq_show(
         decoded = exc
     # It shows a district's record (with --payload, personal data): logged before it is.
     case_id = None if isinstance(decoded, CodecError) else _case_id(decoded)
-    record_read(settings, Action.OPS_READ, f"dead-letter:{letter.id}", case_id)
+    action = PAYLOAD_ACTION if payload else Action.OPS_READ
+    record_read(settings, action, f"dead-letter:{letter.id}", case_id)
     out = stdout()
     out.print(f"[bold]dead letter {letter.id}[/bold]: {letter.stage}/{letter.code}")
-    out.print(f"  reason:  {letter.reason}")
+    out.print(f"  reason:  {letter.reason}", markup=False)
     out.print(f"  judged by the {letter.service} service at {letter.failed_at}")
     out.print(f"  source:  {_source(letter)}")
     if letter.retry_of:
         out.print(f"  retries: dead letter {letter.retry_of}")
     key = (letter.key or b"").decode("utf-8", errors="replace")
-    out.print(f"  key:     {key or '(none)'}")
+    if not payload:
+        key = dlq.shown_header("key", letter.key)
+    out.print(f"  key:     {key or '(none)'}", markup=False)
     out.print(f"  value:   {len(value)} bytes, starting {value[:10].hex(' ') or '(empty)'}")
     out.print("  headers:")
     for name, raw in letter.headers:
         text = (raw or b"").decode("utf-8", errors="replace")
-        out.print(f"    {name}: {text}")
+        if not payload:
+            text = dlq.shown_header(name, raw)
+        out.print(f"    {name}: {text}", markup=False, highlight=False)
     if isinstance(decoded, CodecError):
         out.print(f"  decoded: no ({decoded})")
         return
@@ -163,11 +193,38 @@ def dlq_show(
     meta = record.pop("metadata")
     out.print(f"  decoded: {decoded.event_type} v{decoded.version}")
     for name in ("event_id", "case_id", "producer", "district", "actor", "occurred_at"):
-        out.print(f"    metadata.{name}: {meta.get(name)}")
+        shown = meta.get(name)
+        if not payload and isinstance(shown, str):
+            shown = dlq.shown_header(name, shown)
+        out.print(f"    metadata.{name}: {shown}", markup=False, highlight=False)
     if payload:
-        out.print(json.dumps(record, default=str, ensure_ascii=False, indent=2))
+        out.print(
+            json.dumps(record, default=str, ensure_ascii=False, indent=2),
+            markup=False,
+            highlight=False,
+        )
     else:
-        out.print(f"    fields: {', '.join(record)} (--payload prints their values)")
+        out.print(f"    fields: {', '.join(record)} (an auditor's --payload prints their values)")
+
+
+def _require_auditor(settings: Settings, resource: str) -> None:
+    """Before anything is read: the operator must be a verified token's subject whose roles
+    allow PAYLOAD_ACTION (exit 1 otherwise, nothing printed of the record). A token's
+    refusal is recorded in the access log (`record_read` ends the command); an
+    operating-system login has no Likvärd roles, so it cannot be an auditor."""
+    from datetime import UTC, datetime
+
+    from likvard.cli.operator import operator, record_read
+    from likvard.policy import SystemScope, allowed
+
+    who = operator(settings)
+    if who.principal is None:
+        raise fail(f"not allowed: {PAYLOAD_REFUSED}", 1)
+    decision = allowed(who.principal, PAYLOAD_ACTION, SystemScope(resource), now=datetime.now(UTC))
+    if not decision.allow:
+        console.print(PAYLOAD_REFUSED)
+        record_read(settings, PAYLOAD_ACTION, resource)  # logs the refusal and ends it
+        raise fail(f"not allowed: {PAYLOAD_REFUSED}", 1)  # not reached: the policy refused
 
 
 def _case_id(decoded: Decoded) -> str | None:
