@@ -71,6 +71,8 @@ EXPECTED: dict[str, dict[Role, frozenset[str]]] = {
     "followups.due": {CW: ONLY_OWN},
     "report.read": {AN: BOTH, AU: BOTH},
     "access-log.read": {AU: BOTH},
+    "records.manage": {RO: BOTH},
+    "pseudonyms.compute": {Role.DISTRICT_SYSTEM: BOTH},
 }
 
 
@@ -132,6 +134,10 @@ REQUESTS: dict[tuple[str, str, str], Request] = {
     ("intake", "POST", "/cases/{case_id}/reopen"): Request(_const({"reason": "RELAPSE"})),
     ("intake", "GET", "/cases/{case_id}"): Request(),
     ("intake", "GET", "/cases/{case_id}/events"): Request(),
+    ("intake", "POST", "/persons/{pseudonym}/erasure"): Request(
+        _const({"legal_basis": "erasure-request"})
+    ),
+    ("intake", "POST", "/pseudonyms"): Request(_const({"identity_numbers": ["19121212-1212"]})),
     ("referral", "POST", "/referrals"): Request(
         lambda scope, w: {
             "case_id": w.ids["case_id"][scope],
@@ -276,7 +282,8 @@ def world(database_url: str, catalogue: Catalogue) -> Iterator[World]:
         for s in ("intake", "referral", "followup")
     }
     with ExitStack() as stack:
-        stack.callback(_drop, database_url, list(schemas.values()))
+        keys_schema = f"{schemas['intake']}_keys"  # the intake app's key store
+        stack.callback(_drop, database_url, [*schemas.values(), keys_schema])
         stack.callback(pool.close)
         apps = {
             "intake": _app("intake", settings, schema=schemas["intake"], catalogue=catalogue),
@@ -297,6 +304,7 @@ def world(database_url: str, catalogue: Catalogue) -> Iterator[World]:
             "referral_id": {},
             "intervention_id": {},
             "followup_id": {},
+            "pseudonym": {},
         }
         intake, referral, followup = clients["intake"], clients["referral"], clients["followup"]
         events: dict[str, list[Incoming]] = {"intake": [], "referral": [], "followup": []}
@@ -311,6 +319,7 @@ def world(database_url: str, catalogue: Catalogue) -> Iterator[World]:
                 )
             )
             ids["case_id"][scope] = case
+            ids["pseudonym"][scope] = stores["intake"].read_stream(case)[0].payload["person"]
             ids["consent_id"][scope] = stores["intake"].read_stream(case)[-1].payload["consent_id"]
             events["intake"] += _incoming(catalogue, "intake", stores["intake"], case)
         _learn(pool, CaseDirectory(schemas["referral"]), events["intake"])

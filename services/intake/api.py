@@ -45,6 +45,7 @@ from services.intake.domain import (
 )
 from services.intake.erasure import LEGAL_BASES, erase_person
 from services.intake.personal import IntakePersonalData, attach, keys_schema_for
+from services.intake.pseudonyms_api import pseudonyms_router
 from services.intake.service import IntakeService, make_service
 
 ETAG_HEADER = {
@@ -312,6 +313,7 @@ def create_app(
     )
     http.install(app, "intake", max_request_bytes=settings.max_request_bytes)
     guard.install(app, settings, "intake")
+    app.include_router(pseudonyms_router(secret))
 
     def run(
         svc: Svc,
