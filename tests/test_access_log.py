@@ -471,9 +471,9 @@ def test_replay_and_dlq_show_are_logged(
         "LIKVARD_ACCESS_LOG_SCHEMA": schema,
         "LIKVARD_TOKEN": "",
     }
-    shown = likvard(env, "dlq", "show", letter.id, "--payload")
+    shown = likvard(env, "dlq", "show", letter.id)  # without --payload: ops may
     assert shown.returncode == 0, shown.stderr
-    assert "PLANNED_END" in shown.stdout
+    assert "rule/unknown-case" in shown.stdout and "PLANNED_END" not in shown.stdout
     replayed = likvard(env, "replay", "--schema", new_schema("replay"))
     assert replayed.returncode == 0, replayed.stdout + replayed.stderr
     found = search(settings, actor=_login(), schema=schema)

@@ -47,7 +47,8 @@ def _require_kek(settings: Settings) -> None:
 
 @app.command()
 def topics() -> None:
-    """Create the Kafka topics from deploy/topics.toml (existing ones are left alone)."""
+    """Create the Kafka topics from deploy/topics.toml (existing ones get the definition's
+    retention; partitions are never altered)."""
     from likvard.topics import TopicError, ensure_topics, load_topics
 
     settings = settings_or_exit()
