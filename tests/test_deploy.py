@@ -32,8 +32,10 @@ import kubernetes_validate  # type: ignore[import-untyped]
 import pytest
 import yaml
 
+from likvard import db_roles
 from likvard.catalogue import ReferenceCatalogue
-from likvard.cli import APPS, CONSUMERS, INGESTERS, READ_APPS
+from likvard.cli import APPS, CONSUMERS, INGESTERS, READ_APPS, app
+from likvard.cli.stack import KEY_USERS
 from likvard.config import DEFAULT_PORTS, load_settings, service_port
 from likvard.districts import DistrictRegistry
 from likvard.identity import Principal, Role
@@ -55,17 +57,30 @@ COMPOSE_SECRETS = {
     "LIKVARD_PSEUDONYM_SECRET",
     "KEYCLOAK_ADMIN_PASSWORD",
     "LIKVARD_METRICS_CLIENT_SECRET",
+    "LIKVARD_KEK",
+    *(db_roles.password_variable(r) for r in db_roles.roles()),
 }
 KUBERNETES_VERSION = "1.31.0"  # the oldest Kubernetes the manifests are meant for
 
-ONE_SHOT = {"topics"}  # runs to completion; no health check
+ONE_SHOT = {"topics", "migrate"}  # run to completion, in this order; no health check
+# Services of a compose profile (not started by `docker compose up`): one-shots too.
+PROFILED = {"retention"}
+MIGRATE = ["db", "migrate", "--database-per-service"]
+RETENTION = ["retention", "run"]
+URL_VARS = (
+    "LIKVARD_DATABASE_URL",
+    "LIKVARD_ACCESS_LOG_DATABASE_URL",
+    "LIKVARD_KEYS_DATABASE_URL",
+    "LIKVARD_OWNER_DATABASE_URL",
+    "LIKVARD_PROJECTIONS_DATABASE_URL",
+)
 # Long-running services without a container health check, and why.
 NO_HEALTHCHECK = {
     # The collector image is built FROM scratch: nothing inside it can run a check.
     # Prometheus scrapes its own metrics instead (test_prometheus_scrapes_every_process).
     "otel-collector": "otel-collector:8888",
 }
-SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|KEY|DATABASE_URL")
+SECRET_NAME = re.compile(r"PASSWORD|SECRET|TOKEN|KEY|KEK|DATABASE_URL")
 REFERENCE = re.compile(r"\$\{(?P<name>[A-Z0-9_]+)(?::?(?P<op>[?-])(?P<arg>[^}]*))?\}")
 REQUIRED_REFERENCE = re.compile(r"\$\{[A-Z0-9_]+:\?[^}]+\}")
 
@@ -83,9 +98,14 @@ def is_likvard(service: Mapping[str, Any]) -> bool:
     return isinstance(build, dict) and build.get("dockerfile") == "deploy/Dockerfile"
 
 
-def likvard_services() -> dict[str, dict[str, Any]]:
-    """The compose services that run Likvärd (the topics job among them)."""
-    return {name: s for name, s in compose()["services"].items() if is_likvard(s)}
+def likvard_services(*, profiled: bool = False) -> dict[str, dict[str, Any]]:
+    """The compose services that run Likvärd (the topics and migrate jobs among them); with
+    `profiled`, those of a profile too (retention)."""
+    return {
+        name: s
+        for name, s in compose()["services"].items()
+        if is_likvard(s) and (profiled or not s.get("profiles"))
+    }
 
 
 def interpolate(value: str, variables: Mapping[str, str]) -> str:
@@ -226,14 +246,40 @@ def k8s_documents(files: list[str] | None = None) -> Iterator[tuple[str, dict[st
 
 
 def k8s_workloads() -> dict[str, dict[str, Any]]:
-    """Deployments and Jobs by name -> their (single) container."""
+    """Deployments, Jobs and CronJobs by name -> the document, its pod template and its
+    (single) container."""
     found: dict[str, dict[str, Any]] = {}
     for _, doc in k8s_documents():
-        if doc["kind"] in ("Deployment", "Job"):
-            containers = doc["spec"]["template"]["spec"]["containers"]
+        if doc["kind"] in ("Deployment", "Job", "CronJob"):
+            spec = doc["spec"]["jobTemplate"]["spec"] if doc["kind"] == "CronJob" else doc["spec"]
+            pod = spec["template"]
+            containers = pod["spec"]["containers"]
             assert len(containers) == 1, doc["metadata"]["name"]
-            found[doc["metadata"]["name"]] = {"doc": doc, "container": containers[0]}
+            found[doc["metadata"]["name"]] = {"doc": doc, "pod": pod, "container": containers[0]}
     return found
+
+
+def k8s_name(compose_name: str) -> str:
+    """The Kubernetes workload of a compose service: the jobs are likvard-<name>."""
+    return f"likvard-{compose_name}" if compose_name in ONE_SHOT | PROFILED else compose_name
+
+
+def role_of(url: str) -> str:
+    """The PostgreSQL role a URL connects as."""
+    user = urlsplit(REQUIRED_REFERENCE.sub("REF", url)).username
+    assert user, url
+    return user
+
+
+def secret_key_of(role: str) -> str:
+    """The Secret key of a role's URL: likvard_access_log -> access-log-database-url."""
+    return role.removeprefix(db_roles.ROLE_PREFIX).replace("_", "-") + "-database-url"
+
+
+def part_of(command: list[str]) -> db_roles.Part:
+    """The db_roles part (so the role) of a long-running process."""
+    database = database_of(command)
+    return db_roles.PARTS["access-log" if database == ACCESS_LOG_DB else database]
 
 
 def config_map() -> dict[str, str]:
@@ -257,7 +303,7 @@ def test_compose_file_follows_the_compose_specification() -> None:
 
 def test_compose_runs_every_likvard_role() -> None:
     commands = {tuple(s["command"]) for s in likvard_services().values()}
-    expected: set[tuple[str, ...]] = {("topics",), ("project",)}
+    expected: set[tuple[str, ...]] = {("topics",), ("project",), tuple(MIGRATE)}
     expected |= {("serve", s, "--host", "0.0.0.0") for s in APPS | READ_APPS}
     expected |= {("relay", s) for s in APPS} | {("ingest", s) for s in INGESTERS}
     expected |= {("consume", s) for s in CONSUMERS}
@@ -268,6 +314,12 @@ def test_compose_runs_every_likvard_role() -> None:
 def test_every_compose_command_is_a_real_likvard_command() -> None:
     """Each command line (and each health check) parses: `likvard <command...> --help`."""
     lines = {" ".join(s["command"]): list(s["command"]) for s in likvard_services().values()}
+    # The retention profile's command, once `likvard retention` exists (another change).
+    registered = {g.name for g in app.registered_groups} | {
+        c.name or (c.callback.__name__ if c.callback else "") for c in app.registered_commands
+    }
+    if "retention" in registered:
+        lines[" ".join(RETENTION)] = RETENTION
     for s in likvard_services().values():
         test = (s.get("healthcheck") or {}).get("test")
         if test:
@@ -310,6 +362,17 @@ def test_each_process_uses_its_own_services_database() -> None:
             continue
         owner = database_of(s["command"])
         assert urlsplit(env["LIKVARD_DATABASE_URL"]).path == f"/{owner}", name
+        # ... as its service's own role, never the owner or the administrator.
+        assert role_of(env["LIKVARD_DATABASE_URL"]) == part_of(s["command"]).role, name
+        # The key store's role and the KEK: where personal details are sealed or opened,
+        # the same processes as in `likvard up` (likvard.cli.stack.KEY_USERS).
+        keys = env.get("LIKVARD_KEYS_DATABASE_URL")
+        sealing = (s["command"][0], s["command"][1] if len(s["command"]) > 1 else "")
+        assert (keys is not None) == (sealing in KEY_USERS), name
+        assert ("LIKVARD_KEK" in env) == (keys is not None), name
+        if keys is not None:
+            assert role_of(keys) == db_roles.PARTS["keys"].role, name
+            assert urlsplit(keys).path == f"/{db_roles.PARTS['keys'].database}", name
         # The pseudonym key: only where persons are registered.
         assert ("LIKVARD_PSEUDONYM_SECRET" in env) == (name == "intake"), name
         # The access log: a database of its own, for every API and its relay.
@@ -317,6 +380,53 @@ def test_each_process_uses_its_own_services_database() -> None:
         assert (log is not None) == writes_the_access_log(s["command"]), name
         if log is not None:
             assert urlsplit(log).path == f"/{ACCESS_LOG_DB}", name
+            assert role_of(log) == db_roles.PARTS["access-log"].role, name
+
+
+def test_the_migrate_job_runs_as_the_owner_before_every_process() -> None:
+    services = likvard_services()
+    migrate = services["migrate"]
+    assert migrate["command"] == MIGRATE and migrate["restart"] == "no"
+    assert migrate["depends_on"] == {"postgres": {"condition": "service_healthy"}}
+    env = effective_env(migrate)
+    assert role_of(env["LIKVARD_OWNER_DATABASE_URL"]) == db_roles.OWNER
+    assert not {"LIKVARD_DATABASE_URL", "LIKVARD_KEK", "LIKVARD_PSEUDONYM_SECRET"} & set(env)
+    # Nobody else has the owner's credentials.
+    for name, s in likvard_services(profiled=True).items():
+        if name != "migrate":
+            users = {role_of(v) for k, v in effective_env(s).items() if k in URL_VARS}
+            assert db_roles.OWNER not in users, name
+    job = k8s_workloads()["likvard-migrate"]
+    assert job["doc"]["kind"] == "Job" and job["container"]["args"] == MIGRATE
+    (entry,) = job["container"]["env"]
+    assert entry["name"] == "LIKVARD_OWNER_DATABASE_URL"
+    assert entry["valueFrom"]["secretKeyRef"]["key"] == secret_key_of(db_roles.OWNER)
+
+
+def test_the_init_scripts_create_the_roles_and_compose_gives_them_their_passwords() -> None:
+    script = (POSTGRES_INIT / "20-roles.sh").read_text(encoding="utf-8")
+    created = re.findall(r"^CREATE ROLE (\w+) (.*) PASSWORD :'(\w+)';$", script, re.M)
+    assert [r for r, _, _ in created] == db_roles.roles()
+    for role, attributes, variable in created:
+        assert attributes == (
+            "LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOINHERIT NOREPLICATION NOBYPASSRLS"
+        ), role
+        assert f'-v {variable}="${db_roles.password_variable(role)}"' in script, role
+    for database in db_roles.DATABASES:
+        assert f"ALTER DATABASE {database} OWNER TO {db_roles.OWNER};" in script
+        roles = sorted(p.role for p in db_roles.PARTS.values() if p.database == database)
+        granted = re.search(rf"^GRANT CONNECT ON DATABASE {database} TO ([\w, ]+);$", script, re.M)
+        assert granted and sorted(granted.group(1).split(", ")) == roles, database
+    postgres_env = compose()["services"]["postgres"]["environment"]
+    for role in db_roles.roles():
+        variable = db_roles.password_variable(role)
+        assert postgres_env[variable].startswith(f"${{{variable}:?"), role
+    # Every URL's password is its own role's variable.
+    for name, s in likvard_services(profiled=True).items():
+        for key, value in (s.get("environment") or {}).items():
+            if key in URL_VARS:
+                role = role_of(str(value))
+                assert f"${{{db_roles.password_variable(role)}:?" in str(value), (name, key)
 
 
 def test_the_init_script_creates_the_databases_the_urls_name() -> None:
@@ -338,7 +448,7 @@ def test_the_init_script_creates_the_databases_the_urls_name() -> None:
 def test_every_long_running_compose_service_has_a_health_check() -> None:
     for name, s in compose()["services"].items():
         check = s.get("healthcheck") or {}
-        if name in ONE_SHOT:
+        if name in ONE_SHOT | PROFILED:
             assert s["restart"] == "no" and check == {"disable": True}, name
             continue
         assert s.get("restart") == "unless-stopped", name
@@ -354,10 +464,11 @@ def test_every_long_running_compose_service_has_a_health_check() -> None:
 def test_compose_start_order() -> None:
     services = compose()["services"]
     assert services["topics"]["depends_on"] == {"kafka": {"condition": "service_healthy"}}
-    for name, s in likvard_services().items():
+    for name, s in likvard_services(profiled=True).items():
         if name not in ONE_SHOT:
             needs = s["depends_on"]
             assert needs["postgres"] == {"condition": "service_healthy"}, name
+            assert needs["migrate"] == {"condition": "service_completed_successfully"}, name
             assert needs["topics"] == {"condition": "service_completed_successfully"}, name
     declared = set(compose()["volumes"])
     for s in services.values():
@@ -693,8 +804,7 @@ def test_kustomize_builds_the_manifests() -> None:
 
 def test_compose_and_kubernetes_run_the_same_roles_with_the_same_commands() -> None:
     in_compose = {
-        ("likvard-topics" if name == "topics" else name): s["command"]
-        for name, s in likvard_services().items()
+        k8s_name(name): s["command"] for name, s in likvard_services(profiled=True).items()
     }
     in_k8s = {name: w["container"]["args"] for name, w in k8s_workloads().items()}
     assert in_k8s == in_compose
@@ -710,16 +820,9 @@ def test_kubernetes_reads_every_secret_from_the_secret() -> None:
         assert "@" not in value, f"{name}: credentials in a URL"
     example = next(d for _, d in k8s_documents([SECRET_EXAMPLE]))
     keys = set(example["stringData"])
-    assert keys == {
-        "pseudonym-secret",
-        "intake-database-url",
-        "referral-database-url",
-        "followup-database-url",
-        "projections-database-url",
-        "access-log-database-url",
-    }
+    assert keys == {"pseudonym-secret", "kek"} | {secret_key_of(r) for r in db_roles.roles()}
     assert all("<" in v for v in example["stringData"].values()), "placeholders only"
-    services = likvard_services()
+    services = {k8s_name(n): s for n, s in likvard_services(profiled=True).items()}
     for name, w in k8s_workloads().items():
         env = {e["name"]: e for e in w["container"].get("env", [])}
         for var, entry in env.items():
@@ -727,17 +830,16 @@ def test_kubernetes_reads_every_secret_from_the_secret() -> None:
                 assert set(entry) == {"name", "valueFrom"}, f"{name}: {var} has a value"
                 ref = entry["valueFrom"]["secretKeyRef"]
                 assert ref["name"] == "likvard-secrets" and ref["key"] in keys, (name, var)
-        compose_service = services["topics" if name == "likvard-topics" else name]
-        for var in ("LIKVARD_DATABASE_URL", "LIKVARD_ACCESS_LOG_DATABASE_URL"):
+        compose_service = services[name]
+        for var in URL_VARS:
             url = effective_env(compose_service).get(var)
             if url is None:
                 assert var not in env, (name, var)
-            else:  # the same database as in compose
+            else:  # the same role (so the same database) as in compose
                 key = env[var]["valueFrom"]["secretKeyRef"]["key"]
-                database = urlsplit(url).path.lstrip("/").replace("_", "-")
-                assert key == f"{database}-database-url", (name, var)
-        has_secret = "LIKVARD_PSEUDONYM_SECRET" in env
-        assert has_secret == ("LIKVARD_PSEUDONYM_SECRET" in effective_env(compose_service))
+                assert key == secret_key_of(role_of(url)), (name, var)
+        for var in ("LIKVARD_PSEUDONYM_SECRET", "LIKVARD_KEK"):
+            assert (var in env) == (var in effective_env(compose_service)), (name, var)
         assert [e["configMapRef"]["name"] for e in w["container"]["envFrom"]] == ["likvard-config"]
 
 
@@ -748,7 +850,7 @@ def test_kubernetes_probes_resources_and_security() -> None:
         by_kind.setdefault(doc["kind"], {})[doc["metadata"]["name"]] = doc
     budgets, services = by_kind["PodDisruptionBudget"], by_kind["Service"]
     for name, w in k8s_workloads().items():
-        container, pod = w["container"], w["doc"]["spec"]["template"]
+        container, pod = w["container"], w["pod"]
         resources_ = container["resources"]
         assert set(resources_) == {"requests", "limits"}, name
         assert set(resources_["requests"]) == set(resources_["limits"]) == {"cpu", "memory"}
@@ -760,7 +862,7 @@ def test_kubernetes_probes_resources_and_security() -> None:
         mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
         volumes = {v["name"]: v for v in pod["spec"]["volumes"]}
         assert "emptyDir" in volumes[mounts["/tmp"]], f"{name}: /tmp must be writable"
-        if w["doc"]["kind"] == "Job":
+        if w["doc"]["kind"] in ("Job", "CronJob"):
             continue
         api = api_service(container["args"])
         port = service_port(api, {}) if api else ops_port
@@ -820,3 +922,25 @@ def test_the_access_log_relay_runs_in_compose_and_on_kubernetes() -> None:
             api_env = {e["name"]: e for e in w["container"]["env"]}
             log = api_env["LIKVARD_ACCESS_LOG_DATABASE_URL"]["valueFrom"]["secretKeyRef"]
             assert log == ref, name
+
+
+def test_retention_runs_daily_on_kubernetes_and_in_a_compose_profile() -> None:
+    service = likvard_services(profiled=True)["retention"]
+    assert service["profiles"] == ["retention"] and service["command"] == RETENTION
+    assert service["restart"] == "no" and service["healthcheck"] == {"disable": True}
+    env = effective_env(service)
+    wanted = {
+        "LIKVARD_DATABASE_URL": db_roles.PARTS["intake"].role,
+        "LIKVARD_KEYS_DATABASE_URL": db_roles.PARTS["keys"].role,
+        "LIKVARD_PROJECTIONS_DATABASE_URL": db_roles.PARTS["projections"].role,
+    }
+    assert {k: role_of(env[k]) for k in wanted} == wanted
+    assert "LIKVARD_KEK" in env
+    assert env["LIKVARD_RETENTION_YEARS"] == config_map()["LIKVARD_RETENTION_YEARS"]
+    cron = k8s_workloads()["likvard-retention"]
+    assert cron["doc"]["kind"] == "CronJob" and cron["container"]["args"] == RETENTION
+    assert cron["doc"]["spec"]["concurrencyPolicy"] == "Forbid"
+    minute, hour, *days = cron["doc"]["spec"]["schedule"].split()
+    assert minute.isdigit() and hour.isdigit() and days == ["*", "*", "*"], "daily"
+    assert "retention.yaml" in k8s_resources()
+    load_settings({"LIKVARD_RETENTION_YEARS": config_map()["LIKVARD_RETENTION_YEARS"]})

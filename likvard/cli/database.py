@@ -28,7 +28,8 @@ app.add_typer(db_app, name="db")
 
 PER_SERVICE_HELP = (
     "A database per service (compose, Kubernetes): each part in its own database on the"
-    " URL's server (keys in intake's); without it, every part in the URL's database"
+    " URL's server (keys in intake's; other names from LIKVARD_DATABASE_NAMES); without"
+    " it, every part in the URL's database"
 )
 
 
@@ -49,9 +50,30 @@ def _parts(names: list[str] | None) -> list[db_roles.Part]:
     return [db_roles.PARTS[n] for n in names] if names else list(db_roles.PARTS.values())
 
 
+NAMES_ENV = "LIKVARD_DATABASE_NAMES"
+
+
+def database_names(env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The real name of each service database, when not its own (`intake`, ...):
+    LIKVARD_DATABASE_NAMES=intake=likvard_intake_prod,referral=... (a managed server's
+    naming, or a test's)."""
+    text = (os.environ if env is None else env).get(NAMES_ENV) or ""
+    names = dict.fromkeys(db_roles.DATABASES, "")
+    out = {d: d for d in db_roles.DATABASES}
+    for item in filter(None, (i.strip() for i in text.split(","))):
+        database, _, real = item.partition("=")
+        if database.strip() not in names or not real.strip():
+            raise fail(
+                f"{NAMES_ENV} must be DATABASE=NAME pairs (DATABASE one of"
+                f" {', '.join(db_roles.DATABASES)}), not {item!r}"
+            )
+        out[database.strip()] = real.strip()
+    return out
+
+
 def part_url(url: str, part: db_roles.Part, per_service: bool) -> str:
     """Where a part lives: its own database on the URL's server, or the URL's database."""
-    return make_conninfo(url, dbname=part.database) if per_service else url
+    return make_conninfo(url, dbname=database_names()[part.database]) if per_service else url
 
 
 def schema_of(part: db_roles.Part) -> str:
@@ -159,7 +181,7 @@ def create_all_roles(
     for part in db_roles.PARTS.values():
         groups.setdefault(part.database if per_service else "", []).append(part)
     for database, parts in groups.items():
-        target = make_conninfo(url, dbname=database) if per_service else url
+        target = make_conninfo(url, dbname=database_names()[database]) if per_service else url
         with psycopg.connect(target, autocommit=True) as conn:
             adopted = db_roles.prepare_database(
                 conn, parts, own_database=per_service, schemas=schemas

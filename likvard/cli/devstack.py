@@ -4,9 +4,11 @@ the tests and the benchmarks alike."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import ctypes
 import os
+import secrets
 import shutil
 import signal
 import socket
@@ -15,7 +17,7 @@ import sys
 import tempfile
 import time
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -409,9 +411,17 @@ class Supervisor:
     def children(self) -> list[Child]:
         return [w.unit for w in self._watches if isinstance(w.unit, Child)]
 
-    def spawn(self, name: str, args: Sequence[str], *, oneshot: bool = False) -> Child:
-        """Start a `likvard` sub-command now and keep it running."""
-        child = Child(name, tuple(args), self.env, oneshot=oneshot)
+    def spawn(
+        self,
+        name: str,
+        args: Sequence[str],
+        *,
+        oneshot: bool = False,
+        env: Mapping[str, str] | None = None,
+    ) -> Child:
+        """Start a `likvard` sub-command now and keep it running; `env` adds to the stack's
+        environment for this child only (its database role, its secrets)."""
+        child = Child(name, tuple(args), {**self.env, **(env or {})}, oneshot=oneshot)
         child.start()
         self._watches.append(_Watch(child, self.clock()))
         return child
@@ -471,3 +481,67 @@ class Supervisor:
                 proc.kill()
                 proc.wait()
         self._watches.clear()
+
+
+# --- development secrets and database roles ------------------------------------------------
+KEK_FILE = Path(".likvard") / "dev-kek"
+
+
+def random_kek() -> str:
+    """A key-encryption key: 32 random bytes, base64 (LIKVARD_KEK's format)."""
+    return base64.b64encode(secrets.token_bytes(32)).decode()
+
+
+def dev_kek(path: Path = KEK_FILE) -> str:
+    """The development KEK kept in `path`, made (mode 0600, never readable by others) on
+    first use: data sealed under it stays readable on the next run against the same
+    database."""
+    with contextlib.suppress(FileNotFoundError):
+        return path.read_text(encoding="ascii").strip()
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    value = random_kek()
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another `likvard up` made it a moment ago
+        return path.read_text(encoding="ascii").strip()
+    with os.fdopen(fd, "w", encoding="ascii") as out:
+        out.write(value + "\n")
+    return value
+
+
+def may_create_roles(url: str) -> bool:
+    """Whether the URL's role may create roles (a superuser or CREATEROLE): `likvard up`
+    then runs every process as its least-privilege role."""
+    import psycopg
+
+    with psycopg.connect(url, connect_timeout=10) as conn:
+        row = conn.execute(
+            "SELECT rolsuper OR rolcreaterole FROM pg_roles WHERE rolname = current_user"
+        ).fetchone()
+    return bool(row and row[0])
+
+
+def dev_roles(
+    admin_url: str, env: Mapping[str, str], say: Callable[[str], None] = lambda _: None
+) -> dict[str, str]:
+    """As `admin_url`'s role: create the roles (`likvard db roles` on one database),
+    migrate every part as the owner (`likvard db migrate`), and return each role's URL. A
+    password comes from LIKVARD_<ROLE>_DB_PASSWORD, else a random one for this run."""
+    from psycopg.conninfo import make_conninfo
+
+    from likvard import db_roles
+    from likvard.cli.database import create_all_roles, run_migrations
+
+    passwords = {
+        r: env.get(db_roles.password_variable(r)) or secrets.token_urlsafe(24)
+        for r in db_roles.roles()
+    }
+    create_all_roles(
+        admin_url,
+        per_service=False,
+        env={db_roles.password_variable(r): p for r, p in passwords.items()},
+        say=say,
+    )
+    urls = {r: make_conninfo(admin_url, user=r, password=p) for r, p in passwords.items()}
+    run_migrations(urls[db_roles.OWNER], list(db_roles.PARTS.values()), per_service=False, say=say)
+    return urls

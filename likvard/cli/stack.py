@@ -7,6 +7,7 @@ import secrets
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,60 @@ from likvard.config import ConfigError, service_port
 
 if TYPE_CHECKING:
     pass
+
+# The processes that seal or open personal details: they get the key store's role and the KEK.
+KEY_USERS = (("serve", "intake"), ("ingest", "intake"), ("serve", "projections"))
+
+
+def _role_env(env: dict[str, str], kek: str) -> Callable[..., dict[str, str]]:
+    """Create the database roles and migrate as the owner (when LIKVARD_DATABASE_URL's
+    role may create roles: the embedded server's does), then give back the environment
+    of each process: `role_env(part, api=..., keys=...)` sets its role's URL, the access
+    log's role for an API, and the key store's role and the KEK where personal details
+    are sealed or opened (KEY_USERS).
+    Otherwise every process connects as LIKVARD_DATABASE_URL's role, and that is said."""
+    import psycopg
+
+    from likvard import db_roles
+    from likvard.cli.devstack import StackError
+    from likvard.db import MigrationError
+
+    admin = env["LIKVARD_DATABASE_URL"]
+    try:
+        urls = _role_urls(admin, env)
+    except (psycopg.Error, MigrationError) as exc:
+        raise StackError(f"preparing the database roles failed: {exc}") from exc
+
+    def role_env(part: str, *, api: bool = False, keys: bool = False) -> dict[str, str]:
+        out = {"LIKVARD_DATABASE_URL": urls[db_roles.PARTS[part].role]}
+        if api or part == "access-log":
+            out["LIKVARD_ACCESS_LOG_DATABASE_URL"] = urls[db_roles.PARTS["access-log"].role]
+        if keys:
+            out["LIKVARD_KEYS_DATABASE_URL"] = urls[db_roles.PARTS["keys"].role]
+            out["LIKVARD_KEK"] = kek
+        return out
+
+    return role_env
+
+
+def _role_urls(admin: str, env: dict[str, str]) -> dict[str, str]:
+    from likvard import db_roles
+    from likvard.cli.devstack import dev_roles, may_create_roles
+
+    if not may_create_roles(admin):
+        console.print(
+            "[yellow]Database     LIKVARD_DATABASE_URL's role may not create roles: every"
+            " process connects as it (no least privilege; `likvard db roles` makes the"
+            " roles)[/yellow]"
+        )
+        urls = dict.fromkeys(db_roles.roles(), admin)
+    else:
+        urls = dev_roles(admin, env)
+        console.print(
+            f"Database     migrated as {db_roles.OWNER}; each service connects as its own"
+            " role (" + ", ".join(p.role for p in db_roles.PARTS.values()) + ")"
+        )
+    return urls
 
 
 def _answers(url: str) -> bool:
@@ -91,11 +146,14 @@ def up(
     open (LIKVARD_PUBLIC_DOCS=1). Both are development conveniences, never production.
     """
     from likvard.cli.devstack import (
+        KEK_FILE,
         EmbeddedPostgres,
         Server,
         StackError,
         Supervisor,
         TansuBroker,
+        dev_kek,
+        random_kek,
         wait_until,
     )
     from likvard.topics import TopicError, ensure_topics, load_topics
@@ -129,7 +187,7 @@ def up(
                 raise StackError(str(exc)) from exc
             writers = [s for s in wanted if s in APPS]
             for s in writers:
-                sup.spawn(f"{s}-republish", ["republish", s], oneshot=True)
+                sup.spawn(f"{s}-republish", ["republish", s], oneshot=True, env=role_env(s))
             return (
                 f"restarted on {dev.bootstrap} (memory only: it forgot every record); {n}"
                 f" topics re-created; republishing {', '.join(writers) or 'nothing'} from"
@@ -171,6 +229,22 @@ def up(
                 "[yellow]LIKVARD_PSEUDONYM_SECRET not set: using a random one for this"
                 " run (pseudonyms will differ next time)[/yellow]"
             )
+        kek = env.get("LIKVARD_KEK")
+        if not kek and pg is not None:
+            kek = random_kek()
+            console.print(
+                "[yellow]LIKVARD_KEK not set: a random KEK for this run (the embedded"
+                " PostgreSQL is temporary too; data encrypted now cannot be read after a"
+                " restart unless you set LIKVARD_KEK)[/yellow]"
+            )
+        elif not kek:
+            kek = dev_kek()
+            console.print(
+                f"[yellow]LIKVARD_KEK not set: using the development KEK in {KEK_FILE} (mode"
+                " 0600, kept between runs so what it encrypted stays readable); set"
+                " LIKVARD_KEK from your secret store for anything but development[/yellow]"
+            )
+        role_env = _role_env(env, kek)
         console.print(f"Topics       {make_topics()} ready")
         import httpx
 
@@ -185,17 +259,25 @@ def up(
             + "LIKVARD_PUBLIC_DOCS=1 (/docs and /openapi.json without an ops token)[/yellow]"
         )
         ports = {name: service_port(name, env) for name in wanted}
-        sup.spawn("access-log-relay", ["relay", "access-log"])
+        sup.spawn("access-log-relay", ["relay", "access-log"], env=role_env("access-log"))
         for name in wanted:
             port = ports[name]
-            sup.spawn(f"{name}", ["serve", name, "--port", str(port)])
+            sup.spawn(
+                f"{name}",
+                ["serve", name, "--port", str(port)],
+                env=role_env(name, api=True, keys=("serve", name) in KEY_USERS),
+            )
             if name in READ_APPS:
-                sup.spawn(f"{name}-worker", ["project"])
+                sup.spawn(f"{name}-worker", ["project"], env=role_env(name))
                 continue
-            sup.spawn(f"{name}-relay", ["relay", name])
+            sup.spawn(f"{name}-relay", ["relay", name], env=role_env(name))
             if name in CONSUMERS:
-                sup.spawn(f"{name}-consumer", ["consume", name])
-            sup.spawn(f"{name}-ingest", ["ingest", name])
+                sup.spawn(f"{name}-consumer", ["consume", name], env=role_env(name))
+            sup.spawn(
+                f"{name}-ingest",
+                ["ingest", name],
+                env=role_env(name, keys=("ingest", name) in KEY_USERS),
+            )
 
         def all_ready() -> bool:
             sup.check()  # a child that stops at start is restarted too, or stops the stack
