@@ -26,6 +26,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
+from likvard.db import may_migrate, require_relations
 from likvard.inbox import Incoming
 from likvard.policy import CaseScope, Transfer
 
@@ -168,6 +169,9 @@ class CaseDirectory:
         the ingest worker of a service start at once, and CREATE TABLE IF NOT EXISTS run
         concurrently can still fail on PostgreSQL's catalogue."""
         with conn.transaction():
+            if not may_migrate(conn, self._schema):  # a service's role: `likvard db migrate`
+                require_relations(conn, self._schema, ["known_cases"])
+                return
             conn.execute(
                 "SELECT pg_advisory_xact_lock(hashtext(%s))",
                 (f"likvard.known_cases.{self._schema}",),

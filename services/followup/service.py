@@ -11,7 +11,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from likvard.db import check_schema_name
+from likvard.db import check_schema_name, may_migrate
 from likvard.eventstore import EventStore
 from likvard.service import StreamService
 from services.followup import domain as d
@@ -42,6 +42,8 @@ def prepare(conn: psycopg.Connection[Any], schema: str) -> None:
     advisory lock, since two processes may start at once."""
     t = sql.Identifier(check_schema_name(schema))
     with conn.transaction():
+        if not may_migrate(conn, schema):  # a service's role: `likvard db migrate` made them
+            return
         conn.execute(
             "SELECT pg_advisory_xact_lock(hashtext(%s))", (f"likvard.followup.prepare.{schema}",)
         )

@@ -38,7 +38,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from likvard.db import check_schema_name
+from likvard.db import check_schema_name, may_migrate, require_relations
 from likvard.domain import age_band, local_date
 from likvard.inbox import Incoming
 from likvard.policy import Transfer
@@ -135,6 +135,9 @@ def migrate(conn: psycopg.Connection[Any], schema: str) -> None:
     """Create the read models (idempotent); call it inside a transaction, which holds the
     schema's lock so processes starting at once do not race."""
     t = sql.Identifier(check_schema_name(schema))
+    if not may_migrate(conn, schema):  # the projections role: `likvard db migrate` made them
+        require_relations(conn, schema, ["processed", "case_facts", "timeline", access_log.TABLE])
+        return
     conn.execute("SELECT pg_advisory_xact_lock(hashtext(%s))", (lock_key(schema),))
     conn.execute(sql.SQL("CREATE SCHEMA IF NOT EXISTS {}").format(t))
     conn.execute(
