@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import base64
 import os
 import secrets
 import subprocess
@@ -24,17 +25,26 @@ from bench.common import database, machine, report
 from likvard.cli.devstack import free_port, wait_until
 from likvard.codec import Catalogue
 from likvard.eventstore import EventStore
+from likvard.keys import KekRing, KeyStore, LocalKek
+from services.intake.personal import attach
 from tests.support import closed, registered
 
 
-def kernel_serial(store: EventStore, n: int) -> None:
+def kernel_serial(store: EventStore, n: int, *, sealed: bool = True) -> float:
+    """Serial appends of registrations, each of a new person: with a birth year (sealed
+    with the person's new data key, as intake does) or without (nothing to seal)."""
     latencies = []
     start = time.perf_counter()
     for _ in range(n):
+        person = secrets.token_hex(32)
+        event = registered(person=person, birth_year=1980 if sealed else None)
         t = time.perf_counter()
-        store.append(str(uuid.uuid4()), 0, [registered()])
+        store.append(str(uuid.uuid4()), 0, [event])
         latencies.append((time.perf_counter() - t) * 1000)
-    report("kernel append, 1 thread, 1 event/append", n, time.perf_counter() - start, latencies)
+    seconds = time.perf_counter() - start
+    what = "sealed birth year" if sealed else "nothing to seal"
+    report(f"kernel append, 1 thread, 1 event/append, {what}", n, seconds, latencies)
+    return n / seconds
 
 
 def kernel_threads(store: EventStore, n: int, threads: int) -> None:
@@ -175,7 +185,15 @@ def main() -> None:
             pool, "bench_append", Catalogue.load(), producer="bench", topic="likvard.intake.v1"
         )
         store.migrate()
-        kernel_serial(store, args.events)
+        # The intake store seals personal details with each person's data key (key store
+        # in its own schema, the KEK in memory), as the service runs it.
+        kek = KekRing(LocalKek("bench", os.urandom(32)))
+        data_keys = KeyStore(pool, kek, schema="bench_keys")
+        data_keys.migrate()
+        attach(store, data_keys)
+        plain = kernel_serial(store, args.events, sealed=False)
+        sealed = kernel_serial(store, args.events)
+        print(f"  sealing: {sealed / plain:.2f} x the rate of appends with nothing to seal")
         kernel_threads(store, args.events, args.threads)
         pool.close()
 
@@ -186,6 +204,7 @@ def main() -> None:
             os.environ,
             LIKVARD_DATABASE_URL=url,
             LIKVARD_PSEUDONYM_SECRET=secrets.token_hex(32),
+            LIKVARD_KEK=base64.b64encode(os.urandom(32)).decode(),
             LIKVARD_LOG_LEVEL="WARNING",
             LIKVARD_OIDC_ISSUER=idp,
             LIKVARD_OIDC_AUDIENCE="likvard",

@@ -152,6 +152,7 @@ class Stack:
             "LIKVARD_DATABASE_URL": self.dsn,
             "KAFKA_BOOTSTRAP_SERVERS": self.bootstrap,
             "LIKVARD_PSEUDONYM_SECRET": SECRET,
+            "LIKVARD_KEK": os.environ["LIKVARD_KEK"],  # conftest.py's, as an operator sets it
             "LIKVARD_CONSUMER_SESSION_TIMEOUT_MS": "2000",
             "LIKVARD_TOPIC_PREFIX": self.prefix,
         }

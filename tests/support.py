@@ -172,14 +172,14 @@ def kernel_event(event_type: str, data: dict[str, object], district: str = "nord
 
 
 def registered(district: str = "nordost", **overrides: object) -> NewEvent:
-    """A valid IntakeRegistered."""
+    """A valid IntakeRegistered with no personal details (a birth year, given as an
+    override, needs a store that seals: the `store` fixture's, or intake's)."""
     data: dict[str, object] = {
         "person": "ab" * 32,
         "district": district,
         "substances": ["ALCOHOL"],
         "referral_source": "SELF",
         "children_in_household": "NO",
-        "birth_year": 1980,
     }
     data.update(overrides)
     return kernel_event("IntakeRegistered", data, district)

@@ -68,6 +68,9 @@ PAYLOADS: dict[str, dict[str, Any]] = {
         "referral_source": "SELF",
         "children_in_household": "YES",
         "birth_year": 1980,
+        "age_band": None,  # v2: Likvärd derives it
+        "archive_sample": False,
+        "personal": None,  # sent in clear; the intake store seals
     },
     "AssessmentCompleted": {
         "assessment_id": ASSESSMENT,
@@ -80,6 +83,7 @@ PAYLOADS: dict[str, dict[str, Any]] = {
         "goals": ["Sleep through the night", "Back at work by summer"],
         "person_participated": True,
         "review_on": date(2026, 6, 1),
+        "personal": None,
     },
     "CaseClosed": {"reason": "GOALS_REACHED"},
     "ReferralAccepted": {"referral_id": REFERRAL, "planned_start": date(2026, 3, 16)},

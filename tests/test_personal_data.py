@@ -81,14 +81,20 @@ def kafka_text(bootstrap: str, prefix: str) -> str:
                     if msg.error():
                         continue
                     got = int(msg.offset() or 0) + 1
-                    for blob in (msg.key() or b"", msg.value() or b""):
-                        parts.append(blob.decode("utf-8", "replace"))
-                    for name, value in msg.headers() or []:
-                        parts.append(name + "=" + (value or b"").decode("utf-8", "replace"))
+                    for blob in (msg.key(), msg.value()):
+                        parts.append(_text(blob))
+                    for header in msg.headers() or []:
+                        parts.append(f"{header[0]}={_text(header[1])}")
     finally:
         consumer.close()
     assert topics and parts
     return "\n".join(parts)
+
+
+def _text(blob: str | bytes | None) -> str:
+    if isinstance(blob, bytes):
+        return blob.decode("utf-8", "replace")
+    return blob or ""
 
 
 def database_text(database_url: str, schemas: list[str]) -> str:

@@ -35,7 +35,7 @@ def test_exported_schemas_have_the_fingerprints_list_prints(tmp_path: Path) -> N
         schema = parse_schema(json.loads(f.read_text(encoding="utf-8")))
         fp = bytes.fromhex(fingerprint(to_parsing_canonical_form(schema), "CRC-64-AVRO"))
         assert fp == catalogue.fingerprint(event_type, version), f.name
-        row = next(line for line in listed.stdout.splitlines() if f" {event_type} " in line)
+        row = next(line for line in listed.stdout.splitlines() if f"/{f.name}" in line)
         assert fp.hex(" ") in row and catalogue.owner(event_type) in row
 
 
