@@ -206,6 +206,22 @@ class KeyState:
     legal_basis: str | None
 
 
+_KEYS_FOR_SQL = """
+WITH made AS (
+    INSERT INTO {s}.data_keys (key_id, person, kek_id, wrapped)
+    SELECT * FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::bytea[])
+    ON CONFLICT (person) WHERE destroyed_at IS NULL DO NOTHING
+    RETURNING person, key_id::text, kek_id, wrapped
+)
+SELECT * FROM made
+UNION ALL
+SELECT person, key_id::text, kek_id, wrapped FROM {s}.data_keys
+WHERE person = ANY(%s) AND destroyed_at IS NULL AND person NOT IN (SELECT person FROM made)
+"""
+"""The statement sees the table as it was when it started, so the keys it inserts come from
+`made`, the others from the table."""
+
+
 class KeyStore:
     """The data keys in their own schema (`keys`). Every method is one or two statements,
     whatever the number of persons or keys asked about."""
@@ -251,30 +267,28 @@ class KeyStore:
             return {}
         kek = self.kek.current
         fresh = [(str(uuid.uuid4()), p, os.urandom(KEY_BYTES)) for p in wanted]
-        with self.pool.connection() as conn, conn.transaction():
-            conn.execute(
-                self._q(
-                    "INSERT INTO {s}.data_keys (key_id, person, kek_id, wrapped)"
-                    " SELECT * FROM unnest(%s::uuid[], %s::text[], %s::text[], %s::bytea[])"
-                    " ON CONFLICT (person) WHERE destroyed_at IS NULL DO NOTHING"
-                ),
-                (
-                    [k for k, _, _ in fresh],
-                    [p for _, p, _ in fresh],
-                    [kek.kek_id] * len(fresh),
-                    [kek.wrap(key, key_id) for key_id, _, key in fresh],
-                ),
-            )
-            rows = conn.execute(
-                self._q(
-                    "SELECT person, key_id::text, kek_id, wrapped FROM {s}.data_keys"
-                    " WHERE person = ANY(%s) AND destroyed_at IS NULL"
-                ),
-                (wanted,),
-            ).fetchall()
+        params = (
+            [k for k, _, _ in fresh],
+            [p for _, p, _ in fresh],
+            [kek.kek_id] * len(fresh),
+            [kek.wrap(key, key_id) for key_id, _, key in fresh],
+            wanted,
+        )
+        found: dict[str, tuple[str, str, bytes]] = {}
+        # One statement: the keys it creates, and the live ones it did not have to. A key
+        # another writer committed while this one ran is in neither: ask again for those.
+        for _attempt in range(3):
+            with self.pool.connection() as conn:
+                rows = conn.execute(self._q(_KEYS_FOR_SQL), params).fetchall()
+            found.update({p: (k, e, bytes(w)) for p, k, e, w in rows})
+            if len(found) == len(wanted):
+                break
+        missing = set(wanted) - set(found)
+        if missing:
+            raise KekError(f"no live data key could be made for {len(missing)} person(s)")
         return {
-            person: DataKey(key_id, self._unwrap(key_id, kek_id, bytes(wrapped)))
-            for person, key_id, kek_id, wrapped in rows
+            person: DataKey(key_id, self._unwrap(key_id, kek_id, wrapped))
+            for person, (key_id, kek_id, wrapped) in found.items()
         }
 
     def key_for(self, person: str) -> DataKey:

@@ -120,3 +120,14 @@ def test_sealed_text_opens_until_the_key_is_destroyed_and_a_foreign_key_is_unrea
     keys.destroy("p1", "ERASURE_REQUEST")
     (gone,) = sealer.open([item], show=True)
     assert gone["goals"] == [] and gone["personal"] == ERASED
+
+
+def test_writers_making_one_persons_key_at_once_all_get_the_same_key(keys: KeyStore) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    people = [f"p-{i}" for i in range(20)]
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(lambda _: keys.keys_for(people), range(16)))
+    assert all(a == answers[0] for a in answers) and set(answers[0]) == set(people)
+    states = keys.states(people)
+    assert all(len(s) == 1 for s in states.values())  # one key each, none made twice
