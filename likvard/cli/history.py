@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import datetime
+import dataclasses
+from datetime import date, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import typer
@@ -27,12 +28,19 @@ from likvard.policy import Action
 if TYPE_CHECKING:
     from likvard.eventstore import EventStore
     from services.projections.replay import ReplayResult
+    from services.projections.reproduce import Parameters
 
 
 @app.command()
 def replay(
     as_of: datetime | None = typer.Option(
         None, "--as-of", formats=["%Y-%m-%d"], help="Only events that occurred up to this date"
+    ),
+    as_known_on: datetime | None = typer.Option(
+        None,
+        "--as-known-on",
+        formats=["%Y-%m-%d"],
+        help="Only events recorded by this date: what the city could have known then",
     ),
     schema: str | None = typer.Option(
         None, help="Fresh schema to build (default: projections_replay_<time>)"
@@ -53,8 +61,8 @@ def replay(
         dsn, bootstrap = settings.require_database(), settings.require_kafka()
     except ConfigError as exc:
         raise fail(str(exc)) from exc
-    if swap and as_of is not None:
-        raise fail("--swap cannot go with --as-of: a replay as of a date shows the past")
+    if swap and (as_of is not None or as_known_on is not None):
+        raise fail("--swap cannot go with --as-of or --as-known-on: it shows the past")
     target = schema or replay_schema_name()
     topics = [settings.topic(t) for t in SOURCE_TOPICS]  # the access log's too
     try:
@@ -70,6 +78,7 @@ def replay(
             topics,
             target,
             as_of=as_of.date() if as_of else None,
+            known_on=as_known_on.date() if as_known_on else None,
             batch_size=batch_size,
         )
     except ValueError as exc:
@@ -110,6 +119,8 @@ def _print_replay(result: ReplayResult) -> None:
         f"  events projected: {result.projected}; left out as after the as-of date:"
         f" {result.after_as_of}; undecodable: {result.undecodable}"
     )
+    if result.after_known_on:
+        out.print(f"  left out as recorded after the as-known-on date: {result.after_known_on}")
     for example in result.undecodable_examples:
         out.print(f"    undecodable {example}")
     if result.breaks:
@@ -132,7 +143,9 @@ def _print_replay(result: ReplayResult) -> None:
 
 @app.command()
 def report(
-    out: Path = typer.Option(..., "--out", help="The HTML file to write"),
+    out: Path | None = typer.Option(
+        None, "--out", help="The file to write: HTML, or the JSON record if it ends in .json"
+    ),
     start: datetime | None = typer.Option(
         None,
         "--from",
@@ -145,36 +158,192 @@ def report(
     structure: str = typer.Option("current", help="District structure: current | as-recorded"),
     period: str = typer.Option("year", help="Rows per year | month"),
     schema: str = typer.Option("projections", help="Read-model schema"),
+    as_of: datetime | None = typer.Option(
+        None,
+        "--as-of",
+        formats=["%Y-%m-%d"],
+        help="Figures from the events that occurred by this date (replayed from Kafka)",
+    ),
+    as_known_on: datetime | None = typer.Option(
+        None,
+        "--as-known-on",
+        formats=["%Y-%m-%d"],
+        help="Figures as the city could have known them on this date: events recorded by"
+        " then (replayed from Kafka); prints what differs from the figures as of now",
+    ),
+    reproduce: Path | None = typer.Option(
+        None,
+        "--reproduce",
+        help="A report file (HTML or JSON) to check: replay Kafka up to its offsets into a"
+        " fresh schema and compare every figure; exit 1 if any differs",
+    ),
 ) -> None:
     """Write a self-contained HTML report (follow-up report and equal-access audit, with
-    charts) that opens offline."""
-    import psycopg
-
-    from services.projections.html_report import build
+    charts and its provenance) that opens offline; or check one with --reproduce."""
+    from services.projections.reproduce import Parameters, default_as_of
 
     settings = settings_or_exit()
     try:
         dsn = settings.require_database()
     except ConfigError as exc:
         raise fail(str(exc)) from exc
+    if reproduce is not None:
+        if out is not None or as_of is not None or as_known_on is not None:
+            raise fail("--reproduce takes only the report file: its record has the rest")
+        _reproduce(settings, dsn, reproduce)
+        return
+    if out is None:
+        raise fail("give --out FILE to write a report, or --reproduce FILE to check one")
     last = (end or datetime.now()).date()
     first = start.date() if start else last.replace(month=1, day=1)
+    occurred = as_of.date() if as_of else None
+    known = as_known_on.date() if as_known_on else None
+    try:
+        params = Parameters(first, last, structure, period, default_as_of(occurred, known))
+    except ValueError as exc:
+        raise fail(str(exc)) from exc
+    if occurred is None and known is None:
+        document, record = _report(dsn, schema, params, json_out=out.suffix == ".json")
+    else:
+        document, record = _report_as_of(settings, dsn, params, occurred, known, out)
+        if known is not None:
+            _print_known_on(dsn, schema, params, record, known)
+    try:
+        out.write_text(document, encoding="utf-8")
+    except OSError as exc:
+        raise fail(f"cannot write {out}: {exc.strerror}") from exc
+    console.print(f"wrote {out} ({len(document) // 1024} KiB)")
+
+
+def _report(
+    dsn: str, schema: str, params: Parameters, *, json_out: bool
+) -> tuple[str, dict[str, Any]]:
+    """The report over `schema` as HTML (or its JSON record) and its record."""
+    from services.projections.html_report import build_report
+    from services.projections.reproduce import record_json
+
     try:
         with psycopg.connect(dsn) as conn:
-            document = build(
-                conn, schema, start=first, end=last, structure=structure, period=period
-            )
+            document, made = build_report(conn, schema, params)
     except ValueError as exc:
         raise fail(str(exc)) from exc
     except psycopg.errors.UndefinedTable as exc:
         raise fail(
             f"no read models in schema {schema!r}: run `likvard project` or `likvard replay`"
         ) from exc
+    except psycopg.OperationalError as exc:
+        raise fail(f"cannot reach the database: {exc}", 1) from exc
+    return (record_json(made.record) + "\n" if json_out else document), made.record
+
+
+def _report_as_of(
+    settings: Settings,
+    dsn: str,
+    params: Parameters,
+    occurred: date | None,
+    known: date | None,
+    out: Path,
+) -> tuple[str, dict[str, Any]]:
+    """Replay into a scratch schema with the cutoffs, report over it, drop it."""
+    from likvard.topic_reader import TopicReadError
+    from services.projections.readmodels import SOURCE_TOPICS
+    from services.projections.replay import Replay, replay_schema_name
+
     try:
-        out.write_text(document, encoding="utf-8")
-    except OSError as exc:
-        raise fail(f"cannot write {out}: {exc.strerror}") from exc
-    console.print(f"wrote {out} ({len(document) // 1024} KiB)")
+        bootstrap = settings.require_kafka()
+    except ConfigError as exc:
+        raise fail(str(exc)) from exc
+    record_read(settings, Action.REPLAY, "replay")  # every case's history is read
+    scratch = replay_schema_name().replace("_replay_", "_report_")
+    topics = [settings.topic(t) for t in SOURCE_TOPICS]
+    run = Replay(dsn, bootstrap, topics, scratch, as_of=occurred, known_on=known)
+    try:
+        result = run.run()
+        if result.breaks:
+            raise fail(f"hash chain: {len(result.breaks)} breaks: run `likvard replay`", 1)
+        return _report(dsn, scratch, params, json_out=out.suffix == ".json")
+    except TopicReadError as exc:
+        raise fail(str(exc), 1) from exc
+    finally:
+        run.close()
+        _drop_schema(dsn, scratch)
+
+
+def _print_known_on(
+    dsn: str, schema: str, params: Parameters, record: dict[str, Any], known: date
+) -> None:
+    """As known on DATE versus as of now (live read models, same period): what changed
+    through events recorded later."""
+    from services.projections.reproduce import compare, default_as_of, snapshot
+
+    figures = record["figures"]
+    try:
+        with psycopg.connect(dsn) as conn:
+            now = snapshot(conn, schema, dataclasses.replace(params, as_of=default_as_of()))
+    except psycopg.Error as exc:
+        console.print(f"[yellow]no comparison with schema {schema}[/yellow]: {exc.sqlstate}")
+        return
+    changed = compare(figures, now.record["figures"])
+    out = stdout()
+    out.print(
+        f"as known on {known.isoformat()} versus as of now ({schema}): {len(changed)} of"
+        f" {len(figures)} figures differ (events recorded later)"
+    )
+    for d in changed[:100]:
+        out.print(f"  {d.figure}: known on {known.isoformat()} {d.in_file}, now {d.replayed}")
+    if len(changed) > 100:
+        out.print(f"  ... and {len(changed) - 100} more")
+
+
+def _drop_schema(dsn: str, schema: str) -> None:
+    from psycopg import sql
+
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+def _reproduce(settings: Settings, dsn: str, path: Path) -> None:
+    """Replay up to the file's offsets, compare every figure; exit 0 identical, 1 not."""
+    from likvard.db import check_schema_name
+    from likvard.topic_reader import TopicReadError
+    from services.projections.replay import replay_schema_name
+    from services.projections.reproduce import ReproduceError, read_record, reproduce
+
+    try:
+        bootstrap = settings.require_kafka()
+        record = read_record(path)
+    except (ConfigError, ReproduceError) as exc:
+        raise fail(str(exc)) from exc
+    scratch = check_schema_name(replay_schema_name().replace("_replay_", "_reproduce_"))
+    record_read(settings, Action.REPLAY, "replay")  # every case's history is read
+    try:
+        result = reproduce(dsn, bootstrap, record, scratch)
+    except ReproduceError as exc:
+        raise fail(str(exc)) from exc
+    except TopicReadError as exc:
+        raise fail(str(exc), 1) from exc
+    except psycopg.OperationalError as exc:
+        raise fail(f"cannot reach the database: {exc}", 1) from exc
+    out = stdout()
+    for note in result.notes:
+        out.print(f"[yellow]note[/yellow]: {note}")
+    if result.breaks:
+        out.print(f"[red]hash chain: {result.breaks} breaks[/red] in the replayed history")
+    for d in result.provenance:
+        out.print(f"[red]differs[/red] {d.figure}: in the file {d.in_file}, replayed {d.replayed}")
+    for d in result.differences:
+        out.print(f"[red]differs[/red] {d.figure}: in the file {d.in_file}, replayed {d.replayed}")
+    if result.identical:
+        out.print(
+            f"[green]identical[/green]: all {result.figures} figures of {path.name} reproduced"
+            " from the events up to its offsets (chain heads match)"
+        )
+        return
+    out.print(
+        f"[red]not identical[/red]: {len(result.differences)} of {result.figures} figures"
+        f" differ{'; the provenance differs too' if result.provenance else ''}"
+    )
+    raise typer.Exit(1)
 
 
 @app.command()

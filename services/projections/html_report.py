@@ -10,6 +10,11 @@ Python. Text from the data (district names, notes) is always HTML-escaped.
 
 Disclosure control is enforced here too, not only upstream: a suppressed row or cell is
 drawn without any number, even if a caller handed numbers in with it.
+
+The provenance block (offsets, chain-heads digest, code and reference-data versions,
+parameters) is written for the reader, and the whole record (provenance and every figure,
+`reproduce.py`) as escaped JSON text in a `<pre id="likvard-record">` inside a closed
+`<details>`: no script, still one file, and `likvard report --reproduce FILE` reads it back.
 """
 
 from __future__ import annotations
@@ -24,18 +29,22 @@ from zoneinfo import ZoneInfo
 import psycopg
 
 from likvard.districts import DistrictRegistry
-from services.projections.audit import METRICS, AuditCell, audit
+from services.projections.audit import METRICS, AuditCell
 from services.projections.reports import (
     CITY,
     TIME_ZONE,
-    Period,
     ReportRow,
-    Structure,
-    audit_rows,
-    followup_report,
+)
+from services.projections.reproduce import (
+    RECORD_ID,
+    Parameters,
+    Report,
+    default_as_of,
+    record_json,
+    snapshot,
 )
 
-__all__ = ["DEFAULT_TITLE", "build", "render"]
+__all__ = ["DEFAULT_TITLE", "build", "build_report", "render"]
 
 DEFAULT_TITLE = "Likvärd: follow-up report and equal-access audit"
 MIN_CELL = 5  # the suppression threshold of `followup_report` and `audit` (their default)
@@ -43,8 +52,6 @@ BAND = (0.8, 1.25)  # the tolerated band of the audit's flag (its default)
 SUPPRESSED_TEXT = f"suppressed (fewer than {MIN_CELL})"
 DASH = "—"
 
-_STRUCTURES: Mapping[str, Structure] = {"current": "current", "as-recorded": "as-recorded"}
-_PERIODS: Mapping[str, Period] = {"month": "month", "year": "year"}
 _STRUCTURE_TEXT: Mapping[str, str] = {
     "current": "current districts (old district codes counted under their successors)",
     "as-recorded": "as recorded at intake (old district codes kept)",
@@ -593,6 +600,58 @@ def _when(moment: datetime) -> str:
     return moment.strftime("%Y-%m-%d %H:%M") + (f" {zone}" if zone else "")
 
 
+def _provenance_section(record: Mapping[str, Any]) -> str:
+    """What the figures were computed from, for the reader; then the whole record as JSON
+    text for `likvard report --reproduce` (escaped: it is data, never markup)."""
+    prov = record.get("provenance") or {}
+    params = prov.get("parameters") or {}
+    replay = params.get("replay") or {}
+    code = prov.get("code") or {}
+    chain = prov.get("chain") or {}
+    offsets = prov.get("offsets") or []
+    items = [
+        ("Computed", str(prov.get("generated_at", DASH))),
+        ("Read models", str(prov.get("schema", DASH))),
+        ("Figures as of", str(params.get("as_of", DASH))),
+        ("Events occurred by", replay.get("as_of") or "no cutoff"),
+        ("Events recorded by (as known on)", replay.get("as_known_on") or "no cutoff"),
+        (
+            "Code",
+            f"{code.get('package', 'likvard')} {code.get('version') or DASH}"
+            + (f" (commit {code['commit']})" if code.get("commit") else ""),
+        ),
+        ("Reference data version", str((prov.get("reference") or {}).get("version", DASH))),
+        (
+            "Streams, digest of their chain heads (SHA-256)",
+            f"{chain.get('streams', 0)} streams, {chain.get('heads_sha256', DASH)}",
+        ),
+    ]
+    rows = "".join(
+        f'<tr><td>{_e(o.get("topic"))}</td><td class="num">{_e(o.get("partition"))}</td>'
+        f'<td class="num">{_e(o.get("offset"))}</td></tr>'
+        for o in offsets
+    )
+    table = (
+        '<table class="provenance"><caption>Highest offset applied, per topic partition'
+        '</caption><thead><tr><th scope="col">Topic</th><th scope="col" class="num">'
+        'Partition</th><th scope="col" class="num">Offset</th></tr></thead>'
+        f"<tbody>{rows}</tbody></table>"
+        if offsets
+        else "<p>No Kafka offsets are recorded for these read models (not folded from"
+        " Kafka, or made before provenance was recorded): this report cannot be replayed.</p>"
+    )
+    listing = "".join(f"<dt>{_e(k)}</dt><dd>{_e(v)}</dd>" for k, v in items)
+    return (
+        '<section id="provenance"><h2>Provenance</h2>'
+        "<p>Every figure above was computed from the events up to these offsets. To check it,"
+        " run <code>likvard report --reproduce</code> on this file: it replays the history"
+        " up to exactly these offsets into a fresh schema and compares every figure.</p>"
+        f'<dl class="meta">{listing}</dl>{table}'
+        "<details><summary>Machine-readable record (provenance and every figure)</summary>"
+        f'<pre id="{RECORD_ID}">{_e(record_json(record))}</pre></details></section>'
+    )
+
+
 def render(
     report: Sequence[ReportRow],
     cells: Sequence[AuditCell],
@@ -603,8 +662,10 @@ def render(
     period_to: date,
     structure: str,
     district_names: Mapping[str, str] | None = None,
+    record: Mapping[str, Any] | None = None,
 ) -> str:
-    """The whole report as one HTML5 document that needs nothing but itself to be read."""
+    """The whole report as one HTML5 document that needs nothing but itself to be read;
+    with `record`, a provenance block that holds it."""
     names = dict(district_names or {})
     structure_text = _STRUCTURE_TEXT.get(structure, structure)
     header = (
@@ -625,13 +686,17 @@ def render(
         f"<li>{DASH} means the figure could not be computed (no cases to count); the note"
         " says why.</li></ul></div>"
         '<nav><ul><li><a href="#audit">Equal-access audit</a></li>'
-        '<li><a href="#followup">Follow-up report</a></li></ul></nav></header>'
+        '<li><a href="#followup">Follow-up report</a></li>'
+        + ('<li><a href="#provenance">Provenance</a></li>' if record is not None else "")
+        + "</ul></nav></header>"
     )
+    provenance = _provenance_section(record) if record is not None else ""
     return (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
-        f"{header}<main>{_audit_section(cells, names)}{_followup_section(report, names)}</main>"
+        f"{header}<main>{_audit_section(cells, names)}{_followup_section(report, names)}"
+        f"{provenance}</main>"
         "<footer>Produced by Likvärd from the city's event history. Every figure is a"
         " projection of recorded events; small counts are suppressed.</footer>"
         "</body></html>\n"
@@ -649,33 +714,31 @@ def build(
     as_of: datetime | None = None,
 ) -> str:
     """Read the follow-up report and the audit from the projections in `schema` and render
-    them; `structure` is "current" or "as-recorded", `period` "year" or "month"."""
-    if structure not in _STRUCTURES:
-        raise ValueError(f"structure must be 'current' or 'as-recorded', not {structure!r}")
-    if period not in _PERIODS:
-        raise ValueError(f"period must be 'month' or 'year', not {period!r}")
+    them with their record; `structure` is "current" or "as-recorded", `period` "year" or
+    "month"; `as_of` (default: now) the instant the figures are computed as of."""
+    params = Parameters(start, end, structure, period, as_of or default_as_of())
+    return build_report(conn, schema, params)[0]
+
+
+def build_report(
+    conn: psycopg.Connection[Any], schema: str, params: Parameters
+) -> tuple[str, Report]:
+    """The HTML document and the report it shows (rows, cells, record), read in one
+    snapshot of `schema`; `conn` must have no transaction in progress."""
     registry = DistrictRegistry.load()
-    rows = followup_report(
-        conn,
-        schema,
-        start=start,
-        end=end,
-        period=_PERIODS[period],
-        structure=_STRUCTURES[structure],
-        registry=registry,
-        as_of=as_of,
-    )
-    cells = audit(audit_rows(conn, schema, structure=_STRUCTURES[structure], registry=registry))
-    return render(
-        rows,
-        cells,
+    made = snapshot(conn, schema, params, registry)
+    document = render(
+        made.rows,
+        made.cells,
         title=DEFAULT_TITLE,
         generated_at=datetime.now(ZoneInfo(TIME_ZONE)),
-        period_from=start,
-        period_to=end,
-        structure=structure,
+        period_from=params.start,
+        period_to=params.end,
+        structure=params.structure,
         district_names=_display_names(registry),
+        record=made.record,
     )
+    return document, made
 
 
 def _display_names(registry: DistrictRegistry) -> dict[str, str]:

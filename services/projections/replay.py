@@ -13,8 +13,17 @@ it: see DESIGN.md), so the replay reads at least up to the end offsets it was to
 keeps reading until the broker has nothing more for `settle` seconds.
 
 `--as-of DATE` projects only events that occurred before the end of DATE in the city's
-time zone; every record is still read and its chain link verified, since the history up to
-a date is only trustworthy if the whole chain is intact.
+time zone; `--as-known-on DATE` only events recorded by then (what the city could have
+known that day: an event recorded late, though it occurred before, is left out). Every
+record is still read and its chain link verified, since the history up to a date is only
+trustworthy if the whole chain is intact.
+
+`until` (a report's provenance: per topic partition the highest offset its figures were
+folded from) reads each partition only up to that offset, chain check included; records
+after it, or in partitions it does not name, are left out, and reading stops as soon as
+every partition is past its offset. Each batch records its offsets and chain heads in the
+schema (`provenance.py`), as the live worker does, so a report over a replayed schema is
+reproducible too.
 
 `swap` makes a rebuilt schema live. It takes the lock every live batch takes (shared), so
 no batch is half-way; applies what arrived since the rebuild ended; checks that every event
@@ -27,7 +36,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
@@ -42,7 +51,7 @@ from likvard.codec import Catalogue, CodecError
 from likvard.db import check_schema_name
 from likvard.inbox import Incoming, decode_event
 from likvard.topic_reader import TopicReader, TopicReadError, record_headers
-from services.projections import readmodels
+from services.projections import provenance, readmodels
 
 CITY_TZ = ZoneInfo("Europe/Stockholm")
 LIVE_SCHEMA = "projections"
@@ -57,6 +66,14 @@ def as_of_cutoff(day: date) -> datetime:
     return datetime.combine(day + timedelta(days=1), datetime.min.time(), CITY_TZ)
 
 
+def recorded_at(e: Incoming) -> datetime:
+    """When the event was recorded (stored by its service); its occurrence if older
+    contracts carried no recording time."""
+    at = e.metadata.get("recorded_at") or e.metadata["occurred_at"]
+    assert isinstance(at, datetime)
+    return at
+
+
 def replay_schema_name(now: datetime | None = None) -> str:
     return f"{LIVE_SCHEMA}_replay_{(now or datetime.now(UTC)):%Y%m%d_%H%M%S}"
 
@@ -67,6 +84,8 @@ class ReplayResult:
     records: int = 0  # records read from Kafka
     projected: int = 0  # distinct events newly applied to the read models
     after_as_of: int = 0  # events left out because they occurred after the as-of date
+    after_known_on: int = 0  # events left out because they were recorded after that date
+    after_limit: int = 0  # records left out because they are past the `until` offsets
     undecodable: int = 0
     undecodable_examples: list[str] = field(default_factory=list)
     per_topic: dict[str, int] = field(default_factory=dict)
@@ -87,7 +106,9 @@ class _Applier:
 
     def __init__(self, dsn: str, schema: str) -> None:
         self.dsn, self.schema = dsn, schema
-        self.queue: queue.Queue[list[Incoming] | None] = queue.Queue(maxsize=4)
+        self.queue: queue.Queue[tuple[list[Incoming], provenance.Marks] | None] = queue.Queue(
+            maxsize=4
+        )
         self.applied = 0
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="replay-apply", daemon=True)
@@ -95,20 +116,22 @@ class _Applier:
     def _run(self) -> None:
         try:
             with psycopg.connect(self.dsn, autocommit=True) as conn:
-                while (batch := self.queue.get()) is not None:
+                while (item := self.queue.get()) is not None:
+                    batch, marks = item
                     with conn.transaction():
                         # A replay is rebuilt from Kafka if lost: no need to wait for fsync.
                         conn.execute("SET LOCAL synchronous_commit = off")
                         self.applied += readmodels.apply(conn, self.schema, batch)
+                        provenance.record(conn, self.schema, marks)
         except BaseException as exc:
             self.error = exc
             while self.queue.get() is not None:  # unblock the producer side until it stops
                 pass
 
-    def put(self, batch: list[Incoming]) -> None:
+    def put(self, batch: list[Incoming], marks: provenance.Marks) -> None:
         if self.error is not None:
             raise ReplayError(f"applying to the read models failed: {self.error}")
-        self.queue.put(batch)
+        self.queue.put((batch, marks))
 
     def close(self) -> None:
         self.queue.put(None)
@@ -135,13 +158,18 @@ class Replay:
         schema: str,
         *,
         as_of: date | None = None,
+        known_on: date | None = None,
+        until: Mapping[tuple[str, int], int] | None = None,
         batch_size: int = 5000,
         settle: float = 1.0,
         catalogue: Catalogue | None = None,
     ) -> None:
         self.dsn, self.bootstrap, self.topics = dsn, bootstrap, list(topics)
         self.schema = check_schema_name(schema)
+        self.as_of, self.known_on = as_of, known_on
         self.cutoff = as_of_cutoff(as_of) if as_of else None
+        self.known_cutoff = as_of_cutoff(known_on) if known_on else None
+        self.until = dict(until) if until is not None else None
         self.batch_size = batch_size
         self.settle = settle
         self.catalogue = catalogue or Catalogue.load()
@@ -149,15 +177,21 @@ class Replay:
         self.result = ReplayResult(schema=self.schema)
         self.reader: TopicReader | None = None
 
-    def _events(self, messages: list[Message]) -> list[Incoming]:
+    def _events(self, messages: list[Message]) -> tuple[list[Incoming], provenance.Marks]:
         r = self.result
         events: list[Incoming] = []
+        marks = provenance.Marks()
         for m in messages:
             topic, partition, offset = str(m.topic()), int(m.partition() or 0), int(m.offset() or 0)
+            if self.until is not None and offset > self.until.get((topic, partition), -1):
+                r.after_limit += 1
+                continue
             value = m.value() or b""
             r.records += 1
             r.per_topic[topic] = r.per_topic.get(topic, 0) + 1
-            self.chain.add(topic, partition, offset, _headers(m), value)
+            headers = _headers(m)
+            self.chain.add(topic, partition, offset, headers, value)
+            marks.add(topic, partition, offset, headers)
             try:
                 e = decode_event(self.catalogue, topic, partition, offset, value)
             except CodecError as exc:
@@ -168,8 +202,17 @@ class Replay:
             if self.cutoff is not None and e.metadata["occurred_at"] >= self.cutoff:
                 r.after_as_of += 1
                 continue
+            if self.known_cutoff is not None and recorded_at(e) >= self.known_cutoff:
+                r.after_known_on += 1
+                continue
             events.append(e)
-        return events
+        return events, marks
+
+    def _past_limits(self) -> bool:
+        """With `until`: every partition has been read past its offset (nothing more to use)."""
+        if self.until is None or self.reader is None:
+            return False
+        return all(n > self.until.get(k, -1) for k, n in self.reader.next.items())
 
     def run(self, progress: Callable[[int, int], None] | None = None) -> ReplayResult:
         """Rebuild into the fresh schema; `progress(done, expected)` after every batch."""
@@ -182,16 +225,20 @@ class Replay:
                 )
             with conn.transaction():
                 readmodels.migrate(conn, self.schema)
+                provenance.migrate(conn, self.schema)
+                provenance.set_cutoffs(conn, self.schema, as_of=self.as_of, known_on=self.known_on)
         self.reader = TopicReader(self.bootstrap, self.topics, settle=self.settle)
         applier = _Applier(self.dsn, self.schema)
         applier.thread.start()
         try:
             for messages in self.reader.batches(self.batch_size):
-                events = self._events(messages)
-                if events:
-                    applier.put(events)
+                events, marks = self._events(messages)
+                if events or marks:
+                    applier.put(events, marks)
                 if progress:
                     progress(self.result.records, max(self.reader.expected, self.result.records))
+                if self._past_limits():
+                    break
         finally:
             applier.close()
         r = self.result
@@ -214,8 +261,11 @@ class Replay:
         """Make the rebuilt schema `live`; returns the name the old live schema was given
         (None if there was none). Refused for an as-of replay or a broken chain."""
         check_schema_name(live)
-        if self.cutoff is not None:
-            raise ReplayError("an as-of replay shows the past: it cannot be made live")
+        if self.cutoff is not None or self.known_cutoff is not None or self.until is not None:
+            raise ReplayError(
+                "a replay as of a date, as known on a date or up to offsets shows the past:"
+                " it cannot be made live"
+            )
         if self.result.breaks:
             raise ReplayError(
                 f"{len(self.result.breaks)} hash-chain breaks found: not swapping in read models"
@@ -265,11 +315,13 @@ class Replay:
         that every live event is in the rebuilt schema keeps the swap correct anyway."""
         assert self.reader is not None
         for messages in self.reader.batches(self.batch_size, within=within):
-            events = self._events(messages)
-            if not events:
+            events, marks = self._events(messages)
+            if not (events or marks):
                 continue
             if conn is not None:
                 self.result.projected += readmodels.apply(conn, self.schema, events)
+                provenance.record(conn, self.schema, marks)
                 continue
             with psycopg.connect(self.dsn, autocommit=True) as own, own.transaction():
                 self.result.projected += readmodels.apply(own, self.schema, events)
+                provenance.record(own, self.schema, marks)

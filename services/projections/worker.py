@@ -6,7 +6,8 @@ and hands each batch to the same `readmodels.apply` that replay uses, in one Pos
 transaction that also records the event ids: a re-delivered batch (a worker killed
 mid-stream, a rebalance, `republish`) changes nothing, and a batch whose transaction fails
 (the database restarted) is read again, never committed past. Read-model state lives in
-PostgreSQL only.
+PostgreSQL only. The same transaction records the batch's offsets and chain heads
+(`provenance.py`): what a report names as the history its figures came from.
 
 Why not faust-streaming, as before: a faust agent whose batch raised logged "Agent
 Crashed", went on and committed past the batch (events lost from the published figures
@@ -35,7 +36,7 @@ from likvard.inbox import Incoming, consumer_config, decode_event
 from likvard.ops import Heartbeat, Progress
 from likvard.telemetry import ConsumerLag
 from likvard.topic_reader import record_headers
-from services.projections import readmodels
+from services.projections import provenance, readmodels
 
 log = logging.getLogger("likvard.projections")
 
@@ -61,6 +62,7 @@ class Projector:
         self.schema = schema
         self._conn: psycopg.Connection[Any] | None = None
         self._migrated = False
+        self._provenance = False  # whether the schema has the provenance tables
         self.applied = 0
 
     def connection(self) -> psycopg.Connection[Any]:
@@ -83,13 +85,25 @@ class Projector:
         conn = self.connection()
         with conn.transaction():
             readmodels.migrate(conn, self.schema)
+            self._provenance = provenance.migrate(conn, self.schema)
+        if not self._provenance:
+            log.warning(
+                "schema %s has no provenance tables (run `likvard db migrate`): reports over"
+                " it cannot be reproduced",
+                self.schema,
+            )
 
     def apply(
-        self, events: Sequence[Incoming], traceparents: Sequence[str | None] | None = None
+        self,
+        events: Sequence[Incoming],
+        traceparents: Sequence[str | None] | None = None,
+        marks: provenance.Marks | None = None,
     ) -> int:
         """Apply a batch in one transaction; returns how many events were new. Each event
         gets a span in its own trace (`traceparents`: each record's Kafka header, the
-        relay's publish span), so one trace runs from the HTTP request to the read model."""
+        relay's publish span), so one trace runs from the HTTP request to the read model.
+        `marks`: the batch's records' offsets and chain heads, recorded in the same
+        transaction."""
         if not self._migrated:
             self.migrate()
             self._migrated = True
@@ -98,6 +112,8 @@ class Projector:
         try:
             with conn.transaction():
                 new = readmodels.apply(conn, self.schema, events)
+                if marks and self._provenance:
+                    provenance.record(conn, self.schema, marks)
         except Exception as exc:
             if is_database_error(exc):
                 self.close()  # reconnect next time; the loop reads the batch again
@@ -158,17 +174,20 @@ class ProjectionWorker:
     def handle(self, messages: list[Message]) -> None:
         events: list[Incoming] = []
         parents: list[str | None] = []
+        marks = provenance.Marks()
         for m in messages:
             where = (str(m.topic()), int(m.partition() or 0), int(m.offset() or 0))
+            headers = record_headers(m)
+            marks.add(*where, {k: v or b"" for k, v in headers})
             try:
                 events.append(decode_event(self.catalogue, *where, m.value() or b""))
             except CodecError as exc:
                 self.undecodable += 1
                 log.warning("skipping %s[%s]@%s: %s", *where, exc)
                 continue
-            parents.append(_header(record_headers(m), "traceparent"))
-        if events:
-            self.projector.apply(events, parents)
+            parents.append(_header(headers, "traceparent"))
+        if events or marks:
+            self.projector.apply(events, parents, marks)
 
     def run(self, consumer: ConsumerSource, stop: threading.Event) -> None:
         loop = BatchLoop(

@@ -1,0 +1,379 @@
+"""Reproducible figures: a report's record (provenance + every figure) and its replay.
+
+A report is made in one snapshot of the read models (`snapshot`): its figures and the
+schema's provenance (`provenance.py`: the offsets per topic partition the figures were
+folded from, a digest of the chain heads of the streams up to there, the replay cutoffs)
+are read in one REPEATABLE READ transaction, so they match whatever the worker does
+meanwhile. The record adds the code version, the reference-data version and every
+parameter, including the instant the report was computed "as of" (the share of closed
+cases not reopened within a year depends on it).
+
+`reproduce` replays Kafka up to exactly those offsets (with the same cutoffs) into a fresh
+schema, recomputes the report with the same parameters, compares every figure and the
+chain-heads digest, and drops the schema. Numbers compare equal when they are the same
+up to a relative 1e-9 (floating-point rounding of the statistics library); anything else,
+a figure missing or new, is a difference.
+
+Figures are a flat mapping `section/key.../field` -> value (`figures`); a section added to
+the report adds its rows here and is compared like the rest.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+import math
+import re
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, date, datetime
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import psycopg
+from psycopg import sql
+
+from likvard.db import check_schema_name
+from likvard.districts import DistrictRegistry
+from services.projections import provenance
+from services.projections.audit import AuditCell, audit
+from services.projections.replay import Replay, ReplayError, as_of_cutoff
+from services.projections.reports import (
+    TIME_ZONE,
+    Period,
+    ReportRow,
+    Structure,
+    audit_rows,
+    followup_report,
+)
+
+RECORD_VERSION = 1
+RECORD_ID = "likvard-record"  # the id of the element holding the record in an HTML report
+MIN_CELL = 5  # the suppression threshold of the follow-up report and the audit (defaults)
+REL_TOL = 1e-9
+_STRUCTURES: Mapping[str, Structure] = {"current": "current", "as-recorded": "as-recorded"}
+_PERIODS: Mapping[str, Period] = {"month": "month", "year": "year"}
+
+
+class ReproduceError(ValueError):
+    """A record that cannot be read or reproduced; the message says why."""
+
+
+@dataclass(frozen=True)
+class Parameters:
+    """Everything besides the events that the report's figures depend on."""
+
+    start: date
+    end: date
+    structure: str
+    period: str
+    as_of: datetime  # the instant "now" stood for (closed-not-reopened rule)
+    min_cell: int = MIN_CELL
+
+    def __post_init__(self) -> None:
+        if self.structure not in _STRUCTURES:
+            raise ValueError(
+                f"structure must be 'current' or 'as-recorded', not {self.structure!r}"
+            )
+        if self.period not in _PERIODS:
+            raise ValueError(f"period must be 'month' or 'year', not {self.period!r}")
+        if self.end < self.start:
+            raise ValueError("the last day (--to) is before the first (--from)")
+        if self.as_of.tzinfo is None:
+            raise ValueError("as_of needs a time zone")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "report": "followup+equal-access",
+            "from": self.start.isoformat(),
+            "to": self.end.isoformat(),
+            "structure": self.structure,
+            "period": self.period,
+            "as_of": self.as_of.isoformat(),
+            "min_cell": self.min_cell,
+            "time_zone": TIME_ZONE,
+        }
+
+    @classmethod
+    def from_json(cls, value: Mapping[str, Any]) -> Parameters:
+        try:
+            return cls(
+                start=date.fromisoformat(value["from"]),
+                end=date.fromisoformat(value["to"]),
+                structure=str(value["structure"]),
+                period=str(value["period"]),
+                as_of=datetime.fromisoformat(value["as_of"]),
+                min_cell=int(value.get("min_cell", MIN_CELL)),
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ReproduceError(f"the record's parameters are not readable: {exc}") from exc
+
+
+def default_as_of(as_of: date | None = None, known_on: date | None = None) -> datetime:
+    """The report's "now": the end of the earliest cutoff day, else this instant."""
+    days = [d for d in (as_of, known_on) if d is not None]
+    if days:
+        return as_of_cutoff(min(days))
+    return datetime.now(ZoneInfo(TIME_ZONE)).replace(microsecond=0)
+
+
+def _flatten(section: str, keys: Sequence[str], items: Sequence[Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for item in items:
+        row = dataclasses.asdict(item)
+        prefix = "/".join([section, *(str(row[k]) for k in keys)])
+        for name, value in row.items():
+            if name not in keys:
+                out[f"{prefix}/{name}"] = value
+    return out
+
+
+def figures(rows: Sequence[ReportRow], cells: Sequence[AuditCell]) -> dict[str, Any]:
+    """Every figure of the report by a stable name, e.g. `followup/2024/city/persons`,
+    `audit/timely_start/nordost/adjusted_ratio` (JSON-ready values)."""
+    out = _flatten("followup", ("period", "district"), rows)
+    out |= _flatten("audit", ("metric", "district"), cells)
+    plain: dict[str, Any] = json.loads(json.dumps(out, sort_keys=True))  # as a file holds it
+    return plain
+
+
+@dataclass(frozen=True)
+class Report:
+    """A report's data and its record, read in one snapshot."""
+
+    rows: list[ReportRow]
+    cells: list[AuditCell]
+    record: dict[str, Any]
+
+
+@contextmanager
+def snapshot_transaction(conn: psycopg.Connection[Any]) -> Iterator[None]:
+    """One REPEATABLE READ, read-only transaction: figures and provenance of one moment.
+    `conn` must have no transaction in progress."""
+    with conn.transaction():
+        conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
+        yield
+
+
+def provenance_of(
+    conn: psycopg.Connection[Any], schema: str, parameters: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The provenance block of a report over `schema` (in the caller's snapshot)."""
+    made = provenance.applied(conn, schema)
+    return {
+        "generated_at": datetime.now(UTC).replace(microsecond=0).isoformat(),
+        "schema": schema,
+        "offsets": made.offsets_json(),
+        "chain": {"streams": made.streams, "heads_sha256": made.heads_sha256},
+        "code": provenance.code_version(),
+        "reference": {"version": provenance.reference_version()},
+        "parameters": {
+            **parameters,
+            "replay": {
+                "as_of": made.cutoffs.get("as_of"),
+                "as_known_on": made.cutoffs.get("as_known_on"),
+            },
+        },
+    }
+
+
+def snapshot(
+    conn: psycopg.Connection[Any],
+    schema: str,
+    params: Parameters,
+    registry: DistrictRegistry | None = None,
+) -> Report:
+    """The follow-up report, the audit and their record, in one snapshot of `schema`."""
+    registry = registry or DistrictRegistry.load()
+    check_schema_name(schema)
+    with snapshot_transaction(conn):
+        rows = followup_report(
+            conn,
+            schema,
+            start=params.start,
+            end=params.end,
+            period=_PERIODS[params.period],
+            structure=_STRUCTURES[params.structure],
+            min_cell=params.min_cell,
+            registry=registry,
+            as_of=params.as_of,
+        )
+        cells = audit(
+            audit_rows(conn, schema, structure=_STRUCTURES[params.structure], registry=registry),
+            min_cell=params.min_cell,
+        )
+        prov = provenance_of(conn, schema, params.to_json())
+    record = {"likvard_report_record": RECORD_VERSION, "provenance": prov}
+    record["figures"] = figures(rows, cells)
+    return Report(rows, cells, record)
+
+
+def record_json(record: Mapping[str, Any]) -> str:
+    """The record as JSON text (sorted keys, indented: an edited figure is one line)."""
+    return json.dumps(record, sort_keys=True, indent=1, ensure_ascii=False)
+
+
+_HTML_RECORD = re.compile(rf'<pre[^>]*\bid="{RECORD_ID}"[^>]*>(.*?)</pre>', re.DOTALL)
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """The record in a report file: an HTML report (its embedded record) or a JSON file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ReproduceError(f"cannot read {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError as exc:
+        raise ReproduceError(f"{path} is not a Likvärd report (not UTF-8 text)") from exc
+    found = _HTML_RECORD.search(text)
+    body = html.unescape(found.group(1)) if found else text
+    try:
+        record = json.loads(body)
+    except ValueError as exc:
+        where = "its embedded record" if found else "it is neither an HTML report nor JSON"
+        raise ReproduceError(f"{path} is not a readable Likvärd report: {where}") from exc
+    if not (
+        isinstance(record, dict)
+        and record.get("likvard_report_record") == RECORD_VERSION
+        and isinstance(record.get("provenance"), dict)
+        and isinstance(record.get("figures"), dict)
+    ):
+        raise ReproduceError(f"{path} holds no Likvärd report record (provenance and figures)")
+    return record
+
+
+@dataclass(frozen=True)
+class Difference:
+    figure: str
+    in_file: Any
+    replayed: Any
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, bool) or isinstance(b, bool):
+        return a is b
+    if isinstance(a, int | float) and isinstance(b, int | float):
+        return a == b or math.isclose(a, b, rel_tol=REL_TOL, abs_tol=1e-12)
+    return bool(a == b)
+
+
+_MISSING = "(absent)"
+
+
+def compare(in_file: Mapping[str, Any], replayed: Mapping[str, Any]) -> list[Difference]:
+    """Every figure that is not the same in both, in name order (absent on one side too)."""
+    out: list[Difference] = []
+    for name in sorted(set(in_file) | set(replayed)):
+        a, b = in_file.get(name, _MISSING), replayed.get(name, _MISSING)
+        if name not in in_file or name not in replayed or not _same(a, b):
+            out.append(Difference(name, a, b))
+    return out
+
+
+@dataclass
+class Reproduction:
+    """The outcome of `reproduce`: identical when no list holds anything."""
+
+    schema: str
+    figures: int = 0  # figures compared
+    differences: list[Difference] = field(default_factory=list)
+    provenance: list[Difference] = field(default_factory=list)  # offsets, chain heads
+    notes: list[str] = field(default_factory=list)  # code or reference version changed
+    breaks: int = 0  # hash-chain breaks in the replayed history
+
+    @property
+    def identical(self) -> bool:
+        return not (self.differences or self.provenance or self.breaks)
+
+
+def _cutoff(value: Any) -> date | None:
+    return None if value in (None, "") else date.fromisoformat(str(value))
+
+
+def reproduce(
+    dsn: str,
+    bootstrap: str,
+    record: Mapping[str, Any],
+    schema: str,
+    *,
+    settle: float = 1.0,
+    registry: DistrictRegistry | None = None,
+) -> Reproduction:
+    """Replay up to the record's offsets into the fresh `schema`, recompute the report with
+    the record's parameters, compare; the schema is dropped afterwards, whatever happens."""
+    prov = record["provenance"]
+    try:
+        until = {(str(o["topic"]), int(o["partition"])): int(o["offset"]) for o in prov["offsets"]}
+        params = Parameters.from_json(prov["parameters"])
+        cutoffs = prov["parameters"].get("replay") or {}
+        as_of, known_on = _cutoff(cutoffs.get("as_of")), _cutoff(cutoffs.get("as_known_on"))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ReproduceError(f"the record's provenance is not readable: {exc}") from exc
+    if not until:
+        raise ReproduceError(
+            "the report names no Kafka offsets: its read models were not folded from Kafka"
+            " (or predate provenance), so it cannot be replayed"
+        )
+    out = Reproduction(schema=check_schema_name(schema))
+    run = Replay(
+        dsn,
+        bootstrap,
+        sorted({topic for topic, _ in until}),
+        schema,
+        as_of=as_of,
+        known_on=known_on,
+        until=until,
+        settle=settle,
+    )
+    try:
+        result = run.run()
+        out.breaks = len(result.breaks)
+        with psycopg.connect(dsn) as conn:
+            again = snapshot(conn, schema, params, registry)
+    finally:
+        run.close()
+        _drop(dsn, schema)
+    theirs, ours = prov, again.record["provenance"]
+    out.figures = len(record["figures"])
+    out.differences = compare(record["figures"], again.record["figures"])
+    for name, a, b in (
+        ("offsets", theirs.get("offsets"), ours["offsets"]),
+        (
+            "chain heads (sha256)",
+            (theirs.get("chain") or {}).get("heads_sha256"),
+            ours["chain"]["heads_sha256"],
+        ),
+    ):
+        if a != b:
+            out.provenance.append(Difference(name, a, b))
+    for name, a, b in (
+        ("code version", theirs.get("code"), ours["code"]),
+        ("reference-data version", theirs.get("reference"), ours["reference"]),
+    ):
+        if a != b:
+            out.notes.append(f"{name}: the report's {a}, now {b}")
+    return out
+
+
+def _drop(dsn: str, schema: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP SCHEMA IF EXISTS {} CASCADE").format(sql.Identifier(schema)))
+
+
+__all__ = [
+    "Difference",
+    "Parameters",
+    "ReplayError",
+    "Report",
+    "ReproduceError",
+    "Reproduction",
+    "compare",
+    "default_as_of",
+    "figures",
+    "read_record",
+    "record_json",
+    "reproduce",
+    "snapshot",
+]
