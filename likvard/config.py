@@ -160,6 +160,10 @@ class Settings:
     kek_id: str = field(default_factory=lambda: _env("LIKVARD_KEK_ID") or "env-1")
     kek_previous: str | None = field(default_factory=lambda: _env("LIKVARD_KEK_PREVIOUS"))
     retention_years: int = 5
+    # Overdue lists and report: a referral unanswered for more than these days, a follow-up
+    # more than these days past its due date (the city's calendar days).
+    referral_answer_days: int = 14
+    followup_window_days: int = 30
 
     def require_oidc(self) -> str:
         """The issuer every token must come from; ConfigError with the fix when unset."""
@@ -339,6 +343,8 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         kek_id=_kek_id(e.get("LIKVARD_KEK_ID") or "env-1"),
         kek_previous=e.get("LIKVARD_KEK_PREVIOUS") or None,
         retention_years=_years(e.get("LIKVARD_RETENTION_YEARS") or "5"),
+        referral_answer_days=_days("LIKVARD_REFERRAL_ANSWER_DAYS", e, 14),
+        followup_window_days=_days("LIKVARD_FOLLOWUP_WINDOW_DAYS", e, 30),
     )
 
 
@@ -356,4 +362,11 @@ def _years(text: str) -> int:
             "LIKVARD_RETENTION_YEARS must be a whole number of years, 1-100 (records are"
             f" culled that long after their last entry), not {text!r}"
         )
+    return int(text)
+
+
+def _days(name: str, e: dict[str, str] | os._Environ[str], default: int) -> int:
+    text = e.get(name) or str(default)
+    if not re.fullmatch(r"[0-9]{1,4}", text) or int(text) > 3650:
+        raise ConfigError(f"{name} must be a whole number of days, 0-3650, not {text!r}")
     return int(text)

@@ -40,10 +40,10 @@ from services.followup.domain import (
     Relation,
     Support,
 )
+from services.followup.overdue import Window, due_in_window
 from services.followup.service import (
     FollowUpService,
     case_of_followup,
-    due,
     make_service,
     prepare,
 )
@@ -127,6 +127,7 @@ class DueView(BaseModel):
     district: str
     intervention_id: uuid.UUID | None
     referral_id: uuid.UUID | None
+    overdue: bool = Field(..., description="More than LIKVARD_FOLLOWUP_WINDOW_DAYS past due")
 
 
 def _service(request: Request) -> FollowUpService:
@@ -501,6 +502,10 @@ def create_app(
                 " by default those of every district of the caller",
             ),
         ] = None,
+        overdue: Annotated[
+            bool | None,
+            Query(description="true: only those past their window; false: only those within"),
+        ] = None,
         emergency: guard.EmergencyReason = None,
     ) -> list[DueView]:
         # Own districts need no reason (the policy flags nothing then); an unknown one is
@@ -514,7 +519,8 @@ def create_app(
             for scope in _due_scopes(principal, district)
         ]
         districts: Sequence[str] = [scope.district for scope, _ in checked]
-        shown = due(svc.store, districts, before)
+        window = Window.now(settings.followup_window_days)
+        shown = due_in_window(svc.store, districts, before, window, overdue)
         for scope, decision in checked:
             guard.record_reads(
                 request,
@@ -534,6 +540,7 @@ def create_app(
                 district=f.district,
                 intervention_id=None if f.intervention_id is None else uuid.UUID(f.intervention_id),
                 referral_id=None if f.referral_id is None else uuid.UUID(f.referral_id),
+                overdue=window.overdue(f.due_on),
             )
             for f in shown
         ]
