@@ -14,8 +14,17 @@ Per (district, metric) cell the audit reports:
   district vs rest of city and its confidence interval (``1 - alpha``);
 * ``mh_ratio``: the Mantel-Haenszel pooled risk ratio over need-level strata, as a
   cross-check of ``adjusted_ratio``;
-* ``flagged``: the interval excludes 1 *and* the adjusted ratio is outside
-  ``ratio_band`` (0.8-1.25 by default);
+* ``observed``/``expected``, ``sr`` with ``sr_low``/``sr_high``: indirect
+  standardisation against the whole city's rates within strata of need level, age band
+  and gender (``stats.indirect_standardisation``, score interval);
+* ``funnel_*``: the district on the metric's funnel plot (standardised rate, its 95 %
+  and 99.8 % limits at its size, its position), the funnel itself in ``AuditReport``;
+* ``p_value``/``p_holm``: the standardised comparison's two-sided p (over-dispersion
+  allowed for when the funnel applies it) and its Holm adjustment over all
+  ``comparisons`` district x metric tests;
+* ``band_flagged``: the interval of ``adjusted_ratio`` excludes 1 *and* the ratio is
+  outside ``ratio_band`` (0.8-1.25 by default); ``holm_flagged``: ``p_holm < alpha``;
+* ``flagged``: the chosen rule's flag (``flag_rule="holm"``, the default, or ``"band"``);
 * ``suppressed``: too few persons to publish anything.
 
 Statistical method
@@ -53,7 +62,8 @@ from __future__ import annotations
 import math
 import warnings
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -61,6 +71,8 @@ from statsmodels.genmod.families import Poisson
 from statsmodels.genmod.generalized_linear_model import GLM
 from statsmodels.stats.contingency_tables import StratifiedTable
 from statsmodels.tools.sm_exceptions import ConvergenceWarning, PerfectSeparationWarning
+
+from services.projections import stats
 
 NEED_LEVELS: tuple[str, ...] = ("LOW", "MODERATE", "HIGH")
 METRICS: tuple[str, ...] = (
@@ -84,6 +96,11 @@ class PersonOutcome:
     district: str
     need_level: str
     outcomes: Mapping[str, bool | None] = field(default_factory=dict)
+    age_band: str = "UNKNOWN"
+    gender: str = "NOT_STATED"
+
+
+FlagRule = Literal["holm", "band"]
 
 
 @dataclass(frozen=True)
@@ -103,6 +120,34 @@ class AuditCell:
     flagged: bool
     suppressed: bool
     note: str | None = None
+    observed: int | None = None
+    expected: float | None = None
+    sr: float | None = None
+    sr_low: float | None = None
+    sr_high: float | None = None
+    funnel_rate: float | None = None
+    funnel_low_95: float | None = None
+    funnel_high_95: float | None = None
+    funnel_low_998: float | None = None
+    funnel_high_998: float | None = None
+    funnel_position: str | None = None
+    p_value: float | None = None
+    p_holm: float | None = None
+    band_flagged: bool = False
+    holm_flagged: bool = False
+    comparisons: int | None = None
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    """The cells, each metric's funnel (points of the unsuppressed districts only) and the
+    number of comparisons Holm controlled over."""
+
+    cells: list[AuditCell]
+    funnels: dict[str, stats.Funnel]
+    comparisons: int
+    flag_rule: FlagRule
+    alpha: float
 
 
 def _finite(x: float) -> float | None:
@@ -110,7 +155,7 @@ def _finite(x: float) -> float | None:
 
 
 def _canonical(rows: Sequence[PersonOutcome]) -> list[PersonOutcome]:
-    return sorted(rows, key=lambda r: (r.person, r.district, r.need_level))
+    return sorted(rows, key=lambda r: (r.person, r.district, r.need_level, r.age_band, r.gender))
 
 
 @dataclass(frozen=True)
@@ -253,6 +298,7 @@ def _cell(
         flagged=flagged,
         suppressed=False,
         note="; ".join(notes) or None,
+        band_flagged=flagged,
     )
 
 
@@ -262,8 +308,30 @@ def audit(
     min_cell: int = 5,
     alpha: float = 0.05,
     ratio_band: tuple[float, float] = (0.8, 1.25),
+    flag_rule: FlagRule = "band",
 ) -> list[AuditCell]:
-    """Audit every (district, metric) pair found in ``rows``; sorted by district, metric."""
+    """Audit every (district, metric) pair found in ``rows``; sorted by district, metric.
+
+    The compatibility entry point: ``flagged`` follows the band rule unless
+    ``flag_rule="holm"``; ``audit_report`` (Holm by default) also gives the funnels."""
+    return audit_report(
+        rows, min_cell=min_cell, alpha=alpha, ratio_band=ratio_band, flag_rule=flag_rule
+    ).cells
+
+
+def audit_report(
+    rows: Sequence[PersonOutcome],
+    *,
+    min_cell: int = 5,
+    alpha: float = 0.05,
+    ratio_band: tuple[float, float] = (0.8, 1.25),
+    flag_rule: FlagRule = "holm",
+    min_units_for_phi: int = 10,
+) -> AuditReport:
+    """The audit with its funnels: every (district, metric) cell, the standardised ratio
+    and funnel position of each unsuppressed one, and flags by ``flag_rule``."""
+    if flag_rule not in ("holm", "band"):
+        raise ValueError(f"flag_rule must be 'holm' or 'band', not {flag_rule!r}")
     if min_cell < 1:
         raise ValueError("min_cell must be at least 1")
     if not 0 < alpha < 1:
@@ -275,25 +343,76 @@ def audit(
     districts = sorted({r.district for r in ordered})
     metrics = sorted({m for r in ordered for m in r.outcomes})
     cells: list[AuditCell] = []
+    funnels: dict[str, stats.Funnel] = {}
     for metric in metrics:
         eligible: list[tuple[str, str, bool]] = []
+        strata: list[tuple[str, str, str]] = []
         for r in ordered:
             value = r.outcomes.get(metric)
             if value is not None:
                 eligible.append((r.district, r.need_level, bool(value)))
-        for district in districts:
+                strata.append((r.need_level, r.age_band, r.gender))
+        metric_cells = [
+            _cell(
+                district,
+                metric,
+                eligible,
+                min_cell=min_cell,
+                alpha=alpha,
+                ratio_band=ratio_band,
+            )
+            for district in districts
+        ]
+        if not eligible:
+            cells += metric_cells
+            continue
+        sr = stats.indirect_standardisation(
+            [d for d, _, _ in eligible], strata, [o for _, _, o in eligible], alpha=alpha
+        )
+        target = sum(1 for _, _, o in eligible if o) / len(eligible)
+        shown = [sr[c.district] for c in metric_cells if not c.suppressed]
+        fun = stats.funnel(shown, target, min_units_for_phi=min_units_for_phi)
+        funnels[metric] = fun
+        points = {p.unit: p for p in fun.points}
+        for c in metric_cells:
+            point = points.get(c.district)
+            if c.suppressed or point is None:
+                cells.append(c)
+                continue
+            s = sr[c.district]
             cells.append(
-                _cell(
-                    district,
-                    metric,
-                    eligible,
-                    min_cell=min_cell,
-                    alpha=alpha,
-                    ratio_band=ratio_band,
+                replace(
+                    c,
+                    observed=s.observed,
+                    expected=s.expected,
+                    sr=s.ratio,
+                    sr_low=s.ci_low,
+                    sr_high=s.ci_high,
+                    funnel_rate=point.rate,
+                    funnel_low_95=point.low_95,
+                    funnel_high_95=point.high_95,
+                    funnel_low_998=point.low_998,
+                    funnel_high_998=point.high_998,
+                    funnel_position=point.position,
+                    p_value=stats.two_sided_p(point.z_adjusted),
                 )
             )
-    cells.sort(key=lambda c: (c.district, c.metric))
-    return cells
+    adjusted = stats.holm([c.p_value for c in cells])
+    comparisons = sum(1 for q in adjusted if q is not None)
+    final: list[AuditCell] = []
+    for c, q in zip(cells, adjusted, strict=True):
+        holm_flag = q is not None and q < alpha
+        final.append(
+            replace(
+                c,
+                p_holm=q,
+                holm_flagged=holm_flag,
+                flagged=holm_flag if flag_rule == "holm" else c.band_flagged,
+                comparisons=None if c.suppressed else comparisons,
+            )
+        )
+    final.sort(key=lambda c: (c.district, c.metric))
+    return AuditReport(final, funnels, comparisons, flag_rule, alpha)
 
 
 # --- synthetic data -------------------------------------------------------------------
@@ -315,6 +434,9 @@ ELIGIBILITY: Mapping[str, float] = {
     "family_engagement": 0.7,
     "followup_completion": 0.8,
 }
+SYNTHETIC_AGE_BANDS: tuple[str, ...] = ("18-24", "25-34", "35-44", "45-54", "55-64", "65+")
+GENDERS: tuple[str, ...] = ("WOMAN", "MAN", "OTHER", "NOT_STATED")
+GENDER_MIX: tuple[float, ...] = (0.32, 0.63, 0.01, 0.04)
 # Need-level mixes (LOW, MODERATE, HIGH), cycled over the districts in order.
 DEFAULT_NEED_MIXES: tuple[tuple[float, float, float], ...] = (
     (0.15, 0.35, 0.50),
@@ -337,10 +459,12 @@ def synthetic_rows(
     Need-level mix differs by district (``need_mix`` overrides the default cycle
     ``DEFAULT_NEED_MIXES``), outcome rates depend on need level (``BASE_RATES``),
     and ``bias[(district, metric)]`` multiplies that district's rate for that metric
-    (clipped to [0, 1]).
+    (clipped to [0, 1]). Age band and gender are drawn independently of the outcomes.
     """
     bias = bias or {}
     rng = np.random.default_rng(seed)
+    # age band and gender from their own stream, so the outcomes of a seed stay as they were
+    demo = np.random.default_rng([seed, 1])
     rows: list[PersonOutcome] = []
     for i, district in enumerate(districts):
         mix = (need_mix or {}).get(district, DEFAULT_NEED_MIXES[i % len(DEFAULT_NEED_MIXES)])
@@ -361,6 +485,8 @@ def synthetic_rows(
                     district=district,
                     need_level=need,
                     outcomes=outcomes,
+                    age_band=SYNTHETIC_AGE_BANDS[int(demo.choice(len(SYNTHETIC_AGE_BANDS)))],
+                    gender=GENDERS[int(demo.choice(len(GENDERS), p=GENDER_MIX))],
                 )
             )
     return rows
