@@ -307,11 +307,17 @@ def _reproduce(settings: Settings, dsn: str, path: Path) -> None:
     from likvard.db import check_schema_name
     from likvard.topic_reader import TopicReadError
     from services.projections.replay import replay_schema_name
-    from services.projections.reproduce import ReproduceError, read_record, reproduce
+    from services.projections.reproduce import (
+        ReproduceError,
+        check_reproducible,
+        read_record,
+        reproduce,
+    )
 
     try:
-        bootstrap = settings.require_kafka()
         record = read_record(path)
+        check_reproducible(record)
+        bootstrap = settings.require_kafka()
     except (ConfigError, ReproduceError) as exc:
         raise fail(str(exc)) from exc
     scratch = check_schema_name(replay_schema_name().replace("_replay_", "_reproduce_"))

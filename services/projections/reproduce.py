@@ -292,6 +292,16 @@ def _cutoff(value: Any) -> date | None:
     return None if value in (None, "") else date.fromisoformat(str(value))
 
 
+def check_reproducible(record: Mapping[str, Any]) -> None:
+    """ReproduceError unless the record names offsets to replay up to (checked before any
+    broker is asked)."""
+    if not record["provenance"].get("offsets"):
+        raise ReproduceError(
+            "the report names no Kafka offsets: its read models were not folded from Kafka"
+            " (or predate provenance), so it cannot be replayed"
+        )
+
+
 def reproduce(
     dsn: str,
     bootstrap: str,
@@ -312,10 +322,7 @@ def reproduce(
     except (KeyError, TypeError, ValueError) as exc:
         raise ReproduceError(f"the record's provenance is not readable: {exc}") from exc
     if not until:
-        raise ReproduceError(
-            "the report names no Kafka offsets: its read models were not folded from Kafka"
-            " (or predate provenance), so it cannot be replayed"
-        )
+        check_reproducible({"provenance": {}})
     out = Reproduction(schema=check_schema_name(schema))
     run = Replay(
         dsn,
@@ -369,6 +376,7 @@ __all__ = [
     "Report",
     "ReproduceError",
     "Reproduction",
+    "check_reproducible",
     "compare",
     "default_as_of",
     "figures",
