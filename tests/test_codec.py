@@ -64,6 +64,7 @@ PAYLOADS: dict[str, dict[str, Any]] = {
         "birth_year": None,
         "age_band": "45-54",
         "archive_sample": False,
+        "gender": "WOMAN",
         "personal": {
             "key_id": str(uuid.uuid4()),
             "algorithm": "AES_256_GCM",
@@ -98,9 +99,25 @@ PAYLOADS: dict[str, dict[str, Any]] = {
     "CaseClosed": {"reason": "GOALS_REACHED"},
     "CaseReopened": {"reason": "RELAPSE"},
     "PersonalDataErased": {"legal_basis": "ERASURE_REQUEST", "key_ids": [str(uuid.uuid4())]},
+    "InvestigationOpened": {"investigation_id": str(uuid.uuid4()), "basis": "APPLICATION"},
+    "InvestigationDecided": {
+        "investigation_id": str(uuid.uuid4()),
+        "decision": "PARTLY_GRANTED",
+        "intervention_kinds": ["OUTPATIENT", "SUPPORT_CONTACT"],
+    },
+    "FirstVisitHeld": {"visit_id": str(uuid.uuid4())},
+    "CoordinatedPlanAgreed": {
+        "plan_id": str(uuid.uuid4()),
+        "parties": ["SOCIAL_SERVICES", "PSYCHIATRY", "ADDICTION_CARE"],
+        "lead": "PSYCHIATRY",
+        "follow_up_on": date(2027, 1, 15),
+        "consent_id": str(uuid.uuid4()),
+    },
+    "CoordinatedPlanFollowedUp": {"plan_id": str(uuid.uuid4())},
 }
-# Version 2 sealed the personal details (docs/personal-data.md); the rest are at version 1.
-VERSIONS = {"IntakeRegistered": [1, 2], "CarePlanAgreed": [1, 2]}
+# Version 2 sealed the personal details (docs/personal-data.md), version 3 of the intake
+# added the gender; the rest are at version 1.
+VERSIONS = {"IntakeRegistered": [1, 2, 3], "CarePlanAgreed": [1, 2]}
 
 
 def event(event_type: str, **changes: Any) -> dict[str, Any]:
@@ -133,6 +150,36 @@ def test_defaults_fill_optional_fields_and_uuids_come_back_canonical() -> None:
     decoded = CATALOGUE.decode(CATALOGUE.encode("IntakeRegistered", record)).record
     assert decoded["birth_year"] is None and decoded["metadata"]["traceparent"] is None
     assert decoded["metadata"]["event_id"] == "6f1c2a9e-4b7d-4c1e-9a3f-0d2b8e5c7a10"
+
+
+@pytest.mark.parametrize("version", [1, 2])
+def test_a_registration_written_before_the_gender_reads_as_not_stated(version: int) -> None:
+    fields = {f["name"] for f in CATALOGUE.schema("IntakeRegistered", version)["fields"]}
+    record = {k: v for k, v in event("IntakeRegistered").items() if k in fields}
+    decoded = CATALOGUE.decode(CATALOGUE.encode("IntakeRegistered", record, version=version))
+    assert (decoded.version, decoded.record["gender"]) == (version, "NOT_STATED")
+    assert decoded.record["person"] == record["person"]
+
+
+USER_ASSESSMENT = {
+    "assessment_id": str(uuid.uuid4()),
+    "contact_easy": "YES",
+    "clear_information": "PARTLY",
+    "felt_understood": "NO",
+    "influence": "NO_ANSWER",
+    "whole_situation": "YES",
+    "situation_improved": "PARTLY",
+}
+
+
+def test_a_user_assessment_round_trips_with_one_rating_scale_for_every_item() -> None:
+    record = {"metadata": metadata("UserAssessmentRecorded"), **USER_ASSESSMENT}
+    decoded = CATALOGUE.decode(CATALOGUE.encode("UserAssessmentRecorded", record))
+    assert decoded.record == record and decoded.version == 1
+    canonical = CATALOGUE.writer("UserAssessmentRecorded").canonical_form
+    assert canonical.count('"name":"se.goteborg.likvard.followup.Rating"') == 1
+    with pytest.raises(EncodeError):  # a free-text answer is not on the scale
+        CATALOGUE.encode("UserAssessmentRecorded", {**record, "influence": "SOMEWHAT"})
 
 
 def test_header_is_marker_and_crc64_fingerprint_of_the_expanded_writer_schema() -> None:
@@ -206,7 +253,7 @@ def test_invalid_record_is_refused_naming_the_field_but_not_the_value() -> None:
     with pytest.raises(EncodeError) as info:
         CATALOGUE.encode("IntakeRegistered", record)
     message = str(info.value)
-    assert "IntakeRegistered v2" in message and "substances" in message
+    assert "IntakeRegistered v3" in message and "substances" in message
     assert PNR not in message and "COFFEE" not in message
 
 

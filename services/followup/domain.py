@@ -49,6 +49,7 @@ Occupation = Literal[
 GoalsReached = Literal["YES", "PARTLY", "NO", "UNKNOWN"]
 Improvement = Literal["BETTER", "SAME", "WORSE", "UNKNOWN"]
 MissedReason = Literal["NO_CONTACT", "DECLINED", "MOVED", "DECEASED", "OTHER"]
+Rating = Literal["YES", "PARTLY", "NO", "NO_ANSWER"]
 FollowUpStatus = Literal["scheduled", "completed", "missed"]
 
 RELATIONS: frozenset[str] = frozenset(get_args(Relation))
@@ -59,6 +60,16 @@ OCCUPATIONS: frozenset[str] = frozenset(get_args(Occupation))
 GOALS_REACHED: frozenset[str] = frozenset(get_args(GoalsReached))
 IMPROVEMENTS: frozenset[str] = frozenset(get_args(Improvement))
 MISSED_REASONS: frozenset[str] = frozenset(get_args(MissedReason))
+RATINGS: frozenset[str] = frozenset(get_args(Rating))
+USER_ASSESSMENT_ITEMS: tuple[str, ...] = (
+    "contact_easy",
+    "clear_information",
+    "felt_understood",
+    "influence",
+    "whole_situation",
+    "situation_improved",
+)
+"""The national user survey's items, in the contract's order (each rated on `Rating`)."""
 RELATIONS_THAT_CAN_BE_A_CHILD: frozenset[str] = frozenset({"CHILD", "SIBLING", "OTHER"})
 """A partner or a parent of an adult is never a child; a person's child may be an adult."""
 
@@ -68,6 +79,7 @@ EVENT_TYPES: tuple[str, ...] = (
     "FollowUpScheduled",
     "FollowUpCompleted",
     "FollowUpMissed",
+    "UserAssessmentRecorded",
 )
 
 
@@ -138,12 +150,28 @@ class MarkFollowUpMissed:
     reason: str
 
 
+@dataclass(frozen=True)
+class RecordUserAssessment:
+    """The person's own rating on the national user-survey items (a fixed scale each)."""
+
+    case_id: str
+    occurred_at: datetime
+    assessment_id: str
+    contact_easy: str
+    clear_information: str
+    felt_understood: str
+    influence: str
+    whole_situation: str
+    situation_improved: str
+
+
 Command = (
     RecordChildrenInHousehold
     | EngageFamilyMember
     | ScheduleFollowUp
     | CompleteFollowUp
     | MarkFollowUpMissed
+    | RecordUserAssessment
 )
 
 
@@ -181,6 +209,7 @@ class FollowUpState:
     engagements: frozenset[Engagement] = frozenset()
     child_engaged: bool = False
     followups: Mapping[str, FollowUp] = field(default_factory=dict)
+    user_assessment_ids: frozenset[str] = frozenset()
     version: int = 0
 
     def due(self, on: date) -> dict[str, FollowUp]:
@@ -231,6 +260,9 @@ def evolve(state: FollowUpState, event: DomainEvent) -> FollowUpState:
             status: FollowUpStatus = "completed" if event.type == "FollowUpCompleted" else "missed"
             before = state.followups.get(fid) or FollowUp(d["kind"], None, status, None)
             new = replace(state, followups={**state.followups, fid: replace(before, status=status)})
+        case "UserAssessmentRecorded":
+            ids = state.user_assessment_ids | {d["assessment_id"]}
+            new = replace(state, user_assessment_ids=ids)
     return replace(new, version=state.version + 1)
 
 
@@ -248,6 +280,7 @@ _EVENT_OF: Mapping[type, str] = {
     ScheduleFollowUp: "FollowUpScheduled",
     CompleteFollowUp: "FollowUpCompleted",
     MarkFollowUpMissed: "FollowUpMissed",
+    RecordUserAssessment: "UserAssessmentRecorded",
 }
 
 
@@ -269,6 +302,8 @@ def decide(command: Command, state: FollowUpState) -> list[DomainEvent]:
             data = _complete(command, state)
         case MarkFollowUpMissed():
             data = _missed(command, state)
+        case RecordUserAssessment():
+            data = _user_assessment(command, state)
         case _:
             assert_never(command)
     if data is None:
@@ -422,3 +457,19 @@ def _missed(c: MarkFollowUpMissed, state: FollowUpState) -> dict[str, Any]:
     followup = _require_scheduled(c.followup_id, state)
     require_symbol(c.reason, MISSED_REASONS, "unknown-missed-reason", "reason")
     return {"followup_id": c.followup_id, "kind": followup.kind, "reason": c.reason}
+
+
+def _user_assessment(c: RecordUserAssessment, state: FollowUpState) -> dict[str, Any]:
+    """Every item is answered on the scale; NO_ANSWER is the person's choice not to answer,
+    which the indicators leave out of their denominators."""
+    require_uuid(c.assessment_id, "user assessment id")
+    if c.assessment_id in state.user_assessment_ids:
+        raise RuleViolation(
+            "user-assessment-id-used", "This user assessment is already recorded on the case."
+        )
+    ratings = {item: getattr(c, item) for item in USER_ASSESSMENT_ITEMS}
+    if any(r not in RATINGS for r in ratings.values()):
+        raise RuleViolation(
+            "unknown-rating", "Each rating must be one of " + ", ".join(sorted(RATINGS)) + "."
+        )
+    return {"assessment_id": c.assessment_id, **ratings}

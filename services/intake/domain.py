@@ -54,6 +54,11 @@ ReopenReason = Literal["RELAPSE", "NEW_NEED", "CLOSED_IN_ERROR", "OTHER"]
 LegalBasis = Literal[
     "RETENTION_PERIOD_ENDED", "ERASURE_REQUEST", "WRONGLY_RECORDED", "AUTHORITY_DECISION"
 ]
+Gender = Literal["WOMAN", "MAN", "OTHER", "NOT_STATED"]
+InvestigationBasis = Literal["APPLICATION", "REPORT_OF_CONCERN", "OTHER"]
+InvestigationDecision = Literal["GRANTED", "PARTLY_GRANTED", "REFUSED"]
+InterventionKind = Literal["RESIDENTIAL", "OUTPATIENT", "SUPPORT_CONTACT", "HOUSING", "OTHER"]
+Party = Literal["SOCIAL_SERVICES", "PRIMARY_CARE", "PSYCHIATRY", "ADDICTION_CARE", "OTHER_REGION"]
 CaseStatus = Literal["unregistered", "open", "closed"]
 
 SUBSTANCES: frozenset[str] = frozenset(get_args(Substance))
@@ -67,6 +72,16 @@ CLOSE_REASONS: frozenset[str] = frozenset(get_args(CloseReason))
 REOPEN_REASONS: frozenset[str] = frozenset(get_args(ReopenReason))
 LEGAL_BASES: frozenset[str] = frozenset(get_args(LegalBasis))
 AGE_BAND_CODES: frozenset[str] = frozenset(code for _, _, code in AGE_BANDS)
+GENDERS: frozenset[str] = frozenset(get_args(Gender))
+INVESTIGATION_BASES: frozenset[str] = frozenset(get_args(InvestigationBasis))
+INVESTIGATION_DECISIONS: frozenset[str] = frozenset(get_args(InvestigationDecision))
+INTERVENTION_KINDS: frozenset[str] = frozenset(get_args(InterventionKind))
+PARTIES: frozenset[str] = frozenset(get_args(Party))
+GENDER_NOT_STATED = "NOT_STATED"
+"""The gender of a registration that names none (every one written before contract v3)."""
+SOCIAL_SERVICES = "SOCIAL_SERVICES"
+PLAN_CONSENT_RECIPIENT = "HEALTHCARE"
+"""A coordinated plan shares the case with the region's care: the consent must cover it."""
 
 EVENT_TYPES: tuple[str, ...] = (
     "IntakeRegistered",
@@ -78,6 +93,11 @@ EVENT_TYPES: tuple[str, ...] = (
     "CaseClosed",
     "CaseReopened",
     "PersonalDataErased",
+    "InvestigationOpened",
+    "InvestigationDecided",
+    "FirstVisitHeld",
+    "CoordinatedPlanAgreed",
+    "CoordinatedPlanFollowedUp",
 )
 
 
@@ -109,6 +129,24 @@ class CaseAlreadyExists(DomainError):
         super().__init__("case-already-exists", "A case with this id is already registered.")
 
 
+class InvestigationNotFound(DomainError):
+    """A decision on an investigation the case never opened (HTTP 404)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "investigation-not-found", "No investigation with this id is opened on the case."
+        )
+
+
+class CoordinatedPlanNotFound(DomainError):
+    """A follow-up of a coordinated plan the case never agreed (HTTP 404)."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "coordinated-plan-not-found", "No coordinated plan with this id is agreed on the case."
+        )
+
+
 # --- commands --------------------------------------------------------------------------
 @dataclass(frozen=True)
 class RegisterIntake:
@@ -122,6 +160,7 @@ class RegisterIntake:
     birth_year: int | None = None
     archive_sample: bool = False
     age_band: str | None = None  # derived from birth_year when not given
+    gender: str = GENDER_NOT_STATED
 
 
 @dataclass(frozen=True)
@@ -193,6 +232,57 @@ class ErasePersonalData:
     key_ids: tuple[str, ...]
 
 
+@dataclass(frozen=True)
+class OpenInvestigation:
+    """Open an investigation of the person's need (SoL 11 kap. 1 §)."""
+
+    case_id: str
+    occurred_at: datetime
+    investigation_id: str
+    basis: str
+
+
+@dataclass(frozen=True)
+class DecideInvestigation:
+    """Decide an open investigation: granted, partly granted or refused, with the kinds of
+    intervention decided (none when refused)."""
+
+    case_id: str
+    occurred_at: datetime
+    investigation_id: str
+    decision: str
+    intervention_kinds: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class HoldFirstVisit:
+    """Record the first personal visit after the first contact (once per case)."""
+
+    case_id: str
+    occurred_at: datetime
+    visit_id: str
+
+
+@dataclass(frozen=True)
+class AgreeCoordinatedPlan:
+    """Record a coordinated individual plan (SIP) agreed with the region's care."""
+
+    case_id: str
+    occurred_at: datetime
+    plan_id: str
+    parties: tuple[str, ...]
+    lead: str
+    follow_up_on: date
+    consent_id: str
+
+
+@dataclass(frozen=True)
+class FollowUpCoordinatedPlan:
+    case_id: str
+    occurred_at: datetime
+    plan_id: str
+
+
 Command = (
     RegisterIntake
     | CompleteAssessment
@@ -203,6 +293,11 @@ Command = (
     | CloseCase
     | ReopenCase
     | ErasePersonalData
+    | OpenInvestigation
+    | DecideInvestigation
+    | HoldFirstVisit
+    | AgreeCoordinatedPlan
+    | FollowUpCoordinatedPlan
 )
 
 
@@ -214,7 +309,9 @@ class CaseState:
     """A case folded from its events ("unregistered" until its IntakeRegistered).
 
     `consents` holds the consents not withdrawn (consent_id -> recipients); whether one is
-    in force also depends on the day, see `consent_active`.
+    in force also depends on the day, see `consent_active`. `investigations` maps
+    investigation_id -> (opened at, its decision or None while open); `coordinated_plans`
+    maps plan_id -> (agreed at, whether it was followed up).
     """
 
     exists: bool = False
@@ -225,6 +322,7 @@ class CaseState:
     referral_source: str | None = None
     children_in_household: str | None = None
     age_band: str | None = None
+    gender: str | None = None
     archive_sample: bool = False
     registered_at: datetime | None = None
     closed_at: datetime | None = None
@@ -241,6 +339,9 @@ class CaseState:
     # The data keys destroyed by erasure or culling (their ids): the sealed details are gone.
     erased_key_ids: frozenset[str] = frozenset()
     erased: bool = False
+    investigations: Mapping[str, tuple[datetime, str | None]] = field(default_factory=dict)
+    first_visit_at: datetime | None = None
+    coordinated_plans: Mapping[str, tuple[datetime, bool]] = field(default_factory=dict)
     version: int = 0
 
     @property
@@ -260,6 +361,10 @@ class CaseState:
     def consents_cover(self, recipient: str, on: date) -> bool:
         """Whether a consent in force on this day lets the case be shared with recipient."""
         return any(recipient in r for r in self.active_consents(on).values())
+
+    @property
+    def open_investigations(self) -> frozenset[str]:
+        return frozenset(i for i, (_, decision) in self.investigations.items() if decision is None)
 
 
 def initial_state() -> CaseState:
@@ -285,6 +390,7 @@ def evolve(state: CaseState, event: DomainEvent) -> CaseState:
                 age_band=d.get("age_band")
                 or age_band(d.get("birth_year"), local_date(event.occurred_at).year),
                 archive_sample=bool(d.get("archive_sample", False)),
+                gender=d.get("gender") or GENDER_NOT_STATED,
                 registered_at=event.occurred_at,
             )
         case "AssessmentCompleted":
@@ -322,6 +428,25 @@ def evolve(state: CaseState, event: DomainEvent) -> CaseState:
             new = replace(
                 state, erased=True, erased_key_ids=state.erased_key_ids | set(d["key_ids"])
             )
+        case "InvestigationOpened":
+            opened = {d["investigation_id"]: (event.occurred_at, None)}
+            new = replace(state, investigations={**state.investigations, **opened})
+        case "InvestigationDecided":
+            iid = d["investigation_id"]
+            opened_at = state.investigations.get(iid, (event.occurred_at, None))[0]
+            decided = {iid: (opened_at, d["decision"])}
+            new = replace(state, investigations={**state.investigations, **decided})
+        case "FirstVisitHeld":
+            if state.first_visit_at is None or event.occurred_at < state.first_visit_at:
+                new = replace(state, first_visit_at=event.occurred_at)
+        case "CoordinatedPlanAgreed":
+            agreed = {d["plan_id"]: (event.occurred_at, False)}
+            new = replace(state, coordinated_plans={**state.coordinated_plans, **agreed})
+        case "CoordinatedPlanFollowedUp":
+            pid = d["plan_id"]
+            agreed_at = state.coordinated_plans.get(pid, (event.occurred_at, False))[0]
+            followed = {pid: (agreed_at, True)}
+            new = replace(state, coordinated_plans={**state.coordinated_plans, **followed})
     return replace(new, version=state.version + 1)
 
 
@@ -343,6 +468,11 @@ _EVENT_OF: Mapping[type, str] = {
     CloseCase: "CaseClosed",
     ReopenCase: "CaseReopened",
     ErasePersonalData: "PersonalDataErased",
+    OpenInvestigation: "InvestigationOpened",
+    DecideInvestigation: "InvestigationDecided",
+    HoldFirstVisit: "FirstVisitHeld",
+    AgreeCoordinatedPlan: "CoordinatedPlanAgreed",
+    FollowUpCoordinatedPlan: "CoordinatedPlanFollowedUp",
 }
 
 
@@ -372,6 +502,16 @@ def decide(command: Command, state: CaseState, districts: DistrictLookup) -> lis
             if erased is None:
                 return []  # those keys are already recorded as erased: nothing new
             data = erased
+        case OpenInvestigation():
+            data = _open_investigation(command, state)
+        case DecideInvestigation():
+            data = _decide_investigation(command, state)
+        case HoldFirstVisit():
+            data = _first_visit(command, state)
+        case AgreeCoordinatedPlan():
+            data = _coordinated_plan(command, state)
+        case FollowUpCoordinatedPlan():
+            data = _follow_up_plan(command, state)
         case _:
             assert_never(command)
     return [DomainEvent(_EVENT_OF[type(command)], data, command.occurred_at)]
@@ -444,6 +584,7 @@ def _register(c: RegisterIntake, state: CaseState, districts: DistrictLookup) ->
         )
     if c.age_band is not None and c.age_band != band:
         raise RuleViolation("age-band-mismatch", "The age band does not match the birth year.")
+    require_symbol(c.gender, GENDERS, "unknown-gender", "gender")
     # The birth year goes into the event for the store to seal with the person's key; the
     # reports keep only the band.
     return {
@@ -455,6 +596,7 @@ def _register(c: RegisterIntake, state: CaseState, districts: DistrictLookup) ->
         "birth_year": c.birth_year,
         "age_band": band,
         "archive_sample": c.archive_sample,
+        "gender": c.gender,
     }
 
 
@@ -581,3 +723,130 @@ def _erase(c: ErasePersonalData, state: CaseState) -> dict[str, Any] | None:
     if state.erased and set(c.key_ids) <= state.erased_key_ids:
         return None
     return {"legal_basis": c.legal_basis, "key_ids": list(c.key_ids)}
+
+
+# --- the care chain: investigation, first visit, coordinated plan ------------------------
+def _open_investigation(c: OpenInvestigation, state: CaseState) -> dict[str, Any]:
+    _require_open(state)
+    require_uuid(c.investigation_id, "investigation id")
+    if c.investigation_id in state.investigations:
+        raise RuleViolation(
+            "investigation-id-used", "This investigation is already recorded on the case."
+        )
+    if state.open_investigations:
+        # One need is investigated at a time: a new application joins the open one.
+        raise RuleViolation(
+            "investigation-already-open",
+            "The case has an open investigation; decide it before opening another.",
+        )
+    require_symbol(c.basis, INVESTIGATION_BASES, "unknown-investigation-basis", "basis")
+    return {"investigation_id": c.investigation_id, "basis": c.basis}
+
+
+def _decide_investigation(c: DecideInvestigation, state: CaseState) -> dict[str, Any]:
+    _require_open(state)
+    require_uuid(c.investigation_id, "investigation id")
+    investigation = state.investigations.get(c.investigation_id)
+    if investigation is None:
+        raise InvestigationNotFound()
+    opened_at, decided = investigation
+    if decided is not None:
+        raise RuleViolation(
+            "investigation-already-decided", "This investigation is already decided."
+        )
+    require_symbol(
+        c.decision, INVESTIGATION_DECISIONS, "unknown-investigation-decision", "decision"
+    )
+    if c.occurred_at < opened_at:
+        raise RuleViolation(
+            "decision-before-opening",
+            "The decision cannot be before the investigation was opened.",
+        )
+    if c.decision == "REFUSED":
+        if c.intervention_kinds:
+            raise RuleViolation(
+                "refused-with-interventions",
+                "A refusal decides no intervention: leave the intervention kinds empty.",
+            )
+    else:
+        _require_symbols(
+            c.intervention_kinds, INTERVENTION_KINDS, "intervention kind", "intervention-kinds"
+        )
+    return {
+        "investigation_id": c.investigation_id,
+        "decision": c.decision,
+        "intervention_kinds": list(c.intervention_kinds),
+    }
+
+
+def _first_visit(c: HoldFirstVisit, state: CaseState) -> dict[str, Any]:
+    _require_open(state)
+    require_uuid(c.visit_id, "visit id")
+    if state.first_visit_at is not None:
+        raise RuleViolation(
+            "first-visit-already-held", "The first personal visit is already recorded."
+        )
+    if state.registered_at is not None and c.occurred_at < state.registered_at:
+        # The waiting time to the first visit counts from the intake: never negative.
+        raise RuleViolation(
+            "first-visit-before-intake", "The first visit cannot be before the case's intake."
+        )
+    return {"visit_id": c.visit_id}
+
+
+def _coordinated_plan(c: AgreeCoordinatedPlan, state: CaseState) -> dict[str, Any]:
+    _require_open(state)
+    require_uuid(c.plan_id, "coordinated plan id")
+    if c.plan_id in state.coordinated_plans:
+        raise RuleViolation(
+            "coordinated-plan-id-used", "This coordinated plan is already recorded on the case."
+        )
+    _require_symbols(c.parties, PARTIES, "party", "parties")
+    if SOCIAL_SERVICES not in c.parties or len(c.parties) < 2:
+        raise RuleViolation(
+            "parties-too-few",
+            "A coordinated plan is between social services and at least one other party.",
+        )
+    require_symbol(c.lead, PARTIES, "unknown-party", "lead")
+    if c.lead not in c.parties:
+        raise RuleViolation("lead-not-a-party", "The party holding the lead must be a party.")
+    day = local_date(c.occurred_at)
+    if c.follow_up_on < day:
+        raise RuleViolation(
+            "follow-up-date-in-past", "The follow-up date may not be before the plan's date."
+        )
+    require_uuid(c.consent_id, "consent id")
+    recipients = state.active_consents(day).get(c.consent_id)
+    if recipients is None:
+        raise RuleViolation(
+            "consent-not-in-force", "No consent with this id is in force on the case."
+        )
+    if PLAN_CONSENT_RECIPIENT not in recipients:
+        raise RuleViolation(
+            "consent-not-covering", f"The consent does not cover {PLAN_CONSENT_RECIPIENT}."
+        )
+    return {
+        "plan_id": c.plan_id,
+        "parties": list(c.parties),
+        "lead": c.lead,
+        "follow_up_on": c.follow_up_on,
+        "consent_id": c.consent_id,
+    }
+
+
+def _follow_up_plan(c: FollowUpCoordinatedPlan, state: CaseState) -> dict[str, Any]:
+    _require_open(state)
+    require_uuid(c.plan_id, "coordinated plan id")
+    plan = state.coordinated_plans.get(c.plan_id)
+    if plan is None:
+        raise CoordinatedPlanNotFound()
+    agreed_at, followed_up = plan
+    if followed_up:
+        raise RuleViolation(
+            "coordinated-plan-already-followed-up", "This coordinated plan is already followed up."
+        )
+    if c.occurred_at < agreed_at:
+        raise RuleViolation(
+            "follow-up-before-agreement", "A plan cannot be followed up before it was agreed."
+        )
+    return {"plan_id": c.plan_id}

@@ -560,6 +560,7 @@ COMMANDS: list[Command] = [
     schedule(followup_id=OTHER_FOLLOWUP, kind="ASI_6_MONTHS", intervention_id=None),
     complete(),
     miss(OTHER_FOLLOWUP),
+    d.RecordUserAssessment(CASE, NOW, MEMBER, "YES", "PARTLY", "NO", "NO_ANSWER", "YES", "NO"),
 ]
 
 
@@ -569,7 +570,7 @@ def test_folding_decided_events_gives_the_same_state_as_evolving_while_deciding(
         for event in d.decide(cmd, state):
             events.append(event)
             state = d.evolve(state, event)
-    assert d.fold(events) == state and state.version == 7
+    assert d.fold(events) == state and state.version == 8
     assert {f.status for f in state.followups.values()} == {"completed", "missed"}
 
 
@@ -595,6 +596,7 @@ SPEC_FIELDS = {
         "situation_improved",
     },
     "FollowUpMissed": {"followup_id", "kind", "reason"},
+    "UserAssessmentRecorded": {"assessment_id", *d.USER_ASSESSMENT_ITEMS},
 }
 
 
@@ -642,6 +644,7 @@ def test_every_decided_event_is_exactly_its_avro_payload_and_round_trips() -> No
         (d.GOALS_REACHED, "GoalsReached"),
         (d.IMPROVEMENTS, "Improvement"),
         (d.MISSED_REASONS, "MissedReason"),
+        (d.RATINGS, "Rating"),
     ],
 )
 def test_the_domain_symbols_are_the_schema_symbols(symbols: frozenset[str], enum: str) -> None:

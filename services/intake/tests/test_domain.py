@@ -73,6 +73,7 @@ def registered(at: datetime = T0, **data: Any) -> DomainEvent:
         "children_in_household": "YES",
         "birth_year": 1975,
         "archive_sample": False,
+        "gender": "NOT_STATED",
     }
     merged = {**payload, **data}
     merged.setdefault("age_band", age_band(merged["birth_year"], local_date(at).year))
@@ -789,6 +790,7 @@ SPEC_FIELDS = {
         "birth_year",
         "age_band",
         "archive_sample",
+        "gender",
     },
     "AssessmentCompleted": {"assessment_id", "instrument", "scores", "need_level"},
     "CarePlanAgreed": {"plan_id", "goals", "person_participated", "review_on"},
@@ -798,6 +800,11 @@ SPEC_FIELDS = {
     "CaseClosed": {"reason"},
     "CaseReopened": {"reason"},
     "PersonalDataErased": {"legal_basis", "key_ids"},
+    "InvestigationOpened": {"investigation_id", "basis"},
+    "InvestigationDecided": {"investigation_id", "decision", "intervention_kinds"},
+    "FirstVisitHeld": {"visit_id"},
+    "CoordinatedPlanAgreed": {"plan_id", "parties", "lead", "follow_up_on", "consent_id"},
+    "CoordinatedPlanFollowedUp": {"plan_id"},
 }
 
 
@@ -813,6 +820,14 @@ def test_every_decided_event_carries_exactly_the_spec_payload_fields() -> None:
         close(),
         reopen(),
         d.ErasePersonalData(CASE, NOW, "ERASURE_REQUEST", (OTHER_ID,)),
+        d.OpenInvestigation(CASE, NOW, ASSESSMENT, "APPLICATION"),
+        d.DecideInvestigation(CASE, NOW, ASSESSMENT, "GRANTED", ("OUTPATIENT",)),
+        d.HoldFirstVisit(CASE, NOW, PLAN),
+        consent(),
+        d.AgreeCoordinatedPlan(
+            CASE, NOW, PLAN, ("SOCIAL_SERVICES", "PSYCHIATRY"), "PSYCHIATRY", TODAY, OTHER_ID
+        ),
+        d.FollowUpCoordinatedPlan(CASE, NOW, PLAN),
     ]
     for cmd in commands:
         for event in d.decide(cmd, state, DISTRICTS):
