@@ -16,12 +16,16 @@ from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
+import httpx
 import psycopg
 import pytest
 
+from likvard.config import Settings
 from likvard.eventstore import EventStore, NewEvent
-from services.projections import provenance
-from tests.support import closed, live_worker, registered, reopened, wait_for
+from services.projections import provenance, readmodels
+from services.projections.api import create_app
+from tests.identity import bearer
+from tests.support import closed, live_worker, registered, reopened, serving, wait_for
 from tests.test_replay import env_for, likvard, processed, relay_all
 
 pytestmark = pytest.mark.integration
@@ -84,10 +88,10 @@ def test_report_reproduces_after_more_events_and_an_edited_figure_is_named(
     offsets = prov["offsets"]
     assert {o["topic"] for o in offsets} == {intake_topic}  # nothing else was published
     assert sum(o["offset"] + 1 for o in offsets) == first  # every record, up to the report
-    assert prov["chain"]["streams"] == 40  # type: ignore[index]
+    assert prov["chain"]["streams"] == 40
     assert prov["reference"] == {"version": provenance.reference_version()}
-    assert prov["code"]["version"]  # type: ignore[index]
-    assert prov["parameters"]["structure"] == "current"  # type: ignore[index]
+    assert prov["code"]["version"]
+    assert prov["parameters"]["structure"] == "current"
     figures = record["figures"]
     assert isinstance(figures, dict)
     month = datetime.now(ZoneInfo("Europe/Stockholm")).strftime("%Y-%m")
@@ -164,3 +168,47 @@ def test_as_known_on_leaves_out_events_recorded_later_though_they_occurred_befor
         again = likvard(env, "report", "--reproduce", str(made))
         assert again.returncode == 0, again.stdout + again.stderr
         assert "identical" in again.stdout
+
+
+def test_report_answers_carry_their_provenance_in_a_header_or_an_envelope(
+    database_url: str, schema: str, new_schema: Callable[[str], str]
+) -> None:
+    from services.projections.tests.test_reports import EVENTS
+
+    marks = provenance.Marks()
+    marks.add(
+        "likvard.intake.v1", 0, 41, {"stream_id": b"s", "stream_version": b"3", "hash": b"ab"}
+    )
+    with psycopg.connect(database_url, autocommit=True) as conn, conn.transaction():
+        readmodels.migrate(conn, schema)
+        assert provenance.migrate(conn, schema)
+        readmodels.apply(conn, schema, EVENTS)
+        provenance.record(conn, schema, marks)
+    app = create_app(
+        Settings(database_url=database_url), schema=schema, access_log_schema=new_schema("al")
+    )
+    period = {"from": "2024-01-01", "to": "2024-12-31"}
+    with (
+        serving(app) as base_url,
+        httpx.Client(base_url=base_url, timeout=30, headers=bearer("analyst")) as api,
+    ):
+        plain = api.get("/reports/followup", params=period)
+        wrapped = api.get("/reports/followup", params=period | {"provenance": "true"})
+        as_csv = api.get("/reports/equal-access", params={"format": "csv"})
+    assert plain.status_code == wrapped.status_code == as_csv.status_code == 200
+    assert isinstance(plain.json(), list) and plain.json()  # the list shape is kept
+    header = json.loads(plain.headers["Likvard-Provenance"])
+    offsets = [{"topic": "likvard.intake.v1", "partition": 0, "offset": 41}]
+    assert header["offsets"] == offsets
+    assert header["chain"] == {
+        "streams": 1,
+        "heads_sha256": provenance.heads_digest([("likvard.intake.v1", "s", 3, "ab")]),
+    }
+    assert header["parameters"]["report"] == "followup"
+    assert header["parameters"]["from"] == "2024-01-01"
+    body = wrapped.json()
+    assert body["rows"] == plain.json()
+    assert body["provenance"]["offsets"] == offsets
+    assert as_csv.text.startswith("district,metric,")  # CSV stays CSV
+    csv_header = json.loads(as_csv.headers["Likvard-Provenance"])
+    assert csv_header["parameters"]["report"] == "equal-access"

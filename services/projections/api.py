@@ -8,13 +8,21 @@ transfers: a case worker of that district, of the sending district for 30 days, 
 them with an emergency reason; an auditor), the access log ACCESS_LOG_READ (auditor). The
 checks that need no case run as dependencies, before the query parameters are judged, so
 a caller without the role gets 403 whatever they ask; every refusal and every timeline
-read is in the access log before the answer leaves."""
+read is in the access log before the answer leaves.
+
+Provenance: a report's answer (JSON or CSV) carries its record in the `Likvard-Provenance`
+header (compact ASCII JSON: the offsets per topic partition, the chain-heads digest, the
+code and reference-data versions, the parameters), read in the same snapshot as its rows.
+A header keeps the JSON body the list it always was and the CSV plain CSV; with
+`provenance=true` a JSON answer is instead an object `{"provenance": ..., "rows": [...]}`
+for a client that keeps one file."""
 
 from __future__ import annotations
 
 import csv
 import dataclasses
 import io
+import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -26,7 +34,7 @@ import psycopg
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 from psycopg_pool import ConnectionPool
-from pydantic import BaseModel
+from pydantic import BaseModel, create_model
 
 from likvard import guard, http
 from likvard.codec import Catalogue
@@ -38,12 +46,13 @@ from likvard.keys import open_key_store
 from likvard.policy import Action, CaseScope, SystemScope, sees_personal_text
 from likvard.sealing import Sealer, ToOpen
 from likvard.telemetry import setup_tracing
-from services.projections import access_log, readmodels, reports
+from services.projections import access_log, readmodels, reports, reproduce
 from services.projections.audit import AuditCell, audit
 
 log = logging.getLogger("likvard.projections")
 
 Format = Literal["json", "csv"]
+PROVENANCE_HEADER = "Likvard-Provenance"
 Structure = Literal["current", "as-recorded"]
 FORMAT = Query(description="`json` (default) or `csv` (`text/csv`, a header row first)")
 STRUCTURE = Query(
@@ -76,6 +85,29 @@ def _table(row: type) -> dict[int | str, dict[str, Any]]:
             "content": {"text/csv": {"schema": {"type": "string"}}},
         }
     }
+
+
+def _report_table(row: type) -> dict[int | str, dict[str, Any]]:
+    """A report's 200 answer: the rows (or `{provenance, rows}` with `provenance=true`), or
+    CSV; its provenance in the `Likvard-Provenance` header."""
+    envelope = create_model(
+        f"{row.__name__}WithProvenance",
+        provenance=(dict[str, Any], ...),
+        rows=(list[row], ...),  # type: ignore[valid-type]
+    )
+    answer = _table(row)
+    answer[200] |= {
+        "model": list[row] | envelope,  # type: ignore[valid-type]
+        "headers": {
+            PROVENANCE_HEADER: {
+                "description": "The report's provenance as compact JSON: offsets per topic"
+                " partition, chain-heads digest, code and reference-data versions,"
+                " parameters",
+                "schema": {"type": "string"},
+            }
+        },
+    }
+    return answer
 
 
 class AccessLogEntry(BaseModel):
@@ -170,6 +202,30 @@ def _csv_cell(value: Any) -> Any:
 
 def _respond(rows: list[dict[str, Any]], columns: Sequence[str], fmt: Format) -> Response:
     return _csv(rows, columns) if fmt == "csv" else JSONResponse(rows)
+
+
+PROVENANCE = Query(
+    description="`true`: a JSON answer is `{provenance, rows}` instead of the list of rows"
+    " (the `Likvard-Provenance` header carries the same provenance either way)"
+)
+
+
+def _with_provenance(
+    rows: list[dict[str, Any]],
+    columns: Sequence[str],
+    fmt: Format,
+    prov: dict[str, Any],
+    envelope: bool,
+) -> Response:
+    """The answer with its provenance in a header (and, asked for, in a JSON envelope)."""
+    if envelope and fmt == "json":
+        response: Response = JSONResponse({"provenance": prov, "rows": rows})
+    else:
+        response = _respond(rows, columns, fmt)
+    response.headers[PROVENANCE_HEADER] = json.dumps(
+        prov, sort_keys=True, separators=(",", ":"), ensure_ascii=True
+    )
+    return response
 
 
 def _not_a_case_id(case_id: str) -> bool:
@@ -268,7 +324,7 @@ def create_app(
         "/reports/followup",
         tags=["reports"],
         summary="The follow-up report",
-        responses=_table(reports.ReportRow),
+        responses=_report_table(reports.ReportRow),
         description="Per period (month or year of intake, city time zone) and district, with a"
         " city-wide row (`district=city`) after each period's districts. Analysts and"
         " auditors.",
@@ -287,27 +343,35 @@ def create_app(
         structure: Annotated[Structure, STRUCTURE] = "current",
         period: Annotated[Literal["month", "year"], Query(description="Rows per")] = "month",
         format: Annotated[Format, FORMAT] = "json",
+        provenance: Annotated[bool, PROVENANCE] = False,
     ) -> Response:
         if end < start:
             raise http.ProblemError(422, "bad-period", "Bad period", "`to` is before `from`.")
         check_district(district, structure)
-        rows = reports.followup_report(
-            conn,
-            schema,
-            start=start,
-            end=end,
-            period=period,
-            structure=structure,
-            district=district,
-            registry=registry,
+        params = reproduce.Parameters(start, end, structure, period, reproduce.default_as_of())
+        with reproduce.snapshot_transaction(conn):
+            rows = reports.followup_report(
+                conn,
+                schema,
+                start=start,
+                end=end,
+                period=period,
+                structure=structure,
+                district=district,
+                registry=registry,
+                as_of=params.as_of,
+            )
+            given = params.to_json() | {"report": "followup", "district": district}
+            prov = reproduce.provenance_of(conn, schema, given)
+        return _with_provenance(
+            _rows(rows), _field_names(reports.ReportRow), format, prov, provenance
         )
-        return _respond(_rows(rows), _field_names(reports.ReportRow), format)
 
     @app.get(
         "/reports/equal-access",
         tags=["reports"],
         summary="The equal-access audit",
-        responses=_table(AuditCell),
+        responses=_report_table(AuditCell),
         description="Per district and metric, for persons with the same assessed need level:"
         " the rate, the rest of the city's rate, the crude and need-adjusted ratio with its 95%"
         " interval, the Mantel-Haenszel ratio, and a flag when the interval excludes 1 and the"
@@ -321,12 +385,21 @@ def create_app(
         structure: Annotated[Structure, STRUCTURE] = "current",
         district: Annotated[DistrictQuery, Query(description="Only this district")] = None,
         format: Annotated[Format, FORMAT] = "json",
+        provenance: Annotated[bool, PROVENANCE] = False,
     ) -> Response:
         check_district(district, structure)
-        cells = audit(reports.audit_rows(conn, schema, structure=structure, registry=registry))
+        with reproduce.snapshot_transaction(conn):
+            cells = audit(reports.audit_rows(conn, schema, structure=structure, registry=registry))
+            given = {
+                "report": "equal-access",
+                "structure": structure,
+                "district": district,
+                "min_cell": reproduce.MIN_CELL,
+            }
+            prov = reproduce.provenance_of(conn, schema, given)
         if district is not None:
             cells = [c for c in cells if c.district == district]
-        return _respond(_rows(cells), _field_names(AuditCell), format)
+        return _with_provenance(_rows(cells), _field_names(AuditCell), format, prov, provenance)
 
     @app.get(
         "/cases/{case_id}/timeline",
