@@ -39,7 +39,7 @@ times, the first visit for time to first visit, the first closing for re-actuali
 Breakdowns: every figure is per district (at intake, in the structure asked for) with a
 city-wide figure (district ``"city"``, each person counted once); one more breakdown can be
 asked for (gender, age band or need level), which adds a figure per group in each district
-and city-wide. A missing value is its own group (``NOT_STATED``, ``unknown``,
+and city-wide. A missing value is its own group (``NOT_STATED``, ``UNKNOWN``,
 ``NOT_ASSESSED``), so groups always add up to the total.
 
 Small counts: a figure whose denominator holds fewer than `min_persons` distinct persons
@@ -127,7 +127,7 @@ BREAKDOWNS: dict[str, Breakdown] = {
         ),
         Breakdown(
             "age_band",
-            "COALESCE(c.age_band, 'unknown')",
+            "COALESCE(c.age_band, 'UNKNOWN')",
             "Age band at intake (a code; the birth year is sealed)",
         ),
         Breakdown(
