@@ -40,8 +40,18 @@ from psycopg import sql
 from likvard.db import check_schema_name
 from likvard.districts import DistrictRegistry
 from services.projections.audit import PersonOutcome
+from services.projections.stats import WaitRow
 
-__all__ = ["CITY", "TIME_ZONE", "ReportRow", "audit_rows", "followup_report", "to_csv"]
+__all__ = [
+    "CITY",
+    "TIME_ZONE",
+    "WAITS",
+    "ReportRow",
+    "audit_rows",
+    "followup_report",
+    "to_csv",
+    "wait_rows",
+]
 
 CITY = "city"
 TIME_ZONE = "Europe/Stockholm"
@@ -228,6 +238,16 @@ def to_csv(rows: list[ReportRow]) -> str:
     return out.getvalue()
 
 
+def _fact_columns(conn: psycopg.Connection[Any], schema: str) -> set[str]:
+    """The columns case_facts has now (read models migrate columns in over releases)."""
+    rows = conn.execute(
+        "SELECT column_name FROM information_schema.columns"
+        " WHERE table_schema = %s AND table_name = 'case_facts'",
+        (check_schema_name(schema),),
+    ).fetchall()
+    return {str(r[0]) for r in rows}
+
+
 def audit_rows(
     conn: psycopg.Connection[Any],
     schema: str,
@@ -237,11 +257,15 @@ def audit_rows(
 ) -> list[PersonOutcome]:
     """One row per person for the equal-access audit: the person's most recent case (latest
     intake, then greatest case id), its district at intake in the chosen structure, its need
-    level (persons whose most recent case has none are left out) and the five outcomes."""
+    level (persons whose most recent case has none are left out), age band and gender (the
+    standardisation strata; "UNKNOWN" and "NOT_STATED" when not recorded) and the five
+    outcomes."""
     pairs = _district_map(registry or DistrictRegistry.load(), structure)
     facts, params = _mapped_facts(schema, pairs)
+    gender = "gender" if "gender" in _fact_columns(conn, schema) else "NULL::text"
     query = sql.SQL(
         "SELECT DISTINCT ON (person) person, district, need_level,"
+        " COALESCE(age_band, 'UNKNOWN'), COALESCE(" + gender + ", 'NOT_STATED'),"
         " interventions > 0,"
         " CASE WHEN first_intervention_at IS NULL THEN NULL"
         "      ELSE first_intervention_at - intake_at"
@@ -254,9 +278,18 @@ def audit_rows(
         " FROM ({}) c ORDER BY person, intake_at DESC, case_id DESC"
     ).format(facts)
     out: list[PersonOutcome] = []
-    for person, district, need, access, timely, guideline, family, followup in conn.execute(
-        query, params | {"timely_days": TIMELY_DAYS}
-    ).fetchall():
+    for (
+        person,
+        district,
+        need,
+        age,
+        sex,
+        access,
+        timely,
+        guideline,
+        family,
+        followup,
+    ) in conn.execute(query, params | {"timely_days": TIMELY_DAYS}).fetchall():
         if need is None:
             continue
         out.append(
@@ -271,6 +304,63 @@ def audit_rows(
                     "family_engagement": family,
                     "followup_completion": followup,
                 },
+                age_band=age,
+                gender=sex,
             )
         )
+    return out
+
+
+# The audit's waits: the start (a case_facts column, or the first timeline event of a type)
+# and the event types that end it (the first at or after the start).
+WAITS: dict[str, tuple[str, tuple[str, ...]]] = {
+    "intake_to_first_visit": ("f.intake_at", ("FirstVisitHeld",)),
+    "referral_to_answer": ("f.first_referral_at", ("ReferralAccepted", "ReferralDeclined")),
+    "referral_to_start": ("f.first_referral_at", ("InterventionStarted",)),
+    "intervention_end_to_followup": (
+        "(SELECT min(x.occurred_at) FROM {t}.timeline x"
+        " WHERE x.case_id = f.case_id AND x.event_type = 'InterventionEnded')",
+        ("FollowUpCompleted",),
+    ),
+}
+
+_WAIT = """
+WITH facts AS ({facts})
+SELECT DISTINCT ON (f.person) f.district, f.need_level, s.start_at, e.end_at,
+       CASE WHEN f.status = 'closed' THEN f.closed_at END
+FROM facts f
+CROSS JOIN LATERAL (SELECT {start} AS start_at) s
+LEFT JOIN LATERAL (
+    SELECT min(x.occurred_at) AS end_at FROM {t}.timeline x
+    WHERE x.case_id = f.case_id AND x.event_type = ANY(%(ends)s)
+      AND x.occurred_at >= s.start_at
+) e ON true
+WHERE s.start_at IS NOT NULL AND f.need_level IS NOT NULL
+ORDER BY f.person, s.start_at DESC, f.case_id DESC
+"""
+
+
+def wait_rows(
+    conn: psycopg.Connection[Any],
+    schema: str,
+    *,
+    structure: Structure = "current",
+    registry: DistrictRegistry | None = None,
+) -> dict[str, list[WaitRow]]:
+    """Per wait in ``WAITS``, one row per person (their most recent case where the wait
+    started): district at intake, need level, start, end (None: still waiting) and, for a
+    closed case still waiting, the closing time (observation stops there: censored).
+    Ends come from the timeline, so no read-model column is needed for them."""
+    pairs = _district_map(registry or DistrictRegistry.load(), structure)
+    facts, params = _mapped_facts(schema, pairs)
+    t = sql.Identifier(check_schema_name(schema))
+    out: dict[str, list[WaitRow]] = {}
+    for name, (start, ends) in WAITS.items():
+        query = sql.SQL(_WAIT).format(facts=facts, t=t, start=sql.SQL(start).format(t=t))
+        out[name] = [
+            WaitRow(start_at, end_at, district, need, censored_at=closed)
+            for district, need, start_at, end_at, closed in conn.execute(
+                query, params | {"ends": list(ends)}
+            ).fetchall()
+        ]
     return out
