@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -56,3 +57,36 @@ def test_report_errors_are_clear(database_url: str, schema: str, tmp_path: Path)
     assert bad.returncode == 2
     assert "structure" in bad.stderr
     assert not out.exists()
+
+
+def test_report_without_kafka_provenance_says_it_cannot_be_replayed(
+    database_url: str, schema: str, tmp_path: Path
+) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn, conn.transaction():
+        readmodels.migrate(conn, schema)
+        readmodels.apply(conn, schema, EVENTS)  # straight from events: no offsets recorded
+    out = tmp_path / "report.json"
+    args = ["--out", str(out), "--from", "2024-01-01", "--to", "2024-12-31", "--schema", schema]
+    made = likvard(database_url, *args)
+    assert made.returncode == 0, made.stderr
+    record = json.loads(out.read_text(encoding="utf-8"))  # a .json --out: the record alone
+    assert record["provenance"]["offsets"] == []
+    assert record["provenance"]["parameters"]["from"] == "2024-01-01"
+    assert record["figures"]["followup/2024/city/persons"] > 0
+    refused = likvard(database_url, "--reproduce", str(out))
+    assert refused.returncode == 2
+    assert "names no Kafka offsets" in refused.stderr
+
+
+def test_reproduce_refuses_a_file_that_is_no_report(database_url: str, tmp_path: Path) -> None:
+    other = tmp_path / "other.html"
+    other.write_text("<!DOCTYPE html><p>42</p>", encoding="utf-8")
+    refused = likvard(database_url, "--reproduce", str(other))
+    assert refused.returncode == 2
+    assert "not a readable Likvärd report" in refused.stderr
+    missing = likvard(database_url, "--reproduce", str(tmp_path / "absent.html"))
+    assert missing.returncode == 2 and "cannot read" in missing.stderr
+    both = likvard(database_url, "--reproduce", str(other), "--out", str(tmp_path / "x.html"))
+    assert both.returncode == 2 and "--reproduce takes only the report file" in both.stderr
+    neither = likvard(database_url, "--from", "2024-01-01")
+    assert neither.returncode == 2 and "--out FILE" in neither.stderr
