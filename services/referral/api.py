@@ -9,6 +9,11 @@ is read by the addressed unit and by the case's district (the sending district a
 transfer for 30 days; anyone's case worker with an emergency reason). Unit staff see of the
 case only what the referral carries: its id, the districts and the intervention.
 
+Overdue referrals (`services.referral.overdue`): requested and unanswered for more than
+LIKVARD_REFERRAL_ANSWER_DAYS calendar days. The inbox marks them; a district's case workers
+list their cases' overdue referrals (the policy's district-list action, `followups.due`,
+as for the follow-ups due), and every case shown is recorded in the access log.
+
 An id that names no referral (or intervention) answers 404 to any signed-in caller: a
 random id shows nothing of a person, and there is no case to check or log.
 """
@@ -24,14 +29,14 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, Path, Query, Request, Response
 from pydantic import BaseModel, Field
 
-from likvard import guard, http
+from likvard import deadlines, guard, http
 from likvard.catalogue import ReferenceCatalogue
 from likvard.codec import Catalogue
 from likvard.config import Settings, load_settings
 from likvard.eventstore import open_store
 from likvard.identity import Principal
 from likvard.known_cases import CaseDirectory, KnownCase
-from likvard.policy import Action, CaseScope, ReferralScope, UnitScope
+from likvard.policy import Action, CaseScope, Decision, DistrictScope, ReferralScope, UnitScope
 from likvard.service import Decided
 from likvard.telemetry import setup_tracing
 from services.referral import domain as d
@@ -41,6 +46,7 @@ from services.referral.domain import (
     InterventionOutcome,
     WithdrawReason,
 )
+from services.referral.overdue import overdue_in_districts, waiting
 from services.referral.service import ReferralService
 
 ReferralId = Annotated[uuid.UUID, Path(description="The referral id returned by POST /referrals")]
@@ -113,6 +119,30 @@ class InboxEntry(BaseModel):
     person_district: str
     status: str
     requested_at: datetime
+    days_waiting: int | None = Field(
+        ..., description="Calendar days since the request while it is unanswered, else null"
+    )
+    overdue: bool = Field(..., description="Unanswered more than LIKVARD_REFERRAL_ANSWER_DAYS")
+
+
+class OverdueEntry(BaseModel):
+    referral_id: uuid.UUID
+    case_id: uuid.UUID
+    unit_id: str
+    intervention_code: str
+    district: str = Field(..., description="The case's current district")
+    requested_at: datetime
+    days_waiting: int
+
+
+_NO_DISTRICT = "*"  # the scope of "the caller's own districts" for one who has none
+
+
+def _district_scopes(principal: Principal, district: str | None) -> list[DistrictScope]:
+    """The districts asked for: the one named, else the caller's own."""
+    if district is not None:
+        return [DistrictScope(district)]
+    return [DistrictScope(x) for x in sorted(principal.districts)] or [DistrictScope(_NO_DISTRICT)]
 
 
 def _service(request: Request) -> ReferralService:
@@ -460,6 +490,63 @@ def create_app(
         )
 
     @app.get(
+        "/referrals/overdue",
+        response_model=list[OverdueEntry],
+        tags=["referrals"],
+        summary="Referrals of a district's cases unanswered for too long",
+        description="Referrals requested and neither accepted, declined nor withdrawn for"
+        " more than LIKVARD_REFERRAL_ANSWER_DAYS calendar days, oldest first, by the case's"
+        " current district. Case workers, for their own districts (all of them when none is"
+        " named; another district only with an emergency reason, logged and flagged). Every"
+        " case the answer shows is recorded in the access log.",
+        openapi_extra=guard.policy(Action.FOLLOWUPS_DUE),
+    )
+    def overdue_referrals(
+        request: Request,
+        svc: Svc,
+        principal: guard.Caller,
+        district: Annotated[
+            str | None,
+            Query(min_length=1, max_length=64, description="e.g. 'nordost'; default: yours"),
+        ] = None,
+        emergency: guard.EmergencyReason = None,
+    ) -> list[OverdueEntry]:
+        checked: list[tuple[DistrictScope, Decision]] = [
+            (
+                scope,
+                guard.authorize(
+                    request, principal, Action.FOLLOWUPS_DUE, scope, emergency=emergency
+                ),
+            )
+            for scope in _district_scopes(principal, district)
+        ]
+        today = deadlines.city_today()
+        days = settings.referral_answer_days
+        shown = overdue_in_districts(svc.store, [s.district for s, _ in checked], today, days)
+        for scope, decision in checked:
+            guard.record_reads(
+                request,
+                principal,
+                Action.FOLLOWUPS_DUE,
+                decision,
+                scope,
+                (r.case_id for r in shown if r.district == scope.district),
+                emergency=emergency,
+            )
+        return [
+            OverdueEntry(
+                referral_id=uuid.UUID(r.referral_id),
+                case_id=uuid.UUID(r.case_id),
+                unit_id=r.unit_id,
+                intervention_code=r.intervention_code,
+                district=r.district,
+                requested_at=r.requested_at,
+                days_waiting=deadlines.days_since(d.local_date(r.requested_at), today),
+            )
+            for r in shown
+        ]
+
+    @app.get(
         "/referrals/{referral_id}",
         response_model=ReferralView,
         responses={200: {"headers": {"ETag": ETAG}}},
@@ -505,7 +592,8 @@ def create_app(
         tags=["units"],
         summary="A specialist unit's inbox of referrals, from every district",
         description="The unit's own staff. Every case the answer shows is recorded in the"
-        " access log.",
+        " access log. A referral unanswered for more than LIKVARD_REFERRAL_ANSWER_DAYS"
+        " calendar days is `overdue`.",
         openapi_extra=guard.policy(Action.UNIT_INBOX),
     )
     def unit_inbox(
@@ -514,14 +602,23 @@ def create_app(
         svc: Svc,
         principal: guard.Caller,
         status: Literal["requested", "accepted", "declined", "withdrawn"] | None = Query(None),
+        overdue: bool | None = Query(
+            None, description="true: only overdue referrals; false: only those not overdue"
+        ),
     ) -> list[InboxEntry]:
         scope = UnitScope(unit_id)
         decision = guard.authorize(request, principal, Action.UNIT_INBOX, scope)
         if svc.reference.unit(unit_id) is None:
             raise http.ProblemError(404, "unknown-unit", "Unknown unit", "No unit has this id.")
-        items = svc.unit_inbox(unit_id, status)
+        today = deadlines.city_today()
+        days = settings.referral_answer_days
+        judged = [
+            (i, waiting(i.status, i.requested_at, today, days))
+            for i in svc.unit_inbox(unit_id, status)
+        ]
+        items = [(i, w) for i, w in judged if overdue is None or w.overdue is overdue]
         guard.record_reads(
-            request, principal, Action.UNIT_INBOX, decision, scope, (i.case_id for i in items)
+            request, principal, Action.UNIT_INBOX, decision, scope, (i.case_id for i, _ in items)
         )
         return [
             InboxEntry(
@@ -531,8 +628,10 @@ def create_app(
                 person_district=i.person_district,
                 status=i.status,
                 requested_at=i.requested_at,
+                days_waiting=w.days_waiting,
+                overdue=w.overdue,
             )
-            for i in items
+            for i, w in items
         ]
 
     http.add_health(app, lambda request: request.app.state.service.store.ping())

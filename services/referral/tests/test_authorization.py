@@ -153,6 +153,8 @@ def test_the_inbox_read_is_logged_once_per_case_shown(
         "person_district",
         "status",
         "requested_at",
+        "days_waiting",
+        "overdue",
     }
 
 
