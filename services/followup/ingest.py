@@ -2,9 +2,9 @@
 wiring of the service's ingest worker (`build`).
 
 An ingested event is turned into the command that would have made it and decided on the
-case's follow-up stream, with the same rules as the HTTP API: family work and scheduling
-need a case the service knows from intake; completing or missing needs a follow-up the case
-has scheduled (its kind must be that follow-up's, checked by
+case's follow-up stream, with the same rules as the HTTP API: family work, scheduling and
+user assessments need a case the service knows from intake; completing or missing needs a
+follow-up the case has scheduled (its kind must be that follow-up's, checked by
 `likvard.ingest.check_matches`). A FollowUpScheduled for an id the case already has is a
 repeat: nothing is stored and the record counts as a duplicate.
 """
@@ -27,7 +27,12 @@ from services.followup import domain as d
 from services.followup.service import make_service, prepare
 
 NEEDS_KNOWN_CASE = frozenset(
-    {"ChildrenInHouseholdRecorded", "FamilyMemberEngaged", "FollowUpScheduled"}
+    {
+        "ChildrenInHouseholdRecorded",
+        "FamilyMemberEngaged",
+        "FollowUpScheduled",
+        "UserAssessmentRecorded",
+    }
 )
 
 
@@ -75,6 +80,18 @@ def command_for(
             )
         case "FollowUpMissed":
             return d.MarkFollowUpMissed(case_id, occurred_at, data["followup_id"], data["reason"])
+        case "UserAssessmentRecorded":
+            return d.RecordUserAssessment(
+                case_id=case_id,
+                occurred_at=occurred_at,
+                assessment_id=data["assessment_id"],
+                contact_easy=data["contact_easy"],
+                clear_information=data["clear_information"],
+                felt_understood=data["felt_understood"],
+                influence=data["influence"],
+                whole_situation=data["whole_situation"],
+                situation_improved=data["situation_improved"],
+            )
     raise ValueError(f"{event_type} is not a follow-up event")
 
 

@@ -726,6 +726,22 @@ def _erase(c: ErasePersonalData, state: CaseState) -> dict[str, Any] | None:
 
 
 # --- the care chain: investigation, first visit, coordinated plan ------------------------
+def _require_codes(
+    values: tuple[str, ...], allowed: frozenset[str], what: str, codes: tuple[str, str, str]
+) -> None:
+    """As `_require_symbols`, with the refusal codes (empty, unknown, duplicated) spelt
+    out where they are used, so the district guide's table is checked against them."""
+    empty, unknown, duplicated = codes
+    if not values:
+        raise RuleViolation(empty, f"At least one {what} is needed.")
+    if any(v not in allowed for v in values):
+        raise RuleViolation(
+            unknown, f"Each {what} must be one of " + ", ".join(sorted(allowed)) + "."
+        )
+    if len(set(values)) != len(values):
+        raise RuleViolation(duplicated, f"Each {what} may be given only once.")
+
+
 def _open_investigation(c: OpenInvestigation, state: CaseState) -> dict[str, Any]:
     _require_open(state)
     require_uuid(c.investigation_id, "investigation id")
@@ -769,8 +785,15 @@ def _decide_investigation(c: DecideInvestigation, state: CaseState) -> dict[str,
                 "A refusal decides no intervention: leave the intervention kinds empty.",
             )
     else:
-        _require_symbols(
-            c.intervention_kinds, INTERVENTION_KINDS, "intervention kind", "intervention-kinds"
+        _require_codes(
+            c.intervention_kinds,
+            INTERVENTION_KINDS,
+            "intervention kind",
+            (
+                "intervention-kinds-empty",
+                "unknown-intervention-kind",
+                "intervention-kinds-duplicated",
+            ),
         )
     return {
         "investigation_id": c.investigation_id,
@@ -801,7 +824,9 @@ def _coordinated_plan(c: AgreeCoordinatedPlan, state: CaseState) -> dict[str, An
         raise RuleViolation(
             "coordinated-plan-id-used", "This coordinated plan is already recorded on the case."
         )
-    _require_symbols(c.parties, PARTIES, "party", "parties")
+    _require_codes(
+        c.parties, PARTIES, "party", ("parties-empty", "unknown-party", "parties-duplicated")
+    )
     if SOCIAL_SERVICES not in c.parties or len(c.parties) < 2:
         raise RuleViolation(
             "parties-too-few",

@@ -48,6 +48,7 @@ def command_for(
                 birth_year=data.get("birth_year"),
                 archive_sample=bool(data.get("archive_sample", False)),
                 age_band=data.get("age_band"),
+                gender=data.get("gender") or d.GENDER_NOT_STATED,
             )
         case "AssessmentCompleted":
             return d.CompleteAssessment(
@@ -83,6 +84,32 @@ def command_for(
             return d.CloseCase(case_id, occurred_at, data["reason"])
         case "CaseReopened":
             return d.ReopenCase(case_id, occurred_at, data["reason"])
+        case "InvestigationOpened":
+            return d.OpenInvestigation(
+                case_id, occurred_at, data["investigation_id"], data["basis"]
+            )
+        case "InvestigationDecided":
+            return d.DecideInvestigation(
+                case_id=case_id,
+                occurred_at=occurred_at,
+                investigation_id=data["investigation_id"],
+                decision=data["decision"],
+                intervention_kinds=tuple(data["intervention_kinds"]),
+            )
+        case "FirstVisitHeld":
+            return d.HoldFirstVisit(case_id, occurred_at, data["visit_id"])
+        case "CoordinatedPlanAgreed":
+            return d.AgreeCoordinatedPlan(
+                case_id=case_id,
+                occurred_at=occurred_at,
+                plan_id=data["plan_id"],
+                parties=tuple(data["parties"]),
+                lead=data["lead"],
+                follow_up_on=data["follow_up_on"],
+                consent_id=data["consent_id"],
+            )
+        case "CoordinatedPlanFollowedUp":
+            return d.FollowUpCoordinatedPlan(case_id, occurred_at, data["plan_id"])
         case "PersonalDataErased":
             raise d.RuleViolation(
                 "not-a-district-event",
@@ -95,8 +122,10 @@ class IntakeRules:
     """`likvard.ingest.IngestRules` for the intake service: the stream is the case."""
 
     service = "intake"
-    # A district may leave the age band null: Likvärd derives it from the birth year.
-    optional_fields = frozenset({"age_band"})
+    # A district may leave the age band null: Likvärd derives it from the birth year. The
+    # gender of a record decoded from a v1 or v2 registration is NOT_STATED (the reader's
+    # default); one handed over without it at all is taken as not stated.
+    optional_fields = frozenset({"age_band", "gender"})
 
     def __init__(self, districts: d.DistrictLookup) -> None:
         self.districts = districts

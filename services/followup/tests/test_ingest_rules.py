@@ -94,6 +94,15 @@ def missing(
 
 
 # --- given, when, then ----------------------------------------------------------------
+def rated(**ratings: str) -> dict[str, Any]:
+    return {
+        "assessment_id": MEMBER,
+        **dict.fromkeys(d.USER_ASSESSMENT_ITEMS, "YES"),
+        "influence": "PARTLY",
+        **ratings,
+    }
+
+
 def scheduled(district: str = "nordost", **data: Any) -> DomainEvent:
     return DomainEvent("FollowUpScheduled", schedule(district=district, **data), T0)
 
@@ -155,6 +164,9 @@ ACCEPTED = [
     # Completing or missing needs the follow-up, not the known case.
     Accepted((scheduled(),), "FollowUpCompleted", completion(), case=None),
     Accepted((scheduled(),), "FollowUpMissed", missing(), case=UNKNOWN),
+    Accepted((), "UserAssessmentRecorded", rated()),
+    Accepted((scheduled(), completed()), "UserAssessmentRecorded", rated(contact_easy="NO_ANSWER")),
+    Accepted((), "UserAssessmentRecorded", rated(), case=CLOSED),
 ]
 
 
@@ -213,6 +225,7 @@ REFUSED = [
             ("ChildrenInHouseholdRecorded", children()),
             ("FamilyMemberEngaged", engagement()),
             ("FollowUpScheduled", schedule()),
+            ("UserAssessmentRecorded", rated()),
         ]
         for case in (None, UNKNOWN)
     ),
@@ -268,6 +281,13 @@ REFUSED = [
         {**completion(), "self_rated_health": 6},
         "self-rated-health-out-of-range",
     ),
+    Refused((), "UserAssessmentRecorded", rated(felt_understood="MOSTLY"), "unknown-rating"),
+    Refused(
+        (DomainEvent("UserAssessmentRecorded", rated(), T0),),
+        "UserAssessmentRecorded",
+        rated(),
+        "user-assessment-id-used",
+    ),
 ]
 
 
@@ -308,9 +328,12 @@ def test_the_stream_is_the_case_and_every_event_looks_up_the_case() -> None:
         incoming = district_event(event_type, data)
         assert RULES.stream_id(incoming) == CASE
         assert RULES.needs_case(incoming) is True
-    assert {"ChildrenInHouseholdRecorded", "FamilyMemberEngaged", "FollowUpScheduled"} == (
-        NEEDS_KNOWN_CASE
-    )
+    assert NEEDS_KNOWN_CASE == {
+        "ChildrenInHouseholdRecorded",
+        "FamilyMemberEngaged",
+        "FollowUpScheduled",
+        "UserAssessmentRecorded",
+    }
 
 
 def district_after(incoming: Incoming, stream: StreamView, case: KnownCase | None) -> str | None:
