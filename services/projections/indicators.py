@@ -385,7 +385,7 @@ c AS (
                         WHERE r.case_id = f.case_id AND r.event_type = 'CaseReopened'
                           AND r.occurred_at >= cl.first_closed
                           AND r.occurred_at < cl.first_closed + interval '365 days')
-               OR EXISTS (SELECT 1 FROM facts o
+               OR EXISTS (SELECT 1 FROM {t}.case_facts o
                            WHERE o.person = f.person AND o.case_id <> f.case_id
                              AND o.intake_at >= cl.first_closed
                              AND o.intake_at < cl.first_closed + interval '365 days')
