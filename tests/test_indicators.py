@@ -509,3 +509,33 @@ def test_all_available_indicators_run_on_an_empty_period(
         if ind.missing():
             continue
         assert compute(ind, period=(date(2019, 1, 1), date(2019, 12, 31))) == [], ind.id
+
+
+@pytest.mark.skipif(
+    bool(INDICATORS["likvard-referrals-accepted"].missing("gender")),
+    reason="case_facts has no gender yet",
+)
+def test_gender_breakdown_adds_up(figures: Callable[..., Compute]) -> None:
+    """Referrals accepted by gender (recorded at intake; none recorded is NOT_STATED), with
+    the small-count rule at one person so that every group shows."""
+    march = at(2024, 3, 5)
+
+    def case(name: str, answer: str, **gender: str) -> Case:
+        return Case(name, "nordost").intake(march, **gender).referral(march, answer)
+
+    cases = [
+        case("g-w1", "accepted", gender="WOMAN"),
+        case("g-w2", "accepted", gender="WOMAN"),
+        case("g-w3", "declined", gender="WOMAN"),  # WOMAN: 2/3
+        case("g-m1", "accepted", gender="MAN"),
+        case("g-m2", "declined", gender="MAN"),  # MAN: 1/2
+        case("g-x1", "accepted"),  # NOT_STATED: 1/1
+    ]
+    one = dataclasses.replace(indicators.get("likvard-referrals-accepted"), min_persons=1)
+    found = {
+        f.group: (f.n, f.numerator)
+        for f in figures(cases)(one, breakdown="gender")
+        if f.district == "nordost"
+    }
+    # the groups add up to the total: 3 + 2 + 1 = 6 answered, 2 + 1 + 1 = 4 accepted
+    assert found == {None: (6, 4), "MAN": (2, 1), "NOT_STATED": (1, 1), "WOMAN": (3, 2)}
