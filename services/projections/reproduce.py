@@ -321,8 +321,7 @@ def reproduce(
         as_of, known_on = _cutoff(cutoffs.get("as_of")), _cutoff(cutoffs.get("as_known_on"))
     except (KeyError, TypeError, ValueError) as exc:
         raise ReproduceError(f"the record's provenance is not readable: {exc}") from exc
-    if not until:
-        check_reproducible({"provenance": {}})
+    check_reproducible(record)
     out = Reproduction(schema=check_schema_name(schema))
     run = Replay(
         dsn,
