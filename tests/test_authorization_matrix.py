@@ -192,6 +192,9 @@ REQUESTS: dict[tuple[str, str, str], Request] = {
     ("projections", "GET", "/reports/equal-access"): Request(),
     ("projections", "GET", "/cases/{case_id}/timeline"): Request(),
     ("projections", "GET", "/access-log"): Request(),
+    ("referral", "GET", "/referrals/overdue"): Request(
+        query=lambda scope: {"district": district(scope)}
+    ),
 }
 
 
