@@ -43,7 +43,7 @@ from likvard.domain import age_band, local_date
 from likvard.inbox import Incoming
 from likvard.policy import Transfer
 from likvard.topics import ACCESS_LOG_TOPIC, SERVICE_TOPICS
-from services.projections import access_log
+from services.projections import access_log, provenance
 
 # Every topic the read models are folded from (without the deployment's prefix): the live
 # worker subscribes to them and a replay reads them all from offset 0, verifying each
@@ -175,6 +175,7 @@ def migrate(conn: psycopg.Connection[Any], schema: str) -> None:
         ).format(t)
     )
     access_log.migrate(conn, schema)
+    provenance.migrate(conn, schema)  # what a report was computed up to
 
 
 # --- the fold of one batch, per case (pure) ---------------------------------------------
