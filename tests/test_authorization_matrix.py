@@ -108,6 +108,12 @@ NEW_CASE: dict[str, Any] = {
     "children_in_household": "NO",
 }
 
+SIP: dict[str, Any] = {
+    "parties": ["SOCIAL_SERVICES", "PRIMARY_CARE"],
+    "lead": "SOCIAL_SERVICES",
+    "follow_up_on": "2099-01-01",
+}
+
 # (service, METHOD, path) -> the request. A body leaves the resource where it is (e.g. a
 # transfer to the district the case is in: refused by the domain, 422, after the policy).
 REQUESTS: dict[tuple[str, str, str], Request] = {
@@ -132,6 +138,19 @@ REQUESTS: dict[tuple[str, str, str], Request] = {
     ),
     ("intake", "POST", "/cases/{case_id}/close"): Request(_const({"reason": "GOALS_REACHED"})),
     ("intake", "POST", "/cases/{case_id}/reopen"): Request(_const({"reason": "RELAPSE"})),
+    ("intake", "POST", "/cases/{case_id}/investigations"): Request(
+        _const({"basis": "APPLICATION"})
+    ),
+    ("intake", "POST", "/cases/{case_id}/investigations/{investigation_id}/decision"): Request(
+        _const({"decision": "REFUSED"})
+    ),
+    ("intake", "POST", "/cases/{case_id}/first-visit"): Request(_const({})),
+    ("intake", "POST", "/cases/{case_id}/coordinated-plans"): Request(
+        lambda scope, w: {**SIP, "consent_id": w.ids["consent_id"][scope]}
+    ),
+    ("intake", "POST", "/cases/{case_id}/coordinated-plans/{plan_id}/follow-up"): Request(
+        _const({})
+    ),
     ("intake", "GET", "/cases/{case_id}"): Request(),
     ("intake", "GET", "/cases/{case_id}/events"): Request(),
     ("intake", "POST", "/persons/{pseudonym}/erasure"): Request(
@@ -181,6 +200,18 @@ REQUESTS: dict[tuple[str, str, str], Request] = {
     ),
     ("followup", "POST", "/followups/{followup_id}/missed"): Request(
         _const({"reason": "NO_CONTACT"})
+    ),
+    ("followup", "POST", "/cases/{case_id}/user-assessments"): Request(
+        _const(
+            {
+                "contact_easy": "YES",
+                "clear_information": "YES",
+                "felt_understood": "PARTLY",
+                "influence": "NO",
+                "whole_situation": "NO_ANSWER",
+                "situation_improved": "YES",
+            }
+        )
     ),
     ("followup", "GET", "/cases/{case_id}/followups"): Request(),
     ("followup", "GET", "/followups/due"): Request(
@@ -273,8 +304,9 @@ def _ok(response: Any, status: int = 200) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def world(database_url: str, catalogue: Catalogue) -> Iterator[World]:
-    """The four apps on schemas of their own, with for each scope a case (and its consent),
-    a referral to a unit, a running intervention and a scheduled follow-up."""
+    """The four apps on schemas of their own, with for each scope a case (and its consent,
+    an open investigation and a coordinated plan), a referral to a unit, a running
+    intervention and a scheduled follow-up."""
     tag = uuid.uuid4().hex[:8]
     schemas = {s: f"m_{s[:4]}_{tag}" for s in SERVICES}
     settings = Settings(database_url=database_url, pseudonym_secret=SECRET, topic_prefix=tag)
@@ -304,6 +336,8 @@ def world(database_url: str, catalogue: Catalogue) -> Iterator[World]:
             "unit_id": {OWN: OWN_UNIT, OTHER: OTHER_UNIT},
             "case_id": {},
             "consent_id": {},
+            "investigation_id": {},
+            "plan_id": {},
             "referral_id": {},
             "intervention_id": {},
             "followup_id": {},
@@ -324,6 +358,18 @@ def world(database_url: str, catalogue: Catalogue) -> Iterator[World]:
             ids["case_id"][scope] = case
             ids["pseudonym"][scope] = stores["intake"].read_stream(case)[0].payload["person"]
             ids["consent_id"][scope] = stores["intake"].read_stream(case)[-1].payload["consent_id"]
+            ids["investigation_id"][scope] = _ok(
+                intake.post(
+                    f"/cases/{case}/investigations", json={"basis": "APPLICATION"}, headers=seed
+                )
+            )["investigation_id"]
+            ids["plan_id"][scope] = _ok(
+                intake.post(
+                    f"/cases/{case}/coordinated-plans",
+                    json={**SIP, "consent_id": ids["consent_id"][scope]},
+                    headers=seed,
+                )
+            )["plan_id"]
             events["intake"] += _incoming(catalogue, "intake", stores["intake"], case)
         _learn(pool, CaseDirectory(schemas["referral"]), events["intake"])
 

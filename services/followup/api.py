@@ -37,6 +37,7 @@ from services.followup.domain import (
     Improvement,
     MissedReason,
     Occupation,
+    Rating,
     Relation,
     Support,
 )
@@ -94,11 +95,27 @@ class MarkMissed(http.Timed):
     reason: MissedReason
 
 
+class RecordUserAssessment(http.Timed):
+    """The national user survey's items, each on its fixed scale (NO_ANSWER: not answered)."""
+
+    contact_easy: Rating = Field(..., description="It was easy to get in contact")
+    clear_information: Rating = Field(..., description="The information was clear")
+    felt_understood: Rating = Field(..., description="The person felt understood")
+    influence: Rating = Field(..., description="The person could influence the help")
+    whole_situation: Rating = Field(
+        ..., description="The help took the person's whole situation into account"
+    )
+    situation_improved: Rating = Field(..., description="The situation has improved")
+
+
 class CommandResult(BaseModel):
     case_id: uuid.UUID
     version: int = Field(..., description="The case's follow-up stream version after the command")
     events: list[http.EventRef]
     member_id: uuid.UUID | None = Field(None, description="The family member's id (family only)")
+    assessment_id: uuid.UUID | None = Field(
+        None, description="The user assessment's id (user assessments only)"
+    )
 
 
 class FollowUpView(BaseModel):
@@ -203,7 +220,8 @@ def create_app(
         title="Likvärd follow-up service",
         version="1.0.0",
         description="Records the work with the person's family (children in the household,"
-        " family members engaged and the support offered them) and the follow-ups after an"
+        " family members engaged and the support offered them), the person's own rating of"
+        " the help (the national user-survey items) and the follow-ups after an"
         " intervention: scheduled by the service when an intervention ends (an interview"
         " within a month for interventions longer than 7 days, ASI at 6 and 12 months),"
         " completed with their outcomes or marked missed. Send the version you last saw in"
@@ -259,6 +277,7 @@ def create_app(
             version=decided.version,
             events=http.event_refs(decided.stored),
             member_id=None,
+            assessment_id=None,
         )
 
     def followup_case(svc: FollowUpService, followup_id: uuid.UUID) -> str:
@@ -353,6 +372,45 @@ def create_app(
         )
         result = run(svc, str(case_id), command, if_match, ctx, response, known.district)
         result.member_id = member_id
+        return result
+
+    @app.post(
+        "/cases/{case_id}/user-assessments",
+        response_model=CommandResult,
+        responses=COMMAND_RESPONSES,
+        tags=["follow-ups"],
+        summary="Record the person's own rating of the help (the national user-survey items)",
+        description="A case worker of the case's current district; closed cases too (the"
+        " survey is often asked at the follow-up after the case closed).",
+        openapi_extra=guard.policy(Action.CASE_CHANGE),
+    )
+    def record_user_assessment(
+        request: Request,
+        principal: guard.Caller,
+        case_id: CaseId,
+        body: RecordUserAssessment,
+        svc: Svc,
+        directory: Directory,
+        ctx: Ctx,
+        response: Response,
+        if_match: IfMatch = None,
+    ) -> CommandResult:
+        http.parse_if_match(if_match)
+        known = checked_case(request, principal, svc, directory, str(case_id))
+        assessment_id = uuid.uuid4()
+        command = d.RecordUserAssessment(
+            case_id=str(case_id),
+            occurred_at=body.when(),
+            assessment_id=str(assessment_id),
+            contact_easy=body.contact_easy,
+            clear_information=body.clear_information,
+            felt_understood=body.felt_understood,
+            influence=body.influence,
+            whole_situation=body.whole_situation,
+            situation_improved=body.situation_improved,
+        )
+        result = run(svc, str(case_id), command, if_match, ctx, response, known.district)
+        result.assessment_id = assessment_id
         return result
 
     @app.post(

@@ -36,8 +36,13 @@ from services.intake.domain import (
     ChildrenInHousehold,
     CloseReason,
     ConsentRecipient,
+    Gender,
     Instrument,
+    InterventionKind,
+    InvestigationBasis,
+    InvestigationDecision,
     NeedLevel,
+    Party,
     ReferralSource,
     ReopenReason,
     Substance,
@@ -99,6 +104,11 @@ class RegisterCase(http.Timed):
     referral_source: ReferralSource
     children_in_household: ChildrenInHousehold
     birth_year: int | None = Field(None, ge=1900, le=2100)
+    gender: Gender = Field(
+        "NOT_STATED",
+        description="The person's gender as they state it, a code for the indicators'"
+        " breakdowns (not sealed: it is not a personal detail); NOT_STATED if they do not say",
+    )
 
 
 class ScoreIn(BaseModel):
@@ -142,6 +152,44 @@ class ReopenCase(http.Timed):
     reason: ReopenReason
 
 
+class OpenInvestigation(http.Timed):
+    basis: InvestigationBasis = Field(
+        ..., description="What the investigation (SoL 11 kap. 1 §) was opened on"
+    )
+
+
+class DecideInvestigation(http.Timed):
+    decision: InvestigationDecision
+    intervention_kinds: list[InterventionKind] = Field(
+        default_factory=list,
+        max_length=5,
+        description="The kinds of intervention decided, each once: at least one if granted or"
+        " partly granted, none if refused",
+    )
+
+
+class HoldFirstVisit(http.Timed):
+    pass
+
+
+class AgreeCoordinatedPlan(http.Timed):
+    parties: list[Party] = Field(
+        ...,
+        min_length=1,
+        max_length=5,
+        description="The parties by kind, each once: SOCIAL_SERVICES and at least one other",
+    )
+    lead: Party = Field(..., description="The party holding the overall responsibility")
+    follow_up_on: http.Day = Field(..., description="When the plan is to be followed up")
+    consent_id: uuid.UUID = Field(
+        ..., description="The person's consent in force that covers HEALTHCARE"
+    )
+
+
+class FollowUpCoordinatedPlan(http.Timed):
+    pass
+
+
 class EraseData(BaseModel):
     legal_basis: Literal[
         "retention-period-ended", "erasure-request", "wrongly-recorded", "authority-decision"
@@ -160,6 +208,12 @@ class CommandResult(BaseModel):
     case_id: uuid.UUID
     version: int = Field(..., description="The case's stream version after the command")
     events: list[http.EventRef]
+    investigation_id: uuid.UUID | None = Field(
+        None, description="The investigation's id (opening an investigation only)"
+    )
+    plan_id: uuid.UUID | None = Field(
+        None, description="The coordinated plan's id (agreeing a plan only)"
+    )
 
 
 class CaseView(BaseModel):
@@ -172,6 +226,7 @@ class CaseView(BaseModel):
         description="Keyed pseudonym of the person: shown to case workers and auditors only",
     )
     age_band: str | None = Field(None, description="Age band at intake, e.g. 25-34")
+    gender: str | None = Field(None, description="Gender code at intake, e.g. NOT_STATED")
     archive_sample: bool = Field(
         False, description="Whether the city's archive decision keeps the case from culling"
     )
@@ -185,6 +240,16 @@ class CaseView(BaseModel):
     assessments: int
     care_plans: int
     active_consents: dict[str, list[str]]
+    investigations: dict[str, str | None] = Field(
+        default_factory=dict,
+        description="investigation_id -> its decision (null while the investigation is open)",
+    )
+    first_visit_at: datetime | None = Field(
+        None, description="When the first personal visit was held"
+    )
+    coordinated_plans: dict[str, bool] = Field(
+        default_factory=dict, description="plan_id -> whether the plan was followed up"
+    )
 
 
 class EventView(BaseModel):
@@ -225,6 +290,8 @@ def _result(case_id: uuid.UUID, decided: Any, response: Response) -> CommandResu
         case_id=case_id,
         version=decided.version,
         events=http.event_refs(decided.stored),
+        investigation_id=None,
+        plan_id=None,
     )
 
 
@@ -253,6 +320,7 @@ def _case_view(
         district=state.district,
         person=state.person if pseudonym else None,
         age_band=state.age_band,
+        gender=state.gender,
         archive_sample=state.archive_sample,
         personal_data_erased=state.erased,
         substances=list(state.substances),
@@ -264,6 +332,9 @@ def _case_view(
         active_consents={
             k: list(v) for k, v in state.active_consents(datetime.now(UTC).date()).items()
         },
+        investigations={k: decision for k, (_, decision) in state.investigations.items()},
+        first_visit_at=state.first_visit_at,
+        coordinated_plans={k: followed for k, (_, followed) in state.coordinated_plans.items()},
     )
 
 
@@ -305,7 +376,9 @@ def create_app(
         title="Likvärd intake service",
         version="1.0.0",
         description="Registers cases and the decisions on them: intake, assessments, care plans,"
-        " consents, transfers between districts, closing and reopening. Every accepted command"
+        " consents, investigations and their decisions, the first personal visit,"
+        " coordinated plans (SIP) with the region and their follow-up, transfers between"
+        " districts, closing and reopening. Every accepted command"
         " becomes events in the case's stream (see `GET /cases/{id}/events`). Send the version"
         " you last saw in `If-Match` to be told (409) when someone changed the case meanwhile.",
         lifespan=lifespan,
@@ -341,6 +414,10 @@ def create_app(
             decided = svc.execute(str(case_id), command, expected, ctx, decide=decide)
         except d.CaseNotFound as exc:
             raise http.ProblemError(404, exc.code, "Case not found", exc.detail) from exc
+        except d.InvestigationNotFound as exc:
+            raise http.ProblemError(404, exc.code, "Investigation not found", exc.detail) from exc
+        except d.CoordinatedPlanNotFound as exc:
+            raise http.ProblemError(404, exc.code, "Plan not found", exc.detail) from exc
         except d.DomainError as exc:
             raise http.ProblemError(422, exc.code, "Rule violated", exc.detail) from exc
         return _result(case_id, decided, response)
@@ -381,6 +458,7 @@ def create_app(
             children_in_household=body.children_in_household,
             birth_year=body.birth_year,
             archive_sample=archive_sample,
+            gender=body.gender,
         )
         result = run(svc, case_id, command, '"0"', ctx, response)
         response.headers["Location"] = f"/cases/{case_id}"
@@ -559,6 +637,146 @@ def create_app(
         if_match: IfMatch = None,
     ) -> CommandResult:
         command = d.ReopenCase(case_id=str(case_id), occurred_at=body.when(), reason=body.reason)
+        return run(svc, case_id, command, if_match, ctx, response, request=request, caller=caller)
+
+    @app.post(
+        "/cases/{case_id}/investigations",
+        response_model=CommandResult,
+        responses=COMMAND_RESPONSES,
+        tags=["care chain"],
+        openapi_extra=guard.policy(Action.CASE_CHANGE),
+        summary="Open an investigation of the person's need (SoL 11 kap. 1 §)",
+        description="One investigation is open at a time; the answer names its id, which the"
+        " decision is recorded on.",
+    )
+    def open_investigation(
+        case_id: CaseId,
+        body: OpenInvestigation,
+        svc: Svc,
+        caller: guard.Caller,
+        ctx: Ctx,
+        request: Request,
+        response: Response,
+        if_match: IfMatch = None,
+    ) -> CommandResult:
+        investigation_id = uuid.uuid4()
+        command = d.OpenInvestigation(
+            case_id=str(case_id),
+            occurred_at=body.when(),
+            investigation_id=str(investigation_id),
+            basis=body.basis,
+        )
+        result = run(svc, case_id, command, if_match, ctx, response, request=request, caller=caller)
+        result.investigation_id = investigation_id
+        return result
+
+    @app.post(
+        "/cases/{case_id}/investigations/{investigation_id}/decision",
+        response_model=CommandResult,
+        responses=COMMAND_RESPONSES,
+        tags=["care chain"],
+        openapi_extra=guard.policy(Action.CASE_CHANGE),
+        summary="Record the decision of an open investigation",
+    )
+    def decide_investigation(
+        case_id: CaseId,
+        investigation_id: uuid.UUID,
+        body: DecideInvestigation,
+        svc: Svc,
+        caller: guard.Caller,
+        ctx: Ctx,
+        request: Request,
+        response: Response,
+        if_match: IfMatch = None,
+    ) -> CommandResult:
+        command = d.DecideInvestigation(
+            case_id=str(case_id),
+            occurred_at=body.when(),
+            investigation_id=str(investigation_id),
+            decision=body.decision,
+            intervention_kinds=tuple(body.intervention_kinds),
+        )
+        return run(svc, case_id, command, if_match, ctx, response, request=request, caller=caller)
+
+    @app.post(
+        "/cases/{case_id}/first-visit",
+        response_model=CommandResult,
+        responses=COMMAND_RESPONSES,
+        tags=["care chain"],
+        openapi_extra=guard.policy(Action.CASE_CHANGE),
+        summary="Record the first personal visit after the first contact (once per case)",
+    )
+    def hold_first_visit(
+        case_id: CaseId,
+        body: HoldFirstVisit,
+        svc: Svc,
+        caller: guard.Caller,
+        ctx: Ctx,
+        request: Request,
+        response: Response,
+        if_match: IfMatch = None,
+    ) -> CommandResult:
+        command = d.HoldFirstVisit(
+            case_id=str(case_id), occurred_at=body.when(), visit_id=str(uuid.uuid4())
+        )
+        return run(svc, case_id, command, if_match, ctx, response, request=request, caller=caller)
+
+    @app.post(
+        "/cases/{case_id}/coordinated-plans",
+        response_model=CommandResult,
+        responses=COMMAND_RESPONSES,
+        tags=["care chain"],
+        openapi_extra=guard.policy(Action.CASE_CHANGE),
+        summary="Record a coordinated individual plan (SIP) agreed with the region",
+        description="Needs the person's consent in force covering HEALTHCARE; the answer"
+        " names the plan's id, which its follow-up is recorded on.",
+    )
+    def agree_coordinated_plan(
+        case_id: CaseId,
+        body: AgreeCoordinatedPlan,
+        svc: Svc,
+        caller: guard.Caller,
+        ctx: Ctx,
+        request: Request,
+        response: Response,
+        if_match: IfMatch = None,
+    ) -> CommandResult:
+        plan_id = uuid.uuid4()
+        command = d.AgreeCoordinatedPlan(
+            case_id=str(case_id),
+            occurred_at=body.when(),
+            plan_id=str(plan_id),
+            parties=tuple(body.parties),
+            lead=body.lead,
+            follow_up_on=body.follow_up_on,
+            consent_id=str(body.consent_id),
+        )
+        result = run(svc, case_id, command, if_match, ctx, response, request=request, caller=caller)
+        result.plan_id = plan_id
+        return result
+
+    @app.post(
+        "/cases/{case_id}/coordinated-plans/{plan_id}/follow-up",
+        response_model=CommandResult,
+        responses=COMMAND_RESPONSES,
+        tags=["care chain"],
+        openapi_extra=guard.policy(Action.CASE_CHANGE),
+        summary="Record that a coordinated plan was followed up",
+    )
+    def follow_up_coordinated_plan(
+        case_id: CaseId,
+        plan_id: uuid.UUID,
+        body: FollowUpCoordinatedPlan,
+        svc: Svc,
+        caller: guard.Caller,
+        ctx: Ctx,
+        request: Request,
+        response: Response,
+        if_match: IfMatch = None,
+    ) -> CommandResult:
+        command = d.FollowUpCoordinatedPlan(
+            case_id=str(case_id), occurred_at=body.when(), plan_id=str(plan_id)
+        )
         return run(svc, case_id, command, if_match, ctx, response, request=request, caller=caller)
 
     @app.get(

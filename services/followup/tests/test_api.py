@@ -22,6 +22,7 @@ from psycopg_pool import ConnectionPool
 from likvard.codec import Catalogue
 from likvard.config import Settings
 from likvard.eventstore import EventStore
+from likvard.guard import ACTION_KEY
 from likvard.inbox import InboxConsumer, Incoming
 from likvard.known_cases import CaseDirectory
 from likvard.topics import SERVICE_TOPICS
@@ -582,6 +583,7 @@ def test_openapi_documents_every_route(client: httpx.Client) -> None:
         "/cases/{case_id}/children",
         "/cases/{case_id}/family",
         "/cases/{case_id}/followups",
+        "/cases/{case_id}/user-assessments",
         "/followups/{followup_id}/complete",
         "/followups/{followup_id}/missed",
         "/followups/due",
@@ -597,3 +599,91 @@ def test_health_and_readiness(client: httpx.Client) -> None:
     with httpx.Client(base_url=client.base_url, timeout=30) as anonymous:  # probes: no token
         assert anonymous.get("/healthz").json() == {"status": "ok"}
         assert anonymous.get("/readyz").json() == {"status": "ready"}
+
+
+# --- the person's own rating: POST /cases/{case_id}/user-assessments ------------------
+USER_RATINGS: dict[str, Any] = {
+    "contact_easy": "YES",
+    "clear_information": "PARTLY",
+    "felt_understood": "YES",
+    "influence": "NO",
+    "whole_situation": "NO_ANSWER",
+    "situation_improved": "YES",
+}
+
+
+def test_a_user_assessment_is_recorded_with_the_ratings_as_given(
+    client: httpx.Client, followup: Followup
+) -> None:
+    case = known_case(followup, district="hisingen")
+    r = client.post(f"/cases/{case}/user-assessments", json=USER_RATINGS)
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["version"] == 1 and r.headers["etag"] == '"1"'
+    assert [e["event_type"] for e in body["events"]] == ["UserAssessmentRecorded"]
+
+    (stored,) = followup.store.read_stream(case)
+    assert stored.payload == {"assessment_id": body["assessment_id"], **USER_RATINGS}
+    assert stored.metadata["district"] == "hisingen" and stored.metadata["actor"] == "cw-17"
+
+    again = client.post(
+        f"/cases/{case}/user-assessments", json=USER_RATINGS, headers={"If-Match": '"1"'}
+    )
+    assert again.status_code == 200, again.text
+    assert again.json()["assessment_id"] != body["assessment_id"]
+    stale = client.post(
+        f"/cases/{case}/user-assessments", json=USER_RATINGS, headers={"If-Match": '"1"'}
+    )
+    assert_problem(stale, 409, "version-conflict")
+
+
+def test_a_closed_case_still_takes_a_user_assessment(
+    client: httpx.Client, followup: Followup
+) -> None:
+    case = known_case(followup, closed=True)
+    r = client.post(f"/cases/{case}/user-assessments", json=USER_RATINGS)
+    assert r.status_code == 200, r.text
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"influence": "MOSTLY"},
+        {"contact_easy": "yes"},
+        {"felt_understood": None},
+        {"situation_improved": "Mycket bättre, tack"},
+    ],
+)
+def test_a_rating_off_the_scale_is_422_and_changes_nothing(
+    client: httpx.Client, followup: Followup, change: dict[str, Any]
+) -> None:
+    case = known_case(followup)
+    before = counts(followup)
+    r = client.post(f"/cases/{case}/user-assessments", json={**USER_RATINGS, **change})
+    assert_problem(r, 422, "validation-error")
+    assert "Mycket" not in r.text
+    assert counts(followup) == before
+
+
+def test_a_missing_item_is_422(client: httpx.Client, followup: Followup) -> None:
+    case = known_case(followup)
+    partial = {k: v for k, v in USER_RATINGS.items() if k != "whole_situation"}
+    assert_problem(client.post(f"/cases/{case}/user-assessments", json=partial), 422)
+
+
+def test_an_unknown_case_is_404_and_another_districts_case_403(
+    client: httpx.Client, followup: Followup
+) -> None:
+    r = client.post(f"/cases/{uuid.uuid4()}/user-assessments", json=USER_RATINGS)
+    assert_problem(r, 404, "case-not-known")
+    case = known_case(followup, district="centrum")  # not one of the caller's districts
+    before = counts(followup)
+    assert_problem(client.post(f"/cases/{case}/user-assessments", json=USER_RATINGS), 403)
+    assert counts(followup) == before
+
+
+def test_the_route_is_documented_as_a_case_change(client: httpx.Client) -> None:
+    paths = client.get("/openapi.json", headers=bearer("ops")).json()["paths"]
+    post = paths["/cases/{case_id}/user-assessments"]["post"]
+    assert post[ACTION_KEY] == "case.change"
+    assert {"200", "403", "404", "409", "422"} <= set(post["responses"])

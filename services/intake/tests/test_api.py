@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import threading
+import uuid
 from typing import Any
 
 import httpx
@@ -281,6 +282,11 @@ def test_openapi_documents_every_route_and_problem_responses(client: httpx.Clien
         "/cases/{case_id}/transfer",
         "/cases/{case_id}/close",
         "/cases/{case_id}/reopen",
+        "/cases/{case_id}/investigations",
+        "/cases/{case_id}/investigations/{investigation_id}/decision",
+        "/cases/{case_id}/first-visit",
+        "/cases/{case_id}/coordinated-plans",
+        "/cases/{case_id}/coordinated-plans/{plan_id}/follow-up",
         "/healthz",
         "/readyz",
     ]:
@@ -294,6 +300,9 @@ def test_openapi_documents_every_route_and_problem_responses(client: httpx.Clien
     actions = {(m, p): op.get(ACTION_KEY) for p, item in paths.items() for m, op in item.items()}
     assert actions[("post", "/cases")] == "case.register"
     assert actions[("post", "/cases/{case_id}/close")] == "case.change"
+    for path in paths:
+        if "investigations" in path or "coordinated-plans" in path or "first-visit" in path:
+            assert actions[("post", path)] == "case.change", path
     assert actions[("get", "/cases/{case_id}")] == "case.read"
     assert actions[("get", "/cases/{case_id}/events")] == "case.history"
     assert actions[("get", "/healthz")] == "open"
@@ -320,3 +329,135 @@ def test_a_broken_database_gives_503_readiness_and_500_problem(
     body = assert_problem(r, 500, "internal-error")
     assert "19121212" not in r.text and "schema" not in body["detail"]
     assert client.get("/healthz").status_code == 200  # alive, just not ready
+
+
+# --- the care chain: gender, investigation, first visit, coordinated plan ---------------
+SIP: dict[str, Any] = {
+    "parties": ["SOCIAL_SERVICES", "PSYCHIATRY"],
+    "lead": "PSYCHIATRY",
+    "follow_up_on": "2099-01-01",
+}
+
+
+def post(client: httpx.Client, path: str, body: dict[str, Any]) -> dict[str, Any]:
+    r = client.post(path, json=body)
+    assert r.status_code == 200, (path, r.text)
+    result: dict[str, Any] = r.json()
+    return result
+
+
+def test_the_care_chain_of_a_case(client: httpx.Client, intake: RunningService) -> None:
+    case = register(client, gender="WOMAN")
+    opened = post(client, f"/cases/{case}/investigations", {"basis": "APPLICATION"})
+    investigation = opened["investigation_id"]
+    assert uuid.UUID(investigation) and opened["events"][0]["event_type"] == "InvestigationOpened"
+    decided = post(
+        client,
+        f"/cases/{case}/investigations/{investigation}/decision",
+        {"decision": "PARTLY_GRANTED", "intervention_kinds": ["OUTPATIENT", "HOUSING"]},
+    )
+    assert decided["events"][0]["event_type"] == "InvestigationDecided"
+    visit = post(client, f"/cases/{case}/first-visit", {})
+    assert visit["events"][0]["event_type"] == "FirstVisitHeld"
+    post(client, f"/cases/{case}/consents", {"recipients": ["HEALTHCARE"]})
+    consent_id = intake.store.read_stream(case)[-1].payload["consent_id"]
+    agreed = post(client, f"/cases/{case}/coordinated-plans", {**SIP, "consent_id": consent_id})
+    plan = agreed["plan_id"]
+    followed = post(client, f"/cases/{case}/coordinated-plans/{plan}/follow-up", {})
+    assert followed["version"] == 7 and followed["events"][0]["event_type"] == (
+        "CoordinatedPlanFollowedUp"
+    )
+
+    stored = intake.store.read_stream(case)
+    assert stored[0].payload["gender"] == "WOMAN"
+    assert stored[2].payload == {
+        "investigation_id": investigation,
+        "decision": "PARTLY_GRANTED",
+        "intervention_kinds": ["OUTPATIENT", "HOUSING"],
+    }
+    assert stored[5].payload["lead"] == "PSYCHIATRY"
+    assert str(stored[5].payload["follow_up_on"]) == "2099-01-01"
+    view = client.get(f"/cases/{case}").json()
+    assert view["gender"] == "WOMAN"
+    assert view["investigations"] == {investigation: "PARTLY_GRANTED"}
+    assert view["first_visit_at"] is not None
+    assert view["coordinated_plans"] == {plan: True}
+    assert intake.store.verify(case) == []
+
+
+def test_a_case_registered_without_a_gender_is_not_stated(
+    client: httpx.Client, intake: RunningService
+) -> None:
+    case = register(client)
+    assert intake.store.read_stream(case)[0].payload["gender"] == "NOT_STATED"
+    assert_problem(client.post("/cases", json={**NEW_CASE, "gender": "F"}), 422, "validation-error")
+
+
+def test_care_chain_rules_give_422_or_404_and_change_nothing(
+    client: httpx.Client, intake: RunningService
+) -> None:
+    case = register(client)
+    opened = post(client, f"/cases/{case}/investigations", {"basis": "REPORT_OF_CONCERN"})
+    investigation = opened["investigation_id"]
+    post(client, f"/cases/{case}/first-visit", {})
+    post(client, f"/cases/{case}/consents", {"recipients": ["NON_PROFIT"]})
+    consent_id = intake.store.read_stream(case)[-1].payload["consent_id"]
+    missing = "00000000-0000-4000-8000-000000000000"
+    before = counts(intake)
+    for path, body, status, code in [
+        (
+            f"investigations/{missing}/decision",
+            {"decision": "REFUSED"},
+            404,
+            "investigation-not-found",
+        ),
+        (
+            f"investigations/{investigation}/decision",
+            {"decision": "REFUSED", "intervention_kinds": ["HOUSING"]},
+            422,
+            "refused-with-interventions",
+        ),
+        (
+            f"investigations/{investigation}/decision",
+            {"decision": "GRANTED"},
+            422,
+            "intervention-kinds-empty",
+        ),
+        ("investigations", {"basis": "APPLICATION"}, 422, "investigation-already-open"),
+        ("first-visit", {}, 422, "first-visit-already-held"),
+        ("coordinated-plans", {**SIP, "consent_id": consent_id}, 422, "consent-not-covering"),
+        ("coordinated-plans", {**SIP, "consent_id": missing}, 422, "consent-not-in-force"),
+        (
+            "coordinated-plans",
+            {**SIP, "lead": "PRIMARY_CARE", "consent_id": consent_id},
+            422,
+            "lead-not-a-party",
+        ),
+        (
+            "coordinated-plans",
+            {**SIP, "parties": ["SOCIAL_SERVICES", "POLICE"], "consent_id": consent_id},
+            422,
+            "validation-error",
+        ),
+        (f"coordinated-plans/{missing}/follow-up", {}, 404, "coordinated-plan-not-found"),
+        ("investigations", {"basis": "GOSSIP"}, 422, "validation-error"),
+    ]:
+        assert_problem(client.post(f"/cases/{case}/{path}", json=body), status, code)
+    assert counts(intake) == before
+    unknown = client.post(f"/cases/{missing}/first-visit", json={})
+    assert_problem(unknown, 404, "case-not-found")
+
+
+def test_another_districts_worker_may_not_change_the_care_chain(
+    client: httpx.Client, intake: RunningService
+) -> None:
+    case = register(client)
+    other = bearer(Role.CASE_WORKER, districts=("sydvast",), subject="cw-99")
+    before = counts(intake)
+    for path, body in [
+        ("investigations", {"basis": "APPLICATION"}),
+        ("first-visit", {}),
+        ("coordinated-plans", {**SIP, "consent_id": "00000000-0000-4000-8000-000000000000"}),
+    ]:
+        assert_problem(client.post(f"/cases/{case}/{path}", json=body, headers=other), 403)
+    assert counts(intake) == before
