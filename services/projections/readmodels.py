@@ -73,6 +73,19 @@ def _col(name: str, sql_type: str, merge: Merge, key: str | None = None) -> Colu
     return Column(name, sql_type, merge, key)
 
 
+UA_ITEMS: tuple[str, ...] = (
+    "contact_easy",
+    "clear_information",
+    "felt_understood",
+    "influence",
+    "whole_situation",
+    "situation_improved",
+)
+"""The items of UserAssessmentRecorded (the national user survey), each rated YES, PARTLY,
+NO or NO_ANSWER: `ua_<item>_yes` counts the YES, `ua_<item>_answered` every answer but
+NO_ANSWER (the indicators' numerator and denominator)."""
+ANSWERED = frozenset({"YES", "PARTLY", "NO"})
+
 # The columns of case_facts after case_id, with how each merges.
 FACTS: tuple[Column, ...] = (
     _col("person", "text", Merge.ONCE),
@@ -116,6 +129,20 @@ FACTS: tuple[Column, ...] = (
     _col("events", "integer", Merge.SUM),
     _col("first_event_at", "timestamptz", Merge.MIN),
     _col("last_event_at", "timestamptz", Merge.MAX),
+    # The care chain of the national indicators (contract v3 of the intake and the events
+    # added with it). Appended last: `migrate` adds them to older tables at the end, so a
+    # live table and a replayed one list their columns in the same order.
+    _col("gender", "text", Merge.ONCE),  # a code; null until the intake is seen
+    _col("investigation_opened_at", "timestamptz", Merge.MIN),
+    _col("investigation_decided_at", "timestamptz", Merge.MIN),  # the first decision
+    _col("investigation_decision", "text", Merge.LATEST, "investigation_decision_at"),
+    _col("investigation_decision_at", "timestamptz", Merge.KEY),
+    _col("first_visit_at", "timestamptz", Merge.MIN),
+    _col("sip_agreed_at", "timestamptz", Merge.MIN),
+    _col("sip_followed_up_at", "timestamptz", Merge.MIN),
+    _col("user_assessments", "integer", Merge.SUM),
+    *(_col(f"ua_{item}_yes", "integer", Merge.SUM) for item in UA_ITEMS),
+    *(_col(f"ua_{item}_answered", "integer", Merge.SUM) for item in UA_ITEMS),
 )
 FACT_NAMES = ("case_id", *(c.name for c in FACTS))
 TABLES = {
@@ -152,13 +179,13 @@ def migrate(conn: psycopg.Connection[Any], schema: str) -> None:
             t, sql.SQL(", ".join(columns))
         )
     )
-    # Read models made before the age band held the birth year in clear: drop it.
+    # Read models made by an older version gain the columns added since, at the end (the
+    # age band, the archive sample, the care chain); those made before the age band held
+    # the birth year in clear: drop it.
     conn.execute(
-        sql.SQL(
-            "ALTER TABLE {}.case_facts ADD COLUMN IF NOT EXISTS age_band text,"
-            " ADD COLUMN IF NOT EXISTS archive_sample boolean NOT NULL DEFAULT false,"
-            " DROP COLUMN IF EXISTS birth_year"
-        ).format(t)
+        sql.SQL("ALTER TABLE {}.case_facts {}, DROP COLUMN IF EXISTS birth_year").format(
+            t, sql.SQL(", ".join(f"ADD COLUMN IF NOT EXISTS {c}" for c in columns))
+        )
     )
     conn.execute(
         sql.SQL(
@@ -229,6 +256,8 @@ def fold(acc: dict[str, Any], e: Incoming) -> None:
                 if acc[name] is None:
                     acc[name] = value
             acc["archive_sample"] = acc["archive_sample"] or bool(data.get("archive_sample"))
+            if acc["gender"] is None:  # v1 and v2 registrations decode as NOT_STATED
+                acc["gender"] = str(data.get("gender") or "NOT_STATED")
             _least(acc, "intake_at", at)
             _latest(acc, "district_now", "district_now_version", data["district"], version)
             _latest(acc, "status", "status_version", "open", version)
@@ -278,6 +307,24 @@ def fold(acc: dict[str, Any], e: Incoming) -> None:
             acc["situation_improved_better"] += 1 if data["situation_improved"] == "BETTER" else 0
         case "FollowUpMissed":
             acc["followups_missed"] += 1
+        case "InvestigationOpened":
+            _least(acc, "investigation_opened_at", at)
+        case "InvestigationDecided":
+            _least(acc, "investigation_decided_at", at)
+            decision = data["decision"]
+            _latest(acc, "investigation_decision", "investigation_decision_at", decision, at)
+        case "FirstVisitHeld":
+            _least(acc, "first_visit_at", at)
+        case "CoordinatedPlanAgreed":
+            _least(acc, "sip_agreed_at", at)
+        case "CoordinatedPlanFollowedUp":
+            _least(acc, "sip_followed_up_at", at)
+        case "UserAssessmentRecorded":
+            acc["user_assessments"] += 1
+            for item in UA_ITEMS:
+                rating = data[item]
+                acc[f"ua_{item}_yes"] += 1 if rating == "YES" else 0
+                acc[f"ua_{item}_answered"] += 1 if rating in ANSWERED else 0
 
 
 def _merge_sql(c: Column) -> str:

@@ -263,3 +263,144 @@ def test_reapplied_batch_changes_nothing(database_url: str, schema: str) -> None
     assert sums(database_url, schema) == before
     project(database_url, schema, [EVENTS])
     assert sums(database_url, schema) != before
+
+
+# --- the care chain: gender, investigation, first visit, SIP, user assessments ---------
+C3 = "case-0003"
+
+
+def care_chain() -> list[Incoming]:
+    """One case through the care chain (intake and follow-up topics), and a v2-style
+    registration of another case without a gender."""
+    i3, f3 = Stream("intake", C3, "hisingen"), Stream("followup", C3, "hisingen")
+    i4 = Stream("intake", "case-0004", "nordost")
+    intake = {
+        "person": "ef" * 32,
+        "district": "hisingen",
+        "substances": ["NARCOTICS"],
+        "referral_source": "SELF",
+        "children_in_household": "NO",
+        "birth_year": None,
+        "age_band": "25-34",
+        "archive_sample": False,
+    }
+    ratings = {
+        "contact_easy": "YES",
+        "clear_information": "PARTLY",
+        "felt_understood": "YES",
+        "influence": "NO_ANSWER",
+        "whole_situation": "NO",
+        "situation_improved": "YES",
+    }
+    return [
+        i3("IntakeRegistered", 0, **intake, gender="WOMAN"),
+        i3("InvestigationOpened", 1, investigation_id=_uuid(60), basis="APPLICATION"),
+        i3("FirstVisitHeld", 3, visit_id=_uuid(61)),
+        i3("InvestigationDecided", 20, investigation_id=_uuid(60), decision="PARTLY_GRANTED",
+           intervention_kinds=["OUTPATIENT"]),
+        i3("InvestigationOpened", 30, investigation_id=_uuid(62), basis="REPORT_OF_CONCERN"),
+        i3("InvestigationDecided", 45, investigation_id=_uuid(62), decision="REFUSED",
+           intervention_kinds=[]),
+        i3("ConsentRecorded", 46, consent_id=_uuid(63), recipients=["HEALTHCARE"],
+           valid_until=None),
+        i3("CoordinatedPlanAgreed", 47, plan_id=_uuid(64), parties=["SOCIAL_SERVICES",
+           "PSYCHIATRY"], lead="PSYCHIATRY", follow_up_on=(T0 + timedelta(days=90)).date(),
+           consent_id=_uuid(63)),
+        i3("CoordinatedPlanAgreed", 50, plan_id=_uuid(65), parties=["SOCIAL_SERVICES",
+           "PRIMARY_CARE"], lead="SOCIAL_SERVICES",
+           follow_up_on=(T0 + timedelta(days=60)).date(), consent_id=_uuid(63)),
+        i3("CoordinatedPlanFollowedUp", 88, plan_id=_uuid(65)),
+        i3("CoordinatedPlanFollowedUp", 92, plan_id=_uuid(64)),
+        f3("UserAssessmentRecorded", 95, assessment_id=_uuid(66), **ratings),
+        f3("UserAssessmentRecorded", 180, assessment_id=_uuid(67),
+           **{**ratings, "influence": "YES", "clear_information": "NO_ANSWER"}),
+        i4("IntakeRegistered", 2, **{**intake, "person": "12" * 32, "district": "nordost"}),
+    ]  # fmt: skip
+
+
+CARE_CHAIN = care_chain()
+
+
+def test_the_care_chain_facts(database_url: str, schema: str) -> None:
+    assert project(database_url, schema, [CARE_CHAIN]) == [len(CARE_CHAIN)]
+    c3 = facts(database_url, schema, C3)
+    assert c3["gender"] == "WOMAN"
+    # The first opening and the first decision; the decision of the latest (day 45).
+    assert c3["investigation_opened_at"] == T0 + timedelta(days=1)
+    assert c3["investigation_decided_at"] == T0 + timedelta(days=20)
+    assert (c3["investigation_decision"], c3["investigation_decision_at"]) == (
+        "REFUSED",
+        T0 + timedelta(days=45),
+    )
+    assert c3["first_visit_at"] == T0 + timedelta(days=3)
+    # The first plan agreed (day 47) and the first follow-up of any plan (day 88).
+    assert (c3["sip_agreed_at"], c3["sip_followed_up_at"]) == (
+        T0 + timedelta(days=47),
+        T0 + timedelta(days=88),
+    )
+    # Two assessments: contact YES+YES; information PARTLY + NO_ANSWER (1 answered, 0 yes);
+    # understood YES+YES; influence NO_ANSWER + YES (1 answered, 1 yes); whole NO+NO (2
+    # answered, 0 yes); improved YES+YES.
+    assert c3["user_assessments"] == 2
+    assert {i: (c3[f"ua_{i}_yes"], c3[f"ua_{i}_answered"]) for i in readmodels.UA_ITEMS} == {
+        "contact_easy": (2, 2),
+        "clear_information": (0, 1),
+        "felt_understood": (2, 2),
+        "influence": (1, 1),
+        "whole_situation": (0, 2),
+        "situation_improved": (2, 2),
+    }
+    assert c3["events"] == len(CARE_CHAIN) - 1
+    # A registration decoded from v1 or v2 (no gender written) is NOT_STATED.
+    c4 = facts(database_url, schema, "case-0004")
+    assert (c4["gender"], c4["investigation_opened_at"], c4["user_assessments"]) == (
+        "NOT_STATED",
+        None,
+        0,
+    )
+    assert c4["ua_influence_answered"] == 0
+
+
+def test_the_care_chain_folds_the_same_in_any_order_and_split(
+    database_url: str, schema: str, new_schema: Callable[[str], str]
+) -> None:
+    everything = EVENTS + CARE_CHAIN
+    project(database_url, schema, [everything])
+    reference = sums(database_url, schema)
+    for seed in (7, 8, 9):
+        rng = random.Random(seed)
+        shuffled = rng.sample(everything, len(everything))
+        cut = rng.randint(1, len(shuffled) - 1)
+        target = new_schema("rm")
+        counts = project(
+            database_url, target, [shuffled[:cut], shuffled[cut:], rng.sample(CARE_CHAIN, 4)]
+        )
+        assert sum(counts) == len(everything), seed
+        assert sums(database_url, target) == reference, seed
+        assert facts(database_url, target, C3) == facts(database_url, schema, C3)
+
+
+def test_migrate_adds_the_care_chain_columns_to_an_older_table_in_the_fresh_order(
+    database_url: str, schema: str, new_schema: Callable[[str], str]
+) -> None:
+    added = [c.name for c in readmodels.FACTS[readmodels.FACT_NAMES.index("gender") - 1 :]]
+    assert added[0] == "gender" and "ua_situation_improved_answered" in added
+    project(database_url, schema, [EVENTS])
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        drops = ", ".join(f"DROP COLUMN {name}" for name in added)
+        conn.execute(f"ALTER TABLE {schema}.case_facts {drops}")  # as an older version made it
+        with conn.transaction():
+            readmodels.migrate(conn, schema)
+            readmodels.migrate(conn, schema)  # idempotent
+        with conn.transaction():
+            readmodels.apply(conn, schema, CARE_CHAIN)
+    fresh = new_schema("rm")
+    project(database_url, fresh, [EVENTS, CARE_CHAIN])
+    assert list(facts(database_url, schema, C3)) == list(facts(database_url, fresh, C3))
+    assert facts(database_url, schema, C3) == facts(database_url, fresh, C3)
+    assert facts(database_url, schema, C3)["ua_contact_easy_yes"] == 2
+    # The cases projected before the columns existed have no gender until a replay (the
+    # rest of their facts stand).
+    migrated, replayed = facts(database_url, schema, C1), facts(database_url, fresh, C1)
+    assert (migrated["gender"], replayed["gender"]) == (None, "NOT_STATED")
+    assert {**migrated, "gender": "NOT_STATED"} == replayed
