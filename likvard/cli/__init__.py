@@ -16,6 +16,7 @@ from likvard.cli import (
     identity as identity,
     database as database,
     records as records,
+    indicators as indicators,
 )
 
 __all__ = [
