@@ -328,12 +328,12 @@ def test_the_stream_is_the_case_and_every_event_looks_up_the_case() -> None:
         incoming = district_event(event_type, data)
         assert RULES.stream_id(incoming) == CASE
         assert RULES.needs_case(incoming) is True
-    assert NEEDS_KNOWN_CASE == {
+    assert {
         "ChildrenInHouseholdRecorded",
         "FamilyMemberEngaged",
         "FollowUpScheduled",
         "UserAssessmentRecorded",
-    }
+    } == NEEDS_KNOWN_CASE
 
 
 def district_after(incoming: Incoming, stream: StreamView, case: KnownCase | None) -> str | None:
