@@ -70,6 +70,7 @@ PAYLOADS: dict[str, dict[str, Any]] = {
         "birth_year": 1980,
         "age_band": None,  # v2: Likvärd derives it
         "archive_sample": False,
+        "gender": "NOT_STATED",  # v3: the default of a record that names none
         "personal": None,  # sent in clear; the intake store seals
     },
     "AssessmentCompleted": {
