@@ -221,6 +221,7 @@ REQUESTS: dict[tuple[str, str, str], Request] = {
         query=lambda scope: {"from": "2026-01-01", "to": "2026-12-31"}
     ),
     ("projections", "GET", "/reports/equal-access"): Request(),
+    ("projections", "GET", "/reports/waits"): Request(),
     ("projections", "GET", "/cases/{case_id}/timeline"): Request(),
     ("projections", "GET", "/access-log"): Request(),
     ("referral", "GET", "/referrals/overdue"): Request(

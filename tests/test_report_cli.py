@@ -73,6 +73,16 @@ def test_report_without_kafka_provenance_says_it_cannot_be_replayed(
     assert record["provenance"]["offsets"] == []
     assert record["provenance"]["parameters"]["from"] == "2024-01-01"
     assert record["figures"]["followup/2024/city/persons"] > 0
+    assert record["provenance"]["parameters"]["flag_rule"] == "holm"  # the published rule
+    assert record["figures"]["audit/flag_rule"] == "holm"
+    assert record["figures"]["audit/comparisons"] >= 1
+    assert "waits/referral_to_start/city/median_days" in record["figures"]
+    band = tmp_path / "band.json"
+    made = likvard(database_url, *args[:1], str(band), *args[2:], "--flag-rule", "band")
+    assert made.returncode == 0, made.stderr
+    assert json.loads(band.read_text(encoding="utf-8"))["figures"]["audit/flag_rule"] == "band"
+    wrong = likvard(database_url, *args[:1], str(band), *args[2:], "--flag-rule", "bonferroni")
+    assert wrong.returncode == 2 and "flag rule must be 'holm' or 'band'" in wrong.stderr
     refused = likvard(database_url, "--reproduce", str(out))
     assert refused.returncode == 2
     assert "names no Kafka offsets" in refused.stderr

@@ -157,6 +157,13 @@ def report(
     ),
     structure: str = typer.Option("current", help="District structure: current | as-recorded"),
     period: str = typer.Option("year", help="Rows per year | month"),
+    flag_rule: str = typer.Option(
+        "holm",
+        "--flag-rule",
+        help="The audit's flags: holm (Holm-adjusted p < 0.05 over every district x metric"
+        " comparison) | band (the need-adjusted ratio's interval excludes 1 and it is outside"
+        " 0.8-1.25)",
+    ),
     schema: str = typer.Option("projections", help="Read-model schema"),
     as_of: datetime | None = typer.Option(
         None,
@@ -188,7 +195,7 @@ def report(
     except ConfigError as exc:
         raise fail(str(exc)) from exc
     if reproduce is not None:
-        if out is not None or as_of is not None or as_known_on is not None:
+        if out is not None or as_of is not None or as_known_on is not None or flag_rule != "holm":
             raise fail("--reproduce takes only the report file: its record has the rest")
         _reproduce(settings, dsn, reproduce)
         return
@@ -199,7 +206,9 @@ def report(
     occurred = as_of.date() if as_of else None
     known = as_known_on.date() if as_known_on else None
     try:
-        params = Parameters(first, last, structure, period, default_as_of(occurred, known))
+        params = Parameters(
+            first, last, structure, period, default_as_of(occurred, known), flag_rule=flag_rule
+        )
     except ValueError as exc:
         raise fail(str(exc)) from exc
     if occurred is None and known is None:

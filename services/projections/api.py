@@ -15,7 +15,11 @@ header (compact ASCII JSON: the offsets per topic partition, the chain-heads dig
 code and reference-data versions, the parameters), read in the same snapshot as its rows.
 A header keeps the JSON body the list it always was and the CSV plain CSV; with
 `provenance=true` a JSON answer is instead an object `{"provenance": ..., "rows": [...]}`
-for a client that keeps one file."""
+for a client that keeps one file.
+
+The audit and the waits also say how many comparisons their Holm flags were controlled
+over, in the `Likvard-Comparisons` header (and on each row, `comparisons`, for the audit;
+in the envelope too): the whole family, whatever `district` filter is asked for."""
 
 from __future__ import annotations
 
@@ -46,13 +50,14 @@ from likvard.keys import open_key_store
 from likvard.policy import Action, CaseScope, SystemScope, sees_personal_text
 from likvard.sealing import Sealer, ToOpen
 from likvard.telemetry import setup_tracing
-from services.projections import access_log, readmodels, reports, reproduce
-from services.projections.audit import AuditCell, audit
+from services.projections import access_log, readmodels, reports, reproduce, stats
+from services.projections.audit import AuditCell, audit_report
 
 log = logging.getLogger("likvard.projections")
 
 Format = Literal["json", "csv"]
 PROVENANCE_HEADER = "Likvard-Provenance"
+COMPARISONS_HEADER = "Likvard-Comparisons"
 Structure = Literal["current", "as-recorded"]
 FORMAT = Query(description="`json` (default) or `csv` (`text/csv`, a header row first)")
 STRUCTURE = Query(
@@ -87,26 +92,33 @@ def _table(row: type) -> dict[int | str, dict[str, Any]]:
     }
 
 
-def _report_table(row: type) -> dict[int | str, dict[str, Any]]:
+def _report_table(row: type, *, comparisons: bool = False) -> dict[int | str, dict[str, Any]]:
     """A report's 200 answer: the rows (or `{provenance, rows}` with `provenance=true`), or
-    CSV; its provenance in the `Likvard-Provenance` header."""
+    CSV; its provenance in the `Likvard-Provenance` header (and, for a report that flags by
+    Holm, the number of comparisons in `Likvard-Comparisons` and the envelope)."""
+    extra: dict[str, Any] = {"comparisons": (int, ...)} if comparisons else {}
     envelope = create_model(
         f"{row.__name__}WithProvenance",
         provenance=(dict[str, Any], ...),
         rows=(list[row], ...),  # type: ignore[valid-type]
+        **extra,
     )
-    answer = _table(row)
-    answer[200] |= {
-        "model": list[row] | envelope,  # type: ignore[valid-type]
-        "headers": {
-            PROVENANCE_HEADER: {
-                "description": "The report's provenance as compact JSON: offsets per topic"
-                " partition, chain-heads digest, code and reference-data versions,"
-                " parameters",
-                "schema": {"type": "string"},
-            }
-        },
+    headers: dict[str, Any] = {
+        PROVENANCE_HEADER: {
+            "description": "The report's provenance as compact JSON: offsets per topic"
+            " partition, chain-heads digest, code and reference-data versions,"
+            " parameters",
+            "schema": {"type": "string"},
+        }
     }
+    if comparisons:
+        headers[COMPARISONS_HEADER] = {
+            "description": "How many comparisons (district x metric or wait) the Holm"
+            " adjustment was made over, whatever the district filter",
+            "schema": {"type": "string", "pattern": "^[0-9]+$"},
+        }
+    answer = _table(row)
+    answer[200] |= {"model": list[row] | envelope, "headers": headers}  # type: ignore[valid-type]
     return answer
 
 
@@ -141,6 +153,9 @@ class AccessLogPage(BaseModel):
 DistrictQuery = Annotated[str | None, Query(min_length=1, max_length=64)]
 REPORT_FOLLOWUP = SystemScope("report:followup")
 REPORT_EQUAL_ACCESS = SystemScope("report:equal-access")
+REPORT_WAITS = SystemScope("report:waits")
+FlagRuleQuery = Literal["holm", "band"]
+WAIT_COLUMNS = [f.name for f in dataclasses.fields(stats.WaitSummary) if f.name != "curve"]
 ACCESS_LOG = SystemScope("access-log")
 
 
@@ -216,15 +231,22 @@ def _with_provenance(
     fmt: Format,
     prov: dict[str, Any],
     envelope: bool,
+    comparisons: int | None = None,
 ) -> Response:
-    """The answer with its provenance in a header (and, asked for, in a JSON envelope)."""
+    """The answer with its provenance in a header (and, asked for, in a JSON envelope);
+    with `comparisons`, the Holm family's size beside it."""
     if envelope and fmt == "json":
-        response: Response = JSONResponse({"provenance": prov, "rows": rows})
+        body: dict[str, Any] = {"provenance": prov, "rows": rows}
+        if comparisons is not None:
+            body["comparisons"] = comparisons
+        response: Response = JSONResponse(body)
     else:
         response = _respond(rows, columns, fmt)
     response.headers[PROVENANCE_HEADER] = json.dumps(
         prov, sort_keys=True, separators=(",", ":"), ensure_ascii=True
     )
+    if comparisons is not None:
+        response.headers[COMPARISONS_HEADER] = str(comparisons)
     return response
 
 
@@ -371,12 +393,16 @@ def create_app(
         "/reports/equal-access",
         tags=["reports"],
         summary="The equal-access audit",
-        responses=_report_table(AuditCell),
-        description="Per district and metric, for persons with the same assessed need level:"
-        " the rate, the rest of the city's rate, the crude and need-adjusted ratio with its 95%"
-        " interval, the Mantel-Haenszel ratio, and a flag when the interval excludes 1 and the"
-        " ratio is outside 0.8-1.25. Cells under 5 persons are suppressed. Analysts and"
-        " auditors.",
+        responses=_report_table(AuditCell, comparisons=True),
+        description="Per district and metric: the rate, the rest of the city's rate, the crude"
+        " and need-adjusted (model-based) ratio with its 95% interval, the Mantel-Haenszel"
+        " ratio; the standardised ratio O/E (expected from the city's rates within strata of"
+        " need level, age band and gender) with its score interval, the district's place on"
+        " the funnel plot, its p-value and Holm-adjusted p over every district x metric"
+        " comparison (their number in `Likvard-Comparisons` and each row's `comparisons`);"
+        " `holm_flagged` (Holm p < 0.05), `band_flagged` (the interval excludes 1 and the"
+        " ratio is outside 0.8-1.25), and `flagged` by the rule asked for (`flag_rule`, Holm"
+        " by default). Cells under 5 persons are suppressed. Analysts and auditors.",
         openapi_extra=guard.policy(Action.REPORT_READ),
         dependencies=[Depends(_may(Action.REPORT_READ, REPORT_EQUAL_ACCESS))],
     )
@@ -384,22 +410,86 @@ def create_app(
         conn: Conn,
         structure: Annotated[Structure, STRUCTURE] = "current",
         district: Annotated[DistrictQuery, Query(description="Only this district")] = None,
+        flag_rule: Annotated[
+            FlagRuleQuery,
+            Query(
+                description="`holm` (default): flagged when the Holm-adjusted p < 0.05 over"
+                " every comparison; `band`: the need-adjusted ratio's interval excludes 1 and"
+                " the ratio is outside 0.8-1.25"
+            ),
+        ] = "holm",
         format: Annotated[Format, FORMAT] = "json",
         provenance: Annotated[bool, PROVENANCE] = False,
     ) -> Response:
         check_district(district, structure)
         with reproduce.snapshot_transaction(conn):
-            cells = audit(reports.audit_rows(conn, schema, structure=structure, registry=registry))
+            made = audit_report(
+                reports.audit_rows(conn, schema, structure=structure, registry=registry),
+                flag_rule=flag_rule,
+            )
             given = {
                 "report": "equal-access",
                 "structure": structure,
                 "district": district,
                 "min_cell": reproduce.MIN_CELL,
+                "flag_rule": flag_rule,
             }
             prov = reproduce.provenance_of(conn, schema, given)
+        cells = made.cells
         if district is not None:
             cells = [c for c in cells if c.district == district]
-        return _with_provenance(_rows(cells), _field_names(AuditCell), format, prov, provenance)
+        return _with_provenance(
+            _rows(cells), _field_names(AuditCell), format, prov, provenance, made.comparisons
+        )
+
+    @app.get(
+        "/reports/waits",
+        tags=["reports"],
+        summary="Waiting times, persons still waiting censored",
+        responses=_report_table(stats.WaitSummary, comparisons=True),
+        description="Per wait (intake to first visit, referral to answer, referral to start,"
+        " end of intervention to follow-up) and district, with a city-wide row"
+        " (`district=city`): persons, waits ended, still waiting (censored at the as-of"
+        " time or at the case's closing), the Kaplan-Meier median and 90th percentile in"
+        " days (null when too many still wait), the need-stratified Cox hazard ratio to the"
+        " rest of the city with its 95% interval (below 1: longer waits), the stratified"
+        " log-rank p and its Holm adjustment over every district x wait compared (their"
+        " number in `Likvard-Comparisons`), the flag (Holm p < 0.05), and in JSON the"
+        " Kaplan-Meier curve as [days, share still waiting] pairs (not in CSV). Cells under 5"
+        " persons or 5 ended waits are suppressed. Analysts and auditors.",
+        openapi_extra=guard.policy(Action.REPORT_READ),
+        dependencies=[Depends(_may(Action.REPORT_READ, REPORT_WAITS))],
+    )
+    def waits_report(
+        conn: Conn,
+        structure: Annotated[Structure, STRUCTURE] = "current",
+        district: Annotated[
+            DistrictQuery, Query(description="Only this district (or `city`)")
+        ] = None,
+        format: Annotated[Format, FORMAT] = "json",
+        provenance: Annotated[bool, PROVENANCE] = False,
+    ) -> Response:
+        check_district(district, structure)
+        as_of = reproduce.default_as_of()
+        with reproduce.snapshot_transaction(conn):
+            made = stats.wait_report(
+                reports.wait_rows(conn, schema, structure=structure, registry=registry),
+                as_of=as_of,
+                min_cell=reproduce.MIN_CELL,
+            )
+            given = {
+                "report": "waits",
+                "structure": structure,
+                "district": district,
+                "min_cell": reproduce.MIN_CELL,
+                "as_of": as_of.isoformat(),
+            }
+            prov = reproduce.provenance_of(conn, schema, given)
+        rows = [s for s in made.summaries if district is None or s.district == district]
+        plain = _rows(rows)
+        if format == "csv":
+            plain = [{k: v for k, v in r.items() if k != "curve"} for r in plain]
+        return _with_provenance(plain, WAIT_COLUMNS, format, prov, provenance, made.comparisons)
 
     @app.get(
         "/cases/{case_id}/timeline",

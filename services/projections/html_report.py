@@ -2,8 +2,15 @@
 
 An auditor must be able to open the file offline, years later, on a locked-down machine,
 and print it. So the document has no external resource of any kind: no scripts, no
-stylesheets or fonts to fetch, no URLs; CSS is inline and every chart is SVG drawn here in
-Python. Text from the data (district names, notes) is always HTML-escaped.
+stylesheets or fonts to fetch, no URLs; CSS is inline and every chart is a Vega-Lite
+specification (Altair) rendered here to static SVG by vl-convert, offline (`charts.py`).
+Text from the data (district names, notes) is always escaped.
+
+The audit shows, per metric, the standardised ratios with their intervals (dot and
+whisker, the model-based ratio beside each) and the funnel plot, flagged by the report's
+flag rule (Holm by default, the band rule as an option), and says how many comparisons
+were made; the waits show Kaplan-Meier curves per district, medians and 90th percentiles
+with the persons still waiting censored, and the need-stratified comparisons.
 
 `render` is pure (rows and cells in, a string out) so it is tested without a database;
 `build` is the thin adapter that reads the projections and calls it.
@@ -20,8 +27,7 @@ parameters) is written for the reader, and the whole record (provenance and ever
 from __future__ import annotations
 
 import html
-import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from datetime import date, datetime
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -29,7 +35,8 @@ from zoneinfo import ZoneInfo
 import psycopg
 
 from likvard.districts import DistrictRegistry
-from services.projections.audit import METRICS, AuditCell
+from services.projections import charts, stats
+from services.projections.audit import METRICS, AuditCell, AuditReport, FlagRule
 from services.projections.reports import (
     CITY,
     TIME_ZONE,
@@ -43,12 +50,13 @@ from services.projections.reproduce import (
     record_json,
     snapshot,
 )
+from services.projections.stats import WaitReport, WaitSummary
 
 __all__ = ["DEFAULT_TITLE", "build", "build_report", "render"]
 
 DEFAULT_TITLE = "Likvärd: follow-up report and equal-access audit"
 MIN_CELL = 5  # the suppression threshold of `followup_report` and `audit` (their default)
-BAND = (0.8, 1.25)  # the tolerated band of the audit's flag (its default)
+BAND = (0.8, 1.25)  # the tolerated band of the audit's band rule (its default)
 SUPPRESSED_TEXT = f"suppressed (fewer than {MIN_CELL})"
 DASH = "—"
 
@@ -108,12 +116,6 @@ _CHARTED: tuple[tuple[str, str], ...] = (
     ("closed_not_reopened_share", "Closed cases not reopened within a year"),
 )
 
-_INK = "#1a1a1a"
-_MUTED = "#6b6b6b"
-_BLUE = "#1f4e79"
-_RED = "#b00020"
-_GRID = "#d9d9d9"
-
 _CSS = """
 :root { color-scheme: light; }
 * { -webkit-print-color-adjust: exact; print-color-adjust: exact; }
@@ -155,12 +157,14 @@ tbody th { font-weight: 600; min-width: 9em; }
 tr.flagged td, tr.flagged th { background: #fdecea; }
 tr.city td, tr.city th { font-weight: 700; border-top: 2px solid #888; background: #f7f7f7; }
 .flag-marker { color: #b00020; font-weight: 700; white-space: nowrap; }
-.metric, .period { break-inside: avoid; page-break-inside: avoid; }
+.metric, .period, .wait { break-inside: avoid; page-break-inside: avoid; }
 .charts { display: grid; grid-template-columns: repeat(auto-fill, minmax(520px, 1fr));
   gap: 8px 24px; }
 figure { margin: .4em 0; break-inside: avoid; page-break-inside: avoid; }
 figcaption { font-weight: 600; font-size: .95em; margin-bottom: .2em; }
 svg { display: block; max-width: 100%; height: auto; }
+p.rule { font-weight: 600; }
+p.note { color: #444; font-size: .9em; }
 footer { margin-top: 3em; color: #6b6b6b; font-size: .9em; border-top: 1px solid #ccc;
   padding-top: .6em; }
 @page { size: A4 landscape; margin: 12mm; }
@@ -172,17 +176,6 @@ footer { margin-top: 3em; color: #6b6b6b; font-size: .9em; border-top: 1px solid
   .charts { grid-template-columns: 1fr 1fr; }
 }
 """
-
-
-_HALO = {"stroke": "#fff", "stroke_width": "3", "paint_order": "stroke"}  # legible over lines
-
-
-def _label_width(
-    items: Sequence[AuditCell | ReportRow], names: Mapping[str, str], least: int
-) -> int:
-    """Room for the longest district label left of a chart (about 7 px a character)."""
-    longest = max((len(names.get(i.district, i.district)) for i in items), default=0)
-    return max(least, min(300, 7 * longest + 20))
 
 
 def _e(value: object) -> str:
@@ -205,179 +198,201 @@ def _ratio(value: float | None) -> str:
     return DASH if value is None else f"{value:.2f}"
 
 
+def _num(value: float | None) -> str:
+    return DASH if value is None else f"{value:.1f}"
+
+
+def _p(value: float | None) -> str:
+    if value is None:
+        return DASH
+    return "< 0.001" if value < 0.001 else f"{value:.3f}"
+
+
 def _ci(low: float | None, high: float | None) -> str:
     return DASH if low is None or high is None else f"{low:.2f}–{high:.2f}"
 
 
-def _tick(value: float) -> str:
-    return f"{value:g}"
+def _judged(cell: AuditCell, rule: FlagRule) -> float | None:
+    """The ratio the flag rule judges: the standardised ratio (Holm's test is on O - E),
+    the model-based adjusted ratio (the band rule); the other when that one is missing."""
+    first, second = (
+        (cell.sr, cell.adjusted_ratio) if rule == "holm" else (cell.adjusted_ratio, cell.sr)
+    )
+    return first if first is not None else second
 
 
-def _direction(cell: AuditCell) -> str:
+def _direction(cell: AuditCell, rule: FlagRule) -> str:
     """Which way a flagged district deviates, for readers who cannot see the colour."""
-    if cell.adjusted_ratio is None:
+    value = _judged(cell, rule)
+    if value is None:
         return ""
-    return "lower" if cell.adjusted_ratio < 1 else "higher"
+    return "lower" if value < 1 else "higher"
 
 
-def _flag_marker(cell: AuditCell) -> str:
-    direction = _direction(cell)
-    text = f"⚑ flagged: {direction}" if direction else "⚑ flagged"
+def _flag_marker(text: str) -> str:
     return f'<span class="flag-marker">{_e(text)}</span>'
 
 
-def _svg_open(width: int, height: int, ident: str, title: str, desc: str) -> str:
+def _rule_text(rule: FlagRule, comparisons: int, alpha: float) -> str:
+    if rule == "holm":
+        return (
+            f"Holm-adjusted p &lt; {alpha:g} over {comparisons} comparisons (each district"
+            " against the city on each metric, need level, age band and gender standardised)"
+        )
     return (
-        f'<svg role="img" viewBox="0 0 {width} {height}" width="{width}" height="{height}"'
-        f' aria-labelledby="{ident}-t {ident}-d" font-family="inherit" font-size="12">'
-        f'<title id="{ident}-t">{_e(title)}</title><desc id="{ident}-d">{_e(desc)}</desc>'
-    )
-
-
-def _text(x: float, y: float, content: str, **attrs: str) -> str:
-    extra = "".join(f' {k.replace("_", "-")}="{_e(v)}"' for k, v in attrs.items())
-    return f'<text x="{x:.1f}" y="{y:.1f}"{extra}>{_e(content)}</text>'
-
-
-def _line(x1: float, y1: float, x2: float, y2: float, stroke: str, **attrs: str) -> str:
-    extra = "".join(f' {k.replace("_", "-")}="{_e(v)}"' for k, v in attrs.items())
-    return (
-        f'<line x1="{x1:.1f}" y1="{y1:.1f}" x2="{x2:.1f}" y2="{y2:.1f}" stroke="{stroke}"{extra}/>'
+        f"the {100 * (1 - alpha):g}% interval of the need-adjusted ratio excludes 1 and the"
+        f" ratio is outside {BAND[0]:g}–{BAND[1]:g} (the band rule: no control for the"
+        f" {comparisons} comparisons made)"
     )
 
 
 # --- the equal-access audit -----------------------------------------------------------
 
 
-def _log_domain(cells: Sequence[AuditCell]) -> tuple[float, float]:
-    """An x range that always shows the band and 1, and every interval (within reason)."""
-    values = [BAND[0] / 1.25, BAND[1] * 1.25]
+def _ratio_chart(
+    metric: str, label: str, cells: Sequence[AuditCell], names: Mapping[str, str], rule: FlagRule
+) -> str:
+    """Dot and whisker: the standardised ratio and the model-based ratio per district."""
+    rows: list[charts.Ratio] = []
     for c in cells:
-        if not c.suppressed:
-            values += [v for v in (c.adjusted_ratio, c.ci_low, c.ci_high) if v is not None]
-    low = max(min(values) / 1.1, 0.05)
-    high = min(max(values) * 1.1, 20.0)
-    return low, high
-
-
-def _log_ticks(low: float, high: float, scale: Callable[[float], float]) -> list[float]:
-    """Tick values by priority, dropping any that would crowd a kept one."""
-    kept: list[float] = []
-    for t in (1, 0.5, 2, 0.8, 1.25, 0.25, 4, 0.1, 10, 0.05, 20):
-        if low <= t <= high and all(abs(scale(t) - scale(k)) >= 36 for k in kept):
-            kept.append(t)
-    return sorted(kept)
-
-
-def _forest(metric: str, label: str, cells: Sequence[AuditCell], names: Mapping[str, str]) -> str:
-    """One metric's forest plot: need-adjusted ratio and 95% interval per district."""
-    left, right, top, row_h = _label_width(cells, names, 170), 230, 34, 28
-    width = max(900, left + 360 + right)
-    plot_w = width - left - right
-    height = top + len(cells) * row_h + 56
-    low, high = _log_domain(cells)
-    span = math.log(high) - math.log(low)
-
-    def x(value: float) -> float:
-        v = min(max(value, low), high)
-        return left + (math.log(v) - math.log(low)) / span * plot_w
-
-    bottom = top + len(cells) * row_h
-    flagged = [c for c in cells if c.flagged and not c.suppressed]
-    desc = (
-        f"Forest plot of {label}: per district the need-adjusted ratio to the rest of the"
-        f" city with its 95% interval, log scale; the shaded band is {BAND[0]:g} to"
-        f" {BAND[1]:g}. {len(flagged)} flagged."
-    )
-    out = [_svg_open(width, height, f"forest-{metric}", f"{label}: need-adjusted ratio", desc)]
-    for i, cell in enumerate(cells):
-        if cell.flagged and not cell.suppressed:
-            y0 = top + i * row_h
-            out.append(
-                f'<rect x="0" y="{y0}" width="{width}" height="{row_h}" fill="#fdecea"'
-                ' fill-opacity="0.8"/>'
+        name = names.get(c.district, c.district)
+        is_flag = c.flagged and not c.suppressed
+        if c.suppressed:
+            rows.append(
+                charts.Ratio(name, None, None, None, None, None, None, False, SUPPRESSED_TEXT)
             )
-    out.append(
-        f'<rect x="{x(BAND[0]):.1f}" y="{top - 4}" width="{x(BAND[1]) - x(BAND[0]):.1f}"'
-        f' height="{bottom - top + 8}" fill="#cfe3cf" fill-opacity="0.6"/>'
-    )
-    ticks = _log_ticks(low, high, x)
-    for t in ticks:
-        out.append(_line(x(t), top - 4, x(t), bottom + 4, _GRID))
-    out.append(_line(x(1), top - 8, x(1), bottom + 4, "#333", stroke_width="1.5"))
-    out.append(_text(x(1) - 6, top - 14, "◂ lower in district", text_anchor="end", fill=_MUTED))
-    out.append(_text(x(1) + 6, top - 14, "higher in district ▸", fill=_MUTED))
-    out.append(_text(width - right + 10, top - 14, "ratio (95% interval)", fill=_MUTED))
-
-    for i, cell in enumerate(cells):
-        cy = top + i * row_h + row_h / 2
-        name = names.get(cell.district, cell.district)
-        is_flag = cell.flagged and not cell.suppressed
-        colour = _RED if is_flag else _BLUE
-        weight = "700" if is_flag else "400"
-        out.append(_text(left - 10, cy + 4, name, text_anchor="end", font_weight=weight, fill=_INK))
-        if cell.suppressed:
-            out.append(_text(left + 8, cy + 4, SUPPRESSED_TEXT, fill=_MUTED, font_style="italic"))
             continue
-        if cell.adjusted_ratio is None:
-            out.append(_text(left + 8, cy + 4, f"{DASH} not computable (see note)", fill=_MUTED))
-            continue
-        point = cell.adjusted_ratio
-        summary = f"{name}: {_ratio(point)} (95% interval {_ci(cell.ci_low, cell.ci_high)})"
-        out.append(f"<g><title>{_e(summary + (', flagged' if is_flag else ''))}</title>")
-        if cell.ci_low is not None and cell.ci_high is not None:
-            x_lo, x_hi = x(cell.ci_low), x(cell.ci_high)
-            out.append(_line(x_lo, cy, x_hi, cy, colour, stroke_width="2"))
-            out.append(_line(x_lo, cy - 5, x_lo, cy + 5, colour, stroke_width="2"))
-            out.append(_line(x_hi, cy - 5, x_hi, cy + 5, colour, stroke_width="2"))
-        if is_flag:
-            out.append(
-                f'<rect x="{x(point) - 5.5:.1f}" y="{cy - 5.5:.1f}" width="11" height="11"'
-                f' fill="{_RED}"/>'
-            )
+        if c.sr is None and c.adjusted_ratio is None:
+            text = f"{DASH} not computable (see note)"
         else:
-            out.append(f'<circle cx="{x(point):.1f}" cy="{cy:.1f}" r="5" fill="{_BLUE}"/>')
-        out.append("</g>")
-        right_text = f"{_ratio(point)} ({_ci(cell.ci_low, cell.ci_high)})"
-        if is_flag:
-            right_text += f" flagged, {_direction(cell)}"
-        out.append(_text(width - right + 10, cy + 4, right_text, fill=colour, font_weight=weight))
+            text = f"SR {_ratio(c.sr)} ({_ci(c.sr_low, c.sr_high)})"
+            if is_flag:
+                text += f" flagged, {_direction(c, rule)}"
+        rows.append(
+            charts.Ratio(
+                name,
+                c.sr,
+                c.sr_low,
+                c.sr_high,
+                c.adjusted_ratio,
+                c.ci_low,
+                c.ci_high,
+                is_flag,
+                text,
+            )
+        )
+    flagged = sum(1 for c in cells if c.flagged and not c.suppressed)
+    desc = (
+        f"Dot-and-whisker chart of {label}: per district the standardised ratio (observed"
+        " over expected from the city's rates within strata of need level, age band and"
+        " gender) with its 95% score interval, and beside it the model-based need-adjusted"
+        f" ratio to the rest of the city with its 95% interval; log scale. {flagged} flagged."
+    )
+    chart = charts.ratios(
+        rows,
+        band=BAND if rule == "band" else None,
+        x_title="ratio to the city (log scale; 1 = as the city)",
+    )
+    return charts.inline(chart, f"ratios-{metric}", f"{label}: standardised ratios", desc)
 
-    out.append(_line(left, bottom + 4, left + plot_w, bottom + 4, "#555"))
-    for t in ticks:
-        out.append(_line(x(t), bottom + 4, x(t), bottom + 9, "#555"))
-        out.append(_text(x(t), bottom + 22, _tick(t), text_anchor="middle", fill=_INK))
-    out.append(
-        _text(
-            left + plot_w / 2,
-            bottom + 42,
-            f"need-adjusted ratio, district vs rest of city (log scale; shaded"
-            f" {BAND[0]:g}–{BAND[1]:g})",
-            text_anchor="middle",
-            fill=_INK,
+
+def _funnel_chart(
+    metric: str,
+    label: str,
+    cells: Sequence[AuditCell],
+    fun: stats.Funnel | None,
+    names: Mapping[str, str],
+) -> str | None:
+    """The funnel plot; drawn from the unsuppressed cells only (a suppressed district is
+    never a point, whatever the funnel holds)."""
+    shown = [
+        c for c in cells if not c.suppressed and c.funnel_rate is not None and c.persons is not None
+    ]
+    if fun is None or not shown:
+        return None
+    dots = [
+        charts.FunnelDot(
+            names.get(c.district, c.district),
+            c.persons or 0,
+            c.funnel_rate or 0.0,
+            c.flagged,
+        )
+        for c in shown
+    ]
+    curve = fun.curve
+    chart = charts.funnel(
+        dots,
+        target=fun.target,
+        persons=curve.persons,
+        limits={
+            "95 % limits": (curve.low_95, curve.high_95),
+            "99.8 % limits": (curve.low_998, curve.high_998),
+        },
+    )
+    widened = " widened for over-dispersion" if fun.phi_applied else ""
+    desc = (
+        f"Funnel plot of {label}: each district's standardised rate against its number of"
+        f" eligible persons, with 95% and 99.8% control limits{widened} around the city"
+        f" rate {_pct(fun.target)}. "
+        + "; ".join(
+            f"{d.label}: {_pct(d.rate)} at {d.persons}{' (flagged)' if d.flagged else ''}"
+            for d in dots
         )
     )
-    out.append("</svg>")
-    return "".join(out)
+    return charts.inline(chart, f"funnel-{metric}", f"{label}: funnel plot", desc)
+
+
+def _funnel_note(fun: stats.Funnel | None) -> str:
+    if fun is None:
+        return ""
+    if fun.phi_applied and fun.phi is not None:
+        text = (
+            f"The districts vary more than chance allows (over-dispersion factor φ ="
+            f" {fun.phi:.2f}, p {_p(fun.phi_p_value)}): the limits are widened by √φ and the"
+            " p-values allow for it."
+        )
+    elif fun.phi is not None:
+        text = f"Over-dispersion factor φ = {fun.phi:.2f}, not applied" + (
+            f" ({fun.note})." if fun.note else " (no excess variation between districts)."
+        )
+    else:
+        text = fun.note or "Too few districts to estimate over-dispersion."
+    return f'<p class="note">{_e(text)}</p>'
+
+
+_AUDIT_HEADS = (
+    "Persons",
+    "Rate",
+    "Rest-of-city rate",
+    "Crude ratio",
+    "Adjusted ratio",
+    "95% interval",
+    "MH ratio",
+    "Observed",
+    "Expected",
+    "SR (O/E)",
+    "SR 95% interval",
+    "Funnel",
+    "p",
+    "Holm p",
+)
+_POSITION_TEXT: Mapping[str, str] = {
+    "low_99.8": "below 99.8 %",
+    "low_95": "below 95 %",
+    "inside": "inside",
+    "high_95": "above 95 %",
+    "high_99.8": "above 99.8 %",
+}
 
 
 def _audit_table(
-    metric: str, label: str, cells: Sequence[AuditCell], names: Mapping[str, str]
+    metric: str, label: str, cells: Sequence[AuditCell], names: Mapping[str, str], rule: FlagRule
 ) -> str:
-    heads = (
-        "Persons",
-        "Rate",
-        "Rest-of-city rate",
-        "Crude ratio",
-        "Adjusted ratio",
-        "95% interval",
-        "MH ratio",
-    )
     out = [
         f'<table class="audit" data-metric="{_e(metric)}">'
         f"<caption>{_e(label)}: figures per district</caption><thead><tr>"
         '<th scope="col">District</th>'
-        + "".join(f'<th scope="col" class="num">{_e(h)}</th>' for h in heads)
+        + "".join(f'<th scope="col" class="num">{_e(h)}</th>' for h in _AUDIT_HEADS)
         + '<th scope="col">Flag</th><th scope="col">Note</th></tr></thead><tbody>'
     ]
     for cell in cells:
@@ -389,7 +404,7 @@ def _audit_table(
             f'<th scope="row">{_e(name)}</th>'
         )
         if cell.suppressed:
-            out.append(f'<td class="num suppressed" colspan="{len(heads)}">suppressed</td>')
+            out.append(f'<td class="num suppressed" colspan="{len(_AUDIT_HEADS)}">suppressed</td>')
         else:
             numbers = (
                 _int(cell.persons),
@@ -399,9 +414,17 @@ def _audit_table(
                 _ratio(cell.adjusted_ratio),
                 _ci(cell.ci_low, cell.ci_high),
                 _ratio(cell.mh_ratio),
+                _int(cell.observed),
+                _num(cell.expected),
+                _ratio(cell.sr),
+                _ci(cell.sr_low, cell.sr_high),
+                _POSITION_TEXT.get(cell.funnel_position or "", DASH),
+                _p(cell.p_value),
+                _p(cell.p_holm),
             )
             out.extend(f'<td class="num">{_e(n)}</td>' for n in numbers)
-        out.append(f"<td>{_flag_marker(cell) if is_flag else ''}</td>")
+        marker = f"⚑ flagged: {_direction(cell, rule)}" if _direction(cell, rule) else "⚑ flagged"
+        out.append(f"<td>{_flag_marker(marker) if is_flag else ''}</td>")
         out.append(f'<td class="note">{_e(cell.note or "")}</td></tr>')
     out.append("</tbody></table>")
     return "".join(out)
@@ -412,42 +435,216 @@ def _metric_order(cells: Sequence[AuditCell]) -> list[str]:
     return [m for m in METRICS if m in found] + sorted(found - set(METRICS))
 
 
-def _audit_section(cells: Sequence[AuditCell], names: Mapping[str, str]) -> str:
+def _audit_section(made: AuditReport, names: Mapping[str, str]) -> str:
+    cells, rule = made.cells, made.flag_rule
     out = [
         '<section id="audit"><h2>Equal-access audit</h2>',
-        '<p class="lead">Each district is compared with the rest of the city among persons'
-        " with the same assessed need level (each person once, by their most recent case;"
-        " the audit covers every case in the read model, not only the period above). A"
-        " ratio below 1 means the district's rate is lower than the rest of the city's.</p>",
+        '<p class="lead">Each district against the city, each person once (by their most'
+        " recent case; the audit covers every case in the read model, not only the period"
+        " below). The <strong>standardised ratio</strong> (SR) is the district's observed"
+        " count over the count expected if its persons had the city's rate of their stratum"
+        " (need level × age band × gender), with a 95% score interval; the funnel plot puts"
+        " each district's standardised rate against its number of eligible persons, inside"
+        " 95% and 99.8% limits around the city rate. The <em>adjusted ratio</em> is the"
+        " model-based need-adjusted ratio to the rest of the city, shown beside it. A ratio"
+        " below 1 means the district's rate is lower.</p>",
     ]
     if not cells:
         out.append("<p>No person with an assessed need level: nothing to audit.</p></section>")
         return "".join(out)
+    rule_text = _rule_text(rule, made.comparisons, made.alpha)
+    out.append(f'<p class="rule">Flag rule: a cell is flagged when {rule_text}.</p>')
     flagged = [c for c in cells if c.flagged and not c.suppressed]
     if flagged:
         items = "".join(
             f"<li>{_e(names.get(c.district, c.district))}, "
-            f"{_e(_METRIC_TEXT.get(c.metric, (c.metric, ''))[0])}: {_e(_direction(c))}"
-            f" (ratio {_e(_ratio(c.adjusted_ratio))},"
-            f" 95% interval {_e(_ci(c.ci_low, c.ci_high))})</li>"
+            f"{_e(_METRIC_TEXT.get(c.metric, (c.metric, ''))[0])}: {_e(_direction(c, rule))}"
+            f" (SR {_e(_ratio(c.sr))}, 95% interval {_e(_ci(c.sr_low, c.sr_high))};"
+            f" Holm p {_e(_p(c.p_holm))}; adjusted ratio {_e(_ratio(c.adjusted_ratio))})</li>"
             for c in flagged
         )
         out.append(
             f'<p class="summary flags">{len(flagged)} flagged'
-            f" cell{'s' if len(flagged) != 1 else ''}:</p><ul>{items}</ul>"
+            f" cell{'s' if len(flagged) != 1 else ''} of {made.comparisons} comparisons:</p>"
+            f"<ul>{items}</ul>"
         )
     else:
-        out.append('<p class="summary">No district is flagged.</p>')
+        out.append(
+            f'<p class="summary">No district is flagged ({made.comparisons} comparisons).</p>'
+        )
     for metric in _metric_order(cells):
         label, what = _METRIC_TEXT.get(metric, (metric.replace("_", " ").capitalize(), ""))
         rows = sorted(
             (c for c in cells if c.metric == metric),
             key=lambda c: (names.get(c.district, c.district), c.district),
         )
+        fun = made.funnels.get(metric)
+        funnel_svg = _funnel_chart(metric, label, rows, fun, names)
+        figures = [
+            "<figure><figcaption>Standardised ratios, 95% intervals</figcaption>"
+            f"{_ratio_chart(metric, label, rows, names, rule)}</figure>"
+        ]
+        if funnel_svg is not None:
+            figures.append(
+                f"<figure><figcaption>Funnel plot</figcaption>{funnel_svg}"
+                f"{_funnel_note(fun)}</figure>"
+            )
         out.append(
             f'<section class="metric" id="metric-{_e(metric)}"><h3>{_e(label)}</h3>'
-            f"<p>{_e(what)}</p><figure>{_forest(metric, label, rows, names)}</figure>"
-            f"{_audit_table(metric, label, rows, names)}</section>"
+            f'<p>{_e(what)}</p><div class="charts">{"".join(figures)}</div>'
+            f"{_audit_table(metric, label, rows, names, rule)}</section>"
+        )
+    out.append("</section>")
+    return "".join(out)
+
+
+# --- waiting times --------------------------------------------------------------------
+
+_WAIT_TEXT: Mapping[str, tuple[str, str]] = {
+    "intake_to_first_visit": (
+        "Intake to first personal visit",
+        "From the intake to the first personal visit (the Kolada indicator U35537).",
+    ),
+    "referral_to_answer": (
+        "Referral to answer",
+        "From the first referral to the unit's answer (accepted or declined).",
+    ),
+    "referral_to_start": (
+        "Referral to start",
+        "From the first referral to the start of an intervention.",
+    ),
+    "intervention_end_to_followup": (
+        "End of intervention to follow-up",
+        "From the end of the first intervention to a completed follow-up interview.",
+    ),
+}
+
+
+def _wait_direction(s: WaitSummary) -> str:
+    if s.hazard_ratio is None:
+        return ""
+    return "waits longer" if s.hazard_ratio < 1 else "waits shorter"
+
+
+def _wait_table(
+    wait: str, label: str, rows: Sequence[WaitSummary], names: Mapping[str, str]
+) -> str:
+    heads = (
+        "Persons",
+        "Wait ended",
+        "Still waiting (censored)",
+        "Median days",
+        "90th percentile days",
+        "Hazard ratio",
+        "95% interval",
+        "Log-rank p",
+        "Holm p",
+    )
+    out = [
+        f'<table class="waits" data-wait="{_e(wait)}">'
+        f"<caption>{_e(label)}: Kaplan-Meier figures per district</caption><thead><tr>"
+        '<th scope="col">District</th>'
+        + "".join(f'<th scope="col" class="num">{_e(h)}</th>' for h in heads)
+        + '<th scope="col">Flag</th><th scope="col">Note</th></tr></thead><tbody>'
+    ]
+    for s in rows:
+        is_city = s.district == stats.CITY
+        name = "City (each person once)" if is_city else names.get(s.district, s.district)
+        is_flag = s.flagged and not s.suppressed
+        classes = "city" if is_city else ("flagged" if is_flag else "")
+        if s.suppressed and not is_city:
+            classes = "suppressed"
+        out.append(
+            f'<tr class="{classes}" data-district="{_e(s.district)}">'
+            f'<th scope="row">{_e(name)}</th>'
+        )
+        if s.suppressed:
+            out.append(f'<td class="num suppressed" colspan="{len(heads)}">suppressed</td>')
+        else:
+            numbers = (
+                _int(s.persons),
+                _int(s.events),
+                _int(s.censored),
+                _days(s.median_days),
+                _days(s.p90_days),
+                _ratio(s.hazard_ratio),
+                _ci(s.hr_low, s.hr_high),
+                _p(s.logrank_p),
+                _p(s.p_holm),
+            )
+            out.extend(f'<td class="num">{_e(n)}</td>' for n in numbers)
+        marker = f"⚑ flagged: {_wait_direction(s)}" if _wait_direction(s) else "⚑ flagged"
+        out.append(f"<td>{_flag_marker(marker) if is_flag else ''}</td>")
+        note = "" if s.suppressed else (s.note or "")
+        out.append(f'<td class="note">{_e(note)}</td></tr>')
+    out.append("</tbody></table>")
+    return "".join(out)
+
+
+def _waits_section(waits: WaitReport | None, names: Mapping[str, str]) -> str:
+    out = [
+        '<section id="waits"><h2>Waiting times</h2>',
+        '<p class="lead">Each wait as time to an event: a person still waiting at the'
+        " report's as-of time (or whose case closed first) is <em>censored</em>, counted"
+        " as waiting so far, never dropped nor counted as a zero wait. The curves are"
+        " Kaplan-Meier estimates of the share still waiting; medians and 90th percentiles"
+        " are read from them (— when too many still wait for the curve to get that low)."
+        " Each district is compared with the rest of the city with need level as strata"
+        " (stratified log-rank test; Cox hazard ratio: below 1 means its persons wait"
+        " longer).</p>",
+    ]
+    if waits is None or not waits.summaries:
+        out.append("<p>No waits to report.</p></section>")
+        return "".join(out)
+    flagged = [s for s in waits.summaries if s.flagged and not s.suppressed]
+    out.append(
+        f'<p class="rule">Flag rule: Holm-adjusted log-rank p &lt; {waits.alpha:g} over'
+        f" {waits.comparisons} comparisons (district × wait).</p>"
+    )
+    if flagged:
+        items = "".join(
+            f"<li>{_e(names.get(s.district, s.district))},"
+            f" {_e(_WAIT_TEXT.get(s.wait, (s.wait, ''))[0])}: {_e(_wait_direction(s))}"
+            f" (hazard ratio {_e(_ratio(s.hazard_ratio))}, Holm p {_e(_p(s.p_holm))})</li>"
+            for s in flagged
+        )
+        out.append(f'<p class="summary flags">{len(flagged)} flagged:</p><ul>{items}</ul>')
+    by_wait: dict[str, list[WaitSummary]] = {}
+    for s in waits.summaries:
+        by_wait.setdefault(s.wait, []).append(s)
+    order = [w for w in _WAIT_TEXT if w in by_wait] + sorted(set(by_wait) - set(_WAIT_TEXT))
+    for wait in order:
+        label, what = _WAIT_TEXT.get(wait, (wait.replace("_", " ").capitalize(), ""))
+        rows = sorted(
+            by_wait[wait],
+            key=lambda s: (s.district != stats.CITY, names.get(s.district, s.district)),
+        )
+        lines = [
+            charts.KmLine(
+                "City" if s.district == stats.CITY else names.get(s.district, s.district),
+                s.curve,
+                city=s.district == stats.CITY,
+            )
+            for s in rows
+            if not s.suppressed and s.curve
+        ]
+        figure = ""
+        if lines:
+            desc = f"Kaplan-Meier curves of {label.lower()}: share still waiting by days. " + (
+                "; ".join(
+                    f"{names.get(s.district, s.district)}: median {_days(s.median_days)},"
+                    f" 90th percentile {_days(s.p90_days)}"
+                    for s in rows
+                    if not s.suppressed
+                )
+            )
+            svg = charts.inline(charts.km_curves(lines), f"km-{wait}", label, desc)
+            figure = f"<figure><figcaption>Share still waiting</figcaption>{svg}</figure>"
+        else:
+            figure = "<p>Every district is suppressed: no curve to draw.</p>"
+        out.append(
+            f'<section class="wait" id="wait-{_e(wait)}"><h3>{_e(label)}</h3><p>{_e(what)}</p>'
+            f"{figure}{_wait_table(wait, label, rows, names)}</section>"
         )
     out.append("</section>")
     return "".join(out)
@@ -504,61 +701,19 @@ def _bars(
     values: list[float | None] = [None if r.suppressed else getattr(r, field) for r in districts]
     if not districts or all(v is None for v in values):
         return None
-    left, right, top, row_h = _label_width(districts, names, 130), 70, 26, 24
-    width = max(540, left + 220 + right)
-    plot_w = width - left - right
-    bottom = top + len(districts) * row_h
-    height = bottom + 40
-
-    def x(value: float) -> float:
-        return left + min(max(value, 0.0), 1.0) * plot_w
-
-    ident = f"bars-{period}-{field}"
+    bars = [
+        charts.Bar(
+            names.get(r.district, r.district),
+            v,
+            "suppressed" if r.suppressed else (_pct(v) if v is not None else f"{DASH} no cases"),
+        )
+        for r, v in zip(districts, values, strict=True)
+    ]
     desc = f"Bar chart of {label.lower()} per district in {period}" + (
         f"; dashed line: city {_pct(city_value)}" if city_value is not None else ""
     )
-    out = [_svg_open(width, height, ident, f"{label}, {period}", desc)]
-    for t in (0, 0.25, 0.5, 0.75, 1):
-        out.append(_line(x(t), top - 4, x(t), bottom, _GRID))
-        out.append(_text(x(t), bottom + 16, f"{t * 100:.0f} %", text_anchor="middle", fill=_INK))
-    out.append(_line(left, bottom, left + plot_w, bottom, "#555"))
-    labels: list[str] = []  # drawn last, over the city line
-    for i, (row, value) in enumerate(zip(districts, values, strict=True)):
-        cy = top + i * row_h + row_h / 2
-        name = names.get(row.district, row.district)
-        out.append(_text(left - 8, cy + 4, name, text_anchor="end", fill=_INK))
-        if row.suppressed:
-            out.append(_text(left + 6, cy + 4, "suppressed", fill=_MUTED, font_style="italic"))
-        elif value is None:
-            out.append(_text(left + 6, cy + 4, f"{DASH} no cases to count", fill=_MUTED))
-        else:
-            out.append(
-                f'<rect x="{left}" y="{cy - 8:.1f}" width="{x(value) - left:.1f}" height="16"'
-                f' fill="{_BLUE}" fill-opacity="0.85"><title>{_e(name)}: {_e(_pct(value))}'
-                "</title></rect>"
-            )
-            labels.append(_text(x(value) + 5, cy + 4, _pct(value), fill=_INK, **_HALO))
-    if city_value is not None:
-        cx = x(city_value)
-        out.append(_line(cx, top - 10, cx, bottom, _RED, stroke_width="2", stroke_dasharray="5 3"))
-        anchor = "end" if city_value > 0.5 else "start"
-        dx = -4 if anchor == "end" else 4
-        out.append(
-            _text(
-                cx + dx,
-                top - 12,
-                f"city {_pct(city_value)}",
-                text_anchor=anchor,
-                fill=_RED,
-                **_HALO,
-            )
-        )
-    out.extend(labels)
-    out.append(
-        _text(left + plot_w / 2, bottom + 34, "share (0–100 %)", text_anchor="middle", fill=_MUTED)
-    )
-    out.append("</svg>")
-    return "".join(out)
+    chart = charts.bars(bars, city=city_value, city_text=f"city {_pct(city_value)}")
+    return charts.inline(chart, f"bars-{period}-{field}", f"{label}, {period}", desc)
 
 
 def _followup_section(report: Sequence[ReportRow], names: Mapping[str, str]) -> str:
@@ -654,7 +809,7 @@ def _provenance_section(record: Mapping[str, Any]) -> str:
 
 def render(
     report: Sequence[ReportRow],
-    cells: Sequence[AuditCell],
+    made: AuditReport,
     *,
     title: str,
     generated_at: datetime,
@@ -663,8 +818,10 @@ def render(
     structure: str,
     district_names: Mapping[str, str] | None = None,
     record: Mapping[str, Any] | None = None,
+    waits: WaitReport | None = None,
 ) -> str:
-    """The whole report as one HTML5 document that needs nothing but itself to be read;
+    """The whole report as one HTML5 document that needs nothing but itself to be read:
+    the audit `made` (its cells, funnels and flag rule), the waits, the follow-up report;
     with `record`, a provenance block that holds it."""
     names = dict(district_names or {})
     structure_text = _STRUCTURE_TEXT.get(structure, structure)
@@ -679,13 +836,15 @@ def render(
         " identity numbers.</li>"
         f"<li>Cells with fewer than {MIN_CELL} persons are suppressed: they show the word"
         " “suppressed” and no figures at all.</li>"
-        "<li>A district is <strong>flagged</strong> (⚑, highlighted in red) when the 95%"
-        " confidence interval of its need-adjusted ratio excludes 1 <em>and</em> the ratio"
-        f" is outside {BAND[0]:g}–{BAND[1]:g}. “Lower” means fewer persons got this than in"
-        " the rest of the city with the same need.</li>"
+        "<li>A district is <strong>flagged</strong> (⚑, highlighted in red) when"
+        f" {_rule_text(made.flag_rule, made.comparisons, made.alpha)}. “Lower” means fewer"
+        " persons got this than expected from the city's rates for persons like them.</li>"
+        "<li>Waiting times count persons still waiting as censored (Kaplan-Meier), not as"
+        " finished.</li>"
         f"<li>{DASH} means the figure could not be computed (no cases to count); the note"
         " says why.</li></ul></div>"
         '<nav><ul><li><a href="#audit">Equal-access audit</a></li>'
+        '<li><a href="#waits">Waiting times</a></li>'
         '<li><a href="#followup">Follow-up report</a></li>'
         + ('<li><a href="#provenance">Provenance</a></li>' if record is not None else "")
         + "</ul></nav></header>"
@@ -695,7 +854,8 @@ def render(
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
-        f"{header}<main>{_audit_section(cells, names)}{_followup_section(report, names)}"
+        f"{header}<main>{_audit_section(made, names)}{_waits_section(waits, names)}"
+        f"{_followup_section(report, names)}"
         f"{provenance}</main>"
         "<footer>Produced by Likvärd from the city's event history. Every figure is a"
         " projection of recorded events; small counts are suppressed.</footer>"
@@ -712,24 +872,29 @@ def build(
     structure: str = "current",
     period: str = "year",
     as_of: datetime | None = None,
+    flag_rule: str = "holm",
 ) -> str:
-    """Read the follow-up report and the audit from the projections in `schema` and render
-    them with their record; `structure` is "current" or "as-recorded", `period` "year" or
-    "month"; `as_of` (default: now) the instant the figures are computed as of."""
-    params = Parameters(start, end, structure, period, as_of or default_as_of())
+    """Read the follow-up report, the audit and the waits from the projections in `schema`
+    and render them with their record; `structure` is "current" or "as-recorded", `period`
+    "year" or "month"; `as_of` (default: now) the instant the figures are computed as of;
+    `flag_rule` "holm" (default) or "band"."""
+    params = Parameters(
+        start, end, structure, period, as_of or default_as_of(), flag_rule=flag_rule
+    )
     return build_report(conn, schema, params)[0]
 
 
 def build_report(
     conn: psycopg.Connection[Any], schema: str, params: Parameters
 ) -> tuple[str, Report]:
-    """The HTML document and the report it shows (rows, cells, record), read in one
+    """The HTML document and the report it shows (rows, audit, waits, record), read in one
     snapshot of `schema`; `conn` must have no transaction in progress."""
     registry = DistrictRegistry.load()
     made = snapshot(conn, schema, params, registry)
+    assert made.audit is not None  # a snapshot always computes the audit
     document = render(
         made.rows,
-        made.cells,
+        made.audit,
         title=DEFAULT_TITLE,
         generated_at=datetime.now(ZoneInfo(TIME_ZONE)),
         period_from=params.start,
@@ -737,6 +902,7 @@ def build_report(
         structure=params.structure,
         district_names=_display_names(registry),
         record=made.record,
+        waits=made.waits,
     )
     return document, made
 

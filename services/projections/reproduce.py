@@ -38,8 +38,8 @@ from psycopg import sql
 
 from likvard.db import check_schema_name
 from likvard.districts import DistrictRegistry
-from services.projections import provenance
-from services.projections.audit import AuditCell, audit
+from services.projections import provenance, stats
+from services.projections.audit import AuditCell, AuditReport, FlagRule, audit_report
 from services.projections.replay import Replay, ReplayError, as_of_cutoff
 from services.projections.reports import (
     TIME_ZONE,
@@ -48,6 +48,7 @@ from services.projections.reports import (
     Structure,
     audit_rows,
     followup_report,
+    wait_rows,
 )
 
 RECORD_VERSION = 1
@@ -56,6 +57,7 @@ MIN_CELL = 5  # the suppression threshold of the follow-up report and the audit 
 REL_TOL = 1e-9
 _STRUCTURES: Mapping[str, Structure] = {"current": "current", "as-recorded": "as-recorded"}
 _PERIODS: Mapping[str, Period] = {"month": "month", "year": "year"}
+_FLAG_RULES: Mapping[str, FlagRule] = {"holm": "holm", "band": "band"}
 
 
 class ReproduceError(ValueError):
@@ -72,6 +74,7 @@ class Parameters:
     period: str
     as_of: datetime  # the instant "now" stood for (closed-not-reopened rule)
     min_cell: int = MIN_CELL
+    flag_rule: str = "holm"  # the audit's published flag: Holm-adjusted p, or the band rule
 
     def __post_init__(self) -> None:
         if self.structure not in _STRUCTURES:
@@ -80,6 +83,8 @@ class Parameters:
             )
         if self.period not in _PERIODS:
             raise ValueError(f"period must be 'month' or 'year', not {self.period!r}")
+        if self.flag_rule not in _FLAG_RULES:
+            raise ValueError(f"flag rule must be 'holm' or 'band', not {self.flag_rule!r}")
         if self.end < self.start:
             raise ValueError("the last day (--to) is before the first (--from)")
         if self.as_of.tzinfo is None:
@@ -94,6 +99,7 @@ class Parameters:
             "period": self.period,
             "as_of": self.as_of.isoformat(),
             "min_cell": self.min_cell,
+            "flag_rule": self.flag_rule,
             "time_zone": TIME_ZONE,
         }
 
@@ -107,6 +113,8 @@ class Parameters:
                 period=str(value["period"]),
                 as_of=datetime.fromisoformat(value["as_of"]),
                 min_cell=int(value.get("min_cell", MIN_CELL)),
+                # a record made before the rule was a parameter flagged by the band
+                flag_rule=str(value.get("flag_rule", "band")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ReproduceError(f"the record's parameters are not readable: {exc}") from exc
@@ -131,11 +139,31 @@ def _flatten(section: str, keys: Sequence[str], items: Sequence[Any]) -> dict[st
     return out
 
 
-def figures(rows: Sequence[ReportRow], cells: Sequence[AuditCell]) -> dict[str, Any]:
+def figures(
+    rows: Sequence[ReportRow],
+    cells: Sequence[AuditCell],
+    made: AuditReport | None = None,
+    waits: stats.WaitReport | None = None,
+) -> dict[str, Any]:
     """Every figure of the report by a stable name, e.g. `followup/2024/city/persons`,
-    `audit/timely_start/nordost/adjusted_ratio` (JSON-ready values)."""
+    `audit/timely_start/nordost/sr` (each cell's standardised ratio, funnel position, raw
+    and Holm p, both flags), `audit/comparisons`, `funnel/timely_start/phi`,
+    `waits/referral_to_start/nordost/median_days` (JSON-ready values; a wait's curve is
+    not a figure: its medians, percentiles and comparison are)."""
     out = _flatten("followup", ("period", "district"), rows)
     out |= _flatten("audit", ("metric", "district"), cells)
+    if made is not None:
+        out["audit/comparisons"] = made.comparisons
+        out["audit/flag_rule"] = made.flag_rule
+        for metric, fun in sorted(made.funnels.items()):
+            for name in ("target", "phi", "phi_p_value", "phi_applied"):
+                out[f"funnel/{metric}/{name}"] = getattr(fun, name)
+    if waits is not None:
+        out["waits/comparisons"] = waits.comparisons
+        for s in waits.summaries:
+            for f in dataclasses.fields(s):
+                if f.name not in ("wait", "district", "curve"):
+                    out[f"waits/{s.wait}/{s.district}/{f.name}"] = getattr(s, f.name)
     plain: dict[str, Any] = json.loads(json.dumps(out, sort_keys=True))  # as a file holds it
     return plain
 
@@ -147,6 +175,8 @@ class Report:
     rows: list[ReportRow]
     cells: list[AuditCell]
     record: dict[str, Any]
+    audit: AuditReport | None = None
+    waits: stats.WaitReport | None = None
 
 
 @contextmanager
@@ -186,7 +216,8 @@ def snapshot(
     params: Parameters,
     registry: DistrictRegistry | None = None,
 ) -> Report:
-    """The follow-up report, the audit and their record, in one snapshot of `schema`."""
+    """The follow-up report, the audit (its funnels and Holm flags), the waits and their
+    record, in one snapshot of `schema`."""
     registry = registry or DistrictRegistry.load()
     check_schema_name(schema)
     with snapshot_transaction(conn):
@@ -201,14 +232,21 @@ def snapshot(
             registry=registry,
             as_of=params.as_of,
         )
-        cells = audit(
-            audit_rows(conn, schema, structure=_STRUCTURES[params.structure], registry=registry),
+        structure = _STRUCTURES[params.structure]
+        made = audit_report(
+            audit_rows(conn, schema, structure=structure, registry=registry),
+            min_cell=params.min_cell,
+            flag_rule=_FLAG_RULES[params.flag_rule],
+        )
+        waits = stats.wait_report(
+            wait_rows(conn, schema, structure=structure, registry=registry),
+            as_of=params.as_of,
             min_cell=params.min_cell,
         )
         prov = provenance_of(conn, schema, params.to_json())
     record = {"likvard_report_record": RECORD_VERSION, "provenance": prov}
-    record["figures"] = figures(rows, cells)
-    return Report(rows, cells, record)
+    record["figures"] = figures(rows, made.cells, made, waits)
+    return Report(rows, made.cells, record, made, waits)
 
 
 def record_json(record: Mapping[str, Any]) -> str:

@@ -8,17 +8,18 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
+import json
 from collections.abc import Callable, Iterator
-from datetime import date
+from datetime import date, datetime
 
 import httpx
 import psycopg
 import pytest
 
 from likvard.config import Settings
-from services.projections import readmodels, reports
+from services.projections import readmodels, reports, stats
 from services.projections.api import create_app
-from services.projections.audit import AuditCell, audit
+from services.projections.audit import AuditCell, audit_report
 from services.projections.tests.test_reports import EVENTS
 from tests.identity import bearer
 from tests.support import serving
@@ -128,19 +129,65 @@ def test_equal_access_is_the_audit_of_the_read_models(
     r = api.get("/reports/equal-access")
     assert r.status_code == 200, r.text
     with psycopg.connect(database_url) as conn:
-        expected = audit(reports.audit_rows(conn, schema))
+        rows = reports.audit_rows(conn, schema)
+    made = audit_report(rows)  # Holm, the published rule, by default
+    expected = made.cells
     assert r.json() == [dataclasses.asdict(c) for c in expected]
+    assert r.headers["Likvard-Comparisons"] == str(made.comparisons)
+    assert made.comparisons == sum(1 for c in expected if c.p_value is not None) > 0
+    for cell in r.json():
+        assert cell["flagged"] is cell["holm_flagged"]
+        if not cell["suppressed"]:
+            assert cell["comparisons"] == made.comparisons and cell["sr"] is not None
+    band = api.get("/reports/equal-access", params={"flag_rule": "band"}).json()
+    assert band == [dataclasses.asdict(c) for c in audit_report(rows, flag_rule="band").cells]
+    assert all(c["flagged"] is c["band_flagged"] for c in band)
+    wrapped = api.get("/reports/equal-access", params={"provenance": "true"}).json()
+    assert wrapped["comparisons"] == made.comparisons
+    assert wrapped["provenance"]["parameters"]["flag_rule"] == "holm"
+    bad = api.get("/reports/equal-access", params={"flag_rule": "bonferroni"})
+    assert bad.status_code == 422 and bad.headers["content-type"].startswith(PROBLEM)
     assert {c["district"] for c in r.json()} == {"centrum", "hisingen", "nordost", "sydvast"}
     for cell in r.json():
         if cell["suppressed"]:
             assert cell["persons"] is None and cell["rate"] is None and not cell["flagged"]
 
-    only = api.get("/reports/equal-access", params={"district": "nordost"}).json()
-    assert only and {c["district"] for c in only} == {"nordost"}
+    only = api.get("/reports/equal-access", params={"district": "nordost"})
+    assert only.json() and {c["district"] for c in only.json()} == {"nordost"}
+    assert only.headers["Likvard-Comparisons"] == str(made.comparisons)  # the whole family
     as_csv = api.get("/reports/equal-access", params={"format": "csv"})
     header = as_csv.text.splitlines()[0].split(",")
     assert header == [f.name for f in dataclasses.fields(AuditCell)]
     assert len(as_csv.text.splitlines()) == len(expected) + 1
+
+
+def test_waits_are_the_kaplan_meier_summaries_of_the_read_models(
+    api: httpx.Client, database_url: str, schema: str
+) -> None:
+    r = api.get("/reports/waits")
+    assert r.status_code == 200, r.text
+    got = r.json()
+    with psycopg.connect(database_url) as conn:
+        rows = reports.wait_rows(conn, schema)
+    as_of = datetime.fromisoformat(
+        json.loads(r.headers["Likvard-Provenance"])["parameters"]["as_of"]
+    )
+    made = stats.wait_report(rows, as_of=as_of)
+    assert got == json.loads(json.dumps([dataclasses.asdict(s) for s in made.summaries]))
+    assert r.headers["Likvard-Comparisons"] == str(made.comparisons)
+    assert {(s["wait"], s["district"]) for s in got} >= {(w, "city") for w in reports.WAITS}
+    for s in got:
+        assert set(s) == {f.name for f in dataclasses.fields(stats.WaitSummary)}  # no case id
+        if s["suppressed"]:
+            assert s["persons"] is None and s["median_days"] is None and s["curve"] == []
+    only = api.get("/reports/waits", params={"district": "city", "format": "csv"})
+    lines = only.text.splitlines()
+    assert lines[0].split(",") == [
+        f.name for f in dataclasses.fields(stats.WaitSummary) if f.name != "curve"
+    ]
+    assert len(lines) == 1 + len(reports.WAITS) and all(",city," in x for x in lines[1:])
+    unknown = api.get("/reports/waits", params={"district": "atlantis"})
+    assert unknown.status_code == 422 and unknown.headers["content-type"].startswith(PROBLEM)
 
 
 def test_case_timeline_in_order_json_and_csv(api: httpx.Client) -> None:
@@ -199,7 +246,11 @@ def test_who_may_read_a_timeline(api: httpx.Client) -> None:
 @pytest.mark.parametrize("role", ["case-worker", "unit-staff", "records-officer", "ops"])
 def test_reports_are_for_analysts_and_auditors(api: httpx.Client, role: str) -> None:
     window = {"from": "2024-01-01", "to": "2024-12-31"}
-    for path, params in (("/reports/followup", window), ("/reports/equal-access", {})):
+    for path, params in (
+        ("/reports/followup", window),
+        ("/reports/equal-access", {}),
+        ("/reports/waits", {}),
+    ):
         auditor = api.get(path, params=params, headers=bearer("auditor"))
         assert auditor.status_code == 200, path
         other = api.get(path, params=params, headers=bearer(role, districts=["centrum"]))

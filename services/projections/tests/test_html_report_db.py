@@ -66,9 +66,21 @@ def test_build_current_structure(projected: psycopg.Connection[Any], schema: str
     assert centrum[:5] == ["12", "12", "9", "6", "50.0 %"]
     city = numeric_cells(followup_row(tree.root, "2024-01", "city"))
     assert (city[0], city[1], city[3]) == ("35", "36", "18")  # persons, intakes, referrals
-    # the audit: a forest plot and a table per metric
+    # the audit: standardised ratios and a table per metric, the flag rule (Holm) stated
     assert len(tables(tree.root, "audit")) == 5
-    assert len([s for s in tree.root.find("svg") if "forest-" in s.attrs["aria-labelledby"]]) == 5
+    labels = [s.attrs["aria-labelledby"] for s in tree.root.find("svg")]
+    assert len([a for a in labels if a.startswith("ratios-")]) == 5
+    assert "Holm-adjusted p &lt; 0.05 over" in doc
+    # the waits: a Kaplan-Meier table per wait, the city row first
+    waits = tables(tree.root, "waits")
+    assert {t.attrs["data-wait"] for t in waits} == {
+        "intake_to_first_visit",
+        "referral_to_answer",
+        "referral_to_start",
+        "intervention_end_to_followup",
+    }
+    assert all(t.find("tr", data_district="city") for t in waits)
+    assert tree.root.find("section", id="provenance")
 
 
 def test_build_as_recorded_keeps_old_districts(
