@@ -3,12 +3,17 @@ planted disparities, so the reports and the equal-access audit have something to
 
 Three layers, so each can be tested on its own:
 
-* `plan` is pure: from a seed it draws persons and their dated steps (intake, assessment,
-  care plan, consents, referrals, interventions, family work, follow-ups, transfers,
-  closing and reopening). Outcome probabilities are the audit's `BASE_RATES` by need
-  level, times a `Bias` factor for a district and metric (clipped to [0, 1]), so a planted
-  disparity is the only difference between districts the audit should find. Steps that
-  would lie in the future are left out: the APIs refuse a future `occurred_at`.
+* `plan` is pure: from a seed it draws persons and their dated steps (intake with gender
+  and birth year, assessment, care plan, consents, referrals, interventions, family work,
+  follow-ups, transfers, closing and reopening, and the care chain: an investigation and
+  its decision, the first personal visit, a coordinated plan (SIP) and its follow-up, the
+  person's own assessment at follow-up). Outcome probabilities are the audit's
+  `BASE_RATES` by need level, times a `Bias` factor for a district and metric (clipped to
+  [0, 1]); the wait to the first visit depends on need level, times a `first_visit` bias
+  factor. So a planted disparity is the only difference between districts the audit (and
+  the need-stratified wait comparison) should find; districts still differ crudely, by
+  their need mix. Steps that would lie in the future are left out: the APIs refuse a
+  future `occurred_at`.
 * `run` sends the plans through the public HTTP APIs of the intake, referral and follow-up
   services (persons in parallel, each person's steps in order), signed in as the staff
   who would do each step, with tokens of the development OpenID provider: the case worker
@@ -45,7 +50,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from likvard.catalogue import ReferenceCatalogue, SpecialistUnit
 from likvard.codec import Catalogue
 from likvard.districts import DistrictRegistry
-from likvard.domain import CITY_TZ, local_date
+from likvard.domain import CITY_TZ, age_band, local_date
 from likvard.inbox import Incoming, decode_event
 from likvard.pseudonym import luhn_check_digit, pseudonymise
 from services.followup import domain as followup_domain
@@ -114,16 +119,27 @@ SERVICE_OF: Mapping[str, str] = {
     "family": "followup",
     "followup_completed": "followup",
     "followup_missed": "followup",
+    "investigation": "intake",
+    "decision": "intake",
+    "first_visit": "intake",
+    "sip": "intake",
+    "sip_followup": "intake",
+    "user_assessment": "followup",
 }
 
 
 # --- biases ----------------------------------------------------------------------------
 
 
+WAIT_METRICS: tuple[str, ...] = ("first_visit",)
+"""Biasable waits besides the audit's `METRICS`: the factor multiplies the days (2 is
+twice as long a wait), where for a metric it multiplies a probability."""
+
+
 @dataclass(frozen=True)
 class Bias:
     """A planted disparity: `district`'s probability for `metric` is multiplied by
-    `factor` (then clipped to [0, 1])."""
+    `factor` (then clipped to [0, 1]); for a wait in `WAIT_METRICS`, its days are."""
 
     district: str
     metric: str
@@ -140,8 +156,9 @@ def parse_bias(
             f"bias {text!r} must be DISTRICT:metric:factor, e.g. nordost:specialist_access:0.5"
         )
     district, metric, factor_text = parts[0].lower(), parts[1].lower(), parts[2]
-    if metric not in METRICS:
-        raise ValueError(f"unknown metric {metric!r} in bias; known metrics: {', '.join(METRICS)}")
+    if metric not in METRICS + WAIT_METRICS:
+        known = ", ".join(METRICS + WAIT_METRICS)
+        raise ValueError(f"unknown metric {metric!r} in bias; known metrics: {known}")
     registry = registry or DistrictRegistry.load()
     day = on or datetime.now(UTC).date()
     current = ", ".join(d.code for d in registry.current(day))
@@ -311,6 +328,35 @@ def _offers(reference: ReferenceCatalogue) -> list[_Offer]:
     return offers
 
 
+GENDER_WEIGHTS = {"MAN": 0.70, "WOMAN": 0.28, "OTHER": 0.01, "NOT_STATED": 0.01}
+"""Roughly the shares in the city's adult addiction care (about seven in ten are men)."""
+INVESTIGATION_BASES = {"APPLICATION": 0.75, "REPORT_OF_CONCERN": 0.2, "OTHER": 0.05}
+INTERVENTION_KINDS = {
+    "OUTPATIENT": 0.5,
+    "SUPPORT_CONTACT": 0.2,
+    "RESIDENTIAL": 0.15,
+    "HOUSING": 0.1,
+}
+SIP_PARTIES = ("PRIMARY_CARE", "PSYCHIATRY", "ADDICTION_CARE", "OTHER_REGION")
+FIRST_VISIT_DAYS = {"LOW": 10.0, "MODERATE": 7.0, "HIGH": 4.0}
+"""Median days from intake to the first personal visit by need level (sooner for higher
+need), the same in every district: only a `first_visit` bias makes a district differ."""
+RATINGS = {"YES": 0.62, "PARTLY": 0.22, "NO": 0.1, "NO_ANSWER": 0.06}
+IMPROVED_RATINGS: Mapping[str, Mapping[str, float]] = {
+    "BETTER": {"YES": 0.75, "PARTLY": 0.2, "NO": 0.02, "NO_ANSWER": 0.03},
+    "SAME": {"YES": 0.05, "PARTLY": 0.45, "NO": 0.45, "NO_ANSWER": 0.05},
+    "WORSE": {"YES": 0.02, "PARTLY": 0.08, "NO": 0.85, "NO_ANSWER": 0.05},
+}
+"""The user assessment's "situation improved" follows the follow-up's own answer."""
+USER_ITEMS = (
+    "contact_easy",
+    "clear_information",
+    "felt_understood",
+    "influence",
+    "whole_situation",
+)
+
+
 CHILD_ENGAGEMENTS: tuple[dict[str, Any], ...] = (
     {"relation": "CHILD", "is_child": True, "support_offered": ["CHILD_SUPPORT_GROUP"]},
     {"relation": "PARTNER", "is_child": False, "support_offered": ["INFORMATION", "CRAFT"]},
@@ -326,6 +372,9 @@ class _PersonDraw:
         self.p = planner
         self.key = key
         self.rng = random.Random(f"likvard-demo:{key}")
+        # The care chain draws from its own stream, so the other steps of a seed stay as
+        # they were before it existed (the audit tests' seed notes still hold).
+        self.care = random.Random(f"likvard-demo-care:{key}")
         span = (planner.now - planner.start).total_seconds()
         self.t0 = planner.start + timedelta(seconds=self.rng.uniform(0, span))
         self.steps: list[Step] = []
@@ -402,6 +451,7 @@ class _PersonDraw:
             "referral_source": _pick(rng, REFERRAL_SOURCES),
             "children_in_household": children,
             "birth_year": birth_year if rng.random() < 0.9 else None,
+            "gender": _pick(self.care, GENDER_WEIGHTS),  # the age band follows the birth year
         }
         self.add(0, "intake", intake)
         day = rng.uniform(0.2, 4)
@@ -481,9 +531,75 @@ class _PersonDraw:
                     {"to_district": rng.choice(targets), "reason": "PERSON_MOVED"},
                 )
 
+        self.care_chain(district, need, access, close_day)
         number = _identity_number(rng, birth_year, taken)
         due = sorted((s for s in self.steps if s.at < p.now), key=lambda s: s.at)
         return PersonPlan(self.key, code, need, number, tuple(due))
+
+    def _day(self, step: Step) -> float:
+        return (step.at - self.t0).total_seconds() / 86400
+
+    def care_chain(self, district: str, need: str, access: bool, close_day: float | None) -> None:
+        """The investigation and its decision, the first personal visit, a coordinated plan
+        with the region where a consent covers healthcare, and the person's own assessment
+        at completed follow-ups. Intake's steps fall while the case is still open (before
+        its first closing); a first visit that would come later is never held (censored)."""
+        rng = self.care
+        last = close_day - 0.05 if close_day is not None else math.inf  # still open
+
+        opened = rng.uniform(0.3, 3)
+        self.add(opened, "investigation", {"basis": _pick(rng, INVESTIGATION_BASES)})
+        decided = opened + rng.uniform(14, 70)  # some weeks later
+        if decided >= last:
+            decided = rng.uniform((opened + last) / 2, last)
+        if access or rng.random() < 0.6:
+            decision = "GRANTED" if rng.random() < 0.8 else "PARTLY_GRANTED"
+            kinds = sorted({_pick(rng, INTERVENTION_KINDS) for _ in range(rng.choice([1, 1, 2]))})
+        else:
+            decision, kinds = "REFUSED", []
+        self.add(decided, "decision", {"decision": decision, "intervention_kinds": kinds})
+
+        factor = self.p.days_factor(district, "first_visit")
+        visit = FIRST_VISIT_DAYS[need] * math.exp(rng.gauss(0, 0.6)) * factor
+        if rng.random() < 0.95 and visit < last:
+            self.add(max(visit, 0.05), "first_visit", {})
+
+        healthcare = [
+            s for s in self.steps if s.action == "consent" and "HEALTHCARE" in s.body["recipients"]
+        ]
+        if healthcare and rng.random() < 0.5:
+            consent = healthcare[0]
+            withdrawn = [
+                self._day(s)
+                for s in self.steps
+                if s.action == "withdraw_consent" and s.ref == consent.ref
+            ]
+            agreed = self._day(consent) + rng.uniform(1, 40)
+            if agreed < min([last, *withdrawn]):
+                others = rng.sample(SIP_PARTIES, rng.choice([1, 1, 2]))
+                lead = "SOCIAL_SERVICES" if rng.random() < 0.5 else others[0]
+                follow_up_on = local_date(self.t0 + timedelta(days=agreed + rng.uniform(60, 120)))
+                sip = {
+                    "parties": ["SOCIAL_SERVICES", *others],
+                    "lead": lead,
+                    "follow_up_on": follow_up_on,
+                    "consent": consent.ref,
+                }
+                self.add(agreed, "sip", sip, 0)
+                held = _local(follow_up_on, rng.uniform(8, 16)) + timedelta(
+                    days=rng.uniform(-7, 14)
+                )
+                followed = max((held - self.t0).total_seconds() / 86400, agreed + 1)
+                if rng.random() < 0.8 and followed < last:
+                    self.add(followed, "sip_followup", {}, 0)
+
+        for s in [s for s in self.steps if s.action == "followup_completed"]:
+            if rng.random() < 0.7:
+                body = {item: _pick(rng, RATINGS) for item in USER_ITEMS}
+                body["situation_improved"] = _pick(
+                    rng, IMPROVED_RATINGS[str(s.body["situation_improved"])]
+                )
+                self.add(self._day(s) + rng.uniform(0.001, 0.02), "user_assessment", body)
 
     def family(self, children: str, engaged: bool) -> None:
         """Children recorded and family members engaged (family engagement counts only
@@ -583,6 +699,9 @@ class _Planner:
             c: dict(zip(NEED_LEVELS, mixes[i % len(mixes)], strict=True))
             for i, c in enumerate(current)
         }
+
+    def days_factor(self, district: str, wait: str) -> float:
+        return self.factors.get((district, wait), 1.0)
 
     def rate(self, district: str, metric: str, need: str) -> float:
         factor = self.factors.get((district, metric), 1.0)
@@ -735,6 +854,8 @@ def _simulate(plan: PersonPlan, out: _Emitter, reference: ReferenceCatalogue) ->
                     "referral_source": b["referral_source"],
                     "children_in_household": b["children_in_household"],
                     "birth_year": b["birth_year"],
+                    "age_band": age_band(b["birth_year"], local_date(at).year),
+                    "gender": b["gender"],
                 }
                 emit("intake", "case", "IntakeRegistered", data, at, district)
             case "assessment":
@@ -828,6 +949,36 @@ def _simulate(plan: PersonPlan, out: _Emitter, reference: ReferenceCatalogue) ->
                             "likvard-followup-scheduler",
                             ended_id,
                         )
+            case "investigation":
+                data = {"investigation_id": _id("investigation", key), **b}
+                emit("intake", "case", "InvestigationOpened", data, at, district)
+            case "decision":
+                data = {"investigation_id": _id("investigation", key), **b}
+                emit("intake", "case", "InvestigationDecided", data, at, district)
+            case "first_visit":
+                emit(
+                    "intake",
+                    "case",
+                    "FirstVisitHeld",
+                    {"visit_id": _id("visit", key)},
+                    at,
+                    district,
+                )
+            case "sip":
+                data = {
+                    "plan_id": _id("sip", key, ref),
+                    "parties": list(b["parties"]),
+                    "lead": b["lead"],
+                    "follow_up_on": b["follow_up_on"],
+                    "consent_id": _id("consent", key, b["consent"]),
+                }
+                emit("intake", "case", "CoordinatedPlanAgreed", data, at, district)
+            case "sip_followup":
+                data = {"plan_id": _id("sip", key, ref)}
+                emit("intake", "case", "CoordinatedPlanFollowedUp", data, at, district)
+            case "user_assessment":
+                data = {"assessment_id": _id("user-assessment", key, n), **b}
+                emit("followup", "followup", "UserAssessmentRecorded", data, at, district)
             case "children":
                 emit("followup", "followup", "ChildrenInHouseholdRecorded", dict(b), at, district)
             case "family":
@@ -997,6 +1148,8 @@ _PATHS = {
     "reopen": "reopen",
     "children": "children",
     "family": "family",
+    "first_visit": "first-visit",
+    "user_assessment": "user-assessments",
 }
 
 
@@ -1036,6 +1189,8 @@ class _PersonRun:
         self.referrals: dict[int | None, tuple[str, int]] = {}  # ref -> (id, version)
         self.interventions: dict[int | None, str] = {}
         self.consents: dict[int | None, str] = {}
+        self.investigation = ""
+        self.plans: dict[int | None, str] = {}  # ref -> coordinated plan id
 
     def signer(self, action: str, ref: int | None) -> tuple[str, str]:
         """Who does the step: the unit's staff answer a referral, the case worker of the
@@ -1111,12 +1266,14 @@ class _PersonRun:
                 body["personal_identity_number"] = self.plan.personal_identity_number
                 r = await self.send("intake", "intake", "/cases", body)
                 self.case_id, self.case_version = r.json()["case_id"], r.json()["version"]
-            case "assessment" | "care_plan" | "transfer" | "close" | "reopen":
+            case "assessment" | "care_plan" | "transfer" | "close" | "reopen" | "first_visit":
                 path = f"/cases/{self.case_id}/{_PATHS[s.action]}"
                 r = await self.send(s.action, "intake", path, body, self.case_version)
                 self.case_version = r.json()["version"]
                 if s.action == "transfer":
                     self.district, self.moved = str(s.body["to_district"]), True
+            case "investigation" | "decision" | "sip" | "sip_followup":
+                await self.care_chain(s.action, body, ref)
             case "consent":
                 path = f"/cases/{self.case_id}/consents"
                 r = await self.send(s.action, "intake", path, body, self.case_version)
@@ -1155,7 +1312,7 @@ class _PersonRun:
                 path = f"/interventions/{self.interventions[ref]}/end"
                 r = await self.send(s.action, "referral", path, body, version)
                 self.referrals[ref] = (rid, r.json()["version"])
-            case "children" | "family":
+            case "children" | "family" | "user_assessment":
                 path = f"/cases/{self.case_id}/{_PATHS[s.action]}"
                 await self.send(s.action, "followup", path, body)
             case "followup_completed" | "followup_missed":
@@ -1165,6 +1322,27 @@ class _PersonRun:
                 await self.send(s.action, "followup", f"/followups/{fid}/{verb}", body, version)
             case other:
                 raise _StepFailed(f"{other} unknown-action")
+
+    async def care_chain(self, action: str, body: dict[str, Any], ref: int | None) -> None:
+        """An investigation (its id from the answer) and its decision, a coordinated plan
+        (on the consent recorded earlier; its id from the answer) and its follow-up."""
+        case = f"/cases/{self.case_id}"
+        match action:
+            case "investigation":
+                path = f"{case}/investigations"
+            case "decision":
+                path = f"{case}/investigations/{self.investigation}/decision"
+            case "sip":
+                body["consent_id"] = self.consents[body.pop("consent")]
+                path = f"{case}/coordinated-plans"
+            case _:
+                path = f"{case}/coordinated-plans/{self.plans[ref]}/follow-up"
+        r = await self.send(action, "intake", path, body, self.case_version)
+        self.case_version = r.json()["version"]
+        if action == "investigation":
+            self.investigation = str(r.json()["investigation_id"])
+        elif action == "sip":
+            self.plans[ref] = str(r.json()["plan_id"])
 
     async def scheduled(self, action: str, ref: int | None, kind: str) -> tuple[str, int]:
         """The follow-up's id once the service has scheduled it (it learns of the ended
