@@ -222,6 +222,10 @@ REQUESTS: dict[tuple[str, str, str], Request] = {
     ),
     ("projections", "GET", "/reports/equal-access"): Request(),
     ("projections", "GET", "/reports/waits"): Request(),
+    ("projections", "GET", "/indicators"): Request(),
+    ("projections", "GET", "/indicators/{indicator_id}"): Request(
+        query=lambda scope: {"from": "2026-01-01", "to": "2026-12-31"}
+    ),
     ("projections", "GET", "/cases/{case_id}/timeline"): Request(),
     ("projections", "GET", "/access-log"): Request(),
     ("referral", "GET", "/referrals/overdue"): Request(
@@ -342,6 +346,7 @@ def world(database_url: str, catalogue: Catalogue) -> Iterator[World]:
             "referral_id": {},
             "intervention_id": {},
             "followup_id": {},
+            "indicator_id": {OWN: "U35409", OTHER: "U35409"},
             "pseudonym": {},
         }
         intake, referral, followup = clients["intake"], clients["referral"], clients["followup"]

@@ -52,6 +52,7 @@ from likvard.sealing import Sealer, ToOpen
 from likvard.telemetry import setup_tracing
 from services.projections import access_log, readmodels, reports, reproduce, stats
 from services.projections.audit import AuditCell, audit_report
+from services.projections.indicators_api import indicators_router
 
 log = logging.getLogger("likvard.projections")
 
@@ -324,6 +325,7 @@ def create_app(
     )
     http.install(app, "projections", max_request_bytes=settings.max_request_bytes)
     guard.install(app, settings, "projections", access_log_schema=access_log_schema)
+    app.include_router(indicators_router(schema, registry))
 
     def check_district(code: str | None, structure: Structure) -> None:
         if code is None or code == reports.CITY:

@@ -487,7 +487,7 @@ def compute(
         shown: tuple[list[str] | None, list[str] | None] = (None, None)
         if with_cases:
             share = indicator.kind is Kind.SHARE
-            shown = (list(cases), list(num_cases or []) if share else None)
+            shown = (list(cases or []), list(num_cases or []) if share else None)
         group = None if all_groups or breakdown is None else str(grp)
         if persons < indicator.min_persons:
             figures.append(Figure(indicator.id, name, group, True, None, None, None, None, *shown))
