@@ -222,6 +222,7 @@ REQUESTS: dict[tuple[str, str, str], Request] = {
     ),
     ("projections", "GET", "/reports/equal-access"): Request(),
     ("projections", "GET", "/reports/waits"): Request(),
+    ("projections", "GET", "/reports/overdue"): Request(query=lambda scope: {"day": "2026-06-30"}),
     ("projections", "GET", "/indicators"): Request(),
     ("projections", "GET", "/indicators/{indicator_id}"): Request(
         query=lambda scope: {"from": "2026-01-01", "to": "2026-12-31"}

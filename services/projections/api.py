@@ -1,6 +1,7 @@
 """The reporting API over the read models: the follow-up report, the equal-access audit,
-case timelines (JSON or CSV, `?format=csv`) and the access log. It only reads; every figure
-comes from the events that the projection workers folded into the read models.
+the waits, the overdue referrals and follow-ups, case timelines (JSON or CSV,
+`?format=csv`) and the access log. It only reads; every figure comes from the events that
+the projection workers folded into the read models.
 
 Who may ask what (`likvard.policy`): the reports need REPORT_READ (analyst, auditor), a
 timeline CASE_HISTORY on the case as the read models know it (its current district and its
@@ -40,7 +41,7 @@ from fastapi.responses import JSONResponse, Response
 from psycopg_pool import ConnectionPool
 from pydantic import BaseModel, create_model
 
-from likvard import guard, http
+from likvard import deadlines, guard, http
 from likvard.codec import Catalogue
 from likvard.config import Settings, load_settings
 from likvard.db import check_schema_name, make_pool
@@ -53,6 +54,7 @@ from likvard.telemetry import setup_tracing
 from services.projections import access_log, readmodels, reports, reproduce, stats
 from services.projections.audit import AuditCell, audit_report
 from services.projections.indicators_api import indicators_router
+from services.projections.overdue import OverdueCounts, overdue_counts
 
 log = logging.getLogger("likvard.projections")
 
@@ -155,6 +157,7 @@ DistrictQuery = Annotated[str | None, Query(min_length=1, max_length=64)]
 REPORT_FOLLOWUP = SystemScope("report:followup")
 REPORT_EQUAL_ACCESS = SystemScope("report:equal-access")
 REPORT_WAITS = SystemScope("report:waits")
+REPORT_OVERDUE = SystemScope("report:overdue")
 FlagRuleQuery = Literal["holm", "band"]
 WAIT_COLUMNS = [f.name for f in dataclasses.fields(stats.WaitSummary) if f.name != "curve"]
 ACCESS_LOG = SystemScope("access-log")
@@ -492,6 +495,62 @@ def create_app(
         if format == "csv":
             plain = [{k: v for k, v in r.items() if k != "curve"} for r in plain]
         return _with_provenance(plain, WAIT_COLUMNS, format, prov, provenance, made.comparisons)
+
+    @app.get(
+        "/reports/overdue",
+        tags=["reports"],
+        summary="Overdue referrals and follow-ups per district",
+        responses=_report_table(OverdueCounts),
+        description="Per district (the districts with something overdue) and for the city"
+        " (`district=city`, always there): the referrals not answered (accepted, declined or"
+        " withdrawn) more than `answer_days` after they were requested, and the follow-ups"
+        " not completed or missed more than `window_days` after their due date, as of the"
+        " end of `day` (city time zone); the two day settings are those of the overdue"
+        " lists (LIKVARD_REFERRAL_ANSWER_DAYS, LIKVARD_FOLLOWUP_WINDOW_DAYS) and are in the"
+        " provenance. A referral counts in the case's district on the day, a follow-up in the"
+        " district it was scheduled in. Counts only, no case ids; counts under 5 are"
+        " suppressed (null). Analysts and auditors.",
+        openapi_extra=guard.policy(Action.REPORT_READ),
+        dependencies=[Depends(_may(Action.REPORT_READ, REPORT_OVERDUE))],
+    )
+    def overdue_report(
+        conn: Conn,
+        day: Annotated[
+            http.Day | None, Query(description="Counted as of the end of this day (default: today)")
+        ] = None,
+        structure: Annotated[Structure, STRUCTURE] = "current",
+        district: Annotated[
+            DistrictQuery, Query(description="Only this district (or `city`)")
+        ] = None,
+        format: Annotated[Format, FORMAT] = "json",
+        provenance: Annotated[bool, PROVENANCE] = False,
+    ) -> Response:
+        check_district(district, structure)
+        on = day or deadlines.city_today()
+        answer_days, window_days = settings.referral_answer_days, settings.followup_window_days
+        with reproduce.snapshot_transaction(conn):
+            counts = overdue_counts(
+                conn,
+                schema,
+                on,
+                answer_days=answer_days,
+                window_days=window_days,
+                district_map=dict(reports._district_map(registry, structure)),
+                min_cell=reproduce.MIN_CELL,
+            )
+            given = {
+                "report": "overdue",
+                "day": on.isoformat(),
+                "structure": structure,
+                "district": district,
+                "answer_days": answer_days,
+                "window_days": window_days,
+                "min_cell": reproduce.MIN_CELL,
+                "time_zone": reports.TIME_ZONE,
+            }
+            prov = reproduce.provenance_of(conn, schema, given)
+        rows = [c for c in counts if district is None or c.district == district]
+        return _with_provenance(_rows(rows), _field_names(OverdueCounts), format, prov, provenance)
 
     @app.get(
         "/cases/{case_id}/timeline",

@@ -10,7 +10,9 @@ The audit shows, per metric, the standardised ratios with their intervals (dot a
 whisker, the model-based ratio beside each) and the funnel plot, flagged by the report's
 flag rule (Holm by default, the band rule as an option), and says how many comparisons
 were made; the waits show Kaplan-Meier curves per district, medians and 90th percentiles
-with the persons still waiting censored, and the need-stratified comparisons.
+with the persons still waiting censored, and the need-stratified comparisons; a small table
+counts the referrals and follow-ups overdue on the report's last day, with the two day
+settings stated.
 
 `render` is pure (rows and cells in, a string out) so it is tested without a database;
 `build` is the thin adapter that reads the projections and calls it.
@@ -43,7 +45,10 @@ from services.projections.reports import (
     ReportRow,
 )
 from services.projections.reproduce import (
+    ANSWER_DAYS,
     RECORD_ID,
+    WINDOW_DAYS,
+    Overdue,
     Parameters,
     Report,
     default_as_of,
@@ -747,6 +752,49 @@ def _followup_section(report: Sequence[ReportRow], names: Mapping[str, str]) -> 
     return "".join(out)
 
 
+# --- overdue referrals and follow-ups --------------------------------------------------
+
+
+def _overdue_section(overdue: Overdue | None, names: Mapping[str, str]) -> str:
+    """Per district and for the city, what was overdue on the day (small counts shown as
+    suppressed, never as numbers)."""
+    out = ['<section id="overdue"><h2>Overdue referrals and follow-ups</h2>']
+    if overdue is None:
+        out.append("<p>Not counted for this report.</p></section>")
+        return "".join(out)
+    day = overdue.day.isoformat()
+    out.append(
+        f'<p class="lead">As of {_e(day)} (end of the day, city time): referrals not'
+        f" answered (accepted, declined or withdrawn) more than {overdue.answer_days} days"
+        f" after they were requested, and follow-ups not done (completed or missed) more than"
+        f" {overdue.window_days} days after they were due. A referral counts in the case's"
+        " district on the day, a follow-up in the district it was scheduled in. Districts"
+        " with nothing overdue are not listed.</p>"
+    )
+    out.append(
+        f'<table class="overdue" data-day="{_e(day)}"><caption>Overdue on {_e(day)}: referrals'
+        f" unanswered after {overdue.answer_days} days, follow-ups more than"
+        f" {overdue.window_days} days past due</caption><thead><tr>"
+        '<th scope="col">District</th><th scope="col" class="num">Referrals overdue</th>'
+        '<th scope="col" class="num">Follow-ups overdue</th></tr></thead><tbody>'
+    )
+    for c in overdue.counts:
+        is_city = c.district == CITY
+        name = "City (all districts)" if is_city else names.get(c.district, c.district)
+        cells = "".join(
+            '<td class="num suppressed">suppressed</td>'
+            if n is None
+            else f'<td class="num">{_e(n)}</td>'
+            for n in (c.referrals_overdue, c.followups_overdue)
+        )
+        out.append(
+            f'<tr class="{"city" if is_city else ""}" data-district="{_e(c.district)}">'
+            f'<th scope="row">{_e(name)}</th>{cells}</tr>'
+        )
+    out.append("</tbody></table></section>")
+    return "".join(out)
+
+
 # --- the document ---------------------------------------------------------------------
 
 
@@ -819,10 +867,11 @@ def render(
     district_names: Mapping[str, str] | None = None,
     record: Mapping[str, Any] | None = None,
     waits: WaitReport | None = None,
+    overdue: Overdue | None = None,
 ) -> str:
     """The whole report as one HTML5 document that needs nothing but itself to be read:
-    the audit `made` (its cells, funnels and flag rule), the waits, the follow-up report;
-    with `record`, a provenance block that holds it."""
+    the audit `made` (its cells, funnels and flag rule), the waits, the follow-up report,
+    the overdue counts; with `record`, a provenance block that holds it."""
     names = dict(district_names or {})
     structure_text = _STRUCTURE_TEXT.get(structure, structure)
     header = (
@@ -846,6 +895,7 @@ def render(
         '<nav><ul><li><a href="#audit">Equal-access audit</a></li>'
         '<li><a href="#waits">Waiting times</a></li>'
         '<li><a href="#followup">Follow-up report</a></li>'
+        '<li><a href="#overdue">Overdue</a></li>'
         + ('<li><a href="#provenance">Provenance</a></li>' if record is not None else "")
         + "</ul></nav></header>"
     )
@@ -855,7 +905,7 @@ def render(
         '<meta name="viewport" content="width=device-width, initial-scale=1">'
         f"<title>{_e(title)}</title><style>{_CSS}</style></head><body>"
         f"{header}<main>{_audit_section(made, names)}{_waits_section(waits, names)}"
-        f"{_followup_section(report, names)}"
+        f"{_followup_section(report, names)}{_overdue_section(overdue, names)}"
         f"{provenance}</main>"
         "<footer>Produced by Likvärd from the city's event history. Every figure is a"
         " projection of recorded events; small counts are suppressed.</footer>"
@@ -873,13 +923,24 @@ def build(
     period: str = "year",
     as_of: datetime | None = None,
     flag_rule: str = "holm",
+    answer_days: int = ANSWER_DAYS,
+    window_days: int = WINDOW_DAYS,
 ) -> str:
-    """Read the follow-up report, the audit and the waits from the projections in `schema`
-    and render them with their record; `structure` is "current" or "as-recorded", `period`
-    "year" or "month"; `as_of` (default: now) the instant the figures are computed as of;
-    `flag_rule` "holm" (default) or "band"."""
+    """Read the follow-up report, the audit, the waits and the overdue counts from the
+    projections in `schema` and render them with their record; `structure` is "current" or
+    "as-recorded", `period` "year" or "month"; `as_of` (default: now) the instant the
+    figures are computed as of; `flag_rule` "holm" (default) or "band"; `answer_days` and
+    `window_days` the overdue rule's days (Settings.referral_answer_days and
+    followup_window_days)."""
     params = Parameters(
-        start, end, structure, period, as_of or default_as_of(), flag_rule=flag_rule
+        start,
+        end,
+        structure,
+        period,
+        as_of or default_as_of(),
+        flag_rule=flag_rule,
+        answer_days=answer_days,
+        window_days=window_days,
     )
     return build_report(conn, schema, params)[0]
 
@@ -903,6 +964,7 @@ def build_report(
         district_names=_display_names(registry),
         record=made.record,
         waits=made.waits,
+        overdue=made.overdue,
     )
     return document, made
 

@@ -15,7 +15,10 @@ up to a relative 1e-9 (floating-point rounding of the statistics library); anyth
 a figure missing or new, is a difference.
 
 Figures are a flat mapping `section/key.../field` -> value (`figures`); a section added to
-the report adds its rows here and is compared like the rest.
+the report adds its rows here and is compared like the rest. The overdue referrals and
+follow-ups (`overdue.py`) are counted on the report's last day (or the as-of day, if that
+is earlier), with the two day settings as parameters; a record made before they were
+(no `answer_days` in its parameters) is reproduced without them.
 """
 
 from __future__ import annotations
@@ -36,16 +39,20 @@ from zoneinfo import ZoneInfo
 import psycopg
 from psycopg import sql
 
+from likvard.config import Settings
 from likvard.db import check_schema_name
 from likvard.districts import DistrictRegistry
+from likvard.domain import CITY_TZ
 from services.projections import provenance, stats
 from services.projections.audit import AuditCell, AuditReport, FlagRule, audit_report
+from services.projections.overdue import OverdueCounts, overdue_counts
 from services.projections.replay import Replay, ReplayError, as_of_cutoff
 from services.projections.reports import (
     TIME_ZONE,
     Period,
     ReportRow,
     Structure,
+    _district_map,
     audit_rows,
     followup_report,
     wait_rows,
@@ -58,6 +65,8 @@ REL_TOL = 1e-9
 _STRUCTURES: Mapping[str, Structure] = {"current": "current", "as-recorded": "as-recorded"}
 _PERIODS: Mapping[str, Period] = {"month": "month", "year": "year"}
 _FLAG_RULES: Mapping[str, FlagRule] = {"holm": "holm", "band": "band"}
+ANSWER_DAYS = Settings.referral_answer_days  # the configured defaults (likvard.config)
+WINDOW_DAYS = Settings.followup_window_days
 
 
 class ReproduceError(ValueError):
@@ -75,6 +84,11 @@ class Parameters:
     as_of: datetime  # the instant "now" stood for (closed-not-reopened rule)
     min_cell: int = MIN_CELL
     flag_rule: str = "holm"  # the audit's published flag: Holm-adjusted p, or the band rule
+    # Overdue: a referral unanswered for more than `answer_days`, a follow-up more than
+    # `window_days` past due (LIKVARD_REFERRAL_ANSWER_DAYS, LIKVARD_FOLLOWUP_WINDOW_DAYS);
+    # None: no overdue counts (a record made before they were reported).
+    answer_days: int | None = ANSWER_DAYS
+    window_days: int | None = WINDOW_DAYS
 
     def __post_init__(self) -> None:
         if self.structure not in _STRUCTURES:
@@ -89,6 +103,17 @@ class Parameters:
             raise ValueError("the last day (--to) is before the first (--from)")
         if self.as_of.tzinfo is None:
             raise ValueError("as_of needs a time zone")
+        if (self.answer_days is None) != (self.window_days is None):
+            raise ValueError("give both overdue day settings (answer and window), or neither")
+        for days in (self.answer_days, self.window_days):
+            if days is not None and not 0 <= days <= 3650:
+                raise ValueError(f"overdue day settings must be 0-3650 days, not {days}")
+
+    @property
+    def overdue_day(self) -> date:
+        """The day the overdue items are counted on: the report's last day, or the city's
+        as-of day if that is earlier (an item is not overdue on a day still to come)."""
+        return min(self.end, self.as_of.astimezone(CITY_TZ).date())
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -101,6 +126,9 @@ class Parameters:
             "min_cell": self.min_cell,
             "flag_rule": self.flag_rule,
             "time_zone": TIME_ZONE,
+            "answer_days": self.answer_days,
+            "window_days": self.window_days,
+            "overdue_on": self.overdue_day.isoformat() if self.answer_days is not None else None,
         }
 
     @classmethod
@@ -115,9 +143,30 @@ class Parameters:
                 min_cell=int(value.get("min_cell", MIN_CELL)),
                 # a record made before the rule was a parameter flagged by the band
                 flag_rule=str(value.get("flag_rule", "band")),
+                # and one made before the overdue counts has none
+                answer_days=_optional_int(value.get("answer_days")),
+                window_days=_optional_int(value.get("window_days")),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ReproduceError(f"the record's parameters are not readable: {exc}") from exc
+
+
+def _optional_int(value: Any) -> int | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"a number of days, not {value!r}")
+    return value
+
+
+@dataclass(frozen=True)
+class Overdue:
+    """The overdue counts on `day` (per district, then the city) and the rule's days."""
+
+    day: date
+    answer_days: int
+    window_days: int
+    counts: list[OverdueCounts]
 
 
 def default_as_of(as_of: date | None = None, known_on: date | None = None) -> datetime:
@@ -144,12 +193,14 @@ def figures(
     cells: Sequence[AuditCell],
     made: AuditReport | None = None,
     waits: stats.WaitReport | None = None,
+    overdue: Overdue | None = None,
 ) -> dict[str, Any]:
     """Every figure of the report by a stable name, e.g. `followup/2024/city/persons`,
     `audit/timely_start/nordost/sr` (each cell's standardised ratio, funnel position, raw
     and Holm p, both flags), `audit/comparisons`, `funnel/timely_start/phi`,
-    `waits/referral_to_start/nordost/median_days` (JSON-ready values; a wait's curve is
-    not a figure: its medians, percentiles and comparison are)."""
+    `waits/referral_to_start/nordost/median_days`, `overdue/city/referrals_overdue`
+    (JSON-ready values; a wait's curve is not a figure: its medians, percentiles and
+    comparison are)."""
     out = _flatten("followup", ("period", "district"), rows)
     out |= _flatten("audit", ("metric", "district"), cells)
     if made is not None:
@@ -164,6 +215,10 @@ def figures(
             for f in dataclasses.fields(s):
                 if f.name not in ("wait", "district", "curve"):
                     out[f"waits/{s.wait}/{s.district}/{f.name}"] = getattr(s, f.name)
+    if overdue is not None:
+        for c in overdue.counts:
+            out[f"overdue/{c.district}/referrals_overdue"] = c.referrals_overdue
+            out[f"overdue/{c.district}/followups_overdue"] = c.followups_overdue
     plain: dict[str, Any] = json.loads(json.dumps(out, sort_keys=True))  # as a file holds it
     return plain
 
@@ -177,6 +232,7 @@ class Report:
     record: dict[str, Any]
     audit: AuditReport | None = None
     waits: stats.WaitReport | None = None
+    overdue: Overdue | None = None
 
 
 @contextmanager
@@ -216,8 +272,8 @@ def snapshot(
     params: Parameters,
     registry: DistrictRegistry | None = None,
 ) -> Report:
-    """The follow-up report, the audit (its funnels and Holm flags), the waits and their
-    record, in one snapshot of `schema`."""
+    """The follow-up report, the audit (its funnels and Holm flags), the waits, the overdue
+    counts and their record, in one snapshot of `schema`."""
     registry = registry or DistrictRegistry.load()
     check_schema_name(schema)
     with snapshot_transaction(conn):
@@ -243,10 +299,23 @@ def snapshot(
             as_of=params.as_of,
             min_cell=params.min_cell,
         )
+        overdue = None
+        if params.answer_days is not None and params.window_days is not None:
+            day = params.overdue_day
+            counts = overdue_counts(
+                conn,
+                schema,
+                day,
+                answer_days=params.answer_days,
+                window_days=params.window_days,
+                district_map=dict(_district_map(registry, structure)),
+                min_cell=params.min_cell,
+            )
+            overdue = Overdue(day, params.answer_days, params.window_days, counts)
         prov = provenance_of(conn, schema, params.to_json())
     record = {"likvard_report_record": RECORD_VERSION, "provenance": prov}
-    record["figures"] = figures(rows, made.cells, made, waits)
-    return Report(rows, made.cells, record, made, waits)
+    record["figures"] = figures(rows, made.cells, made, waits, overdue)
+    return Report(rows, made.cells, record, made, waits, overdue)
 
 
 def record_json(record: Mapping[str, Any]) -> str:
@@ -408,6 +477,7 @@ def _drop(dsn: str, schema: str) -> None:
 
 __all__ = [
     "Difference",
+    "Overdue",
     "Parameters",
     "ReplayError",
     "Report",
