@@ -116,7 +116,17 @@ PARTS: dict[str, Part] = {
             "likvard_projections",
             "projections",
             tuple(
-                Grant(t, _READ_MODEL) for t in ("processed", "case_facts", "timeline", "access_log")
+                Grant(t, _READ_MODEL)
+                for t in (
+                    "processed",
+                    "case_facts",
+                    "timeline",
+                    "access_log",
+                    # what the read models were computed up to (services/projections/provenance)
+                    "applied_offsets",
+                    "chain_heads",
+                    "replay_settings",
+                )
             ),
         ),
         Part(

@@ -358,11 +358,14 @@ def likvard_up(
             stderr=subprocess.STDOUT,
         )
     try:
-        wait_for(
-            lambda: "Press Ctrl-C to stop." in log.read_text() or proc.poll() is not None,
-            timeout,
-            "`likvard up` to report the stack up",
-        )
+        try:
+            wait_for(
+                lambda: "Press Ctrl-C to stop." in log.read_text() or proc.poll() is not None,
+                timeout,
+                "`likvard up` to report the stack up",
+            )
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}; its output:\n{log.read_text()[-4000:]}") from None
         assert proc.poll() is None, log.read_text()
         yield proc
     finally:

@@ -207,7 +207,14 @@ def report(
     known = as_known_on.date() if as_known_on else None
     try:
         params = Parameters(
-            first, last, structure, period, default_as_of(occurred, known), flag_rule=flag_rule
+            first,
+            last,
+            structure,
+            period,
+            default_as_of(occurred, known),
+            flag_rule=flag_rule,
+            answer_days=settings.referral_answer_days,
+            window_days=settings.followup_window_days,
         )
     except ValueError as exc:
         raise fail(str(exc)) from exc
