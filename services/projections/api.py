@@ -51,7 +51,7 @@ from likvard.keys import open_key_store
 from likvard.policy import Action, CaseScope, SystemScope, sees_personal_text
 from likvard.sealing import Sealer, ToOpen
 from likvard.telemetry import setup_tracing
-from services.projections import access_log, readmodels, reports, reproduce, stats
+from services.projections import access_log, params, readmodels, reports, reproduce, stats
 from services.projections.audit import AuditCell, audit_report
 from services.projections.indicators_api import indicators_router
 from services.projections.overdue import OverdueCounts, overdue_counts
@@ -331,21 +331,7 @@ def create_app(
     app.include_router(indicators_router(schema, registry))
 
     def check_district(code: str | None, structure: Structure) -> None:
-        if code is None or code == reports.CITY:
-            return
-        known = registry.get(code)
-        if known is None:
-            raise http.ProblemError(
-                422, "unknown-district", "Unknown district", f"No district has the code {code!r}."
-            )
-        if structure == "current" and registry.successor_of(code) != code:
-            raise http.ProblemError(
-                422,
-                "district-not-in-structure",
-                "District not in this structure",
-                f"{code!r} was succeeded by {registry.successor_of(code)!r}; ask for that"
-                " district, or for structure=as-recorded.",
-            )
+        params.check_district(registry, code, structure)
 
     @app.get(
         "/reports/followup",

@@ -28,7 +28,7 @@ from likvard import guard, http
 from likvard.districts import DistrictRegistry
 from likvard.identity import Role
 from likvard.policy import Action, Decision, SystemScope
-from services.projections import indicators, reports
+from services.projections import indicators, params
 
 Structure = Literal["current", "as-recorded"]
 BreakdownName = Literal["gender", "age_band", "need_level"]
@@ -127,20 +127,7 @@ def indicators_router(schema: str, registry: DistrictRegistry) -> APIRouter:
     router = APIRouter(tags=["indicators"])
 
     def check_district(code: str | None, structure: Structure) -> None:
-        if code is None or code == reports.CITY:
-            return
-        if registry.get(code) is None:
-            raise http.ProblemError(
-                422, "unknown-district", "Unknown district", f"No district has the code {code!r}."
-            )
-        if structure == "current" and registry.successor_of(code) != code:
-            raise http.ProblemError(
-                422,
-                "district-not-in-structure",
-                "District not in this structure",
-                f"{code!r} was succeeded by {registry.successor_of(code)!r}; ask for that"
-                " district, or for structure=as-recorded.",
-            )
+        params.check_district(registry, code, structure)
 
     @router.get(
         "/indicators",
