@@ -584,6 +584,42 @@ def create_app(
         return _respond(_rows(rows), columns, format)
 
     @app.get(
+        "/cases/{case_id}/chain",
+        tags=["cases"],
+        summary="The hash-chain status of each stream of a case",
+        response_model=list[readmodels.StreamChain],
+        description="Per event stream of the case (per topic), from the links its timeline"
+        " rows keep: `verified` (versions 1..N all there, each record's hash recomputes from"
+        " its bytes and links to the previous version's hash), `broken` at `broken_at` with"
+        " a `reason` (missing version, version claimed twice, hash mismatch, link mismatch,"
+        " malformed chain headers), or `unknown` (records without chain headers). Who may"
+        " ask: as for the timeline; every read and every refusal is recorded in the access"
+        " log.",
+        openapi_extra=guard.policy(Action.CASE_HISTORY),
+    )
+    def case_chain(
+        request: Request,
+        case_id: str,
+        caller: guard.Caller,
+        conn: Conn,
+        emergency: guard.EmergencyReason = None,
+    ) -> list[readmodels.StreamChain]:
+        if _not_a_case_id(case_id):
+            raise _case_not_found()  # nothing read, and no identity number in the log
+        district, transfers = readmodels.case_scope(conn, schema, case_id)
+        guard.authorize(
+            request,
+            caller,
+            Action.CASE_HISTORY,
+            CaseScope(case_id, district, transfers),
+            emergency=emergency,
+        )
+        streams = readmodels.chain_status(conn, schema, case_id)
+        if not streams:
+            raise _case_not_found()
+        return streams
+
+    @app.get(
         "/access-log",
         tags=["access log"],
         summary="Who read or was refused what",
