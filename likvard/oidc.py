@@ -120,6 +120,12 @@ class OidcVerifier:
 
     def authenticate(self, token: str) -> Principal:
         """The principal of a verified token; AuthenticationError with its code otherwise."""
+        return self._principal(self.verified_claims(token))
+
+    def verified_claims(self, token: str, audience: str | None = None) -> dict[str, Any]:
+        """The claims of a token signed by the issuer's key, of the issuer, for `audience`
+        (default: the verifier's) and not expired; AuthenticationError otherwise. The
+        console checks an ID token with it (its audience is the console's client id)."""
         header = self._header(token)
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self.algorithms:
@@ -149,8 +155,8 @@ class OidcVerifier:
         claims = verified.claims
         if not isinstance(claims, dict):
             raise AuthenticationError("malformed", "The token's claims are not a JSON object.")
-        self._check_claims(claims)
-        return self._principal(claims)
+        self._check_claims(claims, self.audience if audience is None else audience)
+        return claims
 
     def _header(self, token: str) -> dict[str, Any]:
         if len(token) > MAX_TOKEN_BYTES or token.count(".") != 2:
@@ -165,16 +171,16 @@ class OidcVerifier:
             raise AuthenticationError("malformed", "The token's header is not a JSON object.")
         return dict(header)
 
-    def _check_claims(self, claims: dict[str, Any]) -> None:
+    def _check_claims(self, claims: dict[str, Any], audience: str) -> None:
         if claims.get("iss") != self.issuer:
             raise AuthenticationError(
                 "wrong-issuer", f"The token was not issued by the configured issuer {self.issuer}."
             )
         aud = claims.get("aud")
         audiences = aud if isinstance(aud, list) else [aud]
-        if self.audience not in audiences:
+        if audience not in audiences:
             raise AuthenticationError(
-                "wrong-audience", f"The token is not meant for this audience ({self.audience})."
+                "wrong-audience", f"The token is not meant for this audience ({audience})."
             )
         now = self.clock()
         times = {}

@@ -59,6 +59,7 @@ COMPOSE_SECRETS = {
     "LIKVARD_METRICS_CLIENT_SECRET",
     "LIKVARD_DISTRICT_NORDOST_CLIENT_SECRET",
     "LIKVARD_KEK",
+    "LIKVARD_CONSOLE_SECRET",
     *(db_roles.password_variable(r) for r in db_roles.roles()),
 }
 KUBERNETES_VERSION = "1.31.0"  # the oldest Kubernetes the manifests are meant for
@@ -822,7 +823,9 @@ def test_kubernetes_reads_every_secret_from_the_secret() -> None:
         assert "@" not in value, f"{name}: credentials in a URL"
     example = next(d for _, d in k8s_documents([SECRET_EXAMPLE]))
     keys = set(example["stringData"])
-    assert keys == {"pseudonym-secret", "kek"} | {secret_key_of(r) for r in db_roles.roles()}
+    assert keys == {"pseudonym-secret", "kek", "console-secret"} | {
+        secret_key_of(r) for r in db_roles.roles()
+    }
     assert all("<" in v for v in example["stringData"].values()), "placeholders only"
     services = {k8s_name(n): s for n, s in likvard_services(profiled=True).items()}
     for name, w in k8s_workloads().items():
@@ -840,7 +843,7 @@ def test_kubernetes_reads_every_secret_from_the_secret() -> None:
             else:  # the same role (so the same database) as in compose
                 key = env[var]["valueFrom"]["secretKeyRef"]["key"]
                 assert key == secret_key_of(role_of(url)), (name, var)
-        for var in ("LIKVARD_PSEUDONYM_SECRET", "LIKVARD_KEK"):
+        for var in ("LIKVARD_PSEUDONYM_SECRET", "LIKVARD_KEK", "LIKVARD_CONSOLE_SECRET"):
             assert (var in env) == (var in effective_env(compose_service)), (name, var)
         assert [e["configMapRef"]["name"] for e in w["container"]["envFrom"]] == ["likvard-config"]
 

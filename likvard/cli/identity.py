@@ -34,7 +34,10 @@ def dev_idp(
     """Run the development OpenID Connect provider (never for production).
 
     Discovery at http://HOST:PORT/.well-known/openid-configuration, keys at /jwks, tokens
-    at /token (grant_type=password). Ready-made users, every one with the password "dev":
+    at /token (grant_type=password). The web console signs in in the browser at /authorize
+    (authorization code with PKCE S256, client likvard-console; loopback redirect URIs or
+    those in LIKVARD_DEV_IDP_REDIRECTS, comma separated) and out at /logout. Ready-made
+    users, every one with the password "dev":
     case-worker-<district> for each district in operation (case-worker-nordost,
     case-worker-centrum, case-worker-sydvast, case-worker-hisingen),
     unit-staff-<unit> for each specialist unit (e.g. unit-staff-hisingen-bostad-forst),

@@ -244,6 +244,15 @@ def up(
                 " 0600, kept between runs so what it encrypted stays readable); set"
                 " LIKVARD_KEK from your secret store for anything but development[/yellow]"
             )
+        if not env.get("LIKVARD_CONSOLE_SECRET"):
+            env["LIKVARD_CONSOLE_SECRET"] = secrets.token_urlsafe(32)
+            console.print(
+                "[yellow]LIKVARD_CONSOLE_SECRET not set: a random key for the console's"
+                " session cookies this run (everyone signs in again after a restart)[/yellow]"
+            )
+        if "projections" in wanted:
+            referral = f"http://127.0.0.1:{service_port('referral', env)}"
+            env.setdefault("LIKVARD_REFERRAL_URL", referral)
         role_env = _role_env(env, kek)
         console.print(f"Topics       {make_topics()} ready")
         import httpx
@@ -302,6 +311,13 @@ def up(
         for name in wanted:
             port = ports[name]
             console.print(f"  {name:<12} http://127.0.0.1:{port}  (API docs: /docs)")
+        if "projections" in wanted:
+            console.print(
+                f"  {'console':<12} http://127.0.0.1:{ports['projections']}/console/"
+                "  (sign in with a ready-made user, e.g. analyst / dev)"
+                if keys is not None
+                else f"  {'console':<12} http://127.0.0.1:{ports['projections']}/console/"
+            )
         if pg is not None or broker is not None:  # the dev servers: nothing secret to show
             console.print(
                 "Other likvard commands (replay, report, verify, ...) reach this stack with:\n"

@@ -123,6 +123,10 @@ class InboxEntry(BaseModel):
         ..., description="Calendar days since the request while it is unanswered, else null"
     )
     overdue: bool = Field(..., description="Unanswered more than LIKVARD_REFERRAL_ANSWER_DAYS")
+    version: int = Field(..., description="The referral's stream version (If-Match of an answer)")
+    running_interventions: list[uuid.UUID] = Field(
+        ..., description="Interventions started under the referral and not yet ended"
+    )
 
 
 class OverdueEntry(BaseModel):
@@ -630,6 +634,8 @@ def create_app(
                 requested_at=i.requested_at,
                 days_waiting=w.days_waiting,
                 overdue=w.overdue,
+                version=i.version,
+                running_interventions=[uuid.UUID(r) for r in i.running_interventions],
             )
             for i, w in items
         ]

@@ -35,6 +35,8 @@ class InboxItem:
     person_district: str
     status: str
     requested_at: datetime
+    version: int = 1  # the referral stream's version: the If-Match of an answer to it
+    running_interventions: tuple[str, ...] = ()
 
 
 def _to_domain(event_type: str, data: dict[str, Any], occurred_at: datetime) -> d.DomainEvent:
@@ -126,14 +128,24 @@ class ReferralService:
                     "SELECT r.stream_id, r.metadata->>'case_id', r.payload->>'intervention_code',"
                     " r.payload->>'person_district', r.occurred_at,"
                     " (SELECT e.event_type FROM {s}.events e WHERE e.stream_id = r.stream_id"
-                    "  AND e.event_type = ANY(%s) ORDER BY e.stream_version DESC LIMIT 1)"
+                    "  AND e.event_type = ANY(%s) ORDER BY e.stream_version DESC LIMIT 1),"
+                    " (SELECT max(v.stream_version) FROM {s}.events v"
+                    "  WHERE v.stream_id = r.stream_id),"
+                    " ARRAY(SELECT b.payload->>'intervention_id' FROM {s}.events b"
+                    "  WHERE b.stream_id = r.stream_id AND b.event_type = 'InterventionStarted'"
+                    "  AND NOT EXISTS (SELECT 1 FROM {s}.events x WHERE x.stream_id = r.stream_id"
+                    "   AND x.event_type = 'InterventionEnded'"
+                    "   AND x.payload->>'intervention_id' = b.payload->>'intervention_id')"
+                    "  ORDER BY b.stream_version)"
                     " FROM {s}.events r WHERE r.event_type = 'ReferralRequested'"
                     " AND r.payload->>'unit_id' = %s ORDER BY r.occurred_at DESC"
                 ).format(s=sql.Identifier(self.store.schema)),
                 (list(STATUS_EVENTS), unit_id),
             ).fetchall()
         items = [
-            InboxItem(r[0], r[1], r[2], r[3], STATUS_EVENTS[r[5]], r[4].astimezone(UTC))
+            InboxItem(
+                r[0], r[1], r[2], r[3], STATUS_EVENTS[r[5]], r[4].astimezone(UTC), r[6], tuple(r[7])
+            )
             for r in rows
         ]
         return [i for i in items if status is None or i.status == status]

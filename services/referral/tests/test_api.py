@@ -112,6 +112,7 @@ def test_referral_across_districts_through_its_life(
     ).json()
     assert [i["referral_id"] for i in inbox] == [rid]
     assert inbox[0]["person_district"] == "nordost"
+    assert inbox[0]["version"] == 2 and inbox[0]["running_interventions"] == []
 
     accepted = client.post(
         f"/referrals/{rid}/accept", json={}, headers={"If-Match": '"2"', **unit_staff}
@@ -120,6 +121,8 @@ def test_referral_across_districts_through_its_life(
     started = client.post(f"/referrals/{rid}/interventions", json={}, headers=unit_staff)
     assert started.status_code == 201, started.text
     iid = started.json()["intervention_id"]
+    running = client.get(f"/units/{unit}/referrals", headers=unit_staff).json()
+    assert running[0]["version"] == 4 and running[0]["running_interventions"] == [iid]
     ended = client.post(
         f"/interventions/{iid}/end", json={"outcome": "COMPLETED_AS_PLANNED"}, headers=unit_staff
     )

@@ -155,6 +155,8 @@ def test_the_inbox_read_is_logged_once_per_case_shown(
         "requested_at",
         "days_waiting",
         "overdue",
+        "version",
+        "running_interventions",
     }
 
 

@@ -1,0 +1,121 @@
+"""History (auditors): start a replay as of a date into a fresh schema, watch it, compare
+its checksums with the live read models; start a chain verification and see the last one.
+The page drives `services.projections.history` (the same jobs `POST /history/replays` and
+`POST /history/verifications` start) in this process. While a replay runs, the page
+refreshes itself (a meta refresh: no script)."""
+
+from __future__ import annotations
+
+import uuid
+from datetime import date
+from typing import Any
+
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import Response
+
+from likvard.config import Settings
+from likvard.policy import Action, SystemScope
+from services.projections.console.web import PREFIX, Console
+
+REPLAY_SCOPE = SystemScope("history:replay")
+VERIFY_SCOPE = SystemScope("history:verify")
+
+
+def _jobs(request: Request) -> Any:
+    jobs = getattr(request.app.state, "history", None)
+    return jobs
+
+
+def add_routes(router: APIRouter, console: Console, schema: str, settings: Settings) -> None:
+    def page(request: Request, *, error: str | None = None, status: int = 200) -> Response:
+        viewer = console.viewer(request)
+        console.check(request, viewer, Action.REPLAY, REPLAY_SCOPE)
+        jobs = _jobs(request)
+        replays = jobs.list_jobs(limit=10) if jobs is not None else []
+        latest = jobs.latest_verification() if jobs is not None else None
+        may_verify = viewer.may(Action.VERIFY, VERIFY_SCOPE)
+        return console.render(
+            request,
+            viewer,
+            "history.html",
+            status,
+            replays=replays,
+            latest=latest,
+            may_verify=may_verify,
+            error=error,
+            available=jobs is not None,
+        )
+
+    @router.get("/history")
+    def history(request: Request) -> Response:
+        return page(request)
+
+    @router.post("/history/replays")
+    async def start_replay(request: Request) -> Response:
+        form = dict((await request.form()).items())
+        return await run_in_threadpool(_start_replay, request, form)
+
+    def _start_replay(request: Request, form: dict[str, Any]) -> Response:
+        viewer = console.viewer(request)
+        console.check_form(request, viewer, form)
+        console.check(request, viewer, Action.REPLAY, REPLAY_SCOPE)
+        _ = console.gettext(viewer.language)
+        text = str(form.get("as_of", "")).strip()
+        as_of: date | None = None
+        if text:
+            try:
+                as_of = date.fromisoformat(text)
+            except ValueError:
+                return page(request, error=_("The date is not a date (YYYY-MM-DD)."), status=400)
+        jobs = _jobs(request)
+        if jobs is None:
+            return page(request, error=_("Replays are not available here."), status=503)
+        try:
+            job_id = jobs.start(as_of, viewer.principal.subject)
+        except jobs.Busy:
+            return page(request, error=_("A replay is already running; wait for it."), status=409)
+        return console.redirect(f"{PREFIX}/history/replays/{job_id}")
+
+    @router.get("/history/replays/{job_id}")
+    def replay_job(request: Request, job_id: str) -> Response:
+        viewer = console.viewer(request)
+        console.check(request, viewer, Action.REPLAY, REPLAY_SCOPE)
+        _ = console.gettext(viewer.language)
+        jobs = _jobs(request)
+        job = None
+        try:
+            wanted = uuid.UUID(job_id)
+        except ValueError:
+            wanted = None
+        if jobs is not None and wanted is not None:
+            job = jobs.get(wanted)
+        if job is None:
+            return console.render(
+                request,
+                viewer,
+                "problem.html",
+                404,
+                title=_("Replay not found"),
+                detail=_("No replay has this id."),
+            )
+        return console.render(request, viewer, "history_job.html", job=job)
+
+    @router.post("/history/verifications")
+    async def start_verification(request: Request) -> Response:
+        form = dict((await request.form()).items())
+        return await run_in_threadpool(_start_verification, request, form)
+
+    def _start_verification(request: Request, form: dict[str, Any]) -> Response:
+        viewer = console.viewer(request)
+        console.check_form(request, viewer, form)
+        console.check(request, viewer, Action.VERIFY, VERIFY_SCOPE)
+        _ = console.gettext(viewer.language)
+        jobs = _jobs(request)
+        if jobs is None:
+            return page(request, error=_("Verification is not available here."), status=503)
+        try:
+            jobs.verify(viewer.principal.subject)
+        except jobs.Busy:
+            return page(request, error=_("A verification is already running."), status=409)
+        return console.redirect(f"{PREFIX}/history")

@@ -1,0 +1,88 @@
+"""The console's pure parts: sealed cookies, the return address, PKCE, the words."""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+
+import pytest
+
+from services.projections.console import i18n
+from services.projections.console.session import (
+    SESSION_COOKIE,
+    SIGNIN_COOKIE,
+    CookieBox,
+    new_session,
+    new_signin,
+)
+from services.projections.console.signin import challenge
+from services.projections.console.web import PAGES, ROUTE_POLICY, local_path
+
+SECRET = b"k" * 32
+
+
+def test_a_sealed_session_opens_with_its_key_only() -> None:
+    box = CookieBox(SECRET)
+    session = new_session("a.b.c", 2_000_000_000)
+    sealed = box.seal(SESSION_COOKIE, session)
+    assert "a.b.c" not in sealed
+    assert box.session(sealed, now=1_000) == session
+    assert CookieBox(b"x" * 32).session(sealed, now=1_000) is None  # another key
+    flipped = sealed[:-2] + ("A" if sealed[-2] != "A" else "B") + sealed[-1]
+    assert box.session(flipped, now=1_000) is None  # tampered
+    assert box.session(sealed, now=2_000_000_001) is None  # expired
+    assert box.signin(sealed, now=1_000) is None  # a session is never a sign-in cookie
+
+
+def test_a_signin_cookie_lasts_ten_minutes() -> None:
+    box = CookieBox(SECRET)
+    signin = new_signin("/console/waits", now=1_000)
+    sealed = box.seal(SIGNIN_COOKIE, signin)
+    assert box.signin(sealed, now=1_500) == signin
+    assert box.signin(sealed, now=1_000 + 601) is None
+    assert len(signin.verifier) >= 43 and signin.state != signin.nonce
+
+
+def test_a_short_secret_is_refused() -> None:
+    with pytest.raises(ValueError):
+        CookieBox(b"short")
+
+
+@pytest.mark.parametrize(
+    ("asked", "expected"),
+    [
+        ("/console/waits?structure=current", "/console/waits?structure=current"),
+        ("/console", "/console"),
+        ("https://evil.example/console/", "/console/"),
+        ("//evil.example/console/", "/console/"),
+        ("/console/\\evil", "/console/"),
+        ("/docs", "/console/"),
+        (None, "/console/"),
+    ],
+)
+def test_the_return_address_stays_in_the_console(asked: str | None, expected: str) -> None:
+    assert local_path(asked) == expected
+
+
+def test_the_code_challenge_is_s256_of_the_verifier() -> None:
+    verifier = "a" * 64
+    digest = hashlib.sha256(verifier.encode()).digest()
+    assert challenge(verifier) == base64.urlsafe_b64encode(digest).decode().rstrip("=")
+    assert "=" not in challenge(verifier) and len(challenge(verifier)) == 43
+
+
+def test_every_navigation_page_has_a_policy_entry() -> None:
+    for page in PAGES:
+        assert ROUTE_POLICY[page.path] == page.action, page.path
+
+
+def test_swedish_is_the_default_and_english_the_message_ids() -> None:
+    assert i18n.language_of(None) == "sv" and i18n.language_of("de") == "sv"
+    assert i18n.translations("sv").gettext("Sign out") == "Logga ut"
+    assert i18n.translations("en").gettext("Sign out") == "Sign out"
+
+
+def test_times_are_shown_in_the_city_time_zone() -> None:
+    # 23:30 UTC on 31 December is already New Year's Day in Stockholm
+    assert "2027" in i18n.when("2026-12-31T23:30:00+00:00", "sv")
+    assert "00:30" in i18n.when("2026-12-31T23:30:00+00:00", "sv")
