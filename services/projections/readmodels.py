@@ -21,6 +21,11 @@ The batch is grouped per case in Python (the same operations), then one upsert r
 case is written with one executemany of one statement, in case id order (stable lock order
 for concurrent workers). Whatever the arrival order or batch split, the rows end identical;
 `checksum` proves it by comparing live and replayed read models.
+
+Each timeline row also keeps its record's link in its stream's hash chain (`stream_id`,
+`prev_hash`, `hash`, and `hash_ok`: whether the hash recomputes from the record's bytes),
+when the caller passes the records' links (`timeline_chain.link_of`: the live worker and
+the replay do); `chain_status` tells each stream of a case verified or broken from them.
 """
 
 from __future__ import annotations
@@ -44,6 +49,12 @@ from likvard.inbox import Incoming
 from likvard.policy import Transfer
 from likvard.topics import ACCESS_LOG_TOPIC, SERVICE_TOPICS
 from services.projections import access_log, provenance
+from services.projections.timeline_chain import (
+    ChainRow,
+    Link,
+    StreamChain as StreamChain,  # re-exported
+    fold_chains,
+)
 
 # Every topic the read models are folded from (without the deployment's prefix): the live
 # worker subscribes to them and a replay reads them all from offset 0, verifying each
@@ -150,6 +161,26 @@ TABLES = {
     "timeline": "event_id",
     access_log.TABLE: "event_id",
 }
+# What the timeline shows of an event (the API's rows), then its record's chain link.
+TIMELINE_COLUMNS = (
+    "event_id",
+    "case_id",
+    "occurred_at",
+    "recorded_at",
+    "topic",
+    "event_type",
+    "stream_version",
+    "district",
+    "actor",
+    "payload",
+)
+LINK_COLUMNS = ("stream_id", "prev_hash", "hash", "hash_ok")
+# Columns `checksum` leaves out. The links are what a record's headers said, not what its
+# event says: read models folded straight from events (no records) have none, and those
+# projected before the columns existed have none for their older rows, while the replay's
+# own chain check verifies every link on Kafka. So the checksum stays the checksum of the
+# events' content, equal however they were fed, and equal to the one it was before.
+UNCHECKED: dict[str, frozenset[str]] = {"timeline": frozenset(LINK_COLUMNS)}
 
 
 def lock_key(schema: str) -> str:
@@ -192,7 +223,17 @@ def migrate(conn: psycopg.Connection[Any], schema: str) -> None:
             "CREATE TABLE IF NOT EXISTS {}.timeline (event_id uuid PRIMARY KEY,"
             " case_id text NOT NULL, occurred_at timestamptz NOT NULL,"
             " recorded_at timestamptz NOT NULL, topic text NOT NULL, event_type text NOT NULL,"
-            " stream_version integer NOT NULL, district text, actor text, payload jsonb NOT NULL)"
+            " stream_version integer NOT NULL, district text, actor text, payload jsonb NOT NULL,"
+            " stream_id text, prev_hash bytea, hash bytea, hash_ok boolean)"
+        ).format(t)
+    )
+    # A timeline made before the chain links gains them, at the end as in a new one (its
+    # older rows keep NULL: their streams show as unknown until a replay is swapped in).
+    conn.execute(
+        sql.SQL(
+            "ALTER TABLE {}.timeline ADD COLUMN IF NOT EXISTS stream_id text,"
+            " ADD COLUMN IF NOT EXISTS prev_hash bytea, ADD COLUMN IF NOT EXISTS hash bytea,"
+            " ADD COLUMN IF NOT EXISTS hash_ok boolean"
         ).format(t)
     )
     conn.execute(
@@ -380,15 +421,30 @@ def canonical_json(value: Any) -> str:
     return json.dumps(value, default=_json_default, sort_keys=True, separators=(",", ":"))
 
 
-def apply(conn: psycopg.Connection[Any], schema: str, events: Sequence[Incoming]) -> int:
+def apply(
+    conn: psycopg.Connection[Any],
+    schema: str,
+    events: Sequence[Incoming],
+    links: Sequence[Link | None] | None = None,
+) -> int:
     """Project a batch in the caller's transaction; returns how many events were new.
 
+    `links`: each event's record's chain link (`timeline_chain.link_of`), in the order of
+    `events`; without them (events not read from records) the timeline's links are NULL.
     The batch holds the schema's lock shared until the transaction ends: batches run side by
     side, and a replay's swap (which takes it exclusively) never lands in the middle of one."""
     t = sql.Identifier(check_schema_name(schema))
+    if links is not None and len(links) != len(events):
+        raise ValueError(f"{len(links)} links for {len(events)} events")
     unique: dict[str, Incoming] = {}
-    for e in events:
-        unique.setdefault(str(uuid.UUID(e.event_id)), e)
+    kept_links: dict[str, Link] = {}  # of the copy kept: the first of each event id
+    for n, e in enumerate(events):
+        key = str(uuid.UUID(e.event_id))
+        if key in unique:
+            continue
+        unique[key] = e
+        if links is not None and (link := links[n]) is not None:
+            kept_links[e.event_id] = link
     if not unique:
         return 0
     conn.execute("SELECT pg_advisory_xact_lock_shared(hashtext(%s))", (lock_key(schema),))
@@ -415,11 +471,13 @@ def apply(conn: psycopg.Connection[Any], schema: str, events: Sequence[Incoming]
     with conn.cursor().copy(
         sql.SQL(
             "COPY {}.timeline (event_id, case_id, occurred_at, recorded_at, topic, event_type,"
-            " stream_version, district, actor, payload) FROM STDIN"
+            " stream_version, district, actor, payload, stream_id, prev_hash, hash, hash_ok)"
+            " FROM STDIN"
         ).format(t)
     ) as copy:
         for e in fresh:
             m = e.metadata
+            link = kept_links.get(e.event_id)
             copy.write_row(
                 (
                     e.event_id,
@@ -432,6 +490,11 @@ def apply(conn: psycopg.Connection[Any], schema: str, events: Sequence[Incoming]
                     m.get("district"),
                     m.get("actor"),
                     canonical_json(e.data),
+                    *(
+                        (link.stream_id, link.prev_hash, link.hash, link.hash_ok)
+                        if link is not None
+                        else (None, None, None, None)
+                    ),
                 )
             )
     cases: dict[str, dict[str, Any]] = {}
@@ -504,27 +567,50 @@ def timeline(conn: psycopg.Connection[Any], schema: str, case_id: str) -> list[d
     """Every event of a case in occurrence order (stream version, then id, break ties)."""
     cur = conn.execute(
         sql.SQL(
-            "SELECT * FROM {}.timeline WHERE case_id = %s"
+            "SELECT {} FROM {}.timeline WHERE case_id = %s"
             " ORDER BY occurred_at, stream_version, event_id"
-        ).format(sql.Identifier(check_schema_name(schema))),
+        ).format(
+            sql.SQL(", ").join(sql.Identifier(c) for c in TIMELINE_COLUMNS),
+            sql.Identifier(check_schema_name(schema)),
+        ),
         (case_id,),
     )
-    names = [d.name for d in cur.description or ()]
-    return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+    return [dict(zip(TIMELINE_COLUMNS, row, strict=True)) for row in cur.fetchall()]
+
+
+def chain_status(conn: psycopg.Connection[Any], schema: str, case_id: str) -> list[StreamChain]:
+    """The hash-chain status of each stream of a case, from the timeline's stored links
+    (one query; `timeline_chain.fold_chains` judges them). [] if no event of it was seen."""
+    rows = conn.execute(
+        sql.SQL(
+            "SELECT topic, stream_id, stream_version, prev_hash, hash, hash_ok"
+            " FROM {}.timeline WHERE case_id = %s"
+        ).format(sql.Identifier(check_schema_name(schema))),
+        (case_id,),
+    ).fetchall()
+    return fold_chains(ChainRow(*r) for r in rows)
 
 
 def checksum(conn: psycopg.Connection[Any], schema: str) -> dict[str, str]:
     """SHA-256 per read model over its rows in primary-key order, each row in a canonical
-    text form (JSON, times in UTC), independent of the session's time zone."""
+    text form (JSON, times in UTC), independent of the session's time zone; every column
+    but those in UNCHECKED, in the table's order."""
     t = sql.Identifier(check_schema_name(schema))
     sums: dict[str, str] = {}
     for table, pk in TABLES.items():
         digest = hashlib.sha256()
         cur = conn.cursor()
+        cur.execute(sql.SQL("SELECT * FROM {}.{} LIMIT 0").format(t, sql.Identifier(table)))
+        skip = UNCHECKED.get(table, frozenset())
+        names = [d.name for d in cur.description or () if d.name not in skip]
         cur.execute(
-            sql.SQL("SELECT * FROM {}.{} ORDER BY {}").format(t, sql.Identifier(table), sql.SQL(pk))
+            sql.SQL("SELECT {} FROM {}.{} ORDER BY {}").format(
+                sql.SQL(", ").join(sql.Identifier(n) for n in names),
+                t,
+                sql.Identifier(table),
+                sql.SQL(pk),
+            )
         )
-        names = [d.name for d in cur.description or ()]
         digest.update(canonical_json(names).encode())
         for row in cur:
             digest.update(b"\n" + canonical_json(list(row)).encode())

@@ -52,6 +52,7 @@ from likvard.db import check_schema_name
 from likvard.inbox import Incoming, decode_event
 from likvard.topic_reader import TopicReader, TopicReadError, record_headers
 from services.projections import provenance, readmodels
+from services.projections.timeline_chain import Link, link_of
 
 CITY_TZ = ZoneInfo("Europe/Stockholm")
 LIVE_SCHEMA = "projections"
@@ -101,14 +102,30 @@ def _headers(msg: Message) -> dict[str, bytes]:
     return {k: v or b"" for k, v in record_headers(msg)}
 
 
+@dataclass
+class _Batch:
+    """The decoded events of a batch of records, each one's chain link, and its marks."""
+
+    events: list[Incoming] = field(default_factory=list)
+    links: list[Link | None] = field(default_factory=list)
+    marks: provenance.Marks = field(default_factory=provenance.Marks)
+
+    def __bool__(self) -> bool:
+        return bool(self.events or self.marks)
+
+    def apply(self, conn: psycopg.Connection[Any], schema: str) -> int:
+        """Project it and record its marks, in the caller's transaction."""
+        new = readmodels.apply(conn, schema, self.events, self.links)
+        provenance.record(conn, schema, self.marks)
+        return new
+
+
 class _Applier:
     """Applies batches on its own connection in a thread, so decoding overlaps the SQL."""
 
     def __init__(self, dsn: str, schema: str) -> None:
         self.dsn, self.schema = dsn, schema
-        self.queue: queue.Queue[tuple[list[Incoming], provenance.Marks] | None] = queue.Queue(
-            maxsize=4
-        )
+        self.queue: queue.Queue[_Batch | None] = queue.Queue(maxsize=4)
         self.applied = 0
         self.error: BaseException | None = None
         self.thread = threading.Thread(target=self._run, name="replay-apply", daemon=True)
@@ -116,22 +133,20 @@ class _Applier:
     def _run(self) -> None:
         try:
             with psycopg.connect(self.dsn, autocommit=True) as conn:
-                while (item := self.queue.get()) is not None:
-                    batch, marks = item
+                while (batch := self.queue.get()) is not None:
                     with conn.transaction():
                         # A replay is rebuilt from Kafka if lost: no need to wait for fsync.
                         conn.execute("SET LOCAL synchronous_commit = off")
-                        self.applied += readmodels.apply(conn, self.schema, batch)
-                        provenance.record(conn, self.schema, marks)
+                        self.applied += batch.apply(conn, self.schema)
         except BaseException as exc:
             self.error = exc
             while self.queue.get() is not None:  # unblock the producer side until it stops
                 pass
 
-    def put(self, batch: list[Incoming], marks: provenance.Marks) -> None:
+    def put(self, batch: _Batch) -> None:
         if self.error is not None:
             raise ReplayError(f"applying to the read models failed: {self.error}")
-        self.queue.put((batch, marks))
+        self.queue.put(batch)
 
     def close(self) -> None:
         self.queue.put(None)
@@ -177,10 +192,9 @@ class Replay:
         self.result = ReplayResult(schema=self.schema)
         self.reader: TopicReader | None = None
 
-    def _events(self, messages: list[Message]) -> tuple[list[Incoming], provenance.Marks]:
+    def _events(self, messages: list[Message]) -> _Batch:
         r = self.result
-        events: list[Incoming] = []
-        marks = provenance.Marks()
+        batch = _Batch()
         for m in messages:
             topic, partition, offset = str(m.topic()), int(m.partition() or 0), int(m.offset() or 0)
             if self.until is not None and offset > self.until.get((topic, partition), -1):
@@ -191,7 +205,7 @@ class Replay:
             r.per_topic[topic] = r.per_topic.get(topic, 0) + 1
             headers = _headers(m)
             self.chain.add(topic, partition, offset, headers, value)
-            marks.add(topic, partition, offset, headers)
+            batch.marks.add(topic, partition, offset, headers)
             try:
                 e = decode_event(self.catalogue, topic, partition, offset, value)
             except CodecError as exc:
@@ -205,8 +219,9 @@ class Replay:
             if self.known_cutoff is not None and recorded_at(e) >= self.known_cutoff:
                 r.after_known_on += 1
                 continue
-            events.append(e)
-        return events, marks
+            batch.events.append(e)
+            batch.links.append(link_of(headers, value))
+        return batch
 
     def _past_limits(self) -> bool:
         """With `until`: every partition has been read past its offset (nothing more to use)."""
@@ -232,9 +247,9 @@ class Replay:
         applier.thread.start()
         try:
             for messages in self.reader.batches(self.batch_size):
-                events, marks = self._events(messages)
-                if events or marks:
-                    applier.put(events, marks)
+                batch = self._events(messages)
+                if batch:
+                    applier.put(batch)
                 if progress:
                     progress(self.result.records, max(self.reader.expected, self.result.records))
                 if self._past_limits():
@@ -315,13 +330,11 @@ class Replay:
         that every live event is in the rebuilt schema keeps the swap correct anyway."""
         assert self.reader is not None
         for messages in self.reader.batches(self.batch_size, within=within):
-            events, marks = self._events(messages)
-            if not (events or marks):
+            batch = self._events(messages)
+            if not batch:
                 continue
             if conn is not None:
-                self.result.projected += readmodels.apply(conn, self.schema, events)
-                provenance.record(conn, self.schema, marks)
+                self.result.projected += batch.apply(conn, self.schema)
                 continue
             with psycopg.connect(self.dsn, autocommit=True) as own, own.transaction():
-                self.result.projected += readmodels.apply(own, self.schema, events)
-                provenance.record(own, self.schema, marks)
+                self.result.projected += batch.apply(own, self.schema)

@@ -37,6 +37,7 @@ from likvard.ops import Heartbeat, Progress
 from likvard.telemetry import ConsumerLag
 from likvard.topic_reader import record_headers
 from services.projections import provenance, readmodels
+from services.projections.timeline_chain import Link, link_of
 
 log = logging.getLogger("likvard.projections")
 
@@ -98,12 +99,13 @@ class Projector:
         events: Sequence[Incoming],
         traceparents: Sequence[str | None] | None = None,
         marks: provenance.Marks | None = None,
+        links: Sequence[Link | None] | None = None,
     ) -> int:
         """Apply a batch in one transaction; returns how many events were new. Each event
         gets a span in its own trace (`traceparents`: each record's Kafka header, the
         relay's publish span), so one trace runs from the HTTP request to the read model.
         `marks`: the batch's records' offsets and chain heads, recorded in the same
-        transaction."""
+        transaction; `links`: each event's record's chain link, kept on its timeline row."""
         if not self._migrated:
             self.migrate()
             self._migrated = True
@@ -111,7 +113,7 @@ class Projector:
         started, start_ns = time.monotonic(), time.time_ns()
         try:
             with conn.transaction():
-                new = readmodels.apply(conn, self.schema, events)
+                new = readmodels.apply(conn, self.schema, events, links)
                 if marks and self._provenance:
                     provenance.record(conn, self.schema, marks)
         except Exception as exc:
@@ -174,20 +176,24 @@ class ProjectionWorker:
     def handle(self, messages: list[Message]) -> None:
         events: list[Incoming] = []
         parents: list[str | None] = []
+        links: list[Link | None] = []
         marks = provenance.Marks()
         for m in messages:
             where = (str(m.topic()), int(m.partition() or 0), int(m.offset() or 0))
             headers = record_headers(m)
-            marks.add(*where, {k: v or b"" for k, v in headers})
+            named = {k: v or b"" for k, v in headers}
+            marks.add(*where, named)
+            value = m.value() or b""
             try:
-                events.append(decode_event(self.catalogue, *where, m.value() or b""))
+                events.append(decode_event(self.catalogue, *where, value))
             except CodecError as exc:
                 self.undecodable += 1
                 log.warning("skipping %s[%s]@%s: %s", *where, exc)
                 continue
             parents.append(_header(headers, "traceparent"))
+            links.append(link_of(named, value))
         if events or marks:
-            self.projector.apply(events, parents, marks)
+            self.projector.apply(events, parents, marks, links)
 
     def run(self, consumer: ConsumerSource, stop: threading.Event) -> None:
         loop = BatchLoop(
