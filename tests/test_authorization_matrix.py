@@ -228,6 +228,7 @@ REQUESTS: dict[tuple[str, str, str], Request] = {
         query=lambda scope: {"from": "2026-01-01", "to": "2026-12-31"}
     ),
     ("projections", "GET", "/cases/{case_id}/timeline"): Request(),
+    ("projections", "GET", "/cases/{case_id}/chain"): Request(),
     ("projections", "GET", "/access-log"): Request(),
     ("referral", "GET", "/referrals/overdue"): Request(
         query=lambda scope: {"district": district(scope)}
