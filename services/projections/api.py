@@ -51,7 +51,7 @@ from likvard.keys import open_key_store
 from likvard.policy import Action, CaseScope, SystemScope, sees_personal_text
 from likvard.sealing import Sealer, ToOpen
 from likvard.telemetry import setup_tracing
-from services.projections import access_log, params, readmodels, reports, reproduce, stats
+from services.projections import access_log, audit, params, readmodels, reports, reproduce, stats
 from services.projections.audit import AuditCell, audit_report
 from services.projections.indicators_api import indicators_router
 from services.projections.overdue import OverdueCounts, overdue_counts
@@ -159,6 +159,9 @@ REPORT_EQUAL_ACCESS = SystemScope("report:equal-access")
 REPORT_WAITS = SystemScope("report:waits")
 REPORT_OVERDUE = SystemScope("report:overdue")
 FlagRuleQuery = Literal["holm", "band"]
+NeedLevelQuery = Literal["LOW", "MODERATE", "HIGH"]
+GenderQuery = Literal["WOMAN", "MAN", "OTHER", "NOT_STATED"]
+AgeBandQuery = Literal["0-17", "18-24", "25-34", "35-44", "45-54", "55-64", "65+", "UNKNOWN"]
 WAIT_COLUMNS = [f.name for f in dataclasses.fields(stats.WaitSummary) if f.name != "curve"]
 ACCESS_LOG = SystemScope("access-log")
 
@@ -393,7 +396,9 @@ def create_app(
         " comparison (their number in `Likvard-Comparisons` and each row's `comparisons`);"
         " `holm_flagged` (Holm p < 0.05), `band_flagged` (the interval excludes 1 and the"
         " ratio is outside 0.8-1.25), and `flagged` by the rule asked for (`flag_rule`, Holm"
-        " by default). Cells under 5 persons are suppressed. Analysts and auditors.",
+        " by default). `from`/`to` (the intake day of the person's case), `need_level`,"
+        " `gender` and `age_band` narrow who is compared (recorded in the provenance when"
+        " given). Cells under 5 persons are suppressed. Analysts and auditors.",
         openapi_extra=guard.policy(Action.REPORT_READ),
         dependencies=[Depends(_may(Action.REPORT_READ, REPORT_EQUAL_ACCESS))],
     )
@@ -409,22 +414,41 @@ def create_app(
                 " the ratio is outside 0.8-1.25"
             ),
         ] = "holm",
+        start: Annotated[
+            http.Day | None,
+            Query(alias="from", description="Only persons whose case's intake is from this day"),
+        ] = None,
+        end: Annotated[
+            http.Day | None, Query(alias="to", description="... and up to this day (included)")
+        ] = None,
+        need_level: Annotated[
+            NeedLevelQuery | None, Query(description="Only persons of this need level")
+        ] = None,
+        gender: Annotated[GenderQuery | None, Query(description="Only this gender")] = None,
+        age_band: Annotated[AgeBandQuery | None, Query(description="Only this age band")] = None,
         format: Annotated[Format, FORMAT] = "json",
         provenance: Annotated[bool, PROVENANCE] = False,
     ) -> Response:
         check_district(district, structure)
+        if start is not None and end is not None and end < start:
+            raise http.ProblemError(422, "bad-period", "Bad period", "`to` is before `from`.")
         with reproduce.snapshot_transaction(conn):
+            rows = reports.audit_rows(conn, schema, structure=structure, registry=registry)
+            chosen = {"need_level": need_level, "gender": gender, "age_band": age_band}
             made = audit_report(
-                reports.audit_rows(conn, schema, structure=structure, registry=registry),
-                flag_rule=flag_rule,
+                audit.select(rows, start=start, end=end, **chosen), flag_rule=flag_rule
             )
-            given = {
+            given: dict[str, Any] = {
                 "report": "equal-access",
                 "structure": structure,
                 "district": district,
                 "min_cell": reproduce.MIN_CELL,
                 "flag_rule": flag_rule,
             }
+            # only the filters asked for: a record made before they existed reads the same
+            dates = {"from": start, "to": end}
+            given |= {k: v.isoformat() for k, v in dates.items() if v is not None}
+            given |= {k: v for k, v in chosen.items() if v is not None}
             prov = reproduce.provenance_of(conn, schema, given)
         cells = made.cells
         if district is not None:

@@ -63,6 +63,7 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from datetime import date
 from typing import Literal
 
 import numpy as np
@@ -89,7 +90,8 @@ class PersonOutcome:
     """One person (counted once city-wide by the caller) and their outcomes.
 
     ``outcomes`` maps a metric name to True/False, or None when the person is not
-    eligible for that metric.
+    eligible for that metric. ``intake_day`` is the local date (city time zone) of the
+    intake of the case the row is of, for selecting a period (None: not known).
     """
 
     person: str
@@ -98,6 +100,33 @@ class PersonOutcome:
     outcomes: Mapping[str, bool | None] = field(default_factory=dict)
     age_band: str = "UNKNOWN"
     gender: str = "NOT_STATED"
+    intake_day: date | None = None
+
+
+def select(
+    rows: Sequence[PersonOutcome],
+    *,
+    start: date | None = None,
+    end: date | None = None,
+    need_level: str | None = None,
+    gender: str | None = None,
+    age_band: str | None = None,
+) -> list[PersonOutcome]:
+    """The persons the audit is asked about: intake within [start, end] (both included;
+    a row with no intake day is left out once a bound is given), and the need level,
+    gender and age band asked for (None: any). The audit of a selection compares its
+    districts within it, so a filter narrows who is compared, never how."""
+    if start is not None and end is not None and end < start:
+        raise ValueError("end is before start")
+    return [
+        r
+        for r in rows
+        if (start is None or (r.intake_day is not None and r.intake_day >= start))
+        and (end is None or (r.intake_day is not None and r.intake_day <= end))
+        and (need_level is None or r.need_level == need_level)
+        and (gender is None or r.gender == gender)
+        and (age_band is None or r.age_band == age_band)
+    ]
 
 
 FlagRule = Literal["holm", "band"]

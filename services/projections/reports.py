@@ -39,7 +39,7 @@ from psycopg import sql
 
 from likvard.db import check_schema_name
 from likvard.districts import DistrictRegistry
-from services.projections.audit import PersonOutcome
+from services.projections.audit import AuditCell, PersonOutcome
 from services.projections.stats import WaitRow
 
 __all__ = [
@@ -47,6 +47,7 @@ __all__ = [
     "TIME_ZONE",
     "WAITS",
     "ReportRow",
+    "audit_csv",
     "audit_rows",
     "followup_report",
     "to_csv",
@@ -238,6 +239,28 @@ def to_csv(rows: list[ReportRow]) -> str:
     return out.getvalue()
 
 
+def audit_csv(cells: list[AuditCell]) -> str:
+    """The audit's cells as CSV, as `GET /reports/equal-access?format=csv` writes them (a
+    header row of every field, empty cells for None, true/false, numbers as Python writes
+    them), so the console's download and the API's answer are the same file."""
+    out = io.StringIO()
+    names = [f.name for f in fields(AuditCell)]
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow(names)
+    for cell in cells:
+        row: list[Any] = []
+        for name in names:
+            value = getattr(cell, name)
+            if value is None:
+                row.append("")
+            elif isinstance(value, bool):
+                row.append("true" if value else "false")
+            else:
+                row.append(value)
+        writer.writerow(row)
+    return out.getvalue()
+
+
 def _fact_columns(conn: psycopg.Connection[Any], schema: str) -> set[str]:
     """The columns case_facts has now (read models migrate columns in over releases)."""
     rows = conn.execute(
@@ -258,8 +281,9 @@ def audit_rows(
     """One row per person for the equal-access audit: the person's most recent case (latest
     intake, then greatest case id), its district at intake in the chosen structure, its need
     level (persons whose most recent case has none are left out), age band and gender (the
-    standardisation strata; "UNKNOWN" and "NOT_STATED" when not recorded) and the five
-    outcomes."""
+    standardisation strata; "UNKNOWN" and "NOT_STATED" when not recorded), the five
+    outcomes and the case's intake date in the city's time zone (`audit.select` picks a
+    period by it)."""
     pairs = _district_map(registry or DistrictRegistry.load(), structure)
     facts, params = _mapped_facts(schema, pairs)
     gender = "gender" if "gender" in _fact_columns(conn, schema) else "NULL::text"
@@ -274,7 +298,8 @@ def audit_rows(
         " CASE WHEN children_in_household = 'YES' THEN family_members_engaged > 0 END,"
         # follow-ups still pending (not yet due) say nothing about completion yet
         " CASE WHEN followups_completed > 0 OR followups_missed > 0"
-        "      THEN followups_completed > 0 END"
+        "      THEN followups_completed > 0 END,"
+        " (intake_at AT TIME ZONE %(tz)s)::date"
         " FROM ({}) c ORDER BY person, intake_at DESC, case_id DESC"
     ).format(facts)
     out: list[PersonOutcome] = []
@@ -289,7 +314,8 @@ def audit_rows(
         guideline,
         family,
         followup,
-    ) in conn.execute(query, params | {"timely_days": TIMELY_DAYS}).fetchall():
+        intake_day,
+    ) in conn.execute(query, params | {"timely_days": TIMELY_DAYS, "tz": TIME_ZONE}).fetchall():
         if need is None:
             continue
         out.append(
@@ -306,6 +332,7 @@ def audit_rows(
                 },
                 age_band=age,
                 gender=sex,
+                intake_day=intake_day,
             )
         )
     return out
