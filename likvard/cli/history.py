@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-from datetime import date, datetime
+import os
+from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -26,7 +27,7 @@ from likvard.config import ConfigError, Settings
 from likvard.policy import Action
 
 if TYPE_CHECKING:
-    from likvard.eventstore import EventStore
+    from likvard.eventstore import ChainBreak, EventStore
     from services.projections.replay import ReplayResult
     from services.projections.reproduce import Parameters
 
@@ -437,17 +438,29 @@ def verify(
     schema: str = typer.Option(
         None, help="The event-store schema (default: the service's name; access-log: access_log)"
     ),
+    projections_database_url: str = typer.Option(
+        None,
+        envvar="LIKVARD_PROJECTIONS_DATABASE_URL",
+        help="Where the result is kept for the auditors' console: the read models' database"
+        " (default LIKVARD_DATABASE_URL)",
+    ),
+    projections_schema: str = typer.Option(
+        "projections", help="The read models' schema that keeps the result"
+    ),
 ) -> None:
     """Verify the hash chain of every stream; exit code 1 if any break is found. For
     `access-log`, also each row's queryable copy against its chained bytes and the stream
     heads (an edited or deleted entry). Verifying one case's stream is a read of that case:
-    it is logged under the operator's identity first."""
+    it is logged under the operator's identity first. A check of the whole store is kept in
+    the read models' `verifications` (the console's latest verification), if they are in
+    that database."""
     from likvard import access_log, access_log_audit
     from likvard.eventstore import verify_chain
 
     _check(service)
     settings = settings_or_exit()
     store = _store(settings, service, schema)
+    started = datetime.now(UTC)
     try:
         if service == access_log.SERVICE:
             breaks = access_log_audit.verify(store, stream)
@@ -460,6 +473,17 @@ def verify(
         else:
             breaks, streams = store.verify(), 0
         count = store.count() if stream is None else store.stream_version(stream)
+        if stream is None:
+            _keep_verification(
+                settings,
+                projections_database_url or settings.require_database(),
+                projections_schema,
+                service,
+                store,
+                started,
+                count,
+                breaks,
+            )
     finally:
         store.pool.close()
     if not breaks:
@@ -472,3 +496,60 @@ def verify(
             f" (position {b.global_position}): {b.reason}"
         )
     raise typer.Exit(1)
+
+
+def _keep_verification(
+    settings: Settings,
+    url: str,
+    schema: str,
+    service: str,
+    store: EventStore,
+    started: datetime,
+    count: int,
+    breaks: list[ChainBreak],
+) -> None:
+    """Record a whole store's check in the read models' verifications; a note (never a
+    failure, the check's exit code stands) if it cannot be kept."""
+    from psycopg import sql
+
+    from likvard.cli.operator import TOKEN_ENV, operator, os_login
+    from likvard.db import check_schema_name
+    from services.projections import history
+
+    if os.environ.get(TOKEN_ENV, "").strip():
+        try:
+            actor = operator(settings).actor
+        except typer.Exit:  # the token does not verify (said above): not kept under it
+            return
+    else:
+        actor = os_login()
+    try:
+        check_schema_name(schema)
+        with store.pool.connection() as conn:
+            row = conn.execute(
+                sql.SQL("SELECT count(*) FROM {}.streams").format(sql.Identifier(store.schema))
+            ).fetchone()
+        result = history.ChainResult(
+            count, int(row[0]) if row else 0, history.store_breaks(store.topic, breaks), len(breaks)
+        )
+        with psycopg.connect(url, autocommit=True, connect_timeout=10) as conn:
+            if conn.execute("SELECT to_regnamespace(%s)", (schema,)).fetchone() == (None,):
+                console.print(
+                    f"[dim]not kept: no read-model schema {schema} in that database[/dim]"
+                )
+                return
+            with conn.transaction():
+                if not history.migrate(conn, schema):
+                    console.print(f"[yellow]not kept[/yellow]: no table {schema}.verifications")
+                    return
+                history.record_verification(
+                    conn,
+                    schema,
+                    actor=actor,
+                    source=f"store:{service}",
+                    started_at=started,
+                    result=result,
+                )
+    except (ValueError, psycopg.Error) as exc:
+        why = exc.sqlstate if isinstance(exc, psycopg.Error) else str(exc)
+        console.print(f"[yellow]verification not kept[/yellow] in {schema}: {why}")
