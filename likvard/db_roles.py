@@ -56,6 +56,9 @@ class Part:
     database: str
     grants: tuple[Grant, ...]
     kinds: tuple[str, ...] = ()
+    # May create schemas in its database: the read side's replays (the auditor's History
+    # page, POST /history/replays) build fresh read models in a schema of their own.
+    creates_schemas: bool = False
 
     @property
     def tables(self) -> list[str]:
@@ -126,8 +129,12 @@ PARTS: dict[str, Part] = {
                     "applied_offsets",
                     "chain_heads",
                     "replay_settings",
+                    # the auditors' replay jobs and chain verifications (history.py)
+                    "replay_jobs",
+                    "verifications",
                 )
             ),
+            creates_schemas=True,
         ),
         Part(
             "access-log",
@@ -184,15 +191,26 @@ def database_sql(database: str, parts: Iterable[Part]) -> list[sql.Composed]:
         sql.SQL("GRANT CONNECT, TEMPORARY, CREATE ON DATABASE {} TO {}").format(db, _ident(OWNER)),
     ]
     out += [sql.SQL("GRANT CONNECT ON DATABASE {} TO {}").format(db, _ident(p.role)) for p in parts]
+    out += _schema_creators(database, parts)
     return out
 
 
+def _schema_creators(database: str, parts: Iterable[Part]) -> list[sql.Composed]:
+    return [
+        sql.SQL("GRANT CREATE ON DATABASE {} TO {}").format(_ident(database), _ident(p.role))
+        for p in parts
+        if p.creates_schemas
+    ]
+
+
 def shared_database_sql(database: str) -> list[sql.Composed]:
-    """One database for every part (`likvard up`, a laptop): the owner may create schemas."""
+    """One database for every part (`likvard up`, a laptop): the owner may create schemas,
+    and so may the parts that build schemas of their own (the read side's replays)."""
     return [
         sql.SQL("GRANT CONNECT, CREATE ON DATABASE {} TO {}").format(
             _ident(database), _ident(OWNER)
-        )
+        ),
+        *_schema_creators(database, PARTS.values()),
     ]
 
 

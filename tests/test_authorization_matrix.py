@@ -71,6 +71,8 @@ EXPECTED: dict[str, dict[Role, frozenset[str]]] = {
     "followups.due": {CW: ONLY_OWN},
     "report.read": {AN: BOTH, AU: BOTH},
     "access-log.read": {AU: BOTH},
+    "history.replay": {AU: BOTH},
+    "history.verify": {AU: BOTH},
     "records.manage": {RO: BOTH},
     "pseudonyms.compute": {Role.DISTRICT_SYSTEM: BOTH},
 }
@@ -229,6 +231,11 @@ REQUESTS: dict[tuple[str, str, str], Request] = {
     ),
     ("projections", "GET", "/cases/{case_id}/timeline"): Request(),
     ("projections", "GET", "/cases/{case_id}/chain"): Request(),
+    ("projections", "POST", "/history/replays"): Request(_const({"as_of": None})),
+    ("projections", "GET", "/history/replays"): Request(),
+    ("projections", "GET", "/history/replays/{job_id}"): Request(),
+    ("projections", "POST", "/history/verifications"): Request(),
+    ("projections", "GET", "/history/verifications/latest"): Request(),
     ("projections", "GET", "/access-log"): Request(),
     ("referral", "GET", "/referrals/overdue"): Request(
         query=lambda scope: {"district": district(scope)}
@@ -349,6 +356,7 @@ def world(database_url: str, catalogue: Catalogue) -> Iterator[World]:
             "intervention_id": {},
             "followup_id": {},
             "indicator_id": {OWN: "U35409", OTHER: "U35409"},
+            "job_id": {OWN: str(uuid.uuid4()), OTHER: str(uuid.uuid4())},
             "pseudonym": {},
         }
         intake, referral, followup = clients["intake"], clients["referral"], clients["followup"]

@@ -104,12 +104,19 @@ def _read_models(conn: psycopg.Connection[Any], schema: str) -> None:
         readmodels.migrate(conn, schema)
 
 
+def _history(conn: psycopg.Connection[Any], schema: str) -> None:
+    from services.projections import history
+
+    with conn.transaction():
+        history.migrate(conn, schema)
+
+
 # What each part creates at start besides its `likvard.db` migrations (the services' own
 # idempotent DDL), run here as the owner so that the services' roles never need to.
 EXTRA_STEPS: dict[str, list[Callable[[psycopg.Connection[Any], str], None]]] = {
     "referral": [_known_cases],
     "followup": [_known_cases, _followup_indexes],
-    "projections": [_read_models],
+    "projections": [_read_models, _history],
 }
 
 

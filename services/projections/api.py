@@ -53,6 +53,8 @@ from likvard.sealing import Sealer, ToOpen
 from likvard.telemetry import setup_tracing
 from services.projections import access_log, audit, params, readmodels, reports, reproduce, stats
 from services.projections.audit import AuditCell, audit_report
+from services.projections.console import install_console
+from services.projections.history_api import install_history
 from services.projections.indicators_api import indicators_router
 from services.projections.overdue import OverdueCounts, overdue_counts
 
@@ -332,6 +334,8 @@ def create_app(
     http.install(app, "projections", max_request_bytes=settings.max_request_bytes)
     guard.install(app, settings, "projections", access_log_schema=access_log_schema)
     app.include_router(indicators_router(schema, registry))
+    install_history(app, settings, schema)  # replays and verifications (auditors)
+    install_console(app, settings, schema, registry)  # the web console under /console
 
     def check_district(code: str | None, structure: Structure) -> None:
         params.check_district(registry, code, structure)

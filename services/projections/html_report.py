@@ -71,7 +71,7 @@ _STRUCTURE_TEXT: Mapping[str, str] = {
 }
 
 # Audit metrics: a heading and what the rate counts.
-_METRIC_TEXT: Mapping[str, tuple[str, str]] = {
+METRIC_TEXT: Mapping[str, tuple[str, str]] = {
     "specialist_access": (
         "Specialist access",
         "Share of persons who were given a specialist intervention.",
@@ -217,7 +217,7 @@ def _ci(low: float | None, high: float | None) -> str:
     return DASH if low is None or high is None else f"{low:.2f}–{high:.2f}"
 
 
-def _judged(cell: AuditCell, rule: FlagRule) -> float | None:
+def judged(cell: AuditCell, rule: FlagRule) -> float | None:
     """The ratio the flag rule judges: the standardised ratio (Holm's test is on O - E),
     the model-based adjusted ratio (the band rule); the other when that one is missing."""
     first, second = (
@@ -228,7 +228,7 @@ def _judged(cell: AuditCell, rule: FlagRule) -> float | None:
 
 def _direction(cell: AuditCell, rule: FlagRule) -> str:
     """Which way a flagged district deviates, for readers who cannot see the colour."""
-    value = _judged(cell, rule)
+    value = judged(cell, rule)
     if value is None:
         return ""
     return "lower" if value < 1 else "higher"
@@ -435,7 +435,7 @@ def _audit_table(
     return "".join(out)
 
 
-def _metric_order(cells: Sequence[AuditCell]) -> list[str]:
+def metric_order(cells: Sequence[AuditCell]) -> list[str]:
     found = {c.metric for c in cells}
     return [m for m in METRICS if m in found] + sorted(found - set(METRICS))
 
@@ -463,7 +463,7 @@ def _audit_section(made: AuditReport, names: Mapping[str, str]) -> str:
     if flagged:
         items = "".join(
             f"<li>{_e(names.get(c.district, c.district))}, "
-            f"{_e(_METRIC_TEXT.get(c.metric, (c.metric, ''))[0])}: {_e(_direction(c, rule))}"
+            f"{_e(METRIC_TEXT.get(c.metric, (c.metric, ''))[0])}: {_e(_direction(c, rule))}"
             f" (SR {_e(_ratio(c.sr))}, 95% interval {_e(_ci(c.sr_low, c.sr_high))};"
             f" Holm p {_e(_p(c.p_holm))}; adjusted ratio {_e(_ratio(c.adjusted_ratio))})</li>"
             for c in flagged
@@ -477,8 +477,8 @@ def _audit_section(made: AuditReport, names: Mapping[str, str]) -> str:
         out.append(
             f'<p class="summary">No district is flagged ({made.comparisons} comparisons).</p>'
         )
-    for metric in _metric_order(cells):
-        label, what = _METRIC_TEXT.get(metric, (metric.replace("_", " ").capitalize(), ""))
+    for metric in metric_order(cells):
+        label, what = METRIC_TEXT.get(metric, (metric.replace("_", " ").capitalize(), ""))
         rows = sorted(
             (c for c in cells if c.metric == metric),
             key=lambda c: (names.get(c.district, c.district), c.district),
@@ -505,7 +505,7 @@ def _audit_section(made: AuditReport, names: Mapping[str, str]) -> str:
 
 # --- waiting times --------------------------------------------------------------------
 
-_WAIT_TEXT: Mapping[str, tuple[str, str]] = {
+WAIT_TEXT: Mapping[str, tuple[str, str]] = {
     "intake_to_first_visit": (
         "Intake to first personal visit",
         "From the intake to the first personal visit (the Kolada indicator U35537).",
@@ -609,7 +609,7 @@ def _waits_section(waits: WaitReport | None, names: Mapping[str, str]) -> str:
     if flagged:
         items = "".join(
             f"<li>{_e(names.get(s.district, s.district))},"
-            f" {_e(_WAIT_TEXT.get(s.wait, (s.wait, ''))[0])}: {_e(_wait_direction(s))}"
+            f" {_e(WAIT_TEXT.get(s.wait, (s.wait, ''))[0])}: {_e(_wait_direction(s))}"
             f" (hazard ratio {_e(_ratio(s.hazard_ratio))}, Holm p {_e(_p(s.p_holm))})</li>"
             for s in flagged
         )
@@ -617,9 +617,9 @@ def _waits_section(waits: WaitReport | None, names: Mapping[str, str]) -> str:
     by_wait: dict[str, list[WaitSummary]] = {}
     for s in waits.summaries:
         by_wait.setdefault(s.wait, []).append(s)
-    order = [w for w in _WAIT_TEXT if w in by_wait] + sorted(set(by_wait) - set(_WAIT_TEXT))
+    order = [w for w in WAIT_TEXT if w in by_wait] + sorted(set(by_wait) - set(WAIT_TEXT))
     for wait in order:
-        label, what = _WAIT_TEXT.get(wait, (wait.replace("_", " ").capitalize(), ""))
+        label, what = WAIT_TEXT.get(wait, (wait.replace("_", " ").capitalize(), ""))
         rows = sorted(
             by_wait[wait],
             key=lambda s: (s.district != stats.CITY, names.get(s.district, s.district)),
@@ -961,7 +961,7 @@ def build_report(
         period_from=params.start,
         period_to=params.end,
         structure=params.structure,
-        district_names=_display_names(registry),
+        district_names=display_names(registry),
         record=made.record,
         waits=made.waits,
         overdue=made.overdue,
@@ -969,7 +969,7 @@ def build_report(
     return document, made
 
 
-def _display_names(registry: DistrictRegistry) -> dict[str, str]:
+def display_names(registry: DistrictRegistry) -> dict[str, str]:
     """District names by code; an ended district whose name a later one reuses (e.g.
     "Centrum" 2011-2020) gets its years, so an as-recorded report never shows two equal
     labels, while the current districts keep their plain names."""

@@ -35,8 +35,8 @@ YEARS = 5  # full years before the current one on the indicators page
 CHART_LOCALES: dict[str, charts.ChartLocale] = {"sv": "sv-SE", "en": "en-GB"}
 _STYLE_ATTRIBUTE = re.compile(r"<[^>]*\sstyle\s*=", re.IGNORECASE)
 # English message ids of the audit's and the waits' headings (html_report's texts)
-METRIC_TEXT = html_report._METRIC_TEXT
-WAIT_TEXT = html_report._WAIT_TEXT
+METRIC_TEXT = html_report.METRIC_TEXT
+WAIT_TEXT = html_report.WAIT_TEXT
 
 
 def embed(svg: str, alt: str) -> str:
@@ -229,7 +229,7 @@ class Words:
 
 def direction(cell: audit.AuditCell, rule: audit.FlagRule) -> str:
     """Which way a cell deviates ("lower"/"higher") by the ratio its flag rule judges."""
-    value = html_report._judged(cell, rule)
+    value = html_report.judged(cell, rule)
     return "" if value is None else ("lower" if value < 1 else "higher")
 
 
@@ -238,7 +238,7 @@ def metric_sections(
 ) -> list[MetricSection]:
     _ = w._
     out: list[MetricSection] = []
-    for metric in html_report._metric_order(made.cells):
+    for metric in html_report.metric_order(made.cells):
         title, what = METRIC_TEXT.get(metric, (metric.replace("_", " ").capitalize(), ""))
         title, what = _(title), _(what) if what else ""
         cells = sorted(

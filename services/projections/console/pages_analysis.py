@@ -72,7 +72,7 @@ def add_routes(
     settings: Settings,
 ) -> None:
     """GET /equal-access (and its CSV and HTML report downloads), /indicators, /waits."""
-    names = html_report._display_names(registry)
+    names = html_report.display_names(registry)
 
     def pool(request: Request) -> ConnectionPool:
         found: ConnectionPool = request.app.state.pool

@@ -16,15 +16,19 @@ from fastapi.responses import Response
 
 from likvard.config import Settings
 from likvard.policy import Action, SystemScope
-from services.projections.console.web import PREFIX, Console
+from services.projections import history
+from services.projections.console.web import N_, PREFIX, Console
 
-REPLAY_SCOPE = SystemScope("history:replay")
-VERIFY_SCOPE = SystemScope("history:verify")
+REPLAY_SCOPE = SystemScope("replay")  # as the history API names them
+VERIFY_SCOPE = SystemScope("verification")
+# A job's status as the templates show it (`_(job.status)`), marked for the catalogue.
+STATUS_WORDS = (N_("queued"), N_("running"), N_("done"), N_("failed"), N_("ok"))
 
 
-def _jobs(request: Request) -> Any:
-    jobs = getattr(request.app.state, "history", None)
-    return jobs
+def _jobs(request: Request) -> history.ReplayJobs | None:
+    """The app's history jobs when they can run here (their tables exist), else None."""
+    jobs: history.ReplayJobs | None = getattr(request.app.state, "history", None)
+    return jobs if jobs is not None and jobs.available else None
 
 
 def add_routes(router: APIRouter, console: Console, schema: str, settings: Settings) -> None:
@@ -32,7 +36,7 @@ def add_routes(router: APIRouter, console: Console, schema: str, settings: Setti
         viewer = console.viewer(request)
         console.check(request, viewer, Action.REPLAY, REPLAY_SCOPE)
         jobs = _jobs(request)
-        replays = jobs.list_jobs(limit=10) if jobs is not None else []
+        replays = jobs.jobs(limit=10) if jobs is not None else []
         latest = jobs.latest_verification() if jobs is not None else None
         may_verify = viewer.may(Action.VERIFY, VERIFY_SCOPE)
         return console.render(
@@ -48,7 +52,7 @@ def add_routes(router: APIRouter, console: Console, schema: str, settings: Setti
         )
 
     @router.get("/history")
-    def history(request: Request) -> Response:
+    def history_page(request: Request) -> Response:
         return page(request)
 
     @router.post("/history/replays")
@@ -73,7 +77,9 @@ def add_routes(router: APIRouter, console: Console, schema: str, settings: Setti
             return page(request, error=_("Replays are not available here."), status=503)
         try:
             job_id = jobs.start(as_of, viewer.principal.subject)
-        except jobs.Busy:
+        except history.HistoryUnavailable:
+            return page(request, error=_("Replays are not available here."), status=503)
+        except history.Busy:
             return page(request, error=_("A replay is already running; wait for it."), status=409)
         return console.redirect(f"{PREFIX}/history/replays/{job_id}")
 
@@ -89,7 +95,7 @@ def add_routes(router: APIRouter, console: Console, schema: str, settings: Setti
         except ValueError:
             wanted = None
         if jobs is not None and wanted is not None:
-            job = jobs.get(wanted)
+            job = jobs.job(wanted)
         if job is None:
             return console.render(
                 request,
@@ -99,7 +105,8 @@ def add_routes(router: APIRouter, console: Console, schema: str, settings: Setti
                 title=_("Replay not found"),
                 detail=_("No replay has this id."),
             )
-        return console.render(request, viewer, "history_job.html", job=job)
+        running = job["status"] in ("queued", "running")
+        return console.render(request, viewer, "history_job.html", job=job, running=running)
 
     @router.post("/history/verifications")
     async def start_verification(request: Request) -> Response:
@@ -116,6 +123,8 @@ def add_routes(router: APIRouter, console: Console, schema: str, settings: Setti
             return page(request, error=_("Verification is not available here."), status=503)
         try:
             jobs.verify(viewer.principal.subject)
-        except jobs.Busy:
+        except history.HistoryUnavailable:
+            return page(request, error=_("Verification is not available here."), status=503)
+        except history.Busy:
             return page(request, error=_("A verification is already running."), status=409)
         return console.redirect(f"{PREFIX}/history")

@@ -18,7 +18,13 @@ from fastapi.responses import FileResponse, Response
 from likvard.config import Settings
 from likvard.districts import DistrictRegistry
 from likvard.http import ProblemError
-from services.projections.console import i18n, pages_cases, pages_history, pages_inbox
+from services.projections.console import (
+    i18n,
+    pages_analysis,
+    pages_cases,
+    pages_history,
+    pages_inbox,
+)
 from services.projections.console.session import (
     LANGUAGE_COOKIE,
     SESSION_COOKIE,
@@ -220,12 +226,7 @@ def install_console(
         response.headers["Cache-Control"] = "public, max-age=3600"
         return console.headers(response)
 
-    try:  # the analysis pages are being written beside this module
-        from services.projections.console import pages_analysis
-    except ImportError:
-        log.warning("the console's analysis pages are not installed")
-    else:
-        pages_analysis.add_routes(router, console, schema, registry, settings)
+    pages_analysis.add_routes(router, console, schema, registry, settings)
     pages_cases.add_routes(router, console, schema)
     pages_inbox.add_routes(router, console, settings)
     pages_history.add_routes(router, console, schema, settings)

@@ -86,3 +86,24 @@ def test_times_are_shown_in_the_city_time_zone() -> None:
     # 23:30 UTC on 31 December is already New Year's Day in Stockholm
     assert "2027" in i18n.when("2026-12-31T23:30:00+00:00", "sv")
     assert "00:30" in i18n.when("2026-12-31T23:30:00+00:00", "sv")
+
+
+def test_every_text_of_the_console_has_its_swedish() -> None:
+    """Every message the code and the templates ask for is in the Swedish catalogue."""
+    from pathlib import Path
+
+    from babel.messages.extract import extract_from_dir
+    from babel.messages.pofile import read_po
+
+    root = Path(i18n.__file__).parent
+    methods = [("**.py", "python"), ("**/templates/**.html", "jinja2")]
+    options = {"**/templates/**.html": {"extensions": "jinja2.ext.i18n"}}
+    asked = {
+        m[2] if isinstance(m[2], str) else m[2][0]
+        for m in extract_from_dir(str(root), methods, options_map=options)
+    }
+    assert len(asked) > 200  # the extraction saw the pages
+    with (root / "locale/sv/LC_MESSAGES/messages.po").open("rb") as f:
+        swedish = {m.id: m.string for m in read_po(f) if m.id}
+    missing = sorted(a for a in asked if not swedish.get(a))
+    assert not missing, missing
