@@ -5,15 +5,19 @@ from __future__ import annotations
 
 import base64
 import binascii
+import inspect
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.concurrency import run_in_threadpool
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, Response
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from likvard.config import Settings
 from likvard.districts import DistrictRegistry
@@ -235,6 +239,33 @@ def install_console(
         return console.render(request, None, "problem.html", status, title=title, detail=detail)
 
     app.include_router(router)
+
+    def in_html(
+        kind: type[Exception], status_of: Callable[[Any], int], detail_of: Callable[[Any], str]
+    ) -> None:
+        """Errors of a console page as a page (the API's problem+json elsewhere)."""
+        api_handler = app.exception_handlers[kind]
+
+        async def handler(request: Request, exc: Exception) -> Response:
+            if not request.url.path.startswith(PREFIX + "/") and request.url.path != PREFIX:
+                answer = api_handler(request, exc)
+                return await answer if inspect.isawaitable(answer) else answer
+            _ = console.gettext(i18n.language_of(request.cookies.get(LANGUAGE_COOKIE)))
+            status = status_of(exc)
+            titles = {
+                404: _("Page not found"),
+                403: _("Not allowed"),
+                422: _("The page's address is not valid"),
+                503: _("Not available now"),
+            }
+            title = titles.get(status, _("Something went wrong"))
+            return _problem(request, status, title, detail_of(exc))
+
+        app.add_exception_handler(kind, handler)
+
+    in_html(ProblemError, lambda e: e.status, lambda e: e.detail)
+    in_html(RequestValidationError, lambda e: 422, lambda e: "")
+    in_html(StarletteHTTPException, lambda e: e.status_code, lambda e: "")
 
     @app.exception_handler(SignInNeeded)
     async def sign_in_first(request: Request, exc: SignInNeeded) -> Response:

@@ -194,6 +194,7 @@ def test_forms_need_the_sessions_token(console: tuple[str, str]) -> None:
         assert token is not None
         forged = client.post(f"{base}/console/logout", data={"csrf": "not-it"})
         assert forged.status_code == 403
+        assert forged.headers["content-type"].startswith("text/html")  # a page, not JSON
         assert client.get(f"{base}/console/").status_code == 200  # still signed in
         foreign = client.post(
             f"{base}/console/logout",
@@ -248,3 +249,17 @@ def test_without_a_secret_the_console_says_so(
         answer = httpx.get(f"{base}/console/", timeout=30)
         assert answer.status_code == 503
         assert "LIKVARD_CONSOLE_SECRET" in answer.text
+
+
+def test_console_errors_are_pages_and_api_errors_stay_problems(console: tuple[str, str]) -> None:
+    base, _ = console
+    client, _home = sign_in(base, "auditor")
+    with closing(client):
+        missing = client.get(f"{base}/console/no-such-page")
+        assert missing.status_code == 404
+        assert missing.headers["content-type"].startswith("text/html")
+        assert "Sidan finns inte" in missing.text
+        assert "content-security-policy" in missing.headers
+        api = client.get(f"{base}/no-such-route")
+        assert api.status_code == 404
+        assert api.headers["content-type"] == "application/problem+json"
