@@ -46,12 +46,21 @@ from likvard.codec import Catalogue
 from likvard.config import Settings, load_settings
 from likvard.db import check_schema_name, make_pool
 from likvard.districts import DistrictRegistry
-from likvard.identity import Principal, looks_like_identity_number
+from likvard.identity import Principal
 from likvard.keys import open_key_store
-from likvard.policy import Action, CaseScope, SystemScope, sees_personal_text
-from likvard.sealing import Sealer, ToOpen
+from likvard.policy import Action, Decision, SystemScope
+from likvard.sealing import Sealer
 from likvard.telemetry import setup_tracing
-from services.projections import access_log, audit, params, readmodels, reports, reproduce, stats
+from services.projections import (
+    access_log,
+    audit,
+    case_view,
+    params,
+    readmodels,
+    reports,
+    reproduce,
+    stats,
+)
 from services.projections.audit import AuditCell, audit_report
 from services.projections.console import install_console
 from services.projections.history_api import install_history
@@ -257,15 +266,6 @@ def _with_provenance(
     if comparisons is not None:
         response.headers[COMPARISONS_HEADER] = str(comparisons)
     return response
-
-
-def _not_a_case_id(case_id: str) -> bool:
-    """An id no case can have: not a UUID and shaped like a personal identity number."""
-    try:
-        uuid.UUID(case_id)
-    except ValueError:
-        return looks_like_identity_number(case_id)
-    return False
 
 
 def _case_not_found() -> http.ProblemError:
@@ -566,6 +566,24 @@ def create_app(
         rows = [c for c in counts if district is None or c.district == district]
         return _with_provenance(_rows(rows), _field_names(OverdueCounts), format, prov, provenance)
 
+    def _authorized_case(
+        request: Request,
+        caller: Principal,
+        conn: psycopg.Connection[Any],
+        case_id: str,
+        emergency: str | None,
+    ) -> Decision:
+        """CASE_HISTORY on the case as the read models know it (logged), else 403/404."""
+        if case_view.not_a_case_id(case_id):
+            raise _case_not_found()  # nothing read, and no identity number in the log
+        return guard.authorize(
+            request,
+            caller,
+            Action.CASE_HISTORY,
+            case_view.scope(conn, schema, case_id),
+            emergency=emergency,
+        )
+
     @app.get(
         "/cases/{case_id}/timeline",
         tags=["cases"],
@@ -585,26 +603,11 @@ def create_app(
         emergency: guard.EmergencyReason = None,
         format: Annotated[Format, FORMAT] = "json",
     ) -> Response:
-        if _not_a_case_id(case_id):
-            raise _case_not_found()  # nothing read, and no identity number in the log
-        district, transfers = readmodels.case_scope(conn, schema, case_id)
-        decision = guard.authorize(
-            request,
-            caller,
-            Action.CASE_HISTORY,
-            CaseScope(case_id, district, transfers),
-            emergency=emergency,
-        )
-        rows = readmodels.timeline(conn, schema, case_id)
+        decision = _authorized_case(request, caller, conn, case_id, emergency)
+        sealer: Sealer = request.app.state.sealer
+        rows = case_view.opened_timeline(conn, schema, case_id, sealer, caller, decision)
         if not rows:
             raise _case_not_found()
-        sealer: Sealer = request.app.state.sealer
-        opened = sealer.open(
-            [ToOpen(r["event_type"], str(r["event_id"]), r["payload"]) for r in rows],
-            show=sees_personal_text(caller, Action.CASE_HISTORY, decision),
-        )
-        for row, payload in zip(rows, opened, strict=True):
-            row["payload"] = payload
         columns = list(rows[0])
         if format == "csv":
             for row in rows:
@@ -632,16 +635,7 @@ def create_app(
         conn: Conn,
         emergency: guard.EmergencyReason = None,
     ) -> list[readmodels.StreamChain]:
-        if _not_a_case_id(case_id):
-            raise _case_not_found()  # nothing read, and no identity number in the log
-        district, transfers = readmodels.case_scope(conn, schema, case_id)
-        guard.authorize(
-            request,
-            caller,
-            Action.CASE_HISTORY,
-            CaseScope(case_id, district, transfers),
-            emergency=emergency,
-        )
+        _authorized_case(request, caller, conn, case_id, emergency)
         streams = readmodels.chain_status(conn, schema, case_id)
         if not streams:
             raise _case_not_found()

@@ -15,17 +15,15 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from psycopg_pool import ConnectionPool
 
-from likvard.identity import Role, looks_like_identity_number
+from likvard.identity import Role
 from likvard.policy import (
     EMERGENCY_REASONS,
     Action,
-    CaseScope,
     SystemScope,
     allowed,
-    sees_personal_text,
 )
-from likvard.sealing import ERASED, PERSONAL, UNREADABLE, WITHHELD, Sealer, ToOpen
-from services.projections import access_log, readmodels
+from likvard.sealing import ERASED, PERSONAL, UNREADABLE, WITHHELD, Sealer
+from services.projections import access_log, case_view, readmodels
 from services.projections.console.web import N_, PREFIX, Console, Refused
 
 ID_PATTERN = r"^[A-Za-z0-9._:@-]+$"
@@ -83,20 +81,17 @@ def add_routes(router: APIRouter, console: Console, schema: str) -> None:
             title=_("Case not found"),
             detail=_("No event of this case has been seen."),
         )
-        try:
-            uuid.UUID(case_id)
-        except ValueError:
-            if looks_like_identity_number(case_id) or len(case_id) > 128:
-                return not_found  # nothing read, and no identity number in the log
+        if case_view.not_a_case_id(case_id) or len(case_id) > 128:
+            return not_found  # nothing read, and no identity number in the log
+        sealer: Sealer = request.app.state.sealer
         pool: ConnectionPool = request.app.state.pool
         with pool.connection() as conn:
-            district, transfers = readmodels.case_scope(conn, schema, case_id)
-            scope = CaseScope(case_id, district, transfers)
-            reason = emergency or None
-            if reason is not None and reason not in EMERGENCY_REASONS:
-                reason = None
+            scope = case_view.scope(conn, schema, case_id)
+            reason = emergency if emergency in EMERGENCY_REASONS else None
             try:
-                console.check(request, viewer, Action.CASE_HISTORY, scope, emergency=reason)
+                decision = console.check(
+                    request, viewer, Action.CASE_HISTORY, scope, emergency=reason
+                )
             except Refused as refused:
                 # A case worker outside the case's district may read it in an emergency,
                 # with a reason, always flagged: ask for the reason.
@@ -119,29 +114,19 @@ def add_routes(router: APIRouter, console: Console, schema: str) -> None:
                     case_id=case_id,
                     reasons={c: REASON_TEXT.get(c, t) for c, t in EMERGENCY_REASONS.items()},
                 )
-            decision = allowed(
-                viewer.principal,
-                Action.CASE_HISTORY,
-                scope,
-                now=datetime.now(UTC),
-                emergency=reason,
+            rows = case_view.opened_timeline(
+                conn, schema, case_id, sealer, viewer.principal, decision
             )
-            rows = readmodels.timeline(conn, schema, case_id)
             if not rows:
                 return not_found
             chains = readmodels.chain_status(conn, schema, case_id)
-        sealer: Sealer = request.app.state.sealer
-        opened = sealer.open(
-            [ToOpen(r["event_type"], str(r["event_id"]), r["payload"]) for r in rows],
-            show=sees_personal_text(viewer.principal, Action.CASE_HISTORY, decision),
-        )
         events = [
             {
                 "row": row,
-                "personal": payload.get(PERSONAL),
-                "fields": _fields(payload, sealer.fields(row["event_type"])),
+                "personal": row["payload"].get(PERSONAL),
+                "fields": _fields(row["payload"], sealer.fields(row["event_type"])),
             }
-            for row, payload in zip(rows, opened, strict=True)
+            for row in rows
         ]
         return console.render(
             request,

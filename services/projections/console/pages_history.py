@@ -7,22 +7,27 @@ refreshes itself (a meta refresh: no script)."""
 from __future__ import annotations
 
 import uuid
+from collections.abc import Callable
 from datetime import date
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from likvard.config import Settings
 from likvard.policy import Action, SystemScope
 from services.projections import history
-from services.projections.console.web import N_, PREFIX, Console
+from services.projections.console.web import N_, PREFIX, Console, Viewer
 
 REPLAY_SCOPE = SystemScope("replay")  # as the history API names them
 VERIFY_SCOPE = SystemScope("verification")
 # A job's status as the templates show it (`_(job.status)`), marked for the catalogue.
 STATUS_WORDS = (N_("queued"), N_("running"), N_("done"), N_("failed"), N_("ok"))
+REPLAY_TEXTS = (
+    N_("Replays are not available here."),
+    N_("A replay is already running; wait for it."),
+)
+VERIFY_TEXTS = (N_("Verification is not available here."), N_("A verification is already running."))
 
 
 def _jobs(request: Request) -> history.ReplayJobs | None:
@@ -55,33 +60,50 @@ def add_routes(router: APIRouter, console: Console, schema: str, settings: Setti
     def history_page(request: Request) -> Response:
         return page(request)
 
+    def run(
+        request: Request,
+        viewer: Viewer,
+        action: Action,
+        start: Callable[[history.ReplayJobs], uuid.UUID],
+        texts: tuple[str, str],
+        then: Callable[[uuid.UUID], str],
+    ) -> Response:
+        """Start a job the policy allows; its page, or the History page saying why not
+        (`texts`: not available here, already running)."""
+        console.check(
+            request, viewer, action, REPLAY_SCOPE if action is Action.REPLAY else VERIFY_SCOPE
+        )
+        _ = console.gettext(viewer.language)
+        jobs = _jobs(request)
+        try:
+            if jobs is None:
+                raise history.HistoryUnavailable("no history tables")
+            job_id = start(jobs)
+        except history.HistoryUnavailable:
+            return page(request, error=_(texts[0]), status=503)
+        except history.Busy:
+            return page(request, error=_(texts[1]), status=409)
+        return console.redirect(then(job_id))
+
     @router.post("/history/replays")
     async def start_replay(request: Request) -> Response:
-        form = dict((await request.form()).items())
-        return await run_in_threadpool(_start_replay, request, form)
-
-    def _start_replay(request: Request, form: dict[str, Any]) -> Response:
-        viewer = console.viewer(request)
-        console.check_form(request, viewer, form)
-        console.check(request, viewer, Action.REPLAY, REPLAY_SCOPE)
-        _ = console.gettext(viewer.language)
-        text = str(form.get("as_of", "")).strip()
-        as_of: date | None = None
-        if text:
+        def act(viewer: Viewer, form: dict[str, Any]) -> Response:
+            _ = console.gettext(viewer.language)
+            text = str(form.get("as_of", "")).strip()
             try:
-                as_of = date.fromisoformat(text)
+                as_of = date.fromisoformat(text) if text else None
             except ValueError:
                 return page(request, error=_("The date is not a date (YYYY-MM-DD)."), status=400)
-        jobs = _jobs(request)
-        if jobs is None:
-            return page(request, error=_("Replays are not available here."), status=503)
-        try:
-            job_id = jobs.start(as_of, viewer.principal.subject)
-        except history.HistoryUnavailable:
-            return page(request, error=_("Replays are not available here."), status=503)
-        except history.Busy:
-            return page(request, error=_("A replay is already running; wait for it."), status=409)
-        return console.redirect(f"{PREFIX}/history/replays/{job_id}")
+            return run(
+                request,
+                viewer,
+                Action.REPLAY,
+                lambda jobs: jobs.start(as_of, viewer.principal.subject),
+                REPLAY_TEXTS,
+                lambda job_id: f"{PREFIX}/history/replays/{job_id}",
+            )
+
+        return await console.posted(request, act)
 
     @router.get("/history/replays/{job_id}")
     def replay_job(request: Request, job_id: str) -> Response:
@@ -110,21 +132,14 @@ def add_routes(router: APIRouter, console: Console, schema: str, settings: Setti
 
     @router.post("/history/verifications")
     async def start_verification(request: Request) -> Response:
-        form = dict((await request.form()).items())
-        return await run_in_threadpool(_start_verification, request, form)
+        def act(viewer: Viewer, form: dict[str, Any]) -> Response:
+            return run(
+                request,
+                viewer,
+                Action.VERIFY,
+                lambda jobs: jobs.verify(viewer.principal.subject),
+                VERIFY_TEXTS,
+                lambda _id: f"{PREFIX}/history",
+            )
 
-    def _start_verification(request: Request, form: dict[str, Any]) -> Response:
-        viewer = console.viewer(request)
-        console.check_form(request, viewer, form)
-        console.check(request, viewer, Action.VERIFY, VERIFY_SCOPE)
-        _ = console.gettext(viewer.language)
-        jobs = _jobs(request)
-        if jobs is None:
-            return page(request, error=_("Verification is not available here."), status=503)
-        try:
-            jobs.verify(viewer.principal.subject)
-        except history.HistoryUnavailable:
-            return page(request, error=_("Verification is not available here."), status=503)
-        except history.Busy:
-            return page(request, error=_("A verification is already running."), status=409)
-        return console.redirect(f"{PREFIX}/history")
+        return await console.posted(request, act)

@@ -16,7 +16,6 @@ from urllib.parse import quote
 
 import httpx
 from fastapi import APIRouter, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import Response
 
 from likvard.config import Settings, service_port
@@ -139,19 +138,19 @@ def add_routes(router: APIRouter, console: Console, settings: Settings) -> None:
     async def answer(
         request: Request, path: str, body: dict[str, Any], done: str, *, needs: tuple[str, ...] = ()
     ) -> Response:
-        form = dict((await request.form()).items())
-        return await run_in_threadpool(_answer, request, form, path, body, done, needs)
+        return await console.posted(
+            request, lambda viewer, form: _answer(request, viewer, form, path, body, done, needs)
+        )
 
     def _answer(
         request: Request,
+        viewer: Viewer,
         form: dict[str, Any],
         path: str,
         body: dict[str, Any],
         done: str,
         needs: tuple[str, ...],
     ) -> Response:
-        viewer = console.viewer(request)
-        console.check_form(request, viewer, form)
         _ = console.gettext(viewer.language)
         for name in needs:
             value = str(form.get(name, ""))

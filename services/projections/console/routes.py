@@ -14,7 +14,6 @@ from typing import Annotated, Any
 from urllib.parse import urlsplit
 
 from fastapi import APIRouter, FastAPI, Query, Request
-from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -185,12 +184,9 @@ def install_console(
 
     @router.post("/logout")
     async def logout(request: Request) -> Response:
-        form = dict((await request.form()).items())
-        return await run_in_threadpool(_logout, request, form)
+        return await console.posted(request, lambda _viewer, _form: _logout(request))
 
-    def _logout(request: Request, form: dict[str, Any]) -> Response:
-        viewer = console.viewer(request)
-        console.check_form(request, viewer, form)
+    def _logout(request: Request) -> Response:
         after = f"{_public_url(request)}/signed-out"
         target = after
         if provider is not None:

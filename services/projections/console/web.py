@@ -21,13 +21,14 @@ from urllib.parse import quote, urlsplit
 
 import jinja2
 from fastapi import Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
 from likvard import guard
 from likvard.guard import AuthenticationError
 from likvard.http import ProblemError
 from likvard.identity import Principal, Role
-from likvard.policy import Action, Resource, SystemScope, allowed
+from likvard.policy import Action, Decision, Resource, SystemScope, allowed
 from services.projections.console import i18n
 from services.projections.console.session import (
     LANGUAGE_COOKIE,
@@ -226,10 +227,10 @@ class Console:
         action: Action,
         resource: Resource,
         emergency: str | None = None,
-    ) -> None:
+    ) -> Decision:
         """Ask the policy as the APIs do (logged as they log); Refused on a refusal."""
         try:
-            guard.authorize(request, viewer.principal, action, resource, emergency=emergency)
+            return guard.authorize(request, viewer.principal, action, resource, emergency=emergency)
         except ProblemError as exc:
             if exc.status != 403:
                 raise
@@ -251,6 +252,21 @@ class Console:
                 "Form refused",
                 "The form's anti-forgery token is not this session's: reload the page.",
             )
+
+    async def posted(
+        self, request: Request, act: Callable[[Viewer, dict[str, Any]], Response]
+    ) -> Response:
+        """A form's answer: the form read, then (in a worker thread: the policy, the
+        provider's keys and the database block) the viewer and the form's anti-forgery
+        checks, then `act(viewer, form)`."""
+        form = dict((await request.form()).items())
+
+        def run() -> Response:
+            viewer = self.viewer(request)
+            self.check_form(request, viewer, form)
+            return act(viewer, form)
+
+        return await run_in_threadpool(run)
 
     # -- answers ----------------------------------------------------------------------
 
