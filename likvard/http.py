@@ -283,6 +283,20 @@ class EventRef(BaseModel):
     stream_version: int
 
 
+POSITION_HEADER = "Likvard-Position"
+"""Every write answers with the position of what it stored: a token that the reporting API
+and the console accept (`?after=TOKEN` or the `Likvard-After` header) to read their own
+writes; they wait until the projections hold it."""
+AFTER_HEADER = "Likvard-After"
+
+
+def set_position(response: Response, stored: Sequence[StoredEvent]) -> None:
+    """The write's position token: the id of its last event (a command's events are of one
+    stream, so they reach the read models in order: the last one there means all are)."""
+    if stored:
+        response.headers[POSITION_HEADER] = str(stored[-1].event_id)
+
+
 def event_refs(stored: Sequence[StoredEvent]) -> list[EventRef]:
     return [
         EventRef(event_id=e.event_id, event_type=e.event_type, stream_version=e.stream_version)

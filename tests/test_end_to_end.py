@@ -49,6 +49,8 @@ def test_registered_case_is_stored_published_and_decodable(
     )
     assert r.status_code == 201, r.text
     case_id = r.json()["case_id"]
+    # the write's position token: its last event, for reading it back (?after=)
+    assert r.headers["Likvard-Position"] == r.json()["events"][-1]["event_id"]
 
     stored = intake.store.read_stream(case_id)
     assert [e.event_type for e in stored] == ["IntakeRegistered"]

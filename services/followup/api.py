@@ -272,6 +272,7 @@ def create_app(
         except d.DomainError as exc:
             raise http.ProblemError(422, exc.code, "Rule violated", exc.detail) from exc
         response.headers["ETag"] = http.etag(decided.version)
+        http.set_position(response, decided.stored)
         return CommandResult(
             case_id=uuid.UUID(case_id),
             version=decided.version,

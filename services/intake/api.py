@@ -286,6 +286,7 @@ def case_scope(case_id: str, state: d.CaseState) -> CaseScope:
 
 def _result(case_id: uuid.UUID, decided: Any, response: Response) -> CommandResult:
     response.headers["ETag"] = http.etag(decided.version)
+    http.set_position(response, decided.stored)
     return CommandResult(
         case_id=case_id,
         version=decided.version,

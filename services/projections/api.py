@@ -55,6 +55,7 @@ from services.projections import (
     access_log,
     audit,
     case_view,
+    caught_up,
     params,
     readmodels,
     reports,
@@ -330,6 +331,8 @@ def create_app(
         " suppressed, never shown. Add `format=csv` for CSV.",
         lifespan=lifespan,
         responses=http.PROBLEM_RESPONSES,
+        # read your writes: `?after=TOKEN` or Likvard-After waits for those writes
+        dependencies=[Depends(caught_up.caught_up_dependency(schema))],
     )
     http.install(app, "projections", max_request_bytes=settings.max_request_bytes)
     guard.install(app, settings, "projections", access_log_schema=access_log_schema)

@@ -185,6 +185,7 @@ def _result(
     intervention_id: str | None = None,
 ) -> ReferralResult:
     response.headers["ETag"] = http.etag(decided.version)
+    http.set_position(response, decided.stored)
     return ReferralResult(
         referral_id=uuid.UUID(referral_id),
         case_id=uuid.UUID(case_id) if case_id else None,
