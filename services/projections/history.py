@@ -291,6 +291,12 @@ _VERIFICATION_COLUMNS = (
 )
 
 
+def _with_equal(row: dict[str, Any]) -> dict[str, Any]:
+    """A job row with `equal`: every read model's checksums equal (None until compared)."""
+    sums = row["checksums"]
+    return row | {"equal": all(c["equal"] for c in sums) if sums else None}
+
+
 def jobs(conn: psycopg.Connection[Any], schema: str, limit: int = 20) -> list[dict[str, Any]]:
     """The most recent replay jobs, newest first."""
     with conn.cursor(row_factory=dict_row) as cur:
@@ -300,7 +306,7 @@ def jobs(conn: psycopg.Connection[Any], schema: str, limit: int = 20) -> list[di
             ).format(_t(schema, JOBS_TABLE)),
             (limit,),
         )
-        return cur.fetchall()
+        return [_with_equal(r) for r in cur.fetchall()]
 
 
 def job(conn: psycopg.Connection[Any], schema: str, job_id: uuid.UUID) -> dict[str, Any] | None:
@@ -311,7 +317,8 @@ def job(conn: psycopg.Connection[Any], schema: str, job_id: uuid.UUID) -> dict[s
             ),
             (job_id,),
         )
-        return cur.fetchone()
+        found = cur.fetchone()
+        return _with_equal(found) if found is not None else None
 
 
 def verification(

@@ -133,8 +133,7 @@ class Verification(BaseModel):
 
 
 def _job_view(row: dict[str, Any]) -> ReplayJob:
-    sums = row["checksums"]
-    return ReplayJob(**row, equal=all(c["equal"] for c in sums) if sums else None)
+    return ReplayJob(**row)
 
 
 def _record_start(request: Request, caller: Principal, action: Action, decision: Decision) -> None:

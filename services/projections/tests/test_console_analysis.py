@@ -277,7 +277,7 @@ def test_the_equal_access_page(app_url: tuple[str, str]) -> None:
     assert page.count('aria-labelledby="ratios-') == sections - none >= 1
     assert 'aria-labelledby="funnel-specialist_access-t' in page  # and a funnel where drawn
     assert page.count("<table data-metric=") == sections
-    assert page.count("<caption>") >= sections
+    assert page.count("<caption") >= sections
     assert '<th scope="col">' in page and "<label for=" in page
     table = '<table data-metric="specialist_access">'
     centrum = row(page, table, "centrum")

@@ -107,3 +107,20 @@ def test_every_text_of_the_console_has_its_swedish() -> None:
         swedish = {m.id: m.string for m in read_po(f) if m.id}
     missing = sorted(a for a in asked if not swedish.get(a))
     assert not missing, missing
+
+
+def test_the_shared_reports_words_are_in_the_catalogue() -> None:
+    """The metric and wait texts and the charts' words come from code outside the console:
+    `shared_words` marks each of them, so each has its Swedish."""
+    from dataclasses import fields
+
+    from services.projections import charts, html_report
+    from services.projections.console.shared_words import SHARED_WORDS
+
+    words = charts.Words()
+    used = {t for pair in html_report.METRIC_TEXT.values() for t in pair}
+    used |= {t for pair in html_report.WAIT_TEXT.values() for t in pair}
+    used |= {getattr(words, f.name) for f in fields(words)}
+    assert used <= set(SHARED_WORDS), sorted(used - set(SHARED_WORDS))
+    swedish = i18n.translations("sv")
+    assert all(swedish.gettext(w) != w or w in ("median", "period") for w in SHARED_WORDS)
