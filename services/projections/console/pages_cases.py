@@ -5,6 +5,7 @@ access-log entry, the same opening of sealed personal details."""
 
 from __future__ import annotations
 
+import json
 import re
 import uuid
 from datetime import UTC, date, datetime
@@ -48,7 +49,11 @@ def _fields(payload: dict[str, Any], personal: tuple[str, ...]) -> list[dict[str
         elif value is None or value == []:
             continue
         else:
-            text = value if isinstance(value, str) else readmodels.canonical_json(value)
+            text = (
+                value
+                if isinstance(value, str)
+                else json.dumps(value, ensure_ascii=False, sort_keys=True, default=str)
+            )
             shown.append({"name": name, "value": text, "state": "open"})
     return shown
 
