@@ -129,16 +129,21 @@ def test_the_shared_reports_words_are_in_the_catalogue() -> None:
 def test_a_timelines_personal_fields_show_how_the_reader_may_see_them() -> None:
     from services.projections.console.pages_cases import _fields
 
-    erased = {"goals": [], "note": None, "person_participated": True, "personal": "erased"}
+    erased: dict[str, object] = {
+        "goals": [],
+        "note": None,
+        "person_participated": True,
+        "personal": "erased",
+    }
     shown = {f["name"]: (f["state"], f["value"]) for f in _fields(erased, ("goals", "note"))}
     assert shown == {
         "goals": ("erased", None),
         "note": ("erased", None),
         "person_participated": ("open", "true"),
     }
-    opened = {"goals": ["Sova bättre"], "personal": "open"}
+    opened: dict[str, object] = {"goals": ["Sova bättre"], "personal": "open"}
     assert _fields(opened, ("goals",)) == [
         {"name": "goals", "value": '["Sova bättre"]', "state": "open"}
     ]
-    withheld = {"goals": [], "personal": "withheld"}
+    withheld: dict[str, object] = {"goals": [], "personal": "withheld"}
     assert _fields(withheld, ("goals",))[0]["state"] == "withheld"
