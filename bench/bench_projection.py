@@ -1,83 +1,102 @@
-"""Projection throughput: events/s from Kafka into the read models (live projection worker),
-and the read-model code alone (batches applied straight to PostgreSQL).
+"""Live projection throughput and latency, side by side with the ceiling measured in the same
+run: events/s from Kafka into the read models (`likvard project`, its own process) against a
+bare consume + fastavro decode of the same records (no read model, nothing written), medians
+of interleaved runs; then the commit-to-read-model latency while records arrive at a fixed
+rate; and the read-model code alone (decoded batches applied straight to PostgreSQL).
 
-Run: .venv/bin/python -m bench.bench_projection [--events N]
+The records are the replay benchmark's chained care chains over the three service topics
+(six partitions each), with their chain-link headers, as the relay publishes them.
+
+Latency: each record's produce time (when the relay would publish it, right after its
+event-store commit) against the first moment the worker's provenance mark for its partition
+(`applied_offsets`, written in the same transaction as its read-model rows) covers its offset,
+polled every 20 ms.
+
+Run: .venv/bin/python -m bench.bench_projection [--events N] [--runs 3] [--rate 50000]
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
+import functools
 import os
+import statistics
 import subprocess
 import sys
+import threading
 import time
 import uuid
-from datetime import UTC, datetime, timedelta
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import psycopg
-from confluent_kafka import Producer
+from confluent_kafka import KafkaError, Message, Producer
 
-from bench.common import database, kafka, machine, report
+from bench.bench_replay import Record, ceiling, records as chained_records
+from bench.common import database, kafka, machine, percentile, report
 from likvard.codec import Catalogue
 from likvard.inbox import Incoming, decode_event
-from likvard.topics import SERVICE_TOPICS, ensure_topics, load_topics
+from likvard.topics import ensure_topics, load_topics
 from services.projections import readmodels
+from services.projections.timeline_chain import link_of
 
-DISTRICTS = ["nordost", "centrum", "sydvast", "hisingen"]
+POLL = 0.02  # seconds between looks at the read models
 
 
-def synthetic_events(catalogue: Catalogue, n: int) -> list[tuple[str, bytes]]:
-    """(case id, single-object bytes) of realistic intake histories, n events in all."""
-    out: list[tuple[str, bytes]] = []
-    t0 = datetime(2025, 1, 1, tzinfo=UTC)
-    i = 0
-    while len(out) < n:
-        case = str(uuid.uuid4())
-        district = DISTRICTS[i % 4]
-        history: list[tuple[str, dict[str, Any]]] = [
-            (
-                "IntakeRegistered",
-                {
-                    "person": f"{i:064x}",
-                    "district": district,
-                    "substances": ["ALCOHOL"],
-                    "referral_source": "SELF",
-                    "children_in_household": "YES",
-                    "birth_year": 1970,
-                },
-            ),
-            (
-                "AssessmentCompleted",
-                {
-                    "assessment_id": str(uuid.uuid4()),
-                    "instrument": "AUDIT",
-                    "scores": [{"scale": "total", "value": 20}],
-                    "need_level": "HIGH",
-                },
-            ),
-            ("CaseClosed", {"reason": "GOALS_REACHED"}),
-            ("CaseReopened", {"reason": "RELAPSE"}),
-        ]
-        for version, (event_type, data) in enumerate(history, start=1):
-            at = t0 + timedelta(days=i % 700, hours=version)
-            metadata = {
-                "event_id": str(uuid.uuid4()),
-                "event_type": event_type,
-                "case_id": case,
-                "stream_version": version,
-                "occurred_at": at,
-                "recorded_at": at,
-                "producer": "bench",
-                "district": district,
-                "actor": "bench",
-                "correlation_id": case,
-                "causation_id": None,
-                "traceparent": None,
-            }
-            out.append((case, catalogue.encode(event_type, {"metadata": metadata, **data})))
-        i += 1
-    return out[:n]
+def produce(bootstrap: str, prefix: str, recs: Sequence[Record]) -> None:
+    """Every record onto the topics of `prefix` (fresh topics, so each run starts empty)."""
+    ensure_topics(bootstrap, load_topics(prefix=prefix))
+    producer = Producer(
+        {"bootstrap.servers": bootstrap, "linger.ms": 20, "batch.num.messages": 10000}
+    )
+    for topic, key, value, headers in recs:
+        while True:
+            try:
+                producer.produce(prefix + topic, key=key, value=value, headers=headers)
+                break
+            except BufferError:
+                producer.poll(0.05)
+    assert producer.flush(300) == 0, "not every record was delivered"
+
+
+def topics_of(recs: Sequence[Record]) -> list[str]:
+    return sorted({r[0] for r in recs})
+
+
+WORKERS = 1  # `likvard project` processes in the one consumer group (--workers)
+
+
+@contextmanager
+def worker(url: str, bootstrap: str, prefix: str, schema: str, batch: int) -> Iterator[None]:
+    """`likvard project` into `schema`, WORKERS processes of one consumer group (the
+    partitions shared between them), over the topics of `prefix`."""
+    env = dict(
+        os.environ,
+        LIKVARD_DATABASE_URL=url,
+        KAFKA_BOOTSTRAP_SERVERS=bootstrap,
+        LIKVARD_TOPIC_PREFIX=prefix,
+        LIKVARD_CONSUMER_SESSION_TIMEOUT_MS="4000",
+        LIKVARD_PROJECTION_BATCH_SIZE=str(batch),
+    )
+    env.pop("LIKVARD_OPS_PORT", None)
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "likvard.cli", "project", "--schema", schema],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        for _ in range(WORKERS)
+    ]
+    try:
+        yield
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(30)
 
 
 def count(url: str, schema: str) -> int:
@@ -85,77 +104,180 @@ def count(url: str, schema: str) -> int:
         return readmodels.processed_count(conn, schema)
 
 
+def live(url: str, bootstrap: str, prefix: str, schema: str, n: int, batch: int) -> float:
+    """Events/s of the live worker over n records already on Kafka, from the first applied
+    batch to the last event."""
+    with worker(url, bootstrap, prefix, schema, batch):
+        deadline = time.monotonic() + 600
+        while (first := count(url, schema)) == 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the projection worker applied nothing in 600 s")
+            time.sleep(POLL)
+        start = time.perf_counter()
+        while (done := count(url, schema)) < n:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the projection worker stopped at {done} of {n} events")
+            time.sleep(POLL)
+        return (done - first) / (time.perf_counter() - start)
+
+
+def applied(url: str, schema: str) -> dict[tuple[str, int], int]:
+    with psycopg.connect(url) as conn:
+        try:
+            rows = conn.execute(
+                f'SELECT topic, partition, "offset" FROM {schema}.applied_offsets'
+            ).fetchall()
+        except psycopg.errors.UndefinedTable:
+            return {}
+    return {(t, int(p)): int(o) for t, p, o in rows}
+
+
+def latency(
+    url: str, bootstrap: str, recs: Sequence[Record], batch: int, rate: float
+) -> tuple[list[float], float]:
+    """Per record, ms from produce to its partition's applied offset covering it, while the
+    records are produced at `rate` per second; and the rate achieved."""
+    prefix, schema = f"l{uuid.uuid4().hex[:6]}.", "bench_latency"
+    ensure_topics(bootstrap, load_topics(prefix=prefix))
+    produced: dict[tuple[str, int], list[tuple[int, float]]] = {}
+
+    def delivered(at: float, err: KafkaError | None, msg: Message) -> None:
+        if err is None:
+            key = (str(msg.topic()), int(msg.partition() or 0))
+            produced.setdefault(key, []).append((int(msg.offset() or 0), at))
+
+    seen: list[tuple[float, dict[tuple[str, int], int]]] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            seen.append((time.perf_counter(), applied(url, schema)))
+            time.sleep(POLL)
+
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
+    warm, rest = recs[:1000], recs[1000:]
+    with worker(url, bootstrap, prefix, schema, batch):
+        for topic, key, value, headers in warm:  # the worker joins its group and migrates
+            producer.produce(prefix + topic, key=key, value=value, headers=headers)
+        producer.flush(60)
+        deadline = time.monotonic() + 120
+        while count(url, schema) < len(warm):
+            if time.monotonic() > deadline:
+                raise RuntimeError("the projection worker did not start")
+            time.sleep(POLL)
+        watcher = threading.Thread(target=watch, daemon=True)
+        watcher.start()
+        start = time.perf_counter()
+        step = max(1, int(rate * 0.01))  # a slice every 10 ms
+        for i in range(0, len(rest), step):
+            due = start + i / rate
+            while (now := time.perf_counter()) < due:
+                producer.poll(min(0.005, due - now))
+            for topic, key, value, headers in rest[i : i + step]:
+                now = time.perf_counter()
+                while True:
+                    try:
+                        producer.produce(
+                            prefix + topic,
+                            key=key,
+                            value=value,
+                            headers=headers,
+                            on_delivery=functools.partial(delivered, now),
+                        )
+                        break
+                    except BufferError:
+                        producer.poll(0.005)
+            producer.poll(0)
+        producer.flush(120)
+        achieved = len(rest) / (time.perf_counter() - start)
+        deadline = time.monotonic() + 300
+        while count(url, schema) < len(recs) and time.monotonic() < deadline:
+            time.sleep(POLL)
+        time.sleep(2 * POLL)
+        stop.set()
+        watcher.join()
+    out: list[float] = []
+    times = [t for t, _ in seen]
+    for where, items in produced.items():
+        for offset, at in items:
+            k = bisect.bisect_left(times, at)
+            while k < len(seen) and seen[k][1].get(where, -1) < offset:
+                k += 1
+            if k < len(seen):
+                out.append((seen[k][0] - at) * 1000)
+    return out, achieved
+
+
+def direct(url: str, catalogue: Catalogue, recs: Sequence[Record], batch: int) -> None:
+    """The read-model code alone: decoded batches applied in transactions (no Kafka)."""
+    events: list[Incoming] = []
+    links = []
+    for i, (topic, _key, value, headers) in enumerate(recs):
+        events.append(decode_event(catalogue, topic, 0, i, value))
+        links.append(link_of({k: v if isinstance(v, bytes) else b"" for k, v in headers}, value))
+    with psycopg.connect(url, autocommit=True) as conn:
+        with conn.transaction():
+            readmodels.migrate(conn, "bench_direct")
+        start = time.perf_counter()
+        for i in range(0, len(events), batch):
+            with conn.transaction():
+                readmodels.apply(conn, "bench_direct", events[i : i + batch], links[i : i + batch])
+        report(
+            f"read models, batches of {batch} (no Kafka)", len(events), time.perf_counter() - start
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--events", type=int, default=100_000)
-    parser.add_argument("--batch", type=int, default=1000)
+    parser.add_argument("--events", type=int, default=200_000)
+    parser.add_argument("--batch", type=int, default=5000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--rate", type=float, default=50_000, help="records/s, latency phase")
+    parser.add_argument("--latency-events", type=int, default=300_000)
+    parser.add_argument("--workers", type=int, default=1, help="`likvard project` processes")
+    parser.add_argument("--skip-latency", action="store_true")
     args = parser.parse_args()
-    print(f"# projection benchmark on {machine()}")
+    global WORKERS
+    WORKERS = args.workers
+    print(f"# projection benchmark on {machine()}", flush=True)
     catalogue = Catalogue.load()
-    records = synthetic_events(catalogue, args.events)
-    topic = SERVICE_TOPICS["intake"]
+    need = max(args.events, args.latency_events)
+    recs: list[Record] = list(chained_records(catalogue, need, ""))
     with database() as url, kafka() as bootstrap:
-        # 1. The read-model code alone: decoded batches applied in transactions.
-        events: list[Incoming] = [
-            decode_event(catalogue, topic, 0, i, v) for i, (_, v) in enumerate(records)
-        ]
-        with psycopg.connect(url, autocommit=True) as conn:
-            with conn.transaction():
-                readmodels.migrate(conn, "bench_direct")
-            start = time.perf_counter()
-            for i in range(0, len(events), args.batch):
-                with conn.transaction():
-                    readmodels.apply(conn, "bench_direct", events[i : i + args.batch])
-            report(
-                f"read models, batches of {args.batch} (no Kafka)",
-                len(events),
-                time.perf_counter() - start,
-            )
-
-        # 2. Kafka -> projection worker -> read models.
-        prefix = f"b{uuid.uuid4().hex[:6]}."
-        ensure_topics(bootstrap, load_topics(prefix=prefix))
-        producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 20})
-        for case, value in records:
-            while True:
-                try:
-                    producer.produce(prefix + topic, key=case.encode(), value=value)
-                    break
-                except BufferError:
-                    producer.poll(0.05)
-        producer.flush(120)
-        env = dict(
-            os.environ,
-            LIKVARD_DATABASE_URL=url,
-            KAFKA_BOOTSTRAP_SERVERS=bootstrap,
-            LIKVARD_TOPIC_PREFIX=prefix,
-            LIKVARD_CONSUMER_SESSION_TIMEOUT_MS="4000",
-            LIKVARD_PROJECTION_BATCH_SIZE=str(args.batch),
+        direct(url, catalogue, recs[: min(args.events, 100_000)], args.batch)
+        mine: list[float] = []
+        ceilings: list[float] = []
+        for run in range(args.runs):
+            prefix = f"b{uuid.uuid4().hex[:6]}."
+            produce(bootstrap, prefix, recs[: args.events])
+            topics = [prefix + t for t in topics_of(recs)]
+            steps: list[tuple[str, Any]] = [
+                (
+                    "likvard",
+                    lambda p=prefix, r=run: live(
+                        url, bootstrap, p, f"bench_live_{r}", args.events, args.batch
+                    ),
+                ),
+                ("ceiling", lambda t=topics: ceiling(bootstrap, t, args.events, catalogue)),
+            ]
+            for name, step in steps if run % 2 == 0 else reversed(steps):
+                rate = step()
+                (mine if name == "likvard" else ceilings).append(rate)
+                print(f"  run {run + 1}: {name:<8} {rate:>10.0f} events/s", flush=True)
+        m, c = statistics.median(mine), statistics.median(ceilings)
+        print(
+            f"live projection (batch {args.batch}, {args.workers} worker process(es)),"
+            f" {args.events} events, median of {args.runs}:"
+            f" {m:.0f} events/s; bare consume + decode {c:.0f} events/s; ratio {m / c:.2f}"
         )
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "likvard.cli", "project", "--schema", "bench_live"],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
+        if args.skip_latency:
+            return
+        lat, achieved = latency(url, bootstrap, recs[: args.latency_events], args.batch, args.rate)
+        print(
+            f"latency at {achieved:.0f} records/s offered ({len(lat)} records): produce ->"
+            f" read model p50 {percentile(lat, 50):.0f} ms, p99 {percentile(lat, 99):.0f} ms,"
+            f" max {max(lat):.0f} ms"
         )
-        try:
-            while count(url, "bench_live") == 0:
-                time.sleep(0.05)
-            start, first = time.perf_counter(), count(url, "bench_live")
-            deadline = time.monotonic() + 1800
-            while (done := count(url, "bench_live")) < len(records):
-                if time.monotonic() > deadline:
-                    print(f"  stopped waiting at {done} events")
-                    break
-                time.sleep(0.2)
-            report(
-                f"Kafka -> projection worker -> read models (batch {args.batch})",
-                done - first,
-                time.perf_counter() - start,
-            )
-        finally:
-            proc.terminate()
-            proc.wait(30)
 
 
 if __name__ == "__main__":

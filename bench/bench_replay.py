@@ -6,20 +6,31 @@ closed; referral: requested, across districts for one in four, accepted, interve
 started and ended; follow-up: two scheduled, one completed), encoded and chained exactly as
 the relay publishes them (single-object Avro, chain link in the headers).
 
-Run: .venv/bin/python -m bench.bench_replay [--events 1000000]
+Each run replays into a fresh schema in its own process (so its peak memory is the replay's
+alone), interleaved with a bare consume + fastavro decode of the same records (the ceiling);
+medians of `--runs`. For how cost grows, run it for 250000, 1000000 and 3000000 events.
+
+Run: .venv/bin/python -m bench.bench_replay [--events 1000000] [--runs 3]
 """
 
 from __future__ import annotations
 
 import argparse
+import io
+import json
+import os
 import resource
+import statistics
+import subprocess
+import sys
 import time
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
+from fastavro import schemaless_reader
 
 from bench.common import database, kafka, machine, report
 from likvard.codec import Catalogue
@@ -201,12 +212,89 @@ def records(catalogue: Catalogue, n: int, prefix: str) -> Iterator[Record]:
         i += 1
 
 
+def ceiling(bootstrap: str, topics: list[str], n: int, catalogue: Catalogue) -> float:
+    """Events/s of a bare batch consumer that only decodes (fastavro, the writer schema):
+    what the broker and the decoder deliver on this machine, from first record to the n-th."""
+    consumer = Consumer(
+        {
+            "bootstrap.servers": bootstrap,
+            "group.id": f"ceiling-{uuid.uuid4()}",
+            "enable.auto.commit": False,
+            "fetch.wait.max.ms": 100,
+            "queued.max.messages.kbytes": 65536,
+        }
+    )
+    meta = consumer.list_topics(timeout=15)
+    consumer.assign(
+        [TopicPartition(t, p, 0) for t in topics for p in sorted(meta.topics[t].partitions)]
+    )
+    writers = {w.fingerprint: w.parsed for w in catalogue.writers()}
+    got, start = 0, 0.0
+    try:
+        while got < n:
+            for m in consumer.consume(5000, timeout=1.0):
+                if m.error() is not None:
+                    continue
+                if not got:
+                    start = time.perf_counter()
+                value = m.value() or b""
+                schemaless_reader(io.BytesIO(value[10:]), writers[value[2:10]], None)
+                got += 1
+        return (got - 1) / (time.perf_counter() - start)
+    finally:
+        consumer.close()
+
+
+def replay_child(url: str, bootstrap: str, topics: list[str], schema: str, batch: int) -> None:
+    """One replay in this (fresh) process: prints its figures and the process's peak memory
+    as one JSON line, so the memory is the replay's alone."""
+    run = Replay(url, bootstrap, topics, schema, batch_size=batch)
+    try:
+        result = run.run()
+    finally:
+        run.close()
+    print(
+        json.dumps(
+            {
+                "projected": result.projected,
+                "breaks": len(result.breaks),
+                "streams": result.streams,
+                "seconds": result.seconds - result.checksum_seconds,
+                "checksum_seconds": result.checksum_seconds,
+                "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            }
+        )
+    )
+
+
+def replay(url: str, bootstrap: str, topics: list[str], schema: str, batch: int) -> dict[str, Any]:
+    """`replay_child` in its own process."""
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.bench_replay", "--child", schema, "--batch", str(batch)],
+        env=dict(
+            os.environ, BENCH_URL=url, BENCH_BOOTSTRAP=bootstrap, BENCH_TOPICS=",".join(topics)
+        ),
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    figures: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
+    return figures
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--batch", type=int, default=5000)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--child", help=argparse.SUPPRESS)  # run one replay into this schema
     args = parser.parse_args()
-    print(f"# replay benchmark on {machine()}")
+    if args.child:
+        env = os.environ
+        topics = env["BENCH_TOPICS"].split(",")
+        replay_child(env["BENCH_URL"], env["BENCH_BOOTSTRAP"], topics, args.child, args.batch)
+        return
+    print(f"# replay benchmark on {machine()}", flush=True)
     catalogue = Catalogue.load()
     with database() as url, kafka() as bootstrap:
         prefix = f"r{uuid.uuid4().hex[:6]}."
@@ -226,23 +314,36 @@ def main() -> None:
         report("encode, chain and produce (setup)", args.events, time.perf_counter() - start)
 
         topics = [prefix + t for t in SERVICE_TOPICS.values()]
-        run = Replay(url, bootstrap, topics, "bench_replay", batch_size=args.batch)
-        try:
-            result = run.run()
-        finally:
-            run.close()
-        assert not result.breaks, result.breaks[:3]
-        assert result.projected == args.events, (result.projected, args.events)
-        replay_seconds = result.seconds - result.checksum_seconds
-        report(
-            f"replay: read, verify chain, project (batch {args.batch})",
-            result.projected,
-            replay_seconds,
-        )
-        report("checksums of the read models", result.projected, result.checksum_seconds)
+        mine: list[float] = []
+        ceilings: list[float] = []
+        figures: list[dict[str, Any]] = []
+        for run in range(args.runs):
+            steps = ["likvard", "ceiling"] if run % 2 == 0 else ["ceiling", "likvard"]
+            for step in steps:
+                if step == "ceiling":
+                    rate = ceiling(bootstrap, topics, args.events, catalogue)
+                    ceilings.append(rate)
+                    print(f"  run {run + 1}: ceiling  {rate:>10.0f} events/s", flush=True)
+                    continue
+                f = replay(url, bootstrap, topics, f"bench_replay_{run}", args.batch)
+                assert f["breaks"] == 0, f
+                assert f["projected"] == args.events, (f["projected"], args.events)
+                figures.append(f)
+                mine.append(f["projected"] / f["seconds"])
+                print(
+                    f"  run {run + 1}: likvard  {mine[-1]:>10.0f} events/s  {f['seconds']:.1f} s"
+                    f" (+ checksums {f['checksum_seconds']:.1f} s), {f['streams']} streams,"
+                    f" peak RSS {f['rss_mib']:.0f} MiB",
+                    flush=True,
+                )
+        m, c = statistics.median(mine), statistics.median(ceilings)
+        seconds = statistics.median(f["seconds"] for f in figures)
+        rss = max(f["rss_mib"] for f in figures)
         print(
-            f"  {result.streams} streams verified; peak memory of this process"
-            f" {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MiB"
+            f"replay (read, verify chain, project; batch {args.batch}), {args.events} events,"
+            f" median of {args.runs}: {m:.0f} events/s ({seconds:.1f} s); bare consume + decode"
+            f" {c:.0f} events/s; ratio {m / c:.2f}; peak RSS {rss:.0f} MiB,"
+            f" {figures[0]['streams']} streams"
         )
 
 

@@ -28,9 +28,9 @@ import json
 import os
 import re
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from datetime import date, datetime
+from datetime import UTC, date, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -307,6 +307,10 @@ class Catalogue:
             if w.primary:
                 self._primary.setdefault(w.event_type, {})[w.version] = w
         self._newest = {t: vs[max(vs)] for t, vs in self._primary.items()}
+        # Per writer schema read as the newest of its type: its compiled fast reader, or
+        # None when it has none (built on first use: see `_FastReader`).
+        self._fast: dict[bytes, _FastReader | None] = {}
+        self.fast = True  # False: always the generic path (the tests compare the two)
 
     @classmethod
     def load(cls, root: Path | None = None) -> Catalogue:
@@ -470,6 +474,12 @@ class Catalogue:
         reader = self._newest[writer.event_type]
         what = f"{writer.event_type} v{writer.version}"
         body = io.BytesIO(data[HEADER_SIZE:])
+        if reader is writer and self.fast:
+            fast = self._fast.get(fp, _UNBUILT)
+            if fast is _UNBUILT:
+                fast = self._fast[fp] = _FastReader.build(writer)
+            if fast is not None:
+                return Decoded(writer.event_type, writer.version, fp, fast.read(body, data, what))
         try:
             if reader is writer:
                 record = schemaless_reader(body, writer.parsed, None)
@@ -504,6 +514,205 @@ class Catalogue:
         if not isinstance(record, dict):
             raise CorruptRecord(f"The body of a {what} event did not decode to a record.")
         return Decoded(writer.event_type, writer.version, fp, _plain(record))
+
+
+# --- the compiled fast reader ----------------------------------------------------------
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_DAYS_SHIFT = date(1970, 1, 1).toordinal()
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+_CONVERTED = frozenset({"uuid", "date", *_TIMESTAMPS})
+Convert = Callable[[Any], Any]
+
+
+_PENDING: Any = object()
+
+
+class _Unsupported(Exception):
+    """A schema shape the fast reader does not compile (it then decodes the generic way)."""
+
+
+def _uuid_text(value: str) -> str:
+    """A uuid field as its canonical text (what fastavro's UUID and `_plain` give), without
+    building a UUID when it is canonical already (nearly always)."""
+    if _CANONICAL_UUID.fullmatch(value):
+        return value
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        raise _BadUuid from None
+
+
+class _BadUuid(Exception):
+    pass
+
+
+def _timestamp_micros(value: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=value)  # as fastavro: not fromtimestamp (bpo-36439)
+
+
+def _timestamp_millis(value: int) -> datetime:
+    return _EPOCH + timedelta(microseconds=value * 1000)
+
+
+def _date(value: int) -> date:
+    return date.fromordinal(value + _DAYS_SHIFT)
+
+
+_LOGICAL: dict[str, Convert] = {
+    "uuid": _uuid_text,
+    "timestamp-micros": _timestamp_micros,
+    "timestamp-millis": _timestamp_millis,
+    "date": _date,
+}
+
+
+def _strip_logical(schema: Any) -> Any:
+    """The schema without the logical types the fast reader converts itself."""
+    if isinstance(schema, list):
+        return [_strip_logical(s) for s in schema]
+    if isinstance(schema, dict):
+        return {
+            k: _strip_logical(v)
+            for k, v in schema.items()
+            if not (k == "logicalType" and v in _CONVERTED)
+        }
+    return schema
+
+
+class _Compiler:
+    """Turns a schema into one converter of the values fastavro reads from its stripped
+    form (None: nothing to convert), or raises _Unsupported."""
+
+    def __init__(self) -> None:
+        self.named: dict[str, Convert | None] = {}
+
+    def _name(self, schema: dict[str, Any], namespace: str) -> tuple[str, str]:
+        name = str(schema["name"])
+        if "." in name:
+            return name, name.rsplit(".", 1)[0]
+        space = str(schema.get("namespace", namespace))
+        return (f"{space}.{name}" if space else name), space
+
+    def compile(self, schema: Any, namespace: str = "") -> Convert | None:
+        if isinstance(schema, str):
+            if schema in _PRIMITIVES:
+                return None
+            for candidate in (schema, f"{namespace}.{schema}"):
+                if candidate in self.named:
+                    found = self.named[candidate]
+                    if found is _PENDING:
+                        raise _Unsupported(schema)  # a recursive record
+                    return found
+            raise _Unsupported(schema)  # a name not defined before its use
+        if isinstance(schema, list):
+            return self._union(schema, namespace)
+        if not isinstance(schema, dict):
+            raise _Unsupported(repr(schema))
+        kind = schema.get("type")
+        if isinstance(kind, dict | list):
+            return self.compile(kind, namespace)
+        if kind in ("record", "error"):
+            return self._record(schema, namespace)
+        if kind in ("enum", "fixed"):
+            self.named[self._name(schema, namespace)[0]] = None
+            return None
+        if kind == "array":
+            item = self.compile(schema["items"], namespace)
+            return None if item is None else (lambda v: [item(x) for x in v])
+        if kind == "map":
+            value = self.compile(schema["values"], namespace)
+            return None if value is None else (lambda v: {k: value(x) for k, x in v.items()})
+        logical = schema.get("logicalType")
+        if logical in _CONVERTED:
+            return _LOGICAL[str(logical)]
+        return self.compile(kind, namespace) if isinstance(kind, str) else None
+
+    def _union(self, branches: list[Any], namespace: str) -> Convert | None:
+        converters = [(b, self.compile(b, namespace)) for b in branches]
+        convert = [c for _, c in converters if c is not None]
+        if not convert:
+            return None
+        others = [b for b, c in converters if c is None and b != "null"]
+        if len(convert) > 1 or others:
+            raise _Unsupported("a union whose branch cannot be told from its value")
+        only = convert[0]
+        return lambda v: None if v is None else only(v)
+
+    def _record(self, schema: dict[str, Any], namespace: str) -> Convert | None:
+        fullname, space = self._name(schema, namespace)
+        self.named[fullname] = _PENDING  # until its fields are compiled
+        fields: list[tuple[str, Convert]] = []
+        for f in schema.get("fields", []):
+            c = self.compile(f["type"], space)
+            if c is not None:
+                fields.append((str(f["name"]), c))
+        if not fields:
+            self.named[fullname] = None
+            return None
+
+        def convert(record: dict[str, Any]) -> dict[str, Any]:
+            for name, c in fields:
+                record[name] = c(record[name])
+            return record
+
+        self.named[fullname] = convert
+        return convert
+
+
+_UNBUILT: Any = object()
+
+
+class _FastReader:
+    """Decoding with one writer schema that is the newest of its type (nearly every
+    record): fastavro reads the schema stripped of the logical types, and one compiled
+    converter per schema turns exactly the fields that carry one into their values (a
+    uuid's canonical text, a timestamp, a date), instead of fastavro building a UUID of
+    every id and `_plain` walking the whole record to turn them back into text. The result
+    equals the generic path's, errors included (tests/test_codec_fast_decode.py)."""
+
+    def __init__(self, parsed: dict[str, Any], convert: Convert | None) -> None:
+        self.parsed, self.convert = parsed, convert
+
+    @classmethod
+    def build(cls, writer: SchemaVersion) -> _FastReader | None:
+        try:
+            convert = _Compiler().compile(writer.schema)
+            parsed = parse_schema(_strip_logical(writer.schema))
+        except _Unsupported:
+            return None
+        return cls(parsed, convert) if isinstance(parsed, dict) else None
+
+    def read(self, body: io.BytesIO, data: bytes, what: str) -> dict[str, Any]:
+        try:
+            record = schemaless_reader(body, self.parsed, None)
+            if not isinstance(record, dict):
+                raise CorruptRecord(f"The body of a {what} event did not decode to a record.")
+            if self.convert is not None:
+                record = self.convert(record)
+        except CodecError:
+            raise
+        except ValueError:  # as the generic path names it (a UnicodeDecodeError too)
+            raise CorruptRecord(
+                f"The body of a {what} event does not decode (ValueError);"
+                " the bytes are truncated or corrupt."
+            ) from None
+        except _BadUuid:
+            raise MalformedValue(
+                f"A {what} event has a uuid field whose value is not a UUID"
+                " (written as 8-4-4-4-12 hexadecimal digits)."
+            ) from None
+        except Exception as exc:  # arbitrary bytes may fail in any way
+            raise CorruptRecord(
+                f"The body of a {what} event does not decode ({type(exc).__name__});"
+                " the bytes are truncated or corrupt."
+            ) from None
+        extra = len(data) - HEADER_SIZE - body.tell()
+        if extra:
+            raise CorruptRecord(
+                f"A {what} event has {extra} unexpected bytes after its record;"
+                " the bytes are corrupt or were written with another schema."
+            )
+        return record
 
 
 # --- helpers ---------------------------------------------------------------------------

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 from confluent_kafka import Consumer, KafkaError, Message, TopicPartition
 
@@ -25,7 +25,18 @@ class TopicReadError(RuntimeError):
 class TopicReader:
     """Reads topics from offset 0 with assign(); knows when it has read everything."""
 
-    def __init__(self, bootstrap: str, topics: Sequence[str], *, settle: float = 1.0) -> None:
+    def __init__(
+        self,
+        bootstrap: str,
+        topics: Sequence[str],
+        *,
+        settle: float = 1.0,
+        partitions: Callable[[int], bool] | None = None,
+        start: Mapping[tuple[str, int], int] | None = None,
+    ) -> None:
+        """`partitions`: read only the partitions (by number, of every topic) it accepts
+        (one process's share of a parallel replay); `start`: per topic partition the offset
+        to read from (0 for the others)."""
         self.settle = settle
         self.consumer = Consumer(
             {
@@ -35,7 +46,7 @@ class TopicReader:
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
                 "fetch.wait.max.ms": 50,
-                "queued.max.messages.kbytes": 262144,
+                "queued.max.messages.kbytes": 65536,  # prefetch: the reader's largest memory
             }
         )
         meta = self.consumer.list_topics(timeout=15)
@@ -48,12 +59,18 @@ class TopicReader:
                     f"topic {topic} is not on the broker: run `likvard topics`, and"
                     " `likvard republish SERVICE` if the broker lost its data"
                 )
-            self.partitions += [TopicPartition(topic, p, 0) for p in sorted(info.partitions)]
+            self.partitions += [
+                TopicPartition(topic, p, (start or {}).get((topic, p), 0))
+                for p in sorted(info.partitions)
+                if partitions is None or partitions(p)
+            ]
         self.ends: dict[tuple[str, int], int] = {}
         for tp in self.partitions:
             _low, high = self.consumer.get_watermark_offsets(tp, timeout=15)
             self.ends[(tp.topic, tp.partition)] = high
-        self.next: dict[tuple[str, int], int] = {k: 0 for k in self.ends}
+        self.next: dict[tuple[str, int], int] = {
+            (tp.topic, tp.partition): tp.offset for tp in self.partitions
+        }
         self.consumer.assign(self.partitions)
 
     @property
@@ -103,3 +120,22 @@ def record_headers(msg: Message) -> tuple[tuple[str, bytes | None], ...]:
     return tuple(
         (str(k), v if v is None or isinstance(v, bytes) else str(v).encode()) for k, v in pairs
     )
+
+
+def header_map(msg: Message) -> dict[str, bytes]:
+    """A record's headers by name (the last of a repeated name; b"" for a null value): what
+    `record_headers` gives as a dict, without building the pairs first (once per record on
+    the replay's and the projection's hot path)."""
+    raw = msg.headers()
+    if not raw:
+        return {}
+    if isinstance(raw, list):
+        out: dict[str, bytes] = {}
+        for k, v in raw:
+            out[k] = v if type(v) is bytes else b"" if v is None else _as_bytes(v)
+        return out
+    return {k: v or b"" for k, v in record_headers(msg)}
+
+
+def _as_bytes(value: object) -> bytes:
+    return value if isinstance(value, bytes) else str(value).encode()

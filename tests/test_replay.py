@@ -407,3 +407,57 @@ def test_the_access_log_is_projected_live_and_replayed_with_its_chain_verified(
         ).fetchall()
         assert readmodels.case_facts(conn, live, "access-log-intake") is None
     assert rows == [("access-log-intake", 6, 2), ("access-log-projections", 6, 2)]
+
+
+def test_a_replay_in_two_processes_equals_one_in_one(
+    store: EventStore,
+    referral_store: EventStore,
+    database_url: str,
+    kafka_bootstrap: str,
+    topic_prefix: str,
+    new_schema: Callable[[str], str],
+) -> None:
+    """Parallel by partition: the same read models, chain verdict, counts and provenance as
+    a replay in one process, and the same as the events folded straight."""
+    cases = [str(uuid.uuid4()) for _ in range(30)]
+    for case in cases:
+        referral_store.append(str(uuid.uuid4()), 0, referral_events(case))
+        store.append(case, 0, [registered(), closed(), reopened()])
+    relay_all(referral_store, database_url, kafka_bootstrap)
+    relay_all(store, database_url, kafka_bootstrap)
+    topics = [topic_prefix + t for t in readmodels.SOURCE_TOPICS]
+    results = {}
+    for processes in (1, 2):
+        run = Replay(
+            database_url,
+            kafka_bootstrap,
+            topics,
+            new_schema(f"par{processes}"),
+            processes=processes,
+            settle=0.5,
+        )
+        try:
+            results[processes] = run.run()
+        finally:
+            run.close()
+    one, two = results[1], results[2]
+    assert two.breaks == one.breaks == []
+    assert (two.records, two.projected, two.streams, two.chain_events) == (
+        one.records,
+        one.projected,
+        one.streams,
+        one.chain_events,
+    )
+    assert one.projected == 30 * 5 and one.streams == 60
+    assert two.checksums == one.checksums
+    assert two.checksums == direct(database_url, new_schema("flat"), stored(store, referral_store))
+    with psycopg.connect(database_url) as conn:
+        marks = [
+            conn.execute(
+                sql.SQL(
+                    'SELECT topic, partition, "offset" FROM {}.applied_offsets ORDER BY 1, 2'
+                ).format(sql.Identifier(r.schema))
+            ).fetchall()
+            for r in (one, two)
+        ]
+    assert marks[0] == marks[1] and marks[0]

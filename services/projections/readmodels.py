@@ -30,8 +30,10 @@ the replay do); `chain_status` tells each stream of a case verified or broken fr
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import re
 import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -249,10 +251,14 @@ def migrate(conn: psycopg.Connection[Any], schema: str) -> None:
 # --- the fold of one batch, per case (pure) ---------------------------------------------
 
 
+_EMPTY: dict[str, Any] = {
+    c.name: 0 if c.merge is Merge.SUM else False if c.merge is Merge.OR else None for c in FACTS
+}
+
+
 def _empty(case_id: str) -> dict[str, Any]:
-    acc: dict[str, Any] = {"case_id": case_id}
-    for c in FACTS:
-        acc[c.name] = 0 if c.merge is Merge.SUM else False if c.merge is Merge.OR else None
+    acc = dict(_EMPTY)  # a copy of the template: one per case of a batch, so it is hot
+    acc["case_id"] = case_id
     return acc
 
 
@@ -391,15 +397,39 @@ def _merge_sql(c: Column) -> str:
             )
 
 
+@functools.lru_cache(maxsize=64)
 def _upsert(schema: str) -> sql.Composed:
+    """One statement merging every case of a batch: a row per case from one array per
+    column (unnest), in case id order (the lock order of concurrent workers). An array
+    column travels as its literal text (an array of arrays would be two-dimensional)."""
+    types = {"case_id": "text", **{c.name: c.sql_type for c in FACTS}}
     return sql.SQL(
-        "INSERT INTO {}.case_facts AS t ({}) VALUES ({}) ON CONFLICT (case_id) DO UPDATE SET {}"
+        "INSERT INTO {}.case_facts AS t ({}) SELECT {} FROM unnest({}) AS u ({})"
+        ' ORDER BY u.case_id COLLATE "C" ON CONFLICT (case_id) DO UPDATE SET {}'
     ).format(
         sql.Identifier(schema),
         sql.SQL(", ").join(sql.Identifier(n) for n in FACT_NAMES),
-        sql.SQL(", ").join(sql.Placeholder() for _ in FACT_NAMES),
+        sql.SQL(", ").join(
+            sql.SQL("u.{}::{}").format(sql.Identifier(n), sql.SQL(types[n])) for n in FACT_NAMES
+        ),
+        sql.SQL(", ").join(
+            sql.SQL("%s::{}[]").format(sql.SQL("text" if types[n].endswith("[]") else types[n]))
+            for n in FACT_NAMES
+        ),
+        sql.SQL(", ").join(sql.Identifier(n) for n in FACT_NAMES),
         sql.SQL(", ".join(f"{c.name} = {_merge_sql(c)}" for c in FACTS)),
     )
+
+
+_ARRAY_COLUMNS = frozenset(c.name for c in FACTS if c.sql_type.endswith("[]"))
+
+
+def _array_literal(values: Sequence[Any] | None) -> str | None:
+    """A text[] value as PostgreSQL's array literal, every element quoted."""
+    if values is None:
+        return None
+    quoted = (str(v).replace("\\", "\\\\").replace('"', '\\"') for v in values)
+    return "{" + ",".join(f'"{q}"' for q in quoted) + "}"
 
 
 def _json_default(value: Any) -> Any:
@@ -416,9 +446,19 @@ def _json_default(value: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(value).__name__}")
 
 
+_ENCODER = json.JSONEncoder(default=_json_default, sort_keys=True, separators=(",", ":"))
+_CANONICAL_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
 def canonical_json(value: Any) -> str:
-    """Sorted keys, no spaces, times in UTC: the same text for the same value, always."""
-    return json.dumps(value, default=_json_default, sort_keys=True, separators=(",", ":"))
+    """Sorted keys, no spaces, times in UTC: the same text for the same value, always (one
+    encoder made once: `json.dumps` with these arguments builds the same one per call)."""
+    return _ENCODER.encode(value)
+
+
+def _uuid_key(text: str) -> str:
+    """An event id in canonical form (the decoder gives it so already, nearly always)."""
+    return text if _CANONICAL_UUID.fullmatch(text) else str(uuid.UUID(text))
 
 
 def apply(
@@ -439,7 +479,7 @@ def apply(
     unique: dict[str, Incoming] = {}
     kept_links: dict[str, Link] = {}  # of the copy kept: the first of each event id
     for n, e in enumerate(events):
-        key = str(uuid.UUID(e.event_id))
+        key = _uuid_key(e.event_id)
         if key in unique:
             continue
         unique[key] = e
@@ -503,8 +543,15 @@ def apply(
         if acc is None:
             acc = cases[e.case_id] = _empty(e.case_id)
         fold(acc, e)
-    conn.cursor().executemany(
-        _upsert(schema), [tuple(cases[c][n] for n in FACT_NAMES) for c in sorted(cases)]
+    ordered = [cases[c] for c in sorted(cases)]
+    conn.execute(
+        _upsert(schema),
+        [
+            [_array_literal(acc[n]) for acc in ordered]
+            if n in _ARRAY_COLUMNS
+            else [acc[n] for acc in ordered]
+            for n in FACT_NAMES
+        ],
     )
     return len(new)
 

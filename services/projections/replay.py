@@ -8,6 +8,13 @@ streams' hash chains are verified and the access-log read model rebuilt like the
 decoding and the hash-chain check run in this thread while a second thread applies the
 previous batch to PostgreSQL, so the two overlap.
 
+Parallel by partition (`processes`, LIKVARD_REPLAY_PROCESSES; 1 by default): each process
+reads the partitions whose number it owns (of every topic, so a case's records, keyed by its
+id, stay in one process), verifies their chains and applies into the same fresh schema (the
+set-based merges commute); this process then merges their chain checks
+(`ChainCheck.merge`: a stream split across processes is still linked whole) and their
+counts, and goes on from where they stopped for `swap`.
+
 When is the replay done? A queried end offset alone cannot say (the dev broker under-reports
 it: see DESIGN.md), so the replay reads at least up to the end offsets it was told, then
 keeps reading until the broker has nothing more for `settle` seconds.
@@ -33,12 +40,15 @@ transaction. The live worker goes on writing into the new schema under the same 
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import queue
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -50,7 +60,7 @@ from likvard.chain import ChainCheck, RecordBreak
 from likvard.codec import Catalogue, CodecError
 from likvard.db import check_schema_name
 from likvard.inbox import Incoming, decode_event
-from likvard.topic_reader import TopicReader, TopicReadError, record_headers
+from likvard.topic_reader import TopicReader, TopicReadError, header_map
 from services.projections import provenance, readmodels
 from services.projections.timeline_chain import Link, link_of
 
@@ -99,7 +109,7 @@ class ReplayResult:
 
 
 def _headers(msg: Message) -> dict[str, bytes]:
-    return {k: v or b"" for k, v in record_headers(msg)}
+    return header_map(msg)
 
 
 @dataclass
@@ -178,6 +188,7 @@ class Replay:
         batch_size: int = 5000,
         settle: float = 1.0,
         catalogue: Catalogue | None = None,
+        processes: int | None = None,
     ) -> None:
         self.dsn, self.bootstrap, self.topics = dsn, bootstrap, list(topics)
         self.schema = check_schema_name(schema)
@@ -191,6 +202,8 @@ class Replay:
         self.chain = ChainCheck()
         self.result = ReplayResult(schema=self.schema)
         self.reader: TopicReader | None = None
+        env = os.environ.get("LIKVARD_REPLAY_PROCESSES", "1")
+        self.processes = max(1, processes if processes is not None else int(env or "1"))
 
     def _events(self, messages: list[Message]) -> _Batch:
         r = self.result
@@ -204,7 +217,7 @@ class Replay:
             r.records += 1
             r.per_topic[topic] = r.per_topic.get(topic, 0) + 1
             headers = _headers(m)
-            self.chain.add(topic, partition, offset, headers, value)
+            verified = self.chain.add(topic, partition, offset, headers, value)
             batch.marks.add(topic, partition, offset, headers)
             try:
                 e = decode_event(self.catalogue, topic, partition, offset, value)
@@ -220,7 +233,7 @@ class Replay:
                 r.after_known_on += 1
                 continue
             batch.events.append(e)
-            batch.links.append(link_of(headers, value))
+            batch.links.append(link_of(headers, value, verified))
         return batch
 
     def _past_limits(self) -> bool:
@@ -242,7 +255,24 @@ class Replay:
                 readmodels.migrate(conn, self.schema)
                 provenance.migrate(conn, self.schema)
                 provenance.set_cutoffs(conn, self.schema, as_of=self.as_of, known_on=self.known_on)
-        self.reader = TopicReader(self.bootstrap, self.topics, settle=self.settle)
+        if self.processes > 1:
+            self._run_shares(progress)
+        else:
+            self.reader = TopicReader(self.bootstrap, self.topics, settle=self.settle)
+            self.result.projected = self._read(progress)
+        r = self.result
+        r.breaks = self.chain.finish()
+        r.chain_events, r.streams = self.chain.events, len(self.chain.streams)
+        summed = time.monotonic()
+        with psycopg.connect(self.dsn) as conn:
+            r.checksums = readmodels.checksum(conn, self.schema)
+        r.checksum_seconds = time.monotonic() - summed
+        r.seconds = time.monotonic() - started
+        return r
+
+    def _read(self, progress: Callable[[int, int], None] | None) -> int:
+        """Read `self.reader` to its end, verifying and applying; returns the new events."""
+        assert self.reader is not None
         applier = _Applier(self.dsn, self.schema)
         applier.thread.start()
         try:
@@ -256,16 +286,72 @@ class Replay:
                     break
         finally:
             applier.close()
+        return applier.applied
+
+    def _run_shares(self, progress: Callable[[int, int], None] | None) -> None:
+        """Read and apply in `processes` processes, one share of the partitions each; then
+        merge what they found and read on from where they stopped (for `swap`)."""
+        share = _Share(
+            self.dsn,
+            self.bootstrap,
+            tuple(self.topics),
+            self.schema,
+            self.as_of,
+            self.known_on,
+            self.until,
+            self.batch_size,
+            self.settle,
+            str(self.catalogue.root),
+            self.processes,
+        )
+        ctx = multiprocessing.get_context("spawn")  # no fork of a process with threads
+        out: Any = ctx.Queue()
+        procs = [ctx.Process(target=_read_share, args=(share, i, out)) for i in range(share.count)]
+        for proc in procs:
+            proc.start()
+        done: dict[int, _ShareResult] = {}
+        counts, expected = [0] * share.count, [0] * share.count
+        try:
+            while len(done) < share.count:
+                try:
+                    kind, index, value = out.get(timeout=1.0)
+                except queue.Empty:
+                    dead = [i for i, p in enumerate(procs) if p.exitcode is not None]
+                    if any(i not in done for i in dead):
+                        raise ReplayError("a replay process ended without its result") from None
+                    continue
+                if kind == "error":
+                    raise ReplayError(f"a replay process failed: {value}")
+                if kind == "expected":
+                    expected[index] = value
+                elif kind == "progress":
+                    counts[index] = value
+                    if progress:
+                        progress(sum(counts), max(sum(expected), sum(counts)))
+                else:
+                    done[index] = value
+        finally:
+            for proc in procs:
+                if proc.is_alive() and len(done) < share.count:
+                    proc.terminate()
+                proc.join()
         r = self.result
-        r.projected = applier.applied
-        r.breaks = self.chain.finish()
-        r.chain_events, r.streams = self.chain.events, len(self.chain.streams)
-        summed = time.monotonic()
-        with psycopg.connect(self.dsn) as conn:
-            r.checksums = readmodels.checksum(conn, self.schema)
-        r.checksum_seconds = time.monotonic() - summed
-        r.seconds = time.monotonic() - started
-        return r
+        start: dict[tuple[str, int], int] = {}
+        for index in sorted(done):
+            part = done[index]
+            r.records += part.result.records
+            r.projected += part.applied
+            r.after_as_of += part.result.after_as_of
+            r.after_known_on += part.result.after_known_on
+            r.after_limit += part.result.after_limit
+            r.undecodable += part.result.undecodable
+            r.undecodable_examples += part.result.undecodable_examples
+            r.undecodable_examples = r.undecodable_examples[:10]
+            for topic, n in part.result.per_topic.items():
+                r.per_topic[topic] = r.per_topic.get(topic, 0) + n
+            self.chain.merge(part.chain)
+            start.update(part.next)
+        self.reader = TopicReader(self.bootstrap, self.topics, settle=self.settle, start=start)
 
     def close(self) -> None:
         if self.reader is not None:
@@ -338,3 +424,61 @@ class Replay:
                 continue
             with psycopg.connect(self.dsn, autocommit=True) as own, own.transaction():
                 self.result.projected += batch.apply(own, self.schema)
+
+
+@dataclass(frozen=True)
+class _Share:
+    """What each process of a parallel replay needs (picklable)."""
+
+    dsn: str
+    bootstrap: str
+    topics: tuple[str, ...]
+    schema: str
+    as_of: date | None
+    known_on: date | None
+    until: dict[tuple[str, int], int] | None
+    batch_size: int
+    settle: float
+    schemas_root: str
+    count: int
+
+
+@dataclass
+class _ShareResult:
+    result: ReplayResult
+    chain: ChainCheck
+    next: dict[tuple[str, int], int]
+    applied: int
+
+
+def _read_share(share: _Share, index: int, out: Any) -> None:
+    """One process of a parallel replay: the partitions p with p % count == index."""
+    run = Replay(
+        share.dsn,
+        share.bootstrap,
+        share.topics,
+        share.schema,
+        as_of=share.as_of,
+        known_on=share.known_on,
+        until=share.until,
+        batch_size=share.batch_size,
+        settle=share.settle,
+        catalogue=Catalogue.load(Path(share.schemas_root)),
+        processes=1,
+    )
+    try:
+        run.reader = TopicReader(
+            share.bootstrap,
+            share.topics,
+            settle=share.settle,
+            partitions=lambda p: p % share.count == index,
+        )
+        out.put(("expected", index, run.reader.expected))
+        applied = run._read(lambda done, _expected: out.put(("progress", index, done)))
+        out.put(
+            ("done", index, _ShareResult(run.result, run.chain, dict(run.reader.next), applied))
+        )
+    except BaseException as exc:
+        out.put(("error", index, f"{type(exc).__name__}: {exc}"))
+    finally:
+        run.close()

@@ -55,18 +55,24 @@ def _hash(raw: bytes | None) -> bytes | None:
     return value if len(value) == 32 else None
 
 
-def link_of(headers: Mapping[str, bytes], value: bytes) -> Link | None:
+def link_of(
+    headers: Mapping[str, bytes], value: bytes, verified: bool | None = None
+) -> Link | None:
     """The link of a record (its headers, its value's bytes); None without chain headers.
 
     Hashes present but unreadable keep `hash_ok` False, so the stream shows as broken
-    rather than unknown: a record that claims a link and cannot show it is suspect."""
+    rather than unknown: a record that claims a link and cannot show it is suspect.
+    `verified`: whether its bytes give its hash, when the caller hashed them already (the
+    replay's `ChainCheck.add` says so), so it is not hashed twice."""
     raw_id = headers.get("stream_id")
     stream_id = raw_id.decode("utf-8", errors="replace") if raw_id else None
     raw_prev, raw_hash = headers.get("prev_hash"), headers.get("hash")
     if raw_prev is None and raw_hash is None:
         return None if stream_id is None else Link(stream_id, None, None, None)
     prev, digest = _hash(raw_prev), _hash(raw_hash)
-    ok = prev is not None and digest is not None and chain_hash(prev, value) == digest
+    if prev is None or digest is None:
+        return Link(stream_id, prev, digest, False)
+    ok = verified if verified is not None else chain_hash(prev, value) == digest
     return Link(stream_id, prev, digest, ok)
 
 

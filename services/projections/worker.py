@@ -14,6 +14,12 @@ Crashed", went on and committed past the batch (events lost from the published f
 after a database restart), and after a broker restart it stalled with its lag gauge at 0.
 A plain confluent-kafka batch consumer gives the loop those rules explicitly, and is
 faster (no per-event stream machinery).
+
+Decoding and applying overlap (issue 16): a batch is cut into chunks, this thread decodes
+one chunk while a thread of the worker's own applies the previous one in its transaction.
+Chunks are applied one after another, in order; after a chunk fails no later chunk of the
+batch is applied, and the batch fails, so the loop rewinds it and commits no offset past an
+effect that is not committed (what the failed attempt did commit comes again as duplicates).
 """
 
 from __future__ import annotations
@@ -22,6 +28,8 @@ import logging
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import psycopg
@@ -35,7 +43,7 @@ from likvard.consumer_loop import BatchLoop, ConsumerSource, is_database_error
 from likvard.inbox import Incoming, consumer_config, decode_event
 from likvard.ops import Heartbeat, Progress
 from likvard.telemetry import ConsumerLag
-from likvard.topic_reader import record_headers
+from likvard.topic_reader import header_map
 from services.projections import provenance, readmodels
 from services.projections.timeline_chain import Link, link_of
 
@@ -152,8 +160,19 @@ def _spans(
         span.end(end_time=end_ns)
 
 
+@dataclass
+class _Chunk:
+    """A chunk of a batch, decoded: its events, their traceparents and links, its marks."""
+
+    events: list[Incoming] = field(default_factory=list)
+    parents: list[str | None] = field(default_factory=list)
+    links: list[Link | None] = field(default_factory=list)
+    marks: provenance.Marks = field(default_factory=provenance.Marks)
+
+
 class ProjectionWorker:
-    """Kafka -> decode -> `Projector.apply`, one batch at a time, through `BatchLoop`."""
+    """Kafka -> decode -> `Projector.apply`, one batch at a time, through `BatchLoop`;
+    decoding a chunk overlaps applying the one before (`chunk` records each)."""
 
     def __init__(
         self,
@@ -163,37 +182,71 @@ class ProjectionWorker:
         *,
         group: str,
         batch_size: int = 1000,
+        chunk: int = 1000,
         heartbeat: Heartbeat | None = None,
     ) -> None:
         self.projector = projector
         self.catalogue = catalogue
         self.topics = topics
         self.batch_size = batch_size
+        self.chunk = max(1, chunk)
         self.progress = Progress(f"{group}", heartbeat=heartbeat)
         self.lag = ConsumerLag(group)
         self.undecodable = 0
+        self._applier: ThreadPoolExecutor | None = None
 
-    def handle(self, messages: list[Message]) -> None:
-        events: list[Incoming] = []
-        parents: list[str | None] = []
-        links: list[Link | None] = []
-        marks = provenance.Marks()
+    def _decode(self, messages: Sequence[Message]) -> _Chunk:
+        out = _Chunk()
+        decode, catalogue = decode_event, self.catalogue
         for m in messages:
             where = (str(m.topic()), int(m.partition() or 0), int(m.offset() or 0))
-            headers = record_headers(m)
-            named = {k: v or b"" for k, v in headers}
-            marks.add(*where, named)
+            named = header_map(m)
+            out.marks.add(*where, named)
             value = m.value() or b""
             try:
-                events.append(decode_event(self.catalogue, *where, value))
+                out.events.append(decode(catalogue, *where, value))
             except CodecError as exc:
                 self.undecodable += 1
                 log.warning("skipping %s[%s]@%s: %s", *where, exc)
                 continue
-            parents.append(_header(headers, "traceparent"))
-            links.append(link_of(named, value))
-        if events or marks:
-            self.projector.apply(events, parents, marks, links)
+            parent = named.get("traceparent")
+            out.parents.append(parent.decode("utf-8", errors="replace") if parent else None)
+            out.links.append(link_of(named, value))
+        return out
+
+    def _apply(self, chunk: _Chunk, failed: threading.Event) -> int:
+        if failed.is_set():  # an earlier chunk of the batch failed: apply nothing after it
+            raise _Skipped
+        try:
+            return self.projector.apply(chunk.events, chunk.parents, chunk.marks, chunk.links)
+        except BaseException:
+            failed.set()
+            raise
+
+    def handle(self, messages: list[Message]) -> None:
+        """Apply a batch; returns only when every chunk of it is committed, raises (the
+        first chunk's error) when one failed."""
+        if self._applier is None:
+            self._applier = ThreadPoolExecutor(1, thread_name_prefix="projection-apply")
+        failed = threading.Event()
+        pending: list[Future[int]] = []
+        try:
+            for start in range(0, len(messages), self.chunk):
+                if failed.is_set():
+                    break
+                chunk = self._decode(messages[start : start + self.chunk])
+                if chunk.events or chunk.marks:
+                    pending.append(self._applier.submit(self._apply, chunk, failed))
+        finally:
+            errors = []
+            for f in pending:
+                exc = f.exception()
+                if exc is not None and not isinstance(exc, _Skipped):
+                    errors.append(exc)
+        if errors:
+            raise errors[0]
+        if failed.is_set():
+            raise RuntimeError("a chunk of the batch failed")
 
     def run(self, consumer: ConsumerSource, stop: threading.Event) -> None:
         loop = BatchLoop(
@@ -209,14 +262,14 @@ class ProjectionWorker:
         try:
             loop.run(stop)
         finally:
+            if self._applier is not None:
+                self._applier.shutdown(wait=True)
+                self._applier = None
             self.projector.close()
 
 
-def _header(headers: Sequence[tuple[str, bytes | None]], name: str) -> str | None:
-    for key, value in headers:
-        if key == name and value is not None:
-            return value.decode("utf-8", errors="replace")
-    return None
+class _Skipped(Exception):
+    """A chunk not applied because an earlier chunk of its batch failed."""
 
 
 def build(
@@ -238,6 +291,7 @@ def build(
         topics,
         group=group,
         batch_size=batch_size,
+        chunk=max(500, batch_size // 4),  # at least 4 chunks to overlap in a large batch
         heartbeat=heartbeat,
     )
     overrides = {
