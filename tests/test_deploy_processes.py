@@ -54,6 +54,7 @@ SECRETS = {
     **dict.fromkeys(COMPOSE_SECRETS, "not-used-here"),
     "LIKVARD_PSEUDONYM_SECRET": "deploy-processes-pseudonym-secret-5f3a9c1e",
     "LIKVARD_KEK": base64.b64encode(os.urandom(32)).decode(),
+    "LIKVARD_CONSOLE_SECRET": base64.b64encode(os.urandom(32)).decode(),
 }
 DATABASE_VARS = URL_VARS
 KEYCLOAK_ISSUER = "http://keycloak:8080/realms/likvard"

@@ -328,7 +328,11 @@ def create_app(
         description="Follow-up reports per district and city-wide, the equal-access audit and"
         " case timelines, computed from the read models that the projection workers fold from"
         " every event. One person is counted once city-wide; cells under 5 persons are"
-        " suppressed, never shown. Add `format=csv` for CSV.",
+        " suppressed, never shown. Add `format=csv` for CSV. Read your writes: pass the"
+        " `Likvard-Position` tokens of your writes as `?after=TOKEN,...` (or the"
+        " `Likvard-After` header, the only way on `/access-log`, whose `after` is its page"
+        " cursor): the answer waits until the read models hold them (at most"
+        " LIKVARD_READ_WAIT_SECONDS, else 503 with Retry-After; a malformed token is 400).",
         lifespan=lifespan,
         responses=http.PROBLEM_RESPONSES,
         # read your writes: `?after=TOKEN` or Likvard-After waits for those writes

@@ -9,10 +9,10 @@ from __future__ import annotations
 import os
 import time
 import uuid
-from typing import Annotated, Any
+from typing import Any
 
 import psycopg
-from fastapi import Header, Request
+from fastapi import Request
 from psycopg import sql
 from psycopg_pool import ConnectionPool
 
@@ -85,20 +85,10 @@ def wait_until_projected(
 def caught_up_dependency(schema: str) -> Any:
     """A dependency for every reporting route: wait for the tokens asked for, if any."""
 
-    def caught_up(
-        request: Request,
-        header: Annotated[
-            str | None,
-            Header(
-                alias=AFTER_HEADER,
-                max_length=800,
-                description="Read your writes: the `Likvard-Position` tokens of your writes"
-                " (comma separated); the answer waits until the read models hold them (or"
-                " 503 with Retry-After). `?after=TOKEN` does the same, except where `after`"
-                " is a page cursor (`/access-log`).",
-            ),
-        ] = None,
-    ) -> None:
+    def caught_up(request: Request) -> None:
+        # Read from the request, not declared as parameters: every route takes them, and
+        # the route's own `after` (a page cursor) must stay its own in the API document.
+        header = request.headers.get(AFTER_HEADER)
         query = None if request.url.path in QUERY_EXEMPT else request.query_params.get("after")
         ids = parse_tokens(query, header)
         if not ids:

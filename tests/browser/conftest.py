@@ -47,15 +47,17 @@ def chromium_executable() -> str:
     return path
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def playwright() -> Iterator[Playwright]:
+    """Per module, not per session: Playwright's sync API runs an event loop on this thread
+    while it is open, and the tests after the browser tests call asyncio.run()."""
     with sync_playwright() as p:
         yield p
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(playwright: Playwright, chromium_executable: str) -> Iterator[Browser]:
-    """One headless Chromium for the session (never a downloaded one)."""
+    """One headless Chromium per module (never a downloaded one)."""
     launched = playwright.chromium.launch(
         executable_path=chromium_executable, headless=True, args=LAUNCH_ARGS
     )
