@@ -175,7 +175,8 @@ def add_routes(router: APIRouter, console: Console, settings: Settings) -> None:
         elif result.status == 404:
             text = _("The referral or intervention is not found.")
         elif result.status == 422:
-            code = (result.body or {}).get("code", "") if isinstance(result.body, dict) else ""
+            problem = result.body if isinstance(result.body, dict) else {}
+            code = str(problem.get("type", "")).rsplit("/", 1)[-1]  # the problem's code
             text = _("The referral service refused the answer: %(code)s.") % {"code": code}
         else:
             text = _("The referral service does not answer; try again shortly.")
