@@ -12,7 +12,8 @@ import hashlib
 import json
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any, Protocol
@@ -29,6 +30,7 @@ from likvard.db import check_schema_name, make_pool, migrate
 from likvard.topics import SERVICE_TOPICS
 
 GENESIS_HASH = bytes(32)
+_CONFLICT = "likvard-append-conflict"
 
 _meter = telemetry.meter("likvard.eventstore")
 _appended = _meter.create_counter(
@@ -51,6 +53,17 @@ class ConcurrencyError(Exception):
         self.stream_id = stream_id
         self.expected = expected
         self.actual = actual
+
+
+def append_error(stream_id: str, expected: int, actual: int) -> Exception:
+    """Why an append of a stream was refused: it moved on (ConcurrencyError), or it is at
+    the expected version but its head's last hash is not the hash the caller read."""
+    if actual != expected:
+        return ConcurrencyError(stream_id, expected, actual)
+    return RuntimeError(
+        f"stream {stream_id} is at version {actual}, but its head's last hash is not the"
+        " hash of its last event as read"
+    )
 
 
 @dataclass(frozen=True)
@@ -89,6 +102,22 @@ class StoredEvent:
 
 
 @dataclass(frozen=True)
+class PreparedAppend:
+    """One stream's events sealed, encoded and chained from `known_hash`, ready to write:
+    the head goes from `expected` to `version` and `last_hash` if still at `known_hash`."""
+
+    stream_id: str
+    expected: int
+    known_hash: bytes
+    rows: list[tuple[Any, ...]]
+    last_hash: bytes
+
+    @property
+    def version(self) -> int:
+        return self.expected + len(self.rows)
+
+
+@dataclass(frozen=True)
 class ChainBreak:
     """One place where the stored history does not match its hash chain."""
 
@@ -122,12 +151,38 @@ _COLUMNS = (
 
 
 _APPEND_SQL = f"""
-WITH ev AS (
+WITH h AS MATERIALIZED (
+    SELECT * FROM unnest(%b::text[], %b::int[], %b::int[], %b::bytea[], %b::bytea[])
+        AS h(stream_id, expected, version, known_hash, last_hash)
+), created AS (
+    INSERT INTO {{s}}.streams (stream_id, version, last_hash)
+    SELECT stream_id, version, last_hash FROM h WHERE expected = 0 ORDER BY stream_id
+    ON CONFLICT (stream_id) DO NOTHING
+    RETURNING stream_id
+), moved AS (
+    UPDATE {{s}}.streams st SET version = l.version, last_hash = l.last_hash
+    FROM (
+        SELECT cur.stream_id, h.expected, h.known_hash, h.version, h.last_hash
+        FROM {{s}}.streams cur JOIN h ON h.stream_id = cur.stream_id
+        WHERE h.expected > 0 ORDER BY cur.stream_id FOR UPDATE OF cur
+    ) l
+    WHERE st.stream_id = l.stream_id AND st.version = l.expected
+        AND st.last_hash = l.known_hash
+    RETURNING st.stream_id
+), ok AS (
+    SELECT stream_id FROM created UNION ALL SELECT stream_id FROM moved
+), ev AS (
     INSERT INTO {{s}}.events (stream_id, stream_version, event_id, event_type,
         schema_fingerprint, data, metadata, payload, occurred_at, recorded_at, prev_hash, hash)
-    SELECT * FROM unnest(%b::text[], %b::int[], %b::uuid[], %b::text[], %b::bytea[],
+    SELECT u.stream_id, u.stream_version, u.event_id, u.event_type, u.schema_fingerprint,
+        u.data, u.metadata, u.payload, u.occurred_at, u.recorded_at, u.prev_hash, u.hash
+    FROM unnest(%b::text[], %b::int[], %b::uuid[], %b::text[], %b::bytea[],
         %b::bytea[], %b::jsonb[], %b::jsonb[], %b::timestamptz[], %b::timestamptz[],
-        %b::bytea[], %b::bytea[])
+        %b::bytea[], %b::bytea[]) WITH ORDINALITY AS u(stream_id, stream_version, event_id,
+        event_type, schema_fingerprint, data, metadata, payload, occurred_at, recorded_at,
+        prev_hash, hash, n)
+    WHERE u.stream_id IN (SELECT stream_id FROM ok)
+    ORDER BY u.n
     RETURNING {_COLUMNS}
 ), ob AS (
     INSERT INTO {{s}}.outbox (global_position, stream_id, stream_version, key, event_id,
@@ -135,18 +190,21 @@ WITH ev AS (
     SELECT global_position, stream_id, stream_version, metadata->>'case_id', event_id,
         event_type, %b, data, metadata->>'traceparent'
     FROM ev ORDER BY stream_id, stream_version
-), head AS (
-    UPDATE {{s}}.streams s SET version = h.version, last_hash = h.last_hash
-    FROM unnest(%b::text[], %b::int[], %b::bytea[]) AS h(stream_id, version, last_hash)
-    WHERE s.stream_id = h.stream_id
 ), notified AS (
-    SELECT pg_notify(%b, '')
+    SELECT pg_notify(%b, ''), CASE WHEN NOT %s OR (SELECT count(*) FROM ok) = %s THEN 0
+        ELSE ('{_CONFLICT} ' || (SELECT count(*) FROM ok))::int END AS whole
 )
 SELECT ev.* FROM ev, notified ORDER BY ev.global_position
 """
-"""One statement writes the events of every stream, their outbox rows (in version order per
-stream, which the relay keeps) and the stream heads, and queues the NOTIFY. The arrays go in
-binary (%b): text form would escape every element."""
+"""One statement, so one round trip and (in autocommit) its own transaction: it checks
+each stream's head (a new stream must not exist; an existing one must be at the expected
+version with the last hash the chain was computed from, locked in id order as every
+writer does, so two batches do not deadlock), moves the heads that pass, writes their
+events (global positions in the order given: the semi-join must not reorder them) and
+outbox rows (in version order per stream, which the relay keeps) and queues the NOTIFY.
+Streams whose head check fails write nothing; when the batch is all or none, the cast in
+`notified` fails the whole statement instead. Arrays go in binary (%b): text form would
+escape every element."""
 
 
 def row_to_event(row: tuple[Any, ...]) -> StoredEvent:
@@ -199,6 +257,7 @@ class EventStore:
         self.producer = producer
         self.topic = topic
         self._t = sql.Identifier(schema)
+        self._personal_fields: dict[str, tuple[str, ...]] = {}
 
     @property
     def notify_channel(self) -> str:
@@ -214,16 +273,25 @@ class EventStore:
     def _refuse_unsealed(self, events: Sequence[NewEvent]) -> None:
         """Without a key store, personal details would be stored in clear: refuse."""
         for event in events:
-            for f in self.catalogue.schema(event.event_type)["fields"]:
-                if f["name"] != "personal":
-                    continue
-                if any(
-                    event.data.get(n) not in (None, [], ()) for n in f.get("likvard.personal", ())
-                ):
-                    raise ValueError(
-                        f"{event.event_type} holds personal details and this event store has"
-                        " no key store to seal them (set EventStore.personal)"
-                    )
+            if any(event.data.get(n) not in (None, [], ()) for n in self._personal(event)):
+                raise ValueError(
+                    f"{event.event_type} holds personal details and this event store has"
+                    " no key store to seal them (set EventStore.personal)"
+                )
+
+    def _personal(self, event: NewEvent) -> tuple[str, ...]:
+        """The personal fields of an event type's newest schema (looked up once per type:
+        the catalogue hands out a deep copy of the schema each time)."""
+        names = self._personal_fields.get(event.event_type)
+        if names is None:
+            names = tuple(
+                n
+                for f in self.catalogue.schema(event.event_type)["fields"]
+                if f["name"] == "personal"
+                for n in f.get("likvard.personal", ())
+            )
+            self._personal_fields[event.event_type] = names
+        return names
 
     def _encode(
         self, stream_id: str, version: int, event: NewEvent, recorded_at: datetime
@@ -257,30 +325,55 @@ class EventStore:
         expected_version: int,
         events: Sequence[NewEvent],
         *,
+        last_hash: bytes | None = None,
         before_commit: Callable[[], None] | None = None,
     ) -> list[StoredEvent]:
         """Append events and their outbox rows atomically, if the stream is still at
         `expected_version` (0 = the stream must not exist). Raises ConcurrencyError otherwise.
 
+        `last_hash` is the hash of the stream's last event as the caller read it (the
+        service has just loaded the stream): with it the append is one round trip.
         `before_commit` runs inside the transaction after every row is written: the fault
         tests use it to hold a transaction open while others commit."""
+        heads = None if last_hash is None else {stream_id: last_hash}
         return self.append_many(
-            [(stream_id, expected_version, events)], before_commit=before_commit
+            [(stream_id, expected_version, events)], heads=heads, before_commit=before_commit
         )
 
     def append_many(
         self,
         appends: Sequence[tuple[str, int, Sequence[NewEvent]]],
         *,
+        heads: Mapping[str, bytes] | None = None,
         before_commit: Callable[[], None] | None = None,
     ) -> list[StoredEvent]:
         """`append` for several streams (each at most once) in one transaction: all or none.
         Raises ConcurrencyError for a stream not at its expected version. Returns the stored
         events per stream in the order given, each stream's in version order.
 
-        A batch of many streams costs three statements, not three per stream: the new
-        streams are created in one, the others locked in one (in id order, as every writer
-        does, so two batches do not deadlock on each other's streams), then one writes all."""
+        One statement writes the whole batch (`_APPEND_SQL`); `heads` (the last hash of
+        streams the caller has read) saves reading the heads of existing streams first."""
+        prepared = self.prepare(appends, heads=heads)
+        if not prepared:
+            return []
+        hook = None if before_commit is None else (lambda _conn: before_commit())
+        stored, failed = self.write(prepared, all_or_none=True, before_commit=hook)
+        if failed:
+            stream_id = min(failed)
+            expected = next(p.expected for p in prepared if p.stream_id == stream_id)
+            raise append_error(stream_id, expected, failed[stream_id])
+        return stored
+
+    def prepare(
+        self,
+        appends: Sequence[tuple[str, int, Sequence[NewEvent]]],
+        *,
+        heads: Mapping[str, bytes] | None = None,
+    ) -> list[PreparedAppend]:
+        """Seal, encode and chain the events of each stream (each at most once) without
+        holding any lock: the rows `write` stores. Streams with no events are left out.
+        The head of an existing stream not in `heads` is read first (a stream not at its
+        expected version raises ConcurrencyError here)."""
         appends = [(s, v, list(e)) for s, v, e in appends if e]
         if not appends:
             return []
@@ -291,100 +384,146 @@ class EventStore:
             appends = [(s, v, e) for (s, v, _), e in zip(appends, sealed, strict=True)]
         else:
             self._refuse_unsealed([e for _, _, es in appends for e in es])
+        known = dict(heads or {})
+        unknown = sorted(s for s, v, _ in appends if v > 0 and s not in known)
+        if unknown:
+            found = self._heads(unknown)
+            for stream_id, expected, _ in sorted(appends):
+                if stream_id not in unknown:
+                    continue
+                actual, last_hash = found.get(stream_id, (0, GENESIS_HASH))
+                if actual != expected:
+                    raise ConcurrencyError(stream_id, expected, actual)
+                known[stream_id] = last_hash
         recorded_at = datetime.now(UTC)
-        # Encode before taking the stream locks: they are held only for the writes.
-        encoded = [
-            (
-                stream_id,
-                expected,
-                [
-                    (event, self._encode(stream_id, expected + i, event, recorded_at))
-                    for i, event in enumerate(events, start=1)
-                ],
-            )
-            for stream_id, expected, events in appends
-        ]
-        started = time.monotonic()
-        with self.pool.connection() as conn, conn.transaction():
-            heads = self._lock_streams(conn, {s: v for s, v, _ in appends})
+        prepared: list[PreparedAppend] = []
+        for stream_id, expected, events in appends:
+            start_hash = GENESIS_HASH if expected == 0 else known[stream_id]
+            prev_hash, version = start_hash, expected
             rows: list[tuple[Any, ...]] = []
-            new_heads: list[tuple[str, int, bytes]] = []
-            for stream_id, expected, items in encoded:
-                prev_hash, version = heads[stream_id], expected
-                for event, (data, metadata) in items:
-                    version += 1
-                    digest = chain_hash(prev_hash, data)
-                    rows.append(
-                        (
-                            stream_id,
-                            version,
-                            event.event_id,
-                            event.event_type,
-                            data[2:10],
-                            data,
-                            to_json(metadata),
-                            to_json(event.data),
-                            event.occurred_at,
-                            recorded_at,
-                            prev_hash,
-                            digest,
-                        )
+            for event in events:
+                version += 1
+                data, metadata = self._encode(stream_id, version, event, recorded_at)
+                digest = chain_hash(prev_hash, data)
+                rows.append(
+                    (
+                        stream_id,
+                        version,
+                        event.event_id,
+                        event.event_type,
+                        data[2:10],
+                        data,
+                        to_json(metadata),
+                        to_json(event.data),
+                        event.occurred_at,
+                        recorded_at,
+                        prev_hash,
+                        digest,
                     )
-                    prev_hash = digest
-                new_heads.append((stream_id, version, prev_hash))
-            cols = [list(c) for c in zip(*rows, strict=True)]
-            head_cols = [list(c) for c in zip(*new_heads, strict=True)]
-            result = conn.execute(
-                self._q(_APPEND_SQL), (*cols, self.topic, *head_cols, self.notify_channel)
-            ).fetchall()
-            if before_commit is not None:
-                before_commit()
-        attributes = {"service": self.producer}
-        _appended.add(len(result), attributes)
-        _append_seconds.record(time.monotonic() - started, attributes)
-        order = {stream_id: n for n, (stream_id, _, _) in enumerate(appends)}
-        stored = [row_to_event(r) for r in result]
-        return sorted(stored, key=lambda e: (order[e.stream_id], e.stream_version))
+                )
+                prev_hash = digest
+            prepared.append(PreparedAppend(stream_id, expected, start_hash, rows, prev_hash))
+        return prepared
 
-    def _lock_streams(
-        self, conn: psycopg.Connection[Any], expected: dict[str, int]
-    ) -> dict[str, bytes]:
-        """Create the new streams and lock the others (or raise ConcurrencyError for the
-        first not at its expected version); returns each stream's last hash."""
-        new = sorted(s for s, v in expected.items() if v == 0)
-        old = sorted(s for s, v in expected.items() if v > 0)
-        heads: dict[str, bytes] = {}
-        if new:
-            created = {
-                r[0]
-                for r in conn.execute(
-                    self._q(
-                        "INSERT INTO {s}.streams (stream_id, version, last_hash)"
-                        " SELECT unnest(%s::text[]), 0, %s"
-                        " ON CONFLICT (stream_id) DO NOTHING RETURNING stream_id"
-                    ),
-                    (new, GENESIS_HASH),
-                ).fetchall()
-            }
-            for stream_id in new:
-                if stream_id not in created:
-                    raise ConcurrencyError(stream_id, 0, self._version(conn, stream_id))
-                heads[stream_id] = GENESIS_HASH
-        if old:
+    def write(
+        self,
+        prepared: Sequence[PreparedAppend],
+        *,
+        all_or_none: bool,
+        before_commit: Callable[[psycopg.Connection[Any]], None] | None = None,
+    ) -> tuple[list[StoredEvent], dict[str, int]]:
+        """Store prepared appends (each stream at most once) in one statement and one
+        transaction. Returns the stored events (per stream in the order given, each
+        stream's in version order) and, per stream whose head had moved on, its version
+        now. `all_or_none` stores nothing when any stream fails; otherwise the others are
+        stored (group commit). Without `before_commit` the statement runs in autocommit:
+        one round trip is the whole transaction."""
+        if not prepared:
+            return [], {}
+        rows = [r for p in prepared for r in p.rows]
+        cols = [list(c) for c in zip(*rows, strict=True)]
+        head_cols = [
+            [p.stream_id for p in prepared],
+            [p.expected for p in prepared],
+            [p.version for p in prepared],
+            [p.known_hash for p in prepared],
+            [p.last_hash for p in prepared],
+        ]
+        params = (
+            *head_cols,
+            *cols,
+            self.topic,
+            self.notify_channel,
+            all_or_none,
+            len(prepared),
+        )
+        started = time.monotonic()
+        with self._autocommit() as conn:
+            try:
+                if before_commit is None:
+                    result = conn.execute(self._q(_APPEND_SQL), params).fetchall()
+                else:
+                    with conn.transaction():
+                        result = conn.execute(self._q(_APPEND_SQL), params).fetchall()
+                        before_commit(conn)
+            except psycopg.errors.InvalidTextRepresentation as exc:
+                if _CONFLICT not in str(exc):
+                    raise
+                result = []  # all or none, and a stream failed: nothing was stored
+            stored = [row_to_event(r) for r in result]
+            written = {e.stream_id for e in stored}
+            missing = [p for p in prepared if p.stream_id not in written]
+            failed: dict[str, int] = {}
+            if missing:
+                versions = self._versions(conn, [p.stream_id for p in missing])
+                failed = {
+                    p.stream_id: versions.get(p.stream_id, 0)
+                    for p in missing
+                    if versions.get(p.stream_id, 0) != p.expected
+                }
+                if not all_or_none or not failed:
+                    # At the expected version yet refused: its head's hash is not the
+                    # one read (append_error says so).
+                    failed = {p.stream_id: versions.get(p.stream_id, 0) for p in missing}
+        attributes = {"service": self.producer}
+        _appended.add(len(stored), attributes)
+        _append_seconds.record(time.monotonic() - started, attributes)
+        order = {p.stream_id: n for n, p in enumerate(prepared)}
+        return sorted(stored, key=lambda e: (order[e.stream_id], e.stream_version)), failed
+
+    @contextmanager
+    def _autocommit(self) -> Iterator[psycopg.Connection[Any]]:
+        """A pooled connection in autocommit for one block: a lone statement is then its
+        own transaction, with no BEGIN and COMMIT round trips around it."""
+        with self.pool.connection() as conn:
+            if conn.autocommit:
+                yield conn
+                return
+            conn.autocommit = True
+            try:
+                yield conn
+            finally:
+                with suppress(psycopg.Error):
+                    conn.autocommit = False
+
+    def _heads(self, stream_ids: Sequence[str]) -> dict[str, tuple[int, bytes]]:
+        """Version and last hash of each existing stream among these (one query)."""
+        with self._autocommit() as conn:
             rows = conn.execute(
                 self._q(
                     "SELECT stream_id, version, last_hash FROM {s}.streams"
-                    " WHERE stream_id = ANY(%s) ORDER BY stream_id FOR UPDATE"
+                    " WHERE stream_id = ANY(%s)"
                 ),
-                (old,),
+                (list(stream_ids),),
             ).fetchall()
-            found = {r[0]: (int(r[1]), bytes(r[2])) for r in rows}
-            for stream_id in old:
-                actual, last_hash = found.get(stream_id, (0, GENESIS_HASH))
-                if actual != expected[stream_id]:
-                    raise ConcurrencyError(stream_id, expected[stream_id], actual)
-                heads[stream_id] = last_hash
-        return heads
+        return {r[0]: (int(r[1]), bytes(r[2])) for r in rows}
+
+    def _versions(self, conn: psycopg.Connection[Any], stream_ids: list[str]) -> dict[str, int]:
+        rows = conn.execute(
+            self._q("SELECT stream_id, version FROM {s}.streams WHERE stream_id = ANY(%s)"),
+            (stream_ids,),
+        ).fetchall()
+        return {r[0]: int(r[1]) for r in rows}
 
     def _version(self, conn: psycopg.Connection[Any], stream_id: str) -> int:
         row = conn.execute(
@@ -393,11 +532,12 @@ class EventStore:
         return 0 if row is None else int(row[0])
 
     def stream_version(self, stream_id: str) -> int:
-        with self.pool.connection() as conn:
+        with self._autocommit() as conn:
             return self._version(conn, stream_id)
 
     def read_stream(self, stream_id: str) -> list[StoredEvent]:
-        with self.pool.connection() as conn:
+        """One round trip: a lone SELECT in autocommit, no transaction of its own."""
+        with self._autocommit() as conn:
             cur = conn.execute(
                 self._q(
                     f"SELECT {_COLUMNS} FROM {{s}}.events WHERE stream_id = %s"
@@ -412,7 +552,7 @@ class EventStore:
         streams: dict[str, list[StoredEvent]] = {sid: [] for sid in stream_ids}
         if not streams:
             return streams
-        with self.pool.connection() as conn:
+        with self._autocommit() as conn:
             cur = conn.execute(
                 self._q(
                     f"SELECT {_COLUMNS} FROM {{s}}.events WHERE stream_id = ANY(%s)"

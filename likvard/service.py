@@ -12,7 +12,8 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Generic, Protocol, TypeVar
 
-from likvard.eventstore import ConcurrencyError, EventStore, NewEvent, StoredEvent
+from likvard.eventstore import GENESIS_HASH, ConcurrencyError, EventStore, NewEvent, StoredEvent
+from likvard.group_commit import GroupCommitter
 from likvard.http import RequestContext
 
 
@@ -38,6 +39,10 @@ class Decided(Generic[S]):
 
 
 class StreamService(Generic[C, S, E]):
+    committer: GroupCommitter | None = None
+    """When set, appends go through it: concurrent commands on other streams share one
+    transaction, each answered only after that commit."""
+
     def __init__(
         self,
         store: EventStore,
@@ -76,6 +81,7 @@ class StreamService(Generic[C, S, E]):
         return self._district_of(state, event)
 
     def load(self, stream_id: str) -> tuple[S, int, list[StoredEvent]]:
+        """The stream's state, version and events, in one round trip (no transaction)."""
         events = self.store.read_stream(stream_id)
         return self.fold(events), len(events), events
 
@@ -95,8 +101,15 @@ class StreamService(Generic[C, S, E]):
 
         `decide` replaces the service's decider for this call (when the decision needs facts
         the caller looked up first); `district`, `case_id` and `causation_id` (the event that
-        caused this decision) go into the events' metadata."""
-        state, version, _ = self.load(stream_id)
+        caused this decision) go into the events' metadata. With `expected_version` 0 the
+        stream is not read: the decision is made on the initial state and the append at
+        version 0 is refused if the stream exists (one round trip in all)."""
+        if expected_version == 0:
+            # A new stream (a registration): nothing to read. If it exists after all, the
+            # append at version 0 is refused with its actual version, as the read would.
+            state, version, events = self._initial(), 0, list[StoredEvent]()
+        else:
+            state, version, events = self.load(stream_id)
         if expected_version is not None and expected_version != version:
             raise ConcurrencyError(stream_id, expected_version, version)
         new_events = list((decide or self._decide)(command, state))
@@ -116,5 +129,10 @@ class StreamService(Generic[C, S, E]):
                     traceparent=ctx.traceparent,
                 )
             )
-        stored = self.store.append(stream_id, version, to_store)
+        # The chain continues from the last event just read: the append is one round trip.
+        last_hash = events[-1].hash if events else GENESIS_HASH
+        if self.committer is not None:
+            stored = self.committer.append(stream_id, version, to_store, last_hash=last_hash)
+        else:
+            stored = self.store.append(stream_id, version, to_store, last_hash=last_hash)
         return Decided(state, version + len(stored), stored)
