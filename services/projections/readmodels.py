@@ -413,7 +413,7 @@ def _upsert(schema: str) -> sql.Composed:
             sql.SQL("u.{}::{}").format(sql.Identifier(n), sql.SQL(types[n])) for n in FACT_NAMES
         ),
         sql.SQL(", ").join(
-            sql.SQL("%s::{}[]").format(sql.SQL("text" if types[n].endswith("[]") else types[n]))
+            sql.SQL("%b::{}[]").format(sql.SQL("text" if types[n].endswith("[]") else types[n]))
             for n in FACT_NAMES
         ),
         sql.SQL(", ").join(sql.Identifier(n) for n in FACT_NAMES),
