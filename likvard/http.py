@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import random
 import re
 import time
 import traceback
 import uuid
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, date, datetime
 from typing import Annotated, Any
@@ -245,7 +246,11 @@ class RequestContext:
 def request_context(request: Request, actor: str) -> RequestContext:
     """The context of a request by `actor`: the verified principal's subject (given by
     `likvard.guard.Ctx`), never a header the caller writes."""
-    correlation = request.headers.get("x-correlation-id") or str(uuid.uuid4())
+    # Not uuid4(): its os.urandom releases the GIL on the event loop, which then waits up to
+    # a switch interval for it (issue 16); a correlation id need not be unguessable.
+    correlation = request.headers.get("x-correlation-id") or str(
+        uuid.UUID(int=random.getrandbits(128), version=4)
+    )
     if len(correlation) > 128:
         raise ProblemError(
             400,
@@ -399,6 +404,77 @@ class _BodyTooLarge(Exception):
     """Raised into the app when the body passes the limit; the 413 is already sent."""
 
 
+_TRACE_HEADERS = (b"traceparent", b"tracestate")
+
+
+def _trace_headers(headers: Sequence[tuple[bytes, bytes]]) -> dict[str, str]:
+    """The W3C trace headers of a request (the first of each), as the propagator reads them."""
+    found: dict[str, str] = {}
+    for key, value in headers:
+        if key in _TRACE_HEADERS and key.decode() not in found:
+            found[key.decode()] = value.decode("latin-1")
+    return found
+
+
+class RequestTelemetry:
+    """Pure ASGI middleware: one SERVER span per request (its parent the caller's
+    `traceparent`), renamed to the route template once the router has matched, and the
+    `http.server.request.duration` histogram by service, method, route and status. An
+    exception that escapes the app before its answer started is answered 500 problem here,
+    so the connection stays usable. Pure ASGI rather than `BaseHTTPMiddleware`: that one
+    runs the app in a task of its own and relays every message through a stream, which
+    cost as much of the event loop's CPU as the route itself (issue 16)."""
+
+    def __init__(self, app: ASGIApp, tracer: trace.Tracer, service: str) -> None:
+        self.app, self.tracer, self.service = app, tracer, service
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        method, path = scope["method"], scope["path"]
+        parent = telemetry.context_from_headers(_trace_headers(scope["headers"]))
+        started = time.monotonic()
+        status: int | None = None
+
+        async def send_noting_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        with self.tracer.start_as_current_span(
+            f"{method} {path}",
+            context=parent,
+            kind=trace.SpanKind.SERVER,
+            attributes={"http.request.method": method, "url.path": path},
+        ) as span:
+            try:
+                await self.app(scope, receive, send_noting_status)
+            except Exception as exc:  # answered here, so the connection stays usable
+                span.set_status(trace.StatusCode.ERROR, type(exc).__name__)
+                if status is not None:  # the answer has begun: nothing else can be sent
+                    raise
+                await unexpected(Request(scope), exc)(scope, receive, send_noting_status)
+            route = scope.get("route")
+            # The route template, never the path: paths hold ids (many series otherwise).
+            template = route.path if route is not None and hasattr(route, "path") else "other"
+            if template != "other":
+                span.update_name(f"{method} {template}")
+                span.set_attribute("http.route", template)
+            code = status if status is not None else 500
+            span.set_attribute("http.response.status_code", code)
+            _duration.record(
+                time.monotonic() - started,
+                {
+                    "service": self.service,
+                    "http.request.method": method,
+                    "http.route": template,
+                    "http.response.status_code": code,
+                },
+            )
+
+
 def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
     """503 while the database cannot serve (down, restarting, out of connections): the
     client may retry, nothing was changed. Logged with the exception's type, not its text."""
@@ -436,6 +512,23 @@ def _document_problems(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+NATIVE_TELEMETRY_OFF = {"tracing": False, "metrics": False, "logs": False, "operation_spans": False}
+"""`FastAPI(telemetry=...)` that turns FastAPI's own instrumentation off (see below)."""
+
+
+def _without_native_telemetry(app: FastAPI) -> None:
+    """FastAPI (0.16x) instruments every request itself once a tracer or meter provider is
+    set: a second SERVER span, spans around dependency resolution, the endpoint and
+    serialization, a second `http.server.request.duration` (other labels) and, with a log
+    provider, exception messages in logs (which may quote submitted data). `RequestTelemetry`
+    is the instrumentation this project's traces, tests and dashboards read; FastAPI's
+    doubled the tracing cost of a request (issue 16). Its settings are read per request
+    from the dict the app was built with, so they are turned off here, in place."""
+    config = getattr(app, "_telemetry", None)
+    if isinstance(config, dict):
+        config.update(NATIVE_TELEMETRY_OFF)
+
+
 def install(
     app: FastAPI, service: str, *, max_request_bytes: int = DEFAULT_MAX_REQUEST_BYTES
 ) -> None:
@@ -443,44 +536,12 @@ def install(
     service's app."""
     tracer = telemetry.tracer(f"likvard.{service}.http")
     telemetry.setup_metrics(service)
+    _without_native_telemetry(app)
     _document_problems(app)
     # Added before the tracing middleware, so it runs inside it: a 413 is traced and counted.
     app.add_middleware(BodyLimit, max_bytes=max_request_bytes)
 
-    @app.middleware("http")
-    async def trace_requests(
-        request: Request, call_next: Callable[[Request], Awaitable[Response]]
-    ) -> Response:
-        parent = telemetry.context_from_headers(dict(request.headers))
-        started = time.monotonic()
-        with tracer.start_as_current_span(
-            f"{request.method} {request.url.path}",
-            context=parent,
-            kind=trace.SpanKind.SERVER,
-            attributes={"http.request.method": request.method, "url.path": request.url.path},
-        ) as span:
-            try:
-                response = await call_next(request)
-            except Exception as exc:  # answered here, so the connection stays usable
-                span.set_status(trace.StatusCode.ERROR, type(exc).__name__)
-                response = unexpected(request, exc)
-            route = request.scope.get("route")
-            # The route template, never the path: paths hold ids (many series otherwise).
-            template = route.path if route is not None and hasattr(route, "path") else "other"
-            if template != "other":
-                span.update_name(f"{request.method} {template}")
-                span.set_attribute("http.route", template)
-            span.set_attribute("http.response.status_code", response.status_code)
-            _duration.record(
-                time.monotonic() - started,
-                {
-                    "service": service,
-                    "http.request.method": request.method,
-                    "http.route": template,
-                    "http.response.status_code": response.status_code,
-                },
-            )
-            return response
+    app.add_middleware(RequestTelemetry, tracer=tracer, service=service)
 
     @app.get(
         "/metrics",

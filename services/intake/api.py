@@ -270,7 +270,8 @@ class EventView(BaseModel):
     prev_hash: str
 
 
-def _service(request: Request) -> IntakeService:
+async def _service(request: Request) -> IntakeService:
+    """A coroutine, so FastAPI resolves it on the event loop, not with a thread hop."""
     svc: IntakeService = request.app.state.service
     return svc
 
@@ -294,6 +295,15 @@ def _result(case_id: uuid.UUID, decided: Any, response: Response) -> CommandResu
         investigation_id=None,
         plan_id=None,
     )
+
+
+def _json_answer(result: BaseModel, status: int, response: Response) -> Response:
+    """The answer as JSON, with the headers set on `response`. Built here because FastAPI,
+    given a model, validates it again against `response_model` (and for a plain function,
+    in a thread-pool hop of its own); the model was built valid a line before."""
+    answer = Response(result.model_dump_json(), status_code=status, media_type="application/json")
+    answer.headers.raw.extend(response.headers.raw)
+    return answer
 
 
 def _event_view(e: StoredEvent, payload: dict[str, Any]) -> EventView:
@@ -439,7 +449,7 @@ def create_app(
         ctx: Ctx,
         request: Request,
         response: Response,
-    ) -> CommandResult:
+    ) -> Response:
         guard.authorize(request, caller, Action.CASE_REGISTER, DistrictScope(body.district))
         try:
             person = pseudonymise(body.personal_identity_number, secret)
@@ -463,7 +473,7 @@ def create_app(
         )
         result = run(svc, case_id, command, '"0"', ctx, response)
         response.headers["Location"] = f"/cases/{case_id}"
-        return result
+        return _json_answer(result, 201, response)
 
     @app.post(
         "/cases/{case_id}/assessments",
