@@ -16,6 +16,11 @@ packaged ones are development keys whose private halves are in the repository's 
 Keys are parsed once; a `kid` nobody knows makes the registry re-read its files (at most
 every `RELOAD_INTERVAL` seconds), so a new key is picked up without a restart.
 
+Verifying is the ingest's costliest step per record, so it does no more than it must: a
+protected header is parsed and checked once per distinct header (a system signs every
+record with the same one), and `verify_many` checks a batch's signatures on a small thread
+pool (cryptography releases the GIL while OpenSSL verifies).
+
 A system may write for its own district and for the former districts that it took over
 (whose successor chain in the district reference data leads to it): Nordost's system may
 write for a case still recorded under Angered, Angered's for Angered's only.
@@ -23,6 +28,8 @@ write for a case still recorded under Angered, Angered's for Angered's only.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import contextlib
 import json
 import os
@@ -30,14 +37,18 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from joserfc import jws
+from joserfc._rfc7515.compact import decode_header
+from joserfc._rfc7515.model import JWSAlgModel
 from joserfc.errors import JoseError
 from joserfc.jwk import ECKey, KeySet, RSAKey
 from joserfc.registry import HeaderParameter
+from joserfc.util import urlsafe_b64decode
 
 from likvard.districts import DistrictRegistry
 
@@ -93,6 +104,11 @@ _JWS = _Registry(
     header_registry={SYSTEM_PARAM: HeaderParameter("Likvärd district system id", "str", True)},
     algorithms=ALGORITHMS,
 )
+HEADER_CACHE_SIZE = 4096
+"""Distinct protected headers kept parsed (about one per key in use; cleared when full)."""
+PARALLEL_FROM = 32
+"""A batch with at least this many signatures is verified on the thread pool."""
+VERIFY_THREADS = max(1, min(4, os.cpu_count() or 1))
 
 
 # --- the signing input (pure) --------------------------------------------------------------
@@ -193,6 +209,62 @@ class _Entry:
     system: DistrictSystem
     key: ECKey | RSAKey
     alg: str
+    usable: bool = True
+    """joserfc's check of the key for its algorithm (use, type, alg), done once at load."""
+
+
+def _usable(key: ECKey | RSAKey, alg: str) -> bool:
+    try:
+        _JWS.get_alg(alg).check_key(key)
+    except (JoseError, ValueError, TypeError):
+        return False
+    return True
+
+
+@dataclass(frozen=True)
+class _Header:
+    """A protected header as parsed once: its parameters, or why it is refused.
+    `checked` is joserfc's registry check (a failure there reads as "does not verify")."""
+
+    protected: Mapping[str, Any] | None
+    checked: bool
+
+
+@dataclass(frozen=True)
+class _Check:
+    """One signature ready for the cryptographic check (everything else already passed)."""
+
+    entry: _Entry
+    alg: JWSAlgModel
+    message: bytes
+    signature: bytes
+
+
+def _parse_header(segment: bytes) -> _Header:
+    """What joserfc's `extract_compact` and `validate_compact` check of a protected header
+    (its size, base64url JSON with an alg, the registry's parameters), once per header."""
+    try:
+        _JWS.validate_header_size(segment)
+        protected = decode_header(segment)
+    except (JoseError, ValueError, TypeError):
+        return _Header(None, False)
+    try:
+        _JWS.check_header(protected)
+    except (JoseError, ValueError, TypeError):
+        return _Header(protected, False)
+    return _Header(protected, True)
+
+
+def _b64(data: bytes) -> bytes:
+    return base64.urlsafe_b64encode(data).rstrip(b"=")
+
+
+def _cryptographic(check: _Check) -> bool:
+    """OpenSSL's verification of one signature (releases the GIL)."""
+    try:
+        return bool(check.alg.verify(check.message, check.signature, check.entry.key))
+    except (JoseError, ValueError, TypeError):
+        return False
 
 
 def _covered(district: str, registry: DistrictRegistry | None) -> frozenset[str]:
@@ -283,7 +355,7 @@ def _load(
             key, kid, alg = _public_key(data, path)
             if kid in entries:
                 raise KeyRegistryError(f"The kid {kid} is used by more than one key.")
-            entries[kid] = _Entry(system, key, alg)
+            entries[kid] = _Entry(system, key, alg, _usable(key, alg))
     return systems, entries
 
 
@@ -305,6 +377,8 @@ class DistrictKeys:
         self._lock = threading.Lock()
         self.systems, self._entries = _load(systems_path, keys_dir, districts)
         self._loaded_at = clock()
+        self._headers: dict[bytes, _Header] = {}
+        self._pool: ThreadPoolExecutor | None = None
 
     @classmethod
     def from_env(
@@ -337,6 +411,54 @@ class DistrictKeys:
     def verify(self, key: bytes | None, value: bytes | None, headers: Headers) -> DistrictSystem:
         """The district system whose key signed this record; raises Unsigned or
         BadSignature."""
+        check = self._prepare(key, value, headers)
+        if not _cryptographic(check):
+            raise _does_not_verify()
+        return check.entry.system
+
+    def verify_many(
+        self, records: Sequence[tuple[bytes | None, bytes | None, Headers]]
+    ) -> list[DistrictSystem | SignatureError]:
+        """`verify` for a batch of (key, value, headers): for each record its signer, or
+        the Unsigned/BadSignature it would raise. The cryptographic checks of a large
+        batch run on a thread pool."""
+        out: list[DistrictSystem | SignatureError] = []
+        ready: list[tuple[int, _Check]] = []
+        for n, (key, value, headers) in enumerate(records):
+            try:
+                ready.append((n, self._prepare(key, value, headers)))
+                out.append(_PENDING)
+            except SignatureError as exc:
+                out.append(exc)
+        checks = [c for _, c in ready]
+        if len(checks) >= PARALLEL_FROM and VERIFY_THREADS > 1:
+            size = -(-len(checks) // VERIFY_THREADS)
+            chunks = [checks[i : i + size] for i in range(0, len(checks), size)]
+            results = [r for part in self._threads().map(_verify_chunk, chunks) for r in part]
+        else:
+            results = _verify_chunk(checks)
+        for (n, check), valid in zip(ready, results, strict=True):
+            out[n] = check.entry.system if valid else _does_not_verify()
+        return out
+
+    def _threads(self) -> ThreadPoolExecutor:
+        with self._lock:
+            if self._pool is None:
+                self._pool = ThreadPoolExecutor(VERIFY_THREADS, thread_name_prefix="verify")
+            return self._pool
+
+    def _header(self, segment: bytes) -> _Header:
+        found = self._headers.get(segment)
+        if found is None:
+            found = _parse_header(segment)
+            if len(self._headers) >= HEADER_CACHE_SIZE:
+                self._headers.clear()  # garbage headers must not grow it without bound
+            self._headers[segment] = found
+        return found
+
+    def _prepare(self, key: bytes | None, value: bytes | None, headers: Headers) -> _Check:
+        """Every check but the cryptographic one, in the order of the refusals' reasons;
+        raises Unsigned or BadSignature."""
         tokens = [v for k, v in headers if k == SIGNATURE_HEADER]
         if not tokens:
             raise Unsigned(
@@ -352,13 +474,18 @@ class DistrictKeys:
                 f"The '{SIGNATURE_HEADER}' header is not a JWS in compact serialisation with"
                 " detached content (<protected header>..<signature>)."
             )
+        segment, _, signature_segment = parts
+        header = self._header(segment)
         try:
-            obj = jws.extract_compact(token, signing_input(key, value, headers), _JWS)
-            protected = obj.headers()
+            _JWS.validate_compact_value_size(token)
+            _JWS.validate_signature_size(signature_segment)
         except (JoseError, ValueError, TypeError):
+            header = _Header(None, False)
+        protected = header.protected
+        if protected is None:
             raise BadSignature(
                 f"The '{SIGNATURE_HEADER}' header's protected header does not parse."
-            ) from None
+            )
         if "crit" in protected or "b64" in protected:
             raise BadSignature(
                 "The signature's protected header has 'crit' or 'b64': sign the"
@@ -377,16 +504,29 @@ class DistrictKeys:
             )
         if protected.get("alg") != entry.alg:
             raise BadSignature("The signature's alg is not the algorithm of its key.")
+        if not header.checked or not entry.usable:
+            raise _does_not_verify()
         try:
-            valid = jws.validate_compact(obj, entry.key, registry=_JWS)
-        except (JoseError, ValueError, TypeError):
-            valid = False
-        if not valid:
-            raise BadSignature(
-                "The signature does not verify with its key over this record's key, value"
-                " and headers (changed after signing, or signed over other bytes)."
-            )
-        return entry.system
+            signature = urlsafe_b64decode(signature_segment)
+        except (binascii.Error, ValueError, TypeError):
+            raise _does_not_verify() from None
+        message = segment + b"." + _b64(signing_input(key, value, headers))
+        return _Check(entry, _JWS.get_alg(entry.alg), message, signature)
+
+
+_PENDING = BadSignature("not checked yet")
+"""A placeholder in `verify_many`'s answer, replaced before it returns."""
+
+
+def _verify_chunk(checks: Sequence[_Check]) -> list[bool]:
+    return [_cryptographic(c) for c in checks]
+
+
+def _does_not_verify() -> BadSignature:
+    return BadSignature(
+        "The signature does not verify with its key over this record's key, value"
+        " and headers (changed after signing, or signed over other bytes)."
+    )
 
 
 def load_private_key(path: Path) -> ECKey | RSAKey:

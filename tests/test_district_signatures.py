@@ -334,3 +334,39 @@ def test_no_private_key_ships_in_the_package() -> None:
         for jwk in json.loads(path.read_text())["keys"]:
             assert not {"d", "p", "q", "dp", "dq", "qi"} & set(jwk), path.name
     assert not list(PACKAGED.rglob("*private*"))
+
+
+# --- verifying a batch (the ingest's path) --------------------------------------------------
+def _outcome(keys: DistrictKeys, k: bytes | None, v: bytes | None, h: Headers) -> object:
+    try:
+        return keys.verify(k, v, h)
+    except (Unsigned, BadSignature) as exc:
+        return (type(exc), exc.reason)
+
+
+def test_a_batch_is_judged_as_each_record_alone_on_the_thread_pool() -> None:
+    """`verify_many` (threads, parsed headers kept) answers exactly as `verify` does, record
+    by record, in the batch's order: a header seen before vouches for no other signature."""
+    good = [record(s.id) for s in KEYS.systems]  # ES256 and RS256
+    key, value, headers = good[0]
+    rest = [h for h in headers if h[0] != SIGNATURE_HEADER]
+    token = dict(headers)[SIGNATURE_HEADER] or b""
+    head, _, sig = token.split(b".")
+    other_sig = (dict(good[1][2])[SIGNATURE_HEADER] or b"").split(b".")[2]
+    spoiled: list[tuple[bytes | None, bytes | None, Headers]] = [
+        (key, value + b"!", headers),  # the same cached header, another record
+        (key, value, [*rest, (SIGNATURE_HEADER, head + b".." + other_sig)]),
+        (key, value, [*rest, (SIGNATURE_HEADER, head + b".." + sig[:-4])]),
+        (key, value, [*rest, (SIGNATURE_HEADER, head + b"..@@@@")]),
+        (key, value, [*rest, (SIGNATURE_HEADER, b"garbage")]),
+        (key, value, [*rest, (SIGNATURE_HEADER, b"bm90IGpzb24.." + sig)]),
+        (key, value, rest),
+        (key, value, [*headers, (SIGNATURE_HEADER, token)]),
+    ]
+    batch = (good + spoiled) * 5
+    assert len(batch) >= 32  # large enough for the pool
+    found = KEYS.verify_many(batch)
+    expected = [_outcome(KEYS, *r) for r in batch]
+    assert [x if not isinstance(x, Exception) else (type(x), x.reason) for x in found] == expected
+    assert sum(1 for x in found if not isinstance(x, Exception)) == len(good) * 5
+    assert KEYS.verify_many([]) == []

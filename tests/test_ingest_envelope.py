@@ -1053,3 +1053,63 @@ def test_the_mutation_property_can_see_both_outcomes() -> None:
     assert opened(source(value, event_type=sorted(PAYLOADS)[0])).event_id == EVENT_ID
     broken = bytes([0x00]) + value[1:]
     refused(source(broken, event_type=sorted(PAYLOADS)[0]), "decode", "not-single-object")
+
+
+# --- the signature stage for a batch ---------------------------------------------------
+def test_a_batch_of_signatures_gives_each_record_its_own_refusal() -> None:
+    """`check_signatures` answers per record as `check_signature` does; a fault of Likvärd's
+    in the batch path costs only the record it is about (internal), never the batch."""
+    from likvard.district_keys import SIGNATURE_HEADER, DistrictKeys
+    from likvard.ingest import check_signature, check_signatures
+
+    keys = DistrictKeys(districts=DISTRICTS)
+    system = DistrictSystem(CATALOGUE)
+    raw = [system.raw(CASE.encode(), b"\xc3\x01" + bytes([n]) * 40) for n in range(3)]
+    good = [
+        SourceRecord(
+            TOPIC,
+            0,
+            n,
+            r.key,
+            r.value,
+            tuple((k, v.encode() if isinstance(v, str) else v) for k, v in r.headers),
+        )
+        for n, r in enumerate(raw)
+    ]
+    unsigned = SourceRecord(TOPIC, 0, 9, CASE.encode(), b"x", (("event_type", b"CaseClosed"),))
+    tampered = SourceRecord(TOPIC, 0, 10, good[0].key, b"changed", good[0].headers)
+    batch = [*good, unsigned, tampered]
+    found = check_signatures(batch, keys)
+    assert [getattr(x, "code", x) for x in found] == [
+        *(keys.verify(r.key, r.value, r.headers) for r in good),
+        "unsigned",
+        "bad-signature",
+    ]
+    for r, x in zip(batch, found, strict=True):
+        try:
+            assert check_signature(r, keys) is x
+        except Rejected as rejected:
+            assert isinstance(x, Rejected) and (x.stage, x.code, x.reason) == (
+                rejected.stage,
+                rejected.code,
+                rejected.reason,
+            )
+
+    class Faulty(DistrictKeys):
+        def verify_many(self, records: Sequence[Any]) -> list[Any]:
+            raise RuntimeError("a bug")
+
+        def verify(self, key: bytes | None, value: bytes | None, headers: Any) -> Any:
+            if value == b"x":
+                raise RuntimeError("a bug")
+            return super().verify(key, value, headers)
+
+    faulty = check_signatures(batch, Faulty(districts=DISTRICTS))
+    assert [getattr(x, "code", None) for x in faulty] == [
+        None,
+        None,
+        None,
+        "internal-error",
+        "bad-signature",
+    ]
+    assert all(dict(r.headers).get(SIGNATURE_HEADER) for r in good)
