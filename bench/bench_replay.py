@@ -262,6 +262,8 @@ def replay_child(url: str, bootstrap: str, topics: list[str], schema: str, batch
                 "seconds": result.seconds - result.checksum_seconds,
                 "checksum_seconds": result.checksum_seconds,
                 "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+                # the largest of its processes, when the replay ran in several
+                "rss_part_mib": resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024,
             }
         )
     )
@@ -333,7 +335,8 @@ def main() -> None:
                 print(
                     f"  run {run + 1}: likvard  {mine[-1]:>10.0f} events/s  {f['seconds']:.1f} s"
                     f" (+ checksums {f['checksum_seconds']:.1f} s), {f['streams']} streams,"
-                    f" peak RSS {f['rss_mib']:.0f} MiB",
+                    f" peak RSS {f['rss_mib']:.0f} MiB (largest part process"
+                    f" {f['rss_part_mib']:.0f} MiB)",
                     flush=True,
                 )
         m, c = statistics.median(mine), statistics.median(ceilings)

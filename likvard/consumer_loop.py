@@ -171,14 +171,16 @@ class BatchLoop:
             else:
                 self.progress.broker_ok = False
                 log.warning("%s: consumer error: %s", self.progress.name, err)
+        busy = False
         if good:
             self.progress.broker_ok = True
-            self._handle(consumer, good, stop)
+            busy = self._handle(consumer, good, stop) and len(messages) >= self.batch_size
         else:
             self._when_idle()
-        self._refresh_lag(consumer)
+        self._refresh_lag(consumer, cached=busy)
 
-    def _handle(self, consumer: Consumer, messages: list[Message], stop: threading.Event) -> None:
+    def _handle(self, consumer: Consumer, messages: list[Message], stop: threading.Event) -> bool:
+        """Handle a batch and commit its offsets; False when it failed (and was rewound)."""
         try:
             self.handle(messages)
         except Exception as exc:
@@ -197,7 +199,7 @@ class BatchLoop:
             )
             rewind(consumer, messages)
             stop.wait(wait)
-            return
+            return False
         self.backoff.reset()
         self.progress.completed()
         try:
@@ -210,6 +212,7 @@ class BatchLoop:
                 self.progress.name,
                 exc.args[0] if exc.args else exc,
             )
+        return True
 
     def _when_idle(self) -> None:
         """With nothing to consume, check the database now and then, so readiness says
@@ -224,13 +227,18 @@ class BatchLoop:
             self.progress.database_ok = False
             log.info("%s: idle database check failed (%s)", self.progress.name, type(exc).__name__)
 
-    def _refresh_lag(self, consumer: Consumer) -> None:
+    def _refresh_lag(self, consumer: Consumer, *, cached: bool = False) -> None:
+        """The lag every `lag_interval`: from watermarks asked of the broker, or, while full
+        batches go through (`cached`), from those the fetches brought. Asking costs a round
+        trip per assigned partition, which on the dev broker blocked the loop for seconds
+        (issue 16: half the live projection's time); a busy loop is making progress anyway,
+        and the next partial or failing batch asks again."""
         now = time.monotonic()
         if now < self._next_lag:
             return
         self._next_lag = now + self.lag_interval
         try:
-            lags = fresh_lag(consumer)
+            lags = fresh_lag(consumer, cached=cached)
         except KafkaException as exc:
             self.progress.broker_ok = False
             log.info("%s: could not read watermarks (%s)", self.progress.name, exc)
@@ -242,8 +250,11 @@ class BatchLoop:
                 self.lag.set(topic, partition, n)
 
 
-def fresh_lag(consumer: Consumer, timeout: float = 2.0) -> dict[tuple[str, int], int]:
-    """Lag per assigned partition from watermarks asked of the broker now (not cached).
+def fresh_lag(
+    consumer: Consumer, timeout: float = 2.0, *, cached: bool = False
+) -> dict[tuple[str, int], int]:
+    """Lag per assigned partition from watermarks asked of the broker now (or, `cached`,
+    those its fetches last brought).
 
     The dev broker under-reports the high watermark after a multi-record batch (it says the
     last batch's base offset + 1), so a position past it counts as no lag; a partition not
@@ -254,7 +265,7 @@ def fresh_lag(consumer: Consumer, timeout: float = 2.0) -> dict[tuple[str, int],
     out: dict[tuple[str, int], int] = {}
     for tp in consumer.position(assignment):
         low, high = consumer.get_watermark_offsets(
-            TopicPartition(tp.topic, tp.partition), timeout=timeout, cached=False
+            TopicPartition(tp.topic, tp.partition), timeout=timeout, cached=cached
         )
         position = tp.offset if tp.offset is not None and tp.offset >= 0 else low
         out[(tp.topic, tp.partition)] = max(0, high - max(position, low))
