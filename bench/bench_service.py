@@ -15,11 +15,15 @@ import argparse
 import os
 import secrets
 import statistics
+import subprocess
+import sys
 import threading
 import time
+import types
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import psycopg
@@ -75,6 +79,39 @@ class Cases(Application[uuid.UUID]):
         case: Case = self.repository.get(case_id)
         case.close("GOALS_REACHED")
         self.save(case)
+
+
+BEFORE = "e748281"
+"""The commit before the one-round-trip append and group commit (issue 16): its event store
+and service layer, loaded from git, are the benchmark's "before"."""
+
+
+def before_service(store: EventStore, districts: DistrictRegistry, commit: str) -> Any:
+    """The intake service on the event store and service layer of `commit` (same schema)."""
+    modules: dict[str, types.ModuleType] = {}
+    for name in ("eventstore", "service"):
+        source = subprocess.run(
+            ["git", "show", f"{commit}:likvard/{name}.py"],
+            check=True,
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent.parent,
+        ).stdout
+        module = types.ModuleType(f"bench_before_{name}")
+        sys.modules[module.__name__] = module  # dataclasses look their module up
+        exec(compile(source, f"{commit}:likvard/{name}.py", "exec"), module.__dict__)
+        modules[name] = module
+    old = modules["eventstore"].EventStore(
+        store.pool, store.schema, store.catalogue, producer=store.producer, topic=store.topic
+    )
+    return modules["service"].StreamService(
+        old,
+        initial_state=d.initial_state,
+        evolve=d.evolve,
+        decide=lambda command, state: d.decide(command, state, districts),
+        to_domain=lambda t, data, at: d.DomainEvent(type=t, data=data, occurred_at=at),
+        district_of=lambda state, _event: state.district or "",
+    )
 
 
 def peer_env(url: str, pool_size: int) -> dict[str, str]:
@@ -155,7 +192,10 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 8])
     parser.add_argument(
-        "--modes", nargs="+", default=["direct", "group"], help="Likvärd: direct, group"
+        "--modes",
+        nargs="+",
+        default=["before", "direct", "group"],
+        help=f"Likvärd: before (the code of {BEFORE}), direct, group",
     )
     parser.add_argument(
         "--register-at",
@@ -183,6 +223,8 @@ def main() -> None:
         direct = make_service(store, districts)
         grouped = make_service(store, districts)
         services = {"direct": direct}
+        if "before" in args.modes:
+            services["before"] = before_service(store, districts, BEFORE)
         committer = None
         if "group" in args.modes:  # (the measurement before group commit existed had none)
             from likvard.group_commit import GroupCommitter

@@ -191,3 +191,20 @@ def test_a_batch_whose_backend_is_terminated_acknowledges_no_one(
     assert all(isinstance(o, list) and len(o) == 1 for o in outcomes), outcomes
     assert stored_rows(gstore, after)[:3] == (4, 4, 4)
     assert gstore.verify() == []
+
+
+def test_each_stored_row_matches_its_bytes(
+    gstore: EventStore, committer_for: Callable[..., GroupCommitter]
+) -> None:
+    """The statement takes the fingerprint and the time recorded from each event itself:
+    in a shared batch each row still carries its own (appends prepared at other times)."""
+    committer = committer_for(max_batch=3, max_wait=5.0)
+    streams = [str(uuid.uuid4()) for _ in range(3)]
+    concurrently([partial(committer.append, s, 0, [registered(), closed()]) for s in streams])
+    for stream_id in streams:
+        for e in gstore.read_stream(stream_id):
+            metadata = gstore.catalogue.decode(e.data).record["metadata"]
+            assert e.schema_fingerprint == e.data[2:10]
+            assert e.recorded_at == metadata["recorded_at"]
+            assert e.metadata["recorded_at"] == e.recorded_at.isoformat()
+    assert gstore.verify() == []
