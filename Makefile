@@ -47,6 +47,9 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.bench_replay
 	$(BIN)/python -m bench.bench_ingest
 	$(BIN)/python -m bench.bench_access_log
+	$(BIN)/python -m bench.bench_service
+	@command -v wrk >/dev/null || { echo "bench_http needs wrk: apt-get install wrk"; exit 1; }
+	$(BIN)/python -m bench.bench_http
 
 # Do the locks still match pyproject.toml? (Offline: every dependency pinned, to a version its
 # specifier allows, with hashes; nothing stale.) `make test` runs it first.
