@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # dependencies alone, the same versions) and requirements-build.lock (the build backend) are
 # the image's (deploy/Dockerfile).
 
-.PHONY: run test lint typecheck unit integration bench clean lock lock-check
+.PHONY: run test lint typecheck unit integration bench bench-replay-3m clean lock lock-check
 
 # Wheels only: an sdist would be built with build tools from outside the lock. Likvärd itself
 # is installed without build isolation (the locked setuptools builds it) and without
@@ -44,12 +44,16 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.bench_append
 	$(BIN)/python -m bench.bench_relay
 	$(BIN)/python -m bench.bench_projection
-	$(BIN)/python -m bench.bench_replay
+	$(BIN)/python -m bench.bench_replay --runs 1
 	$(BIN)/python -m bench.bench_ingest
 	$(BIN)/python -m bench.bench_access_log
 	$(BIN)/python -m bench.bench_service
 	@command -v wrk >/dev/null || { echo "bench_http needs wrk: apt-get install wrk"; exit 1; }
 	$(BIN)/python -m bench.bench_http
+
+# The replay of 3,000,000 chained events (how cost grows; several minutes on its own).
+bench-replay-3m: $(STAMP)
+	$(BIN)/python -m bench.bench_replay --events 3000000 --runs 1
 
 # Do the locks still match pyproject.toml? (Offline: every dependency pinned, to a version its
 # specifier allows, with hashes; nothing stale.) `make test` runs it first.
