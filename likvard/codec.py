@@ -492,25 +492,11 @@ class Catalogue:
             ) from None
         except ValueError as exc:
             if "UUID" not in str(exc):  # fastavro's reading of a uuid field
-                raise CorruptRecord(
-                    f"The body of a {what} event does not decode (ValueError);"
-                    " the bytes are truncated or corrupt."
-                ) from None
-            raise MalformedValue(
-                f"A {what} event has a uuid field whose value is not a UUID"
-                " (written as 8-4-4-4-12 hexadecimal digits)."
-            ) from None
+                raise _undecodable(what, "ValueError") from None
+            raise _not_a_uuid(what) from None
         except Exception as exc:  # arbitrary bytes may fail in any way
-            raise CorruptRecord(
-                f"The body of a {what} event does not decode ({type(exc).__name__});"
-                " the bytes are truncated or corrupt."
-            ) from None
-        extra = len(data) - HEADER_SIZE - body.tell()
-        if extra:
-            raise CorruptRecord(
-                f"A {what} event has {extra} unexpected bytes after its record;"
-                " the bytes are corrupt or were written with another schema."
-            )
+            raise _undecodable(what, type(exc).__name__) from None
+        _check_whole(what, data, body)
         if not isinstance(record, dict):
             raise CorruptRecord(f"The body of a {what} event did not decode to a record.")
         return Decoded(writer.event_type, writer.version, fp, _plain(record))
@@ -662,6 +648,30 @@ class _Compiler:
 _UNBUILT: Any = object()
 
 
+def _undecodable(what: str, error: str) -> CorruptRecord:
+    """The generic and the fast reader refuse undecodable bytes in the same words."""
+    return CorruptRecord(
+        f"The body of a {what} event does not decode ({error}); the bytes are truncated or corrupt."
+    )
+
+
+def _not_a_uuid(what: str) -> MalformedValue:
+    return MalformedValue(
+        f"A {what} event has a uuid field whose value is not a UUID"
+        " (written as 8-4-4-4-12 hexadecimal digits)."
+    )
+
+
+def _check_whole(what: str, data: bytes, body: io.BytesIO) -> None:
+    """The record took every byte after the header (else: corrupt, or another schema)."""
+    extra = len(data) - HEADER_SIZE - body.tell()
+    if extra:
+        raise CorruptRecord(
+            f"A {what} event has {extra} unexpected bytes after its record;"
+            " the bytes are corrupt or were written with another schema."
+        )
+
+
 class _FastReader:
     """Decoding with one writer schema that is the newest of its type (nearly every
     record): fastavro reads the schema stripped of the logical types, and one compiled
@@ -692,26 +702,12 @@ class _FastReader:
         except CodecError:
             raise
         except ValueError:  # as the generic path names it (a UnicodeDecodeError too)
-            raise CorruptRecord(
-                f"The body of a {what} event does not decode (ValueError);"
-                " the bytes are truncated or corrupt."
-            ) from None
+            raise _undecodable(what, "ValueError") from None
         except _BadUuid:
-            raise MalformedValue(
-                f"A {what} event has a uuid field whose value is not a UUID"
-                " (written as 8-4-4-4-12 hexadecimal digits)."
-            ) from None
+            raise _not_a_uuid(what) from None
         except Exception as exc:  # arbitrary bytes may fail in any way
-            raise CorruptRecord(
-                f"The body of a {what} event does not decode ({type(exc).__name__});"
-                " the bytes are truncated or corrupt."
-            ) from None
-        extra = len(data) - HEADER_SIZE - body.tell()
-        if extra:
-            raise CorruptRecord(
-                f"A {what} event has {extra} unexpected bytes after its record;"
-                " the bytes are corrupt or were written with another schema."
-            )
+            raise _undecodable(what, type(exc).__name__) from None
+        _check_whole(what, data, body)
         return record
 
 
