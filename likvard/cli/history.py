@@ -49,6 +49,13 @@ def replay(
     swap: bool = typer.Option(False, "--swap", help="Make the rebuilt read models live"),
     live: str = typer.Option("projections", help="The live read-model schema (for --swap)"),
     batch_size: int = typer.Option(5000, min=1, help="Events per transaction"),
+    processes: int | None = typer.Option(
+        None,
+        min=1,
+        max=64,
+        help="Processes reading and applying a share of the partitions each (default:"
+        " LIKVARD_REPLAY_PROCESSES, else 1)",
+    ),
 ) -> None:
     """Rebuild every read model from offset 0 into a fresh schema, verifying every stream's
     hash chain; prints a checksum per read model. Exit 1 if the chain is broken."""
@@ -81,6 +88,7 @@ def replay(
             as_of=as_of.date() if as_of else None,
             known_on=as_known_on.date() if as_known_on else None,
             batch_size=batch_size,
+            processes=processes,
         )
     except ValueError as exc:
         raise fail(str(exc)) from exc
