@@ -24,10 +24,7 @@ in the envelope too): the whole family, whatever `district` filter is asked for.
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
-import json
 import logging
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
@@ -53,7 +50,6 @@ from likvard.sealing import Sealer
 from likvard.telemetry import setup_tracing
 from services.projections import (
     access_log,
-    audit,
     case_view,
     caught_up,
     params,
@@ -62,7 +58,7 @@ from services.projections import (
     reproduce,
     stats,
 )
-from services.projections.audit import AuditCell, audit_report
+from services.projections.audit import AuditCell
 from services.projections.console import install_console
 from services.projections.history_api import install_history
 from services.projections.indicators_api import indicators_router
@@ -219,19 +215,7 @@ def _rows(items: Sequence[Any]) -> list[dict[str, Any]]:
 
 
 def _csv(rows: list[dict[str, Any]], columns: Sequence[str]) -> Response:
-    """CSV with a header even when there are no rows; empty cells for None."""
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=list(columns), lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: _csv_cell(v) for k, v in row.items()})
-    return Response(out.getvalue(), media_type="text/csv; charset=utf-8")
-
-
-def _csv_cell(value: Any) -> Any:
-    if value is None:
-        return ""
-    return ("true" if value else "false") if isinstance(value, bool) else value
+    return Response(reports.csv_text(rows, columns), media_type="text/csv; charset=utf-8")
 
 
 def _respond(rows: list[dict[str, Any]], columns: Sequence[str], fmt: Format) -> Response:
@@ -261,9 +245,7 @@ def _with_provenance(
         response: Response = JSONResponse(body)
     else:
         response = _respond(rows, columns, fmt)
-    response.headers[PROVENANCE_HEADER] = json.dumps(
-        prov, sort_keys=True, separators=(",", ":"), ensure_ascii=True
-    )
+    response.headers[PROVENANCE_HEADER] = reproduce.provenance_header(prov)
     if comparisons is not None:
         response.headers[COMPARISONS_HEADER] = str(comparisons)
     return response
@@ -443,24 +425,17 @@ def create_app(
         check_district(district, structure)
         if start is not None and end is not None and end < start:
             raise http.ProblemError(422, "bad-period", "Bad period", "`to` is before `from`.")
-        with reproduce.snapshot_transaction(conn):
-            rows = reports.audit_rows(conn, schema, structure=structure, registry=registry)
-            chosen = {"need_level": need_level, "gender": gender, "age_band": age_band}
-            made = audit_report(
-                audit.select(rows, start=start, end=end, **chosen), flag_rule=flag_rule
-            )
-            given: dict[str, Any] = {
-                "report": "equal-access",
-                "structure": structure,
-                "district": district,
-                "min_cell": reproduce.MIN_CELL,
-                "flag_rule": flag_rule,
-            }
-            # only the filters asked for: a record made before they existed reads the same
-            dates = {"from": start, "to": end}
-            given |= {k: v.isoformat() for k, v in dates.items() if v is not None}
-            given |= {k: v for k, v in chosen.items() if v is not None}
-            prov = reproduce.provenance_of(conn, schema, given)
+        asked = reproduce.EqualAccessAsked(
+            structure=structure,
+            district=district,
+            start=start,
+            end=end,
+            need_level=need_level,
+            gender=gender,
+            age_band=age_band,
+            flag_rule=flag_rule,
+        )
+        made, prov = reproduce.equal_access(conn, schema, registry, asked)
         cells = made.cells
         if district is not None:
             cells = [c for c in cells if c.district == district]

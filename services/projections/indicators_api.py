@@ -12,9 +12,7 @@ Included in the app of `services/projections/api.py` with
 
 from __future__ import annotations
 
-import csv
 import dataclasses
-import io
 from collections.abc import Iterator
 from typing import Annotated, Any, Literal
 
@@ -28,7 +26,7 @@ from likvard import guard, http
 from likvard.districts import DistrictRegistry
 from likvard.identity import Role
 from likvard.policy import Action, Decision, SystemScope
-from services.projections import indicators, params
+from services.projections import indicators, params, reports
 
 Structure = Literal["current", "as-recorded"]
 BreakdownName = Literal["gender", "age_band", "need_level"]
@@ -102,24 +100,9 @@ Allowed = Annotated[Decision, Depends(_report_read)]
 
 
 def _csv(figures: list[indicators.Figure]) -> Response:
-    """A header row, then one row per figure; ids space-separated, empty cells for None."""
-    out = io.StringIO()
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(FIGURE_COLUMNS)
-    for f in figures:
-        cells: list[str] = []
-        for name in FIGURE_COLUMNS:
-            value = getattr(f, name)
-            if value is None:
-                cells.append("")
-            elif isinstance(value, bool):
-                cells.append("true" if value else "false")
-            elif isinstance(value, list):
-                cells.append(" ".join(value))
-            else:
-                cells.append(str(value))
-        writer.writerow(cells)
-    return Response(out.getvalue(), media_type="text/csv; charset=utf-8")
+    """A header row, then one row per figure (case ids space-separated)."""
+    rows = (dataclasses.asdict(f) for f in figures)
+    return Response(reports.csv_text(rows, FIGURE_COLUMNS), media_type="text/csv; charset=utf-8")
 
 
 def indicators_router(schema: str, registry: DistrictRegistry) -> APIRouter:

@@ -30,7 +30,8 @@ from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass, fields
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import asdict, dataclass, fields
 from datetime import date, datetime
 from typing import Any, Literal
 
@@ -239,26 +240,32 @@ def to_csv(rows: list[ReportRow]) -> str:
     return out.getvalue()
 
 
-def audit_csv(cells: list[AuditCell]) -> str:
-    """The audit's cells as CSV, as `GET /reports/equal-access?format=csv` writes them (a
-    header row of every field, empty cells for None, true/false, numbers as Python writes
-    them), so the console's download and the API's answer are the same file."""
+def csv_cell(value: Any) -> Any:
+    """A value as the reporting CSVs write it: empty for None, true/false, a list as its
+    items separated by spaces (case ids), anything else as Python writes it."""
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list | tuple):
+        return " ".join(str(v) for v in value)
+    return value
+
+
+def csv_text(rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """The reporting API's CSV: a header row even when there are no rows, then each row's
+    cells (`csv_cell`) in `columns` order; the console's downloads are the same files."""
     out = io.StringIO()
-    names = [f.name for f in fields(AuditCell)]
-    writer = csv.writer(out, lineterminator="\n")
-    writer.writerow(names)
-    for cell in cells:
-        row: list[Any] = []
-        for name in names:
-            value = getattr(cell, name)
-            if value is None:
-                row.append("")
-            elif isinstance(value, bool):
-                row.append("true" if value else "false")
-            else:
-                row.append(value)
-        writer.writerow(row)
+    writer = csv.DictWriter(out, fieldnames=list(columns), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: csv_cell(v) for k, v in row.items()})
     return out.getvalue()
+
+
+def audit_csv(cells: list[AuditCell]) -> str:
+    """The audit's cells as `GET /reports/equal-access?format=csv` writes them."""
+    return csv_text((asdict(c) for c in cells), [f.name for f in fields(AuditCell)])
 
 
 def _fact_columns(conn: psycopg.Connection[Any], schema: str) -> set[str]:

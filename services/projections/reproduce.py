@@ -44,7 +44,7 @@ from likvard.db import check_schema_name
 from likvard.districts import DistrictRegistry
 from likvard.domain import CITY_TZ
 from services.projections import provenance, stats
-from services.projections.audit import AuditCell, AuditReport, FlagRule, audit_report
+from services.projections.audit import AuditCell, AuditReport, FlagRule, audit_report, select
 from services.projections.overdue import OverdueCounts, overdue_counts
 from services.projections.replay import Replay, ReplayError, as_of_cutoff
 from services.projections.reports import (
@@ -242,6 +242,64 @@ def snapshot_transaction(conn: psycopg.Connection[Any]) -> Iterator[None]:
     with conn.transaction():
         conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
         yield
+
+
+@dataclass(frozen=True)
+class EqualAccessAsked:
+    """What an equal-access audit is asked for (None: everyone), by the API or the console.
+    `district` only narrows the cells shown: the Holm family is always every district."""
+
+    structure: Structure = "current"
+    district: str | None = None
+    start: date | None = None
+    end: date | None = None
+    need_level: str | None = None
+    gender: str | None = None
+    age_band: str | None = None
+    flag_rule: FlagRule = "holm"
+
+    def given(self) -> dict[str, Any]:
+        """The provenance parameters: the filters only when asked for, so a record made
+        before they existed reads the same."""
+        out: dict[str, Any] = {
+            "report": "equal-access",
+            "structure": self.structure,
+            "district": self.district,
+            "min_cell": MIN_CELL,
+            "flag_rule": self.flag_rule,
+        }
+        dates = {"from": self.start, "to": self.end}
+        out |= {k: v.isoformat() for k, v in dates.items() if v is not None}
+        chosen = {"need_level": self.need_level, "gender": self.gender, "age_band": self.age_band}
+        return out | {k: v for k, v in chosen.items() if v is not None}
+
+
+def equal_access(
+    conn: psycopg.Connection[Any],
+    schema: str,
+    registry: DistrictRegistry,
+    asked: EqualAccessAsked,
+) -> tuple[AuditReport, dict[str, Any]]:
+    """The audit of the persons asked for and its provenance, in one snapshot (`conn` has
+    no transaction in progress); every cell, whatever `asked.district`."""
+    with snapshot_transaction(conn):
+        rows = audit_rows(conn, schema, structure=asked.structure, registry=registry)
+        chosen = select(
+            rows,
+            start=asked.start,
+            end=asked.end,
+            need_level=asked.need_level,
+            gender=asked.gender,
+            age_band=asked.age_band,
+        )
+        made = audit_report(chosen, flag_rule=asked.flag_rule)
+        prov = provenance_of(conn, schema, asked.given())
+    return made, prov
+
+
+def provenance_header(prov: Mapping[str, Any]) -> str:
+    """A provenance block as the `Likvard-Provenance` header carries it: compact ASCII JSON."""
+    return json.dumps(prov, sort_keys=True, separators=(",", ":"), ensure_ascii=True)
 
 
 def provenance_of(

@@ -53,16 +53,9 @@ def embed(svg: str, alt: str) -> str:
 
 
 @dataclass(frozen=True)
-class AuditFilters:
-    """What the equal-access page is asked for (None: every one)."""
-
-    structure: reports.Structure = "current"
-    start: date | None = None
-    end: date | None = None
-    need_level: str | None = None
-    gender: str | None = None
-    age_band: str | None = None
-    flag_rule: audit.FlagRule = "holm"
+class AuditFilters(reproduce.EqualAccessAsked):
+    """What the equal-access page is asked for (None: every one): the API's filters, and
+    the query string of its download links."""
 
     def query(self) -> str:
         """The filters as a query string (for the download links), only those set."""
@@ -76,20 +69,6 @@ class AuditFilters:
             "flag_rule": self.flag_rule,
         }
         return urlencode({k: v for k, v in pairs.items() if v})
-
-    def given(self) -> dict[str, Any]:
-        """The provenance parameters, as `GET /reports/equal-access` records them."""
-        out: dict[str, Any] = {
-            "report": "equal-access",
-            "structure": self.structure,
-            "district": None,
-            "min_cell": reproduce.MIN_CELL,
-            "flag_rule": self.flag_rule,
-        }
-        dates = {"from": self.start, "to": self.end}
-        out |= {k: v.isoformat() for k, v in dates.items() if v is not None}
-        chosen = {"need_level": self.need_level, "gender": self.gender, "age_band": self.age_band}
-        return out | {k: v for k, v in chosen.items() if v is not None}
 
 
 def _choice(
@@ -129,13 +108,13 @@ def audit_filters(query: Mapping[str, str]) -> tuple[AuditFilters, list[str]]:
     rule: audit.FlagRule = "band" if found == "band" else "holm"
     return (
         AuditFilters(
-            structure,
-            start,
-            end,
-            _choice(query, "need_level", audit.NEED_LEVELS, problems),
-            _choice(query, "gender", audit.GENDERS, problems),
-            _choice(query, "age_band", AGE_BAND_CODES, problems),
-            rule,
+            structure=structure,
+            start=start,
+            end=end,
+            need_level=_choice(query, "need_level", audit.NEED_LEVELS, problems),
+            gender=_choice(query, "gender", audit.GENDERS, problems),
+            age_band=_choice(query, "age_band", AGE_BAND_CODES, problems),
+            flag_rule=rule,
         ),
         problems,
     )

@@ -12,7 +12,6 @@ What the templates show is shaped in `analysis_views`.
 
 from __future__ import annotations
 
-import json
 from datetime import date, timedelta
 from typing import Any
 
@@ -81,19 +80,8 @@ def add_routes(
     def audit_of(
         request: Request, chosen: AuditFilters
     ) -> tuple[audit.AuditReport, dict[str, Any]]:
-        with pool(request).connection() as conn, reproduce.snapshot_transaction(conn):
-            rows = reports.audit_rows(conn, schema, structure=chosen.structure, registry=registry)
-            selected = audit.select(
-                rows,
-                start=chosen.start,
-                end=chosen.end,
-                need_level=chosen.need_level,
-                gender=chosen.gender,
-                age_band=chosen.age_band,
-            )
-            made = audit.audit_report(selected, flag_rule=chosen.flag_rule)
-            prov = reproduce.provenance_of(conn, schema, chosen.given())
-        return made, prov
+        with pool(request).connection() as conn:
+            return reproduce.equal_access(conn, schema, registry, chosen)
 
     def viewer_for(request: Request, scope: SystemScope) -> Viewer:
         viewer = console.viewer(request)
@@ -136,9 +124,7 @@ def add_routes(
             media_type="text/csv; charset=utf-8",
             headers={
                 "Content-Disposition": 'attachment; filename="equal-access.csv"',
-                "Likvard-Provenance": json.dumps(
-                    prov, sort_keys=True, separators=(",", ":"), ensure_ascii=True
-                ),
+                "Likvard-Provenance": reproduce.provenance_header(prov),
                 "Likvard-Comparisons": str(made.comparisons),
             },
         )
