@@ -16,7 +16,6 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import Response
 from psycopg_pool import ConnectionPool
 
-from likvard.identity import Role
 from likvard.policy import (
     EMERGENCY_REASONS,
     Action,
@@ -25,7 +24,7 @@ from likvard.policy import (
 )
 from likvard.sealing import ERASED, PERSONAL, UNREADABLE, WITHHELD, Sealer
 from services.projections import access_log, case_view, readmodels
-from services.projections.console.web import N_, PREFIX, Console, Refused
+from services.projections.console.web import N_, PREFIX, Console, Refused, reads_cases
 
 ID_PATTERN = r"^[A-Za-z0-9._:@-]+$"
 # The policy's emergency reasons, marked for the catalogue (the kernel's texts are English).
@@ -64,7 +63,7 @@ def add_routes(router: APIRouter, console: Console, schema: str) -> None:
         request: Request, case_id: Annotated[str | None, Query(max_length=128)] = None
     ) -> Response:
         viewer = console.viewer(request)
-        if not viewer.principal.roles & {Role.AUDITOR, Role.CASE_WORKER}:
+        if not reads_cases(viewer.principal):
             console.check(request, viewer, Action.CASE_HISTORY, SystemScope("case-timeline"))
         if case_id and re.fullmatch(ID_PATTERN, case_id):
             return console.redirect(f"{PREFIX}/cases/{quote(case_id, safe='')}")

@@ -19,7 +19,7 @@ from likvard.policy import Action, SystemScope
 from services.projections import history
 from services.projections.console.web import N_, PREFIX, Console, Viewer
 
-REPLAY_SCOPE = SystemScope("replay")  # as the history API names them
+REPLAY_SCOPE = SystemScope("replay")  # as the history API and the navigation name them
 VERIFY_SCOPE = SystemScope("verification")
 # A job's status as the templates show it (`_(job.status)`), marked for the catalogue.
 STATUS_WORDS = (N_("queued"), N_("running"), N_("done"), N_("failed"), N_("ok"))

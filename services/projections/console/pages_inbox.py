@@ -106,7 +106,7 @@ def add_routes(router: APIRouter, console: Console, settings: Settings) -> None:
         _ = console.gettext(viewer.language)
         found = _call("GET", f"/units/{quote(unit, safe='')}/referrals", viewer)
         if found.status == 403:
-            raise Refused(_("The referral service refused your unit's inbox."))
+            raise Refused(_("The referral service refused your unit's inbox."), viewer)
         entries: list[dict[str, Any]] = []
         if found.status == 200 and isinstance(found.body, list):
             entries = _order(found.body)
@@ -171,7 +171,7 @@ def add_routes(router: APIRouter, console: Console, settings: Settings) -> None:
                 " below and answer again if it is still needed."
             )
         elif result.status == 403:
-            raise Refused(_("Your roles do not allow this answer to the referral."))
+            raise Refused(_("Your roles do not allow this answer to the referral."), viewer)
         elif result.status == 404:
             text = _("The referral or intervention is not found.")
         elif result.status == 422:

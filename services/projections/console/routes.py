@@ -8,10 +8,11 @@ import binascii
 import inspect
 import logging
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
 from fastapi import APIRouter, FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
@@ -44,7 +45,7 @@ from services.projections.console.web import (
     Console,
     Refused,
     SignInNeeded,
-    Viewer,
+    language,
     local_path,
 )
 
@@ -125,7 +126,7 @@ def install_console(
     def login(
         request: Request, next: Annotated[str | None, Query(max_length=2000)] = None
     ) -> Response:
-        box = console._box()
+        box = console.require_box()
         p = need_provider()
         signin = new_signin(local_path(next))
         try:
@@ -134,10 +135,11 @@ def install_console(
                 signin.state,
                 signin.nonce,
                 signin.verifier,
-                i18n.language_of(request.cookies.get(LANGUAGE_COOKIE)),
+                language(request),
             )
         except SignInError as exc:
-            return _problem(request, 503, "Sign-in is not possible now", exc.reason)
+            _ = console.gettext(language(request))
+            return _problem(request, 503, _("Sign-in is not possible now"), exc.reason)
         response = console.redirect(target)
         cookie(response, request, SIGNIN_COOKIE, box.seal(SIGNIN_COOKIE, signin), SIGNIN_SECONDS)
         return response
@@ -149,10 +151,10 @@ def install_console(
         state: Annotated[str | None, Query(max_length=200)] = None,
         error: Annotated[str | None, Query(max_length=200)] = None,
     ) -> Response:
-        box = console._box()
+        box = console.require_box()
         p = need_provider()
         signin = box.signin(request.cookies.get(SIGNIN_COOKIE))
-        _ = console.gettext(i18n.language_of(request.cookies.get(LANGUAGE_COOKIE)))
+        _ = console.gettext(language(request))
         if error is not None:
             return _problem(
                 request, 400, _("Sign-in failed"), _("The identity provider refused the sign-in.")
@@ -177,7 +179,7 @@ def install_console(
             return _problem(request, 400, _("Sign-in failed"), exc.reason)
         session = new_session(tokens.access_token, tokens.expires_at)
         response = console.redirect(signin.next)
-        age = max(tokens.expires_at - int(__import__("time").time()), 60)
+        age = max(tokens.expires_at - int(time.time()), 60)
         cookie(response, request, SESSION_COOKIE, box.seal(SESSION_COOKIE, session), age)
         response.delete_cookie(SIGNIN_COOKIE, path=PREFIX)
         return response
@@ -209,15 +211,7 @@ def install_console(
         next: Annotated[str | None, Query(max_length=2000)] = None,
     ) -> Response:
         response = console.redirect(local_path(next))
-        response.set_cookie(
-            LANGUAGE_COOKIE,
-            i18n.language_of(lang),
-            max_age=365 * 86400,
-            path=PREFIX,
-            httponly=True,
-            samesite="lax",
-            secure=console.secure_for(request),
-        )
+        cookie(response, request, LANGUAGE_COOKIE, i18n.language_of(lang), 365 * 86400)
         return response
 
     @router.get("/static/console.css")
@@ -246,7 +240,7 @@ def install_console(
             if not request.url.path.startswith(PREFIX + "/") and request.url.path != PREFIX:
                 answer = api_handler(request, exc)
                 return await answer if inspect.isawaitable(answer) else answer
-            _ = console.gettext(i18n.language_of(request.cookies.get(LANGUAGE_COOKIE)))
+            _ = console.gettext(language(request))
             status = status_of(exc)
             titles = {
                 404: _("Page not found"),
@@ -265,18 +259,11 @@ def install_console(
 
     @app.exception_handler(SignInNeeded)
     async def sign_in_first(request: Request, exc: SignInNeeded) -> Response:
-        from urllib.parse import quote
-
         return console.redirect(f"{PREFIX}/login?next={quote(exc.next_page, safe='')}")
 
     @app.exception_handler(Refused)
     async def refused(request: Request, exc: Refused) -> Response:
-        viewer: Viewer | None
-        try:
-            viewer = console.viewer(request)
-        except SignInNeeded:
-            viewer = None
-        return console.render(request, viewer, "refused.html", 403, detail=exc.detail)
+        return console.render(request, exc.viewer, "refused.html", 403, detail=exc.detail)
 
     unlisted = {
         path
@@ -286,7 +273,3 @@ def install_console(
     if unlisted:
         raise RuntimeError(f"console routes without a policy entry: {sorted(unlisted)}")
     return console
-
-
-def signed_in_viewer(console: Console, request: Request) -> Viewer:
-    return console.viewer(request)

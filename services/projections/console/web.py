@@ -28,7 +28,7 @@ from likvard import guard
 from likvard.guard import AuthenticationError
 from likvard.http import ProblemError
 from likvard.identity import Principal, Role
-from likvard.policy import Action, Decision, Resource, SystemScope, allowed
+from likvard.policy import Action, Decision, Resource, SystemScope, UnitScope, allowed
 from services.projections.console import i18n
 from services.projections.console.session import (
     LANGUAGE_COOKIE,
@@ -50,15 +50,29 @@ def N_(message: str) -> str:
 TEMPLATES = Path(__file__).parent / "templates"
 
 
+# Who may open a case's page at all: the policy then decides per case, when it is opened.
+CASE_READERS = frozenset({Role.AUDITOR, Role.CASE_WORKER})
+
+
+def reads_cases(principal: Principal) -> bool:
+    return bool(principal.roles & CASE_READERS)
+
+
 @dataclass(frozen=True)
 class Page:
     """A page of the navigation: its path, its title (a message id), who may open it (the
-    action and resource the policy is asked about; None: everyone signed in)."""
+    action and resource the policy is asked about; no resource: a case's page, shown to
+    those who read cases, the policy asked per case)."""
 
     path: str
     title: str
-    action: Action | None
+    action: Action
     resource: Callable[[Principal], Resource] | None = None
+
+    def opens(self, viewer: Viewer) -> bool:
+        if self.resource is None:
+            return reads_cases(viewer.principal)
+        return viewer.may(self.action, self.resource(viewer.principal))
 
 
 def _system(name: str) -> Callable[[Principal], Resource]:
@@ -66,8 +80,6 @@ def _system(name: str) -> Callable[[Principal], Resource]:
 
 
 def _own_unit(p: Principal) -> Resource:
-    from likvard.policy import UnitScope
-
     return UnitScope(p.unit or "")
 
 
@@ -79,7 +91,7 @@ PAGES: tuple[Page, ...] = (
     Page("/inbox", N_("Unit inbox"), Action.UNIT_INBOX, _own_unit),
     Page("/cases", N_("Case timeline"), Action.CASE_HISTORY, None),
     Page("/access-log", N_("Access log"), Action.ACCESS_LOG_READ, _system("access-log")),
-    Page("/history", N_("History"), Action.REPLAY, _system("history")),
+    Page("/history", N_("History"), Action.REPLAY, _system("replay")),
 )
 
 # Every console route and what the policy is asked about it (None: no personal data and
@@ -126,16 +138,8 @@ class Viewer:
 
     @property
     def pages(self) -> list[Page]:
-        shown = []
-        for page in PAGES:
-            if page.action is None:
-                shown.append(page)
-            elif page.path == "/cases":
-                if self.principal.roles & {Role.AUDITOR, Role.CASE_WORKER}:
-                    shown.append(page)
-            elif page.resource is not None and self.may(page.action, page.resource(self.principal)):
-                shown.append(page)
-        return shown
+        """The navigation: the pages the policy lets this viewer open."""
+        return [p for p in PAGES if p.opens(self)]
 
 
 class SignInNeeded(Exception):
@@ -147,11 +151,13 @@ class SignInNeeded(Exception):
 
 
 class Refused(Exception):
-    """The policy refused the page (already logged by guard.authorize)."""
+    """The policy refused the page (already logged by guard.authorize); the refusal page
+    is shown to `viewer`, already verified."""
 
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str, viewer: Viewer) -> None:
         super().__init__(detail)
         self.detail = detail
+        self.viewer = viewer
 
 
 def language(request: Request) -> str:
@@ -197,7 +203,7 @@ class Console:
 
     def viewer(self, request: Request) -> Viewer:
         """The signed-in viewer, or SignInNeeded (GET) / 401 problem (a form post)."""
-        box = self._box()
+        box = self.require_box()
         session = box.session(request.cookies.get(SESSION_COOKIE))
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         if session is None:
@@ -209,7 +215,7 @@ class Console:
         request.state.principal = principal
         return Viewer(principal, session, language(request))
 
-    def _box(self) -> CookieBox:
+    def require_box(self) -> CookieBox:
         if self.box is None:
             raise ProblemError(
                 503,
@@ -234,7 +240,7 @@ class Console:
         except ProblemError as exc:
             if exc.status != 403:
                 raise
-            raise Refused(exc.detail) from None
+            raise Refused(exc.detail, viewer) from None
 
     def check_form(self, request: Request, viewer: Viewer, form: Mapping[str, Any]) -> None:
         """A form's anti-forgery token is the session's, and it comes from this origin."""
