@@ -11,13 +11,11 @@ import httpx
 import psycopg
 import pytest
 
-from likvard.config import Settings
 from likvard.http import ProblemError
 from services.projections import caught_up, readmodels
-from services.projections.api import create_app
+from services.projections.tests.reporting_app import reporting_app
 from services.projections.tests.test_reports import EVENTS
 from tests.identity import bearer
-from tests.support import serving
 
 CASE = "case-centrum-01-00"
 
@@ -42,13 +40,8 @@ def api(
     monkeypatch: pytest.MonkeyPatch,
 ) -> Iterator[str]:
     monkeypatch.setenv(caught_up.WAIT_ENV, "30")
-    with psycopg.connect(database_url, autocommit=True) as conn, conn.transaction():
-        readmodels.migrate(conn, schema)
-        readmodels.apply(conn, schema, EVENTS[:-1])  # all but the last event
-    app = create_app(
-        Settings(database_url=database_url), schema=schema, access_log_schema=new_schema("al")
-    )
-    with serving(app) as base:
+    # all but the last event: the test writes it while a read waits for it
+    with reporting_app(database_url, schema, new_schema("al"), EVENTS[:-1]) as base:
         yield base
 
 

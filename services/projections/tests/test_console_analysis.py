@@ -26,10 +26,9 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from likvard.config import Settings
 from likvard.domain import AGE_BANDS
 from likvard.inbox import Incoming
-from services.projections import api, audit, charts, readmodels
+from services.projections import api, audit, charts
 from services.projections.audit import PersonOutcome
 from services.projections.console import analysis_views
 from services.projections.console.session import (
@@ -38,9 +37,9 @@ from services.projections.console.session import (
     CookieBox,
     new_session,
 )
+from services.projections.tests.reporting_app import reporting_app
 from services.projections.tests.test_reports import Case
 from tests.identity import bearer, token
-from tests.support import serving
 
 SECRET = "a-console-secret-for-the-tests-only-0123456789"
 
@@ -215,18 +214,8 @@ def app_url(
 ) -> Iterator[tuple[str, str]]:
     """The projections app serving the console; its base URL and access-log schema."""
     monkeypatch.setenv("LIKVARD_CONSOLE_SECRET", SECRET)
-    with psycopg.connect(database_url, autocommit=True) as conn, conn.transaction():
-        readmodels.migrate(conn, schema)
-        readmodels.apply(conn, schema, EVENTS)
     al = new_schema("al")
-    settings = Settings(database_url=database_url)
-    app = api.create_app(settings, schema=schema, access_log_schema=al)
-    if not any(getattr(r, "path", "") == "/console/equal-access" for r in app.routes):
-        from likvard.districts import DistrictRegistry
-        from services.projections.console import install_console
-
-        install_console(app, settings, schema, DistrictRegistry.load())
-    with serving(app) as base_url:
+    with reporting_app(database_url, schema, al, EVENTS) as base_url:
         yield base_url, al
 
 

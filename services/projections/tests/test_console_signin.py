@@ -11,15 +11,12 @@ from html.parser import HTMLParser
 from urllib.parse import parse_qs, urljoin, urlsplit
 
 import httpx
-import psycopg
 import pytest
 
 from likvard import access_log_audit
 from likvard.config import Settings
-from services.projections import readmodels
-from services.projections.api import create_app
+from services.projections.tests.reporting_app import reporting_app
 from services.projections.tests.test_reports import EVENTS
-from tests.support import serving
 
 pytestmark = pytest.mark.integration
 
@@ -52,14 +49,8 @@ def console(
 ) -> Iterator[tuple[str, str]]:
     """The projections app with its console, serving; (base URL, access-log schema)."""
     monkeypatch.setenv("LIKVARD_CONSOLE_SECRET", SECRET)
-    with psycopg.connect(database_url, autocommit=True) as conn, conn.transaction():
-        readmodels.migrate(conn, schema)
-        readmodels.apply(conn, schema, EVENTS)
     log_schema = new_schema("al")
-    app = create_app(
-        Settings(database_url=database_url), schema=schema, access_log_schema=log_schema
-    )
-    with serving(app) as base:
+    with reporting_app(database_url, schema, log_schema, EVENTS) as base:
         yield base, log_schema
 
 
@@ -240,12 +231,7 @@ def test_without_a_secret_the_console_says_so(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.delenv("LIKVARD_CONSOLE_SECRET", raising=False)
-    with psycopg.connect(database_url, autocommit=True) as conn, conn.transaction():
-        readmodels.migrate(conn, schema)
-    app = create_app(
-        Settings(database_url=database_url), schema=schema, access_log_schema=new_schema("al")
-    )
-    with serving(app) as base:
+    with reporting_app(database_url, schema, new_schema("al"), []) as base:
         answer = httpx.get(f"{base}/console/", timeout=30)
         assert answer.status_code == 503
         assert "LIKVARD_CONSOLE_SECRET" in answer.text
