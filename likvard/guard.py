@@ -133,24 +133,38 @@ def signed_in(request: Request) -> Principal:
         raise _unauthorized(
             "missing-token", "Send an OpenID Connect access token as Authorization: Bearer."
         )
-    authenticator: Authenticator = request.app.state.authenticator
+    try:
+        principal = verified_principal(request.app.state.authenticator, token)
+    except IdentityNumberSubject as exc:
+        raise ProblemError(422, "identity-number-in-actor", "Actor refused", str(exc)) from exc
+    except AuthenticationError as exc:
+        raise _unauthorized(exc.code, exc.detail) from exc
+    request.state.principal = principal
+    return principal
+
+
+class IdentityNumberSubject(AuthenticationError):
+    """A token whose subject is shaped like a personal identity number: the subject becomes
+    the actor of events and access-log entries, so it must never be one."""
+
+    def __init__(self) -> None:
+        super().__init__(
+            "identity-number-in-actor",
+            "The token's subject is shaped like a personal identity number; the identity"
+            " provider must give an opaque subject.",
+        )
+
+
+def verified_principal(authenticator: Authenticator, token: str) -> Principal:
+    """The principal of a bearer token, as every API and the console take it: verified by
+    `authenticator` (or found in `_verified`: verified lately by it, not expired), its
+    subject no identity number; AuthenticationError (IdentityNumberSubject) otherwise."""
     principal = _verified.get(authenticator, token)
     if principal is None:
-        try:
-            principal = authenticator.authenticate(token)
-        except AuthenticationError as exc:
-            raise _unauthorized(exc.code, exc.detail) from exc
+        principal = authenticator.authenticate(token)
         if looks_like_identity_number(principal.subject):
-            # The subject becomes the actor of events and access-log entries: never a number.
-            raise ProblemError(
-                422,
-                "identity-number-in-actor",
-                "Actor refused",
-                "The token's subject is shaped like a personal identity number; the identity"
-                " provider must give an opaque subject.",
-            )
+            raise IdentityNumberSubject()
         _verified.put(authenticator, token, principal)
-    request.state.principal = principal
     return principal
 
 

@@ -202,16 +202,18 @@ class Console:
     # -- who is looking ---------------------------------------------------------------
 
     def viewer(self, request: Request) -> Viewer:
-        """The signed-in viewer, or SignInNeeded (GET) / 401 problem (a form post)."""
+        """The signed-in viewer, its token verified as the APIs verify theirs; else
+        SignInNeeded, back to this page (a form post: back to the start page)."""
         box = self.require_box()
         session = box.session(request.cookies.get(SESSION_COOKIE))
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        back = target if request.method == "GET" else PREFIX + "/"
         if session is None:
-            raise SignInNeeded(target if request.method == "GET" else PREFIX + "/")
+            raise SignInNeeded(back)
         try:
-            principal = request.app.state.authenticator.authenticate(session.token)
+            principal = guard.verified_principal(request.app.state.authenticator, session.token)
         except AuthenticationError:
-            raise SignInNeeded(target if request.method == "GET" else PREFIX + "/") from None
+            raise SignInNeeded(back) from None
         request.state.principal = principal
         return Viewer(principal, session, language(request))
 
