@@ -37,9 +37,10 @@ def _jobs(request: Request) -> history.ReplayJobs | None:
 
 
 def add_routes(router: APIRouter, console: Console, schema: str, settings: Settings) -> None:
-    def page(request: Request, *, error: str | None = None, status: int = 200) -> Response:
-        viewer = console.viewer(request)
-        console.check(request, viewer, Action.REPLAY, REPLAY_SCOPE)
+    def page(
+        request: Request, viewer: Viewer, *, error: str | None = None, status: int = 200
+    ) -> Response:
+        """The History page for a viewer the policy let in."""
         jobs = _jobs(request)
         replays = jobs.jobs(limit=10) if jobs is not None else []
         latest = jobs.latest_verification() if jobs is not None else None
@@ -58,46 +59,45 @@ def add_routes(router: APIRouter, console: Console, schema: str, settings: Setti
 
     @router.get("/history")
     def history_page(request: Request) -> Response:
-        return page(request)
+        viewer = console.viewer(request)
+        console.check(request, viewer, Action.REPLAY, REPLAY_SCOPE)
+        return page(request, viewer)
 
     def run(
         request: Request,
         viewer: Viewer,
-        action: Action,
         start: Callable[[history.ReplayJobs], uuid.UUID],
         texts: tuple[str, str],
         then: Callable[[uuid.UUID], str],
     ) -> Response:
-        """Start a job the policy allows; its page, or the History page saying why not
-        (`texts`: not available here, already running)."""
-        console.check(
-            request, viewer, action, REPLAY_SCOPE if action is Action.REPLAY else VERIFY_SCOPE
-        )
+        """Start a job (the caller has asked the policy); its page, or the History page
+        saying why not (`texts`: not available here, already running)."""
         _ = console.gettext(viewer.language)
         jobs = _jobs(request)
         try:
-            if jobs is None:
-                raise history.HistoryUnavailable("no history tables")
-            job_id = start(jobs)
+            job_id = start(jobs) if jobs is not None else None
         except history.HistoryUnavailable:
-            return page(request, error=_(texts[0]), status=503)
+            job_id = None
         except history.Busy:
-            return page(request, error=_(texts[1]), status=409)
+            return page(request, viewer, error=_(texts[1]), status=409)
+        if job_id is None:
+            return page(request, viewer, error=_(texts[0]), status=503)
         return console.redirect(then(job_id))
 
     @router.post("/history/replays")
     async def start_replay(request: Request) -> Response:
         def act(viewer: Viewer, form: dict[str, Any]) -> Response:
+            console.check(request, viewer, Action.REPLAY, REPLAY_SCOPE)
             _ = console.gettext(viewer.language)
             text = str(form.get("as_of", "")).strip()
             try:
                 as_of = date.fromisoformat(text) if text else None
             except ValueError:
-                return page(request, error=_("The date is not a date (YYYY-MM-DD)."), status=400)
+                error = _("The date is not a date (YYYY-MM-DD).")
+                return page(request, viewer, error=error, status=400)
             return run(
                 request,
                 viewer,
-                Action.REPLAY,
                 lambda jobs: jobs.start(as_of, viewer.principal.subject),
                 REPLAY_TEXTS,
                 lambda job_id: f"{PREFIX}/history/replays/{job_id}",
@@ -133,10 +133,10 @@ def add_routes(router: APIRouter, console: Console, schema: str, settings: Setti
     @router.post("/history/verifications")
     async def start_verification(request: Request) -> Response:
         def act(viewer: Viewer, form: dict[str, Any]) -> Response:
+            console.check(request, viewer, Action.VERIFY, VERIFY_SCOPE)
             return run(
                 request,
                 viewer,
-                Action.VERIFY,
                 lambda jobs: jobs.verify(viewer.principal.subject),
                 VERIFY_TEXTS,
                 lambda _id: f"{PREFIX}/history",
