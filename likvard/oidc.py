@@ -17,6 +17,8 @@ hold the token or a claim's value.
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import logging
 import threading
 import time
@@ -67,6 +69,13 @@ def _key_fits(key: Key, alg: str) -> bool:
     if alg == "EdDSA":
         return isinstance(key, OKPKey) and params.get("crv") in ("Ed25519", "Ed448")
     return False
+
+
+def pkce_s256(verifier: str) -> str:
+    """The S256 code challenge of a PKCE verifier (RFC 7636): base64url(SHA-256(verifier)),
+    unpadded; the console sends it, the development provider checks it."""
+    digest = hashlib.sha256(verifier.encode("ascii")).digest()
+    return base64.urlsafe_b64encode(digest).rstrip(b"=").decode("ascii")
 
 
 class OidcVerifier:

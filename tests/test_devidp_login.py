@@ -26,11 +26,10 @@ from likvard.cli.devidp import (
     create_app,
     dev_users,
     load_or_create_keys,
-    pkce_s256,
     redirect_allowed,
 )
 from likvard.identity import Role
-from likvard.oidc import OidcVerifier
+from likvard.oidc import OidcVerifier, pkce_s256
 from tests.identity import DevIdp
 
 ISSUER = "http://127.0.0.1:9"

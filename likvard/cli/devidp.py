@@ -53,6 +53,7 @@ from joserfc import jwt
 from joserfc.jwk import KeySet, RSAKey
 
 from likvard.identity import Role
+from likvard.oidc import pkce_s256
 
 DEFAULT_PORT = 8009
 PASSWORD = "dev"
@@ -262,12 +263,6 @@ def _with_query(uri: str, params: Mapping[str, str | None]) -> str:
     """`uri` with the parameters added to its query (those that are None left out)."""
     query = urlencode({k: v for k, v in params.items() if v is not None})
     return uri + ("&" if urlsplit(uri).query else "?") + query
-
-
-def pkce_s256(verifier: str) -> str:
-    """The S256 code challenge of a verifier: base64url(sha256(verifier)), unpadded."""
-    digest = hashlib.sha256(verifier.encode("ascii")).digest()
-    return _b64(digest)
 
 
 def _locale(ui_locales: str | None) -> str:

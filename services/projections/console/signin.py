@@ -11,8 +11,6 @@ with. Nothing here trusts the browser beyond the code it returns.
 
 from __future__ import annotations
 
-import base64
-import hashlib
 import os
 import threading
 import time
@@ -24,7 +22,7 @@ import httpx
 
 from likvard.config import Settings
 from likvard.guard import AuthenticationError
-from likvard.oidc import OidcVerifier
+from likvard.oidc import OidcVerifier, pkce_s256
 
 DEFAULT_CLIENT_ID = "likvard-console"
 
@@ -35,12 +33,6 @@ class SignInError(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
-
-
-def challenge(verifier: str) -> str:
-    """The S256 code challenge of a verifier: base64url(SHA-256(verifier)), unpadded."""
-    digest = hashlib.sha256(verifier.encode("ascii")).digest()
-    return base64.urlsafe_b64encode(digest).decode().rstrip("=")
 
 
 @dataclass(frozen=True)
@@ -88,7 +80,7 @@ class Provider:
             "scope": "openid",
             "state": state,
             "nonce": nonce,
-            "code_challenge": challenge(verifier),
+            "code_challenge": pkce_s256(verifier),
             "code_challenge_method": "S256",
             "ui_locales": language,
         }

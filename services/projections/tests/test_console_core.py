@@ -7,6 +7,7 @@ import hashlib
 
 import pytest
 
+from likvard.oidc import pkce_s256
 from services.projections.console import i18n
 from services.projections.console.session import (
     SESSION_COOKIE,
@@ -15,7 +16,6 @@ from services.projections.console.session import (
     new_session,
     new_signin,
 )
-from services.projections.console.signin import challenge
 from services.projections.console.web import PAGES, ROUTE_POLICY, local_path
 
 SECRET = b"k" * 32
@@ -67,8 +67,8 @@ def test_the_return_address_stays_in_the_console(asked: str | None, expected: st
 def test_the_code_challenge_is_s256_of_the_verifier() -> None:
     verifier = "a" * 64
     digest = hashlib.sha256(verifier.encode()).digest()
-    assert challenge(verifier) == base64.urlsafe_b64encode(digest).decode().rstrip("=")
-    assert "=" not in challenge(verifier) and len(challenge(verifier)) == 43
+    assert pkce_s256(verifier) == base64.urlsafe_b64encode(digest).decode().rstrip("=")
+    assert "=" not in pkce_s256(verifier) and len(pkce_s256(verifier)) == 43
 
 
 def test_every_navigation_page_has_a_policy_entry() -> None:
