@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import math
 import os
 import re
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from itertools import pairwise
 
@@ -128,6 +131,49 @@ def pseudonym_secret_weakness(secret: bytes) -> str | None:
     return None
 
 
+CONSOLE_SECRET_ENV = "LIKVARD_CONSOLE_SECRET"
+
+
+def _console_secret(text: str | None) -> bytes | None:
+    """LIKVARD_CONSOLE_SECRET as bytes: base64 of 32 bytes or more, or text of 32 characters
+    or more; None when unset (the console then answers 503: never a made-up key)."""
+    if not text:
+        return None
+    try:
+        raw = base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raw = b""
+    secret = raw if len(raw) >= 32 else text.encode()
+    if len(secret) < 32:
+        raise ConfigError(f"{CONSOLE_SECRET_ENV} must be 32 bytes or more (base64 or text)")
+    return secret
+
+
+@dataclass(frozen=True)
+class ConsoleSettings:
+    """The web console's (served by the reporting API): its cookies' key, its address as
+    browsers reach it (None: each request's own), its OpenID client, whether its cookies
+    are Secure (None: when the request is HTTPS), and the referral API its inbox calls."""
+
+    secret: bytes | None = None
+    url: str | None = None
+    client_id: str = "likvard-console"
+    secure_cookies: bool | None = None
+    referral_url: str | None = None
+
+
+def console_settings(env: Mapping[str, str] | None = None) -> ConsoleSettings:
+    e = os.environ if env is None else env
+    secure = e.get("LIKVARD_CONSOLE_SECURE_COOKIES")
+    return ConsoleSettings(
+        secret=_console_secret(e.get(CONSOLE_SECRET_ENV)),
+        url=(e.get("LIKVARD_CONSOLE_URL") or "").rstrip("/") or None,
+        client_id=e.get("LIKVARD_CONSOLE_CLIENT_ID") or "likvard-console",
+        secure_cookies=_flag("LIKVARD_CONSOLE_SECURE_COOKIES", secure) if secure else None,
+        referral_url=(e.get("LIKVARD_REFERRAL_URL") or "").rstrip("/") or None,
+    )
+
+
 @dataclass(frozen=True)
 class Settings:
     database_url: str | None = None
@@ -164,6 +210,8 @@ class Settings:
     # more than these days past its due date (the city's calendar days).
     referral_answer_days: int = 14
     followup_window_days: int = 30
+    # The web console (a Settings built in code takes it from the environment, as OIDC).
+    console: ConsoleSettings = field(default_factory=console_settings)
 
     def require_oidc(self) -> str:
         """The issuer every token must come from; ConfigError with the fix when unset."""
@@ -345,6 +393,7 @@ def load_settings(env: dict[str, str] | None = None) -> Settings:
         retention_years=_years(e.get("LIKVARD_RETENTION_YEARS") or "5"),
         referral_answer_days=_days("LIKVARD_REFERRAL_ANSWER_DAYS", e, 14),
         followup_window_days=_days("LIKVARD_FOLLOWUP_WINDOW_DAYS", e, 30),
+        console=console_settings(e),
     )
 
 

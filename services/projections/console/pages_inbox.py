@@ -10,7 +10,6 @@ between is a 409 the page explains in words instead of a silent overwrite."""
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 from urllib.parse import quote
 
@@ -52,13 +51,10 @@ DONE_TEXT = {
 }
 
 
-def referral_url() -> str:
+def referral_url(settings: Settings) -> str:
     """The referral API as this service reaches it (LIKVARD_REFERRAL_URL, else this host's
     standard referral port)."""
-    configured = os.environ.get("LIKVARD_REFERRAL_URL")
-    if configured:
-        return configured.rstrip("/")
-    return f"http://127.0.0.1:{service_port('referral')}"
+    return settings.console.referral_url or f"http://127.0.0.1:{service_port('referral')}"
 
 
 class ApiAnswer:
@@ -66,12 +62,10 @@ class ApiAnswer:
         self.status, self.body = status, body
 
 
-def _call(method: str, path: str, viewer: Viewer, **kwargs: Any) -> ApiAnswer:
+def _call(base: str, method: str, path: str, viewer: Viewer, **kwargs: Any) -> ApiAnswer:
     headers = {"Authorization": f"Bearer {viewer.session.token}"} | kwargs.pop("headers", {})
     try:
-        answer = httpx.request(
-            method, referral_url() + path, headers=headers, timeout=10.0, **kwargs
-        )
+        answer = httpx.request(method, base + path, headers=headers, timeout=10.0, **kwargs)
     except httpx.HTTPError as exc:
         log.warning("the referral API does not answer", extra={"error": type(exc).__name__})
         return ApiAnswer(503, None)
@@ -92,6 +86,8 @@ def _order(entries: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def add_routes(router: APIRouter, console: Console, settings: Settings) -> None:
+    referrals = referral_url(settings)
+
     def inbox_page(
         request: Request,
         viewer: Viewer,
@@ -104,7 +100,7 @@ def add_routes(router: APIRouter, console: Console, settings: Settings) -> None:
         if not viewer.may(Action.UNIT_INBOX, UnitScope(unit)):
             console.check(request, viewer, Action.UNIT_INBOX, UnitScope(unit))
         _ = console.gettext(viewer.language)
-        found = _call("GET", f"/units/{quote(unit, safe='')}/referrals", viewer)
+        found = _call(referrals, "GET", f"/units/{quote(unit, safe='')}/referrals", viewer)
         if found.status == 403:
             raise Refused(_("The referral service refused your unit's inbox."), viewer)
         entries: list[dict[str, Any]] = []
@@ -161,7 +157,7 @@ def add_routes(router: APIRouter, console: Console, settings: Settings) -> None:
             body[name] = value
         version = str(form.get("version", ""))
         headers = {"If-Match": f'"{version}"'} if version.isdigit() else {}
-        result = _call("POST", path, viewer, json=body, headers=headers)
+        result = _call(referrals, "POST", path, viewer, json=body, headers=headers)
         if result.status in (200, 201):
             return console.redirect(f"{PREFIX}/inbox?done={done}")
         if result.status == 409:

@@ -3,11 +3,8 @@ the pages of each role (from the page modules), all under `/console`."""
 
 from __future__ import annotations
 
-import base64
-import binascii
 import inspect
 import logging
-import os
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,7 +35,7 @@ from services.projections.console.session import (
     new_session,
     new_signin,
 )
-from services.projections.console.signin import Provider, SignInError, client_id_from_env
+from services.projections.console.signin import Provider, SignInError
 from services.projections.console.web import (
     PREFIX,
     ROUTE_POLICY,
@@ -51,32 +48,12 @@ from services.projections.console.web import (
 
 log = logging.getLogger("likvard.console")
 STATIC = Path(__file__).parent / "static"
-SECRET_ENV = "LIKVARD_CONSOLE_SECRET"
 
 
-def console_secret(env: dict[str, str] | None = None) -> bytes | None:
-    """LIKVARD_CONSOLE_SECRET as bytes (base64 of 32+ bytes, or 32+ characters); None when
-    unset, which leaves the console answering 503 (never a made-up key in production)."""
-    text = (os.environ if env is None else env).get(SECRET_ENV)
-    if not text:
-        return None
-    try:
-        raw = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError):
-        raw = b""
-    secret = raw if len(raw) >= 32 else text.encode()
-    if len(secret) < 32:
-        raise ValueError(f"{SECRET_ENV} must be 32 bytes or more (base64 or text)")
-    return secret
-
-
-def _public_url(request: Request) -> str:
+def _public_url(request: Request, configured: str | None) -> str:
     """The console's own address as the browser sees it (LIKVARD_CONSOLE_URL behind a
     proxy that rewrites the host), for the redirect address the provider sends back to."""
-    configured = os.environ.get("LIKVARD_CONSOLE_URL")
-    if configured:
-        return configured.rstrip("/")
-    return f"{request.url.scheme}://{request.url.netloc}{PREFIX}"
+    return configured or f"{request.url.scheme}://{request.url.netloc}{PREFIX}"
 
 
 def install_console(
@@ -84,17 +61,15 @@ def install_console(
 ) -> Console:
     """Serve the console from `app` (the reporting API's, whose pool, authenticator,
     access log and sealer it uses)."""
-    secret = console_secret()
-    box = CookieBox(secret) if secret is not None else None
+    own = settings.console
+    box = CookieBox(own.secret) if own.secret is not None else None
     if box is None:
         log.warning("LIKVARD_CONSOLE_SECRET is not set: the console answers 503")
     issuer = settings.oidc_issuer or ""
     parts = urlsplit(issuer)
     issuer_origin = f"{parts.scheme}://{parts.netloc}" if parts.netloc else ""
-    secure_env = os.environ.get("LIKVARD_CONSOLE_SECURE_COOKIES")
-    secure = None if not secure_env else secure_env.lower() in ("1", "true", "yes")
-    console = Console(box, issuer_origin, secure)
-    provider = Provider(settings, client_id_from_env()) if settings.oidc_issuer else None
+    console = Console(box, issuer_origin, own.secure_cookies)
+    provider = Provider(settings, own.client_id) if settings.oidc_issuer else None
     app.state.console = console
     router = APIRouter(prefix=PREFIX, include_in_schema=False)
 
@@ -131,7 +106,7 @@ def install_console(
         signin = new_signin(local_path(next))
         try:
             target = p.authorize_url(
-                f"{_public_url(request)}/callback",
+                f"{_public_url(request, own.url)}/callback",
                 signin.state,
                 signin.nonce,
                 signin.verifier,
@@ -170,7 +145,7 @@ def install_console(
             tokens = p.exchange(
                 code,
                 signin.verifier,
-                f"{_public_url(request)}/callback",
+                f"{_public_url(request, own.url)}/callback",
                 signin.nonce,
                 request.app.state.authenticator,
             )
@@ -189,7 +164,7 @@ def install_console(
         return await console.posted(request, lambda _viewer, _form: _logout(request))
 
     def _logout(request: Request) -> Response:
-        after = f"{_public_url(request)}/signed-out"
+        after = f"{_public_url(request, own.url)}/signed-out"
         target = after
         if provider is not None:
             try:

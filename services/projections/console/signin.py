@@ -11,7 +11,6 @@ with. Nothing here trusts the browser beyond the code it returns.
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from dataclasses import dataclass
@@ -23,8 +22,6 @@ import httpx
 from likvard.config import Settings
 from likvard.guard import AuthenticationError
 from likvard.oidc import OidcVerifier, pkce_s256
-
-DEFAULT_CLIENT_ID = "likvard-console"
 
 
 class SignInError(Exception):
@@ -124,7 +121,3 @@ class Provider:
         if claims.get("nonce") != nonce:
             raise SignInError("the ID token is not of this sign-in (nonce)")
         return Tokens(access, int(time.time()) + max(lifetime, 0))
-
-
-def client_id_from_env() -> str:
-    return os.environ.get("LIKVARD_CONSOLE_CLIENT_ID") or DEFAULT_CLIENT_ID

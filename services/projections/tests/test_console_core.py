@@ -147,3 +147,27 @@ def test_a_timelines_personal_fields_show_how_the_reader_may_see_them() -> None:
     ]
     withheld: dict[str, object] = {"goals": [], "personal": "withheld"}
     assert _fields(withheld, ("goals",))[0]["state"] == "withheld"
+
+
+def test_the_console_settings_come_from_the_environment_in_one_place() -> None:
+    from likvard.config import ConfigError, console_settings
+
+    assert console_settings({}).secret is None  # the console then answers 503
+    key = base64.b64encode(bytes(range(32))).decode()
+    found = console_settings(
+        {
+            "LIKVARD_CONSOLE_SECRET": key,
+            "LIKVARD_CONSOLE_URL": "https://likvard.example/console/",
+            "LIKVARD_CONSOLE_SECURE_COOKIES": "1",
+            "LIKVARD_REFERRAL_URL": "http://referral:8002/",
+        }
+    )
+    assert found.secret == bytes(range(32))  # base64 of 32 bytes
+    assert found.url == "https://likvard.example/console"
+    assert found.secure_cookies is True and found.client_id == "likvard-console"
+    assert found.referral_url == "http://referral:8002"
+    assert console_settings({"LIKVARD_CONSOLE_SECRET": "x" * 40}).secret == b"x" * 40
+    with pytest.raises(ConfigError):
+        console_settings({"LIKVARD_CONSOLE_SECRET": "too-short"})
+    with pytest.raises(ConfigError):
+        console_settings({"LIKVARD_CONSOLE_SECURE_COOKIES": "maybe"})
