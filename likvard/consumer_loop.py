@@ -12,6 +12,13 @@ Faults are normal, so the loop owns the rules that keep a consumer right through
   rebalance) is logged and counted, never fatal: the member rejoins and the batch comes
   again as duplicates.
 * A fatal consumer error rebuilds the consumer (when the loop was given a factory).
+* A lost assignment (the broker forgot the group: restarted, maybe empty) makes the loop
+  wait until its topics exist again and subscribe anew. The member would rejoin by itself,
+  but a join while the topics are still missing leaves it with no partitions for minutes,
+  and a member that kept its fetch positions would skip what a wiped broker holds below
+  them (the dev broker answers a fetch past the end with nothing, not OFFSET_OUT_OF_RANGE).
+  A new subscription starts from the committed offsets, or from the earliest on a wiped
+  broker: duplicates, never gaps.
 * Progress is observable: the loop beats a heartbeat every turn, records when a batch last
   completed and whether it is failing, and reads the lag of its assigned partitions from
   fresh watermarks every few seconds. `Progress.stalled()` (no completed batch for
@@ -41,6 +48,12 @@ _batch_failures = _meter.create_counter(
     "likvard.consumer.batch.failures",
     unit="{batch}",
     description="Batches whose handler failed; each is rewound and applied again.",
+)
+_rejoins = _meter.create_counter(
+    "likvard.consumer.rejoins",
+    unit="{rejoin}",
+    description="Subscriptions made anew after the group lost its assignment"
+    " (a restarted broker); reading resumes from the committed offsets.",
 )
 _commit_failures = _meter.create_counter(
     "likvard.consumer.commit.failures",
@@ -125,12 +138,47 @@ class BatchLoop:
         self._next_idle_check = 0.0
         self.failures = 0
         self.commit_failures = 0
+        self.rejoins = 0
+        self._lost = False
 
     def _consumer(self) -> Consumer:
         source = self.source
         consumer = source if isinstance(source, Consumer) else source()
-        consumer.subscribe(self.topics)
+        self._subscribe(consumer)
         return consumer
+
+    def _subscribe(self, consumer: Consumer) -> None:
+        self._lost = False
+        consumer.subscribe(self.topics, on_lost=self._on_lost)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """librdkafka's callback (inside consume): the assignment is gone; the client
+        unassigns it after this returns."""
+        self._lost = True
+
+    def _rejoin(self, consumer: Consumer, stop: threading.Event) -> None:
+        """Once every topic exists again, subscribe anew (see the module's docstring)."""
+        name = self.progress.name
+        log.warning("%s: the group lost its assignment (a restarted broker?); rejoining", name)
+        waited = False
+        while not stop.is_set():
+            missing = missing_topics(consumer, self.topics)
+            if not missing:
+                break
+            if not waited:
+                log.warning("%s: waiting for topics %s to exist", name, ", ".join(missing))
+                waited = True
+            self.progress.broker_ok = False
+            self.progress.failed("topics missing")
+            stop.wait(min(self.backoff.next(), 2.0))  # the operator re-creates them soon
+        if stop.is_set():
+            return
+        consumer.unsubscribe()
+        self._subscribe(consumer)
+        self.backoff.reset()
+        self.rejoins += 1
+        _rejoins.add(1, {"group": name})
+        self.progress.recovered()
 
     def run(self, stop: threading.Event) -> None:
         consumer: Consumer | None = None
@@ -140,6 +188,8 @@ class BatchLoop:
                     consumer = self._consumer()
                 try:
                     self.turn(consumer, stop)
+                    if self._lost:
+                        self._rejoin(consumer, stop)
                 except KafkaException as exc:
                     err = exc.args[0] if exc.args else None
                     fatal = isinstance(err, KafkaError) and err.fatal()
@@ -270,6 +320,15 @@ def fresh_lag(
         position = tp.offset if tp.offset is not None and tp.offset >= 0 else low
         out[(tp.topic, tp.partition)] = max(0, high - max(position, low))
     return out
+
+
+def missing_topics(consumer: Consumer, topics: Sequence[str], timeout: float = 5.0) -> list[str]:
+    """The topics the broker does not have (every one, when it cannot be asked)."""
+    try:
+        known = consumer.list_topics(timeout=timeout).topics
+    except KafkaException:
+        return list(topics)
+    return [t for t in topics if t not in known or known[t].error is not None]
 
 
 def rewind(consumer: Consumer, messages: Sequence[Message]) -> None:

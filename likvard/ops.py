@@ -144,6 +144,11 @@ class Progress:
         if database:
             self.database_ok = False
 
+    def recovered(self) -> None:
+        """The fault that made it fail is over without a batch (e.g. a rejoined group)."""
+        self.failing_since = None
+        self.broker_ok = True
+
     def set_lag(self, lag: dict[tuple[str, int], int]) -> None:
         self.lag = dict(lag)
         if sum(lag.values()) > 0:

@@ -3,13 +3,18 @@ past; a stall shows in the probe (pure parts with a fake clock, the loop on a re
 
 from __future__ import annotations
 
+import signal
 import threading
 import uuid
 
 import psycopg
 import pytest
 from confluent_kafka import Consumer, Message, Producer, TopicPartition
+from confluent_kafka.admin import AdminClient
+from confluent_kafka.cimpl import NewTopic
 
+from likvard.cli.devstack import TansuBroker
+from likvard.config import no_auto_create
 from likvard.consumer_loop import Backoff, BatchLoop, is_database_error
 from likvard.inbox import consumer_config
 from likvard.ops import Progress
@@ -139,6 +144,69 @@ def test_a_failing_batch_is_applied_again_and_nothing_is_skipped(
     finally:
         check.close()
     assert sum(max(tp.offset, 0) for tp in committed) == len(keys)
+
+
+def _create_topic(bootstrap: str, topic: str) -> None:
+    admin = AdminClient({"bootstrap.servers": bootstrap})  # kept until the answer is in
+    for future in admin.create_topics([NewTopic(topic, 3, 1)]).values():
+        future.result(30)
+
+
+def _produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5, **no_auto_create()})
+    for v in values:
+        producer.produce(topic, key=v, value=v)
+    assert producer.flush(30) == 0
+
+
+@pytest.mark.integration
+def test_a_broker_restarted_empty_with_its_topics_made_later_is_read_from_its_start() -> None:
+    """The fault suite's broker wipe in small (a broker of the test's own, to kill): the
+    group rejoins while the topics are missing, which left the member without partitions,
+    and the new logs are shorter than the old positions, which a kept position would skip.
+    The loop waits for the topics, subscribes anew and reads every new record."""
+    topic = "wipe.v1"
+    broker = TansuBroker()
+    bootstrap = broker.start()
+    try:
+        _create_topic(bootstrap, topic)
+        old = [f"old-{n}".encode() for n in range(90)]
+        _produce(bootstrap, topic, old)
+        seen: list[bytes] = []
+        config = consumer_config(
+            bootstrap, "wipe", **{"session.timeout.ms": 2000, "heartbeat.interval.ms": 200}
+        )
+        p = Progress("wipe", stall_seconds=600, register=False)
+        loop = BatchLoop(
+            lambda: Consumer(config),
+            [topic],
+            lambda ms: seen.extend(m.value() or b"" for m in ms),
+            p,
+            backoff=Backoff(first=0.1, limit=0.5),
+        )
+        stop = threading.Event()
+        thread = threading.Thread(target=loop.run, args=(stop,))
+        thread.start()
+        try:
+            wait_for(lambda: set(old) <= set(seen), 60, "the old records to be read")
+            assert broker.proc is not None
+            broker.proc.send_signal(signal.SIGKILL)
+            broker.proc.wait(30)
+            broker.proc = None
+            broker.start()
+            wait_for(lambda: p.last_failure == "topics missing", 60, "the loop to miss the topic")
+            assert not p.ready()
+            _create_topic(bootstrap, topic)
+            new = [f"new-{n}".encode() for n in range(12)]  # fewer per partition than before
+            _produce(bootstrap, topic, new)
+            wait_for(lambda: set(new) <= set(seen), 60, "every record of the new broker")
+        finally:
+            stop.set()
+            thread.join(30)
+        assert loop.rejoins >= 1
+        assert p.ready()
+    finally:
+        broker.stop()
 
 
 def test_a_stalled_worker_answers_unhealthy_and_not_ready_on_its_ops_port() -> None:
