@@ -221,16 +221,12 @@ def main() -> None:
         store.migrate()
         districts = DistrictRegistry.load()
         direct = make_service(store, districts)
-        grouped = make_service(store, districts)
+        direct.committer = None  # each append its own transaction
+        grouped = make_service(store, districts)  # the services' default: group commit
         services = {"direct": direct}
         if "before" in args.modes:
             services["before"] = before_service(store, districts, BEFORE)
-        committer = None
-        if "group" in args.modes:  # (the measurement before group commit existed had none)
-            from likvard.group_commit import GroupCommitter
-
-            committer = GroupCommitter(store)
-            grouped.committer = committer
+        if "group" in args.modes:
             services["group"] = grouped
         peer = Cases(env=peer_env(url, top + 1))
         likvard_pair(direct)()  # warm-up, creates nothing the runs depend on
@@ -253,8 +249,6 @@ def main() -> None:
                         f" {rate:8.0f} commands/s  p99 {p99:6.2f} ms",
                         flush=True,
                     )
-        if committer is not None:
-            committer.close()
         pool.close()
         peer.close()
         print()

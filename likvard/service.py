@@ -39,9 +39,10 @@ class Decided(Generic[S]):
 
 
 class StreamService(Generic[C, S, E]):
-    committer: GroupCommitter | None = None
-    """When set, appends go through it: concurrent commands on other streams share one
-    transaction, each answered only after that commit."""
+    committer: GroupCommitter | None
+    """When set (the default), appends go through it: concurrent commands on other
+    streams share one transaction, each answered only after that commit; a lone command
+    commits at once on its own thread."""
 
     def __init__(
         self,
@@ -52,8 +53,10 @@ class StreamService(Generic[C, S, E]):
         decide: Callable[[C, S], Sequence[E]],
         to_domain: Callable[[str, dict[str, Any], datetime], E],
         district_of: Callable[[S, E], str],
+        group_commit: bool = True,
     ) -> None:
         self.store = store
+        self.committer = GroupCommitter(store) if group_commit else None
         self._initial = initial_state
         self._evolve = evolve
         self._decide = decide

@@ -208,3 +208,47 @@ def test_each_stored_row_matches_its_bytes(
             assert e.recorded_at == metadata["recorded_at"]
             assert e.metadata["recorded_at"] == e.recorded_at.isoformat()
     assert gstore.verify() == []
+
+
+def test_a_lone_caller_commits_its_own_append_on_its_own_thread(
+    gstore: EventStore, committer_for: Callable[..., GroupCommitter]
+) -> None:
+    """No hand-off without company: the caller leads its own batch of one."""
+    threads: list[threading.Thread] = []
+    committer = committer_for(before_commit=lambda conn: threads.append(threading.current_thread()))
+    for _ in range(3):
+        stored = committer.append(str(uuid.uuid4()), 0, [registered()])
+        assert len(stored) == 1
+    assert threads == [threading.current_thread()] * 3
+
+
+def test_many_callers_on_few_streams_are_each_answered_once_and_truly(
+    gstore: EventStore, committer_for: Callable[..., GroupCommitter]
+) -> None:
+    """Sixteen threads, forty appends each at version 0 over ten streams: every caller is
+    answered (the lead always passes on), exactly one append per stream wins, and what the
+    winners were told is what the store holds."""
+    committer = committer_for(max_batch=8)
+    streams = [str(uuid.uuid4()) for _ in range(10)]
+
+    outcomes: list[Outcome] = []
+    lock = threading.Lock()
+
+    def caller(i: int) -> list[StoredEvent]:
+        for n in range(40):
+            try:
+                outcome: Outcome = committer.append(streams[(i + n) % 10], 0, [registered()])
+            except ConcurrencyError as exc:
+                outcome = exc
+            with lock:
+                outcomes.append(outcome)
+        return []
+
+    concurrently([partial(caller, i) for i in range(16)])
+    assert len(outcomes) == 16 * 40
+    won = [o for o in outcomes if isinstance(o, list)]
+    assert sorted(w[0].stream_id for w in won) == sorted(streams)
+    assert all(isinstance(o, ConcurrencyError) for o in outcomes if not isinstance(o, list))
+    for w in won:
+        assert gstore.read_stream(w[0].stream_id) == w
+    assert gstore.verify() == []

@@ -127,15 +127,12 @@ def test_group_commit_keeps_a_command_at_one_read_and_one_write(
     traced: EventStore, wire: Wire
 ) -> None:
     svc = make_service(traced, DistrictRegistry.load())
-    svc.committer = GroupCommitter(traced)
-    try:
-        case = str(uuid.uuid4())
-        svc.execute(case, register(case), 0, CTX)
-        assert wire.round_trips() == 1
-        svc.execute(case, d.CloseCase(case, datetime.now(UTC), "GOALS_REACHED"), 1, CTX)
-        assert wire.round_trips() == 2
-    finally:
-        svc.committer.close()
+    assert isinstance(svc.committer, GroupCommitter), "the services group-commit by default"
+    case = str(uuid.uuid4())
+    svc.execute(case, register(case), 0, CTX)
+    assert wire.round_trips() == 1
+    svc.execute(case, d.CloseCase(case, datetime.now(UTC), "GOALS_REACHED"), 1, CTX)
+    assert wire.round_trips() == 2
     assert traced.verify() == []
 
 
