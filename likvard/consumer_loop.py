@@ -12,8 +12,9 @@ Faults are normal, so the loop owns the rules that keep a consumer right through
   rebalance) is logged and counted, never fatal: the member rejoins and the batch comes
   again as duplicates.
 * A fatal consumer error rebuilds the consumer (when the loop was given a factory).
-* A lost assignment (the broker forgot the group: restarted, maybe empty) makes the loop
-  wait until its topics exist again and subscribe anew. The member would rejoin by itself,
+* A lost assignment (the broker forgot the group: restarted, maybe empty), or a
+  subscribed topic reported missing, makes the loop wait until its topics exist again and
+  subscribe anew. The member would rejoin by itself,
   but a join while the topics are still missing leaves it with no partitions for minutes,
   and a member that kept its fetch positions would skip what a wiped broker holds below
   them (the dev broker answers a fetch past the end with nothing, not OFFSET_OUT_OF_RANGE).
@@ -103,6 +104,8 @@ def is_database_error(exc: BaseException) -> bool:
 
 
 ConsumerSource = Consumer | Callable[[], Consumer]
+REJOIN_PAUSE = 2.0  # seconds between two rejoins, while a wiped broker's topics settle
+JOIN_SECONDS = 30.0  # at most, for a join under way to complete before the loop rejoins
 Handle = Callable[[list[Message]], None]
 
 
@@ -140,6 +143,8 @@ class BatchLoop:
         self.commit_failures = 0
         self.rejoins = 0
         self._lost = False
+        self._joined = False
+        self._rejoined_at = float("-inf")
 
     def _consumer(self) -> Consumer:
         source = self.source
@@ -149,15 +154,33 @@ class BatchLoop:
 
     def _subscribe(self, consumer: Consumer) -> None:
         self._lost = False
-        consumer.subscribe(self.topics, on_lost=self._on_lost)
+        self._joined = False
+        consumer.subscribe(self.topics, on_assign=self._on_assign, on_lost=self._on_lost)
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """librdkafka's callback (inside consume): a join completed (maybe with nothing)."""
+        self._joined = True
 
     def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         """librdkafka's callback (inside consume): the assignment is gone; the client
-        unassigns it after this returns."""
+        unassigns it after this returns (and joins again by itself)."""
         self._lost = True
+        self._joined = False
 
-    def _rejoin(self, consumer: Consumer, stop: threading.Event) -> None:
-        """Once every topic exists again, subscribe anew (see the module's docstring)."""
+    def _settle(self, consumer: Consumer, stop: threading.Event) -> None:
+        """Let the join under way complete before leaving the group: the dev broker keeps
+        a member that leaves mid-join as a ghost, and the next member then gets no
+        partitions for minutes. What is fetched meanwhile is dropped, never committed:
+        the new subscription reads it again from the committed offsets."""
+        deadline = time.monotonic() + JOIN_SECONDS
+        while not self._joined and not stop.is_set() and time.monotonic() < deadline:
+            self.progress.beat()
+            consumer.consume(self.batch_size, timeout=self.poll_timeout)
+
+    def _rejoin(self, consumer: Consumer, stop: threading.Event) -> Consumer:
+        """Once every topic exists again, a new consumer (or, given one consumer, a new
+        subscription: it may keep a stale view of the topics) joins the group; see the
+        module's docstring."""
         name = self.progress.name
         log.warning("%s: the group lost its assignment (a restarted broker?); rejoining", name)
         waited = False
@@ -172,13 +195,22 @@ class BatchLoop:
             self.progress.failed("topics missing")
             stop.wait(min(self.backoff.next(), 2.0))  # the operator re-creates them soon
         if stop.is_set():
-            return
-        consumer.unsubscribe()
-        self._subscribe(consumer)
+            return consumer
+        if time.monotonic() - self._rejoined_at < REJOIN_PAUSE:
+            stop.wait(REJOIN_PAUSE)  # the topics were still settling at the last rejoin
+        self._settle(consumer, stop)
+        if isinstance(self.source, Consumer):
+            consumer.unsubscribe()
+            self._subscribe(consumer)
+        else:
+            _close(consumer)
+            consumer = self._consumer()
         self.backoff.reset()
+        self._rejoined_at = time.monotonic()
         self.rejoins += 1
         _rejoins.add(1, {"group": name})
         self.progress.recovered()
+        return consumer
 
     def run(self, stop: threading.Event) -> None:
         consumer: Consumer | None = None
@@ -189,7 +221,7 @@ class BatchLoop:
                 try:
                     self.turn(consumer, stop)
                     if self._lost:
-                        self._rejoin(consumer, stop)
+                        consumer = self._rejoin(consumer, stop)
                 except KafkaException as exc:
                     err = exc.args[0] if exc.args else None
                     fatal = isinstance(err, KafkaError) and err.fatal()
@@ -218,6 +250,12 @@ class BatchLoop:
                 continue
             elif err.fatal():
                 raise KafkaException(err)
+            elif err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                # A subscribed topic is missing (a wiped broker): a join made now leaves
+                # the member without its partitions, so rejoin once the topics are back.
+                self.progress.broker_ok = False
+                log.warning("%s: consumer error: %s", self.progress.name, err)
+                self._lost = True
             else:
                 self.progress.broker_ok = False
                 log.warning("%s: consumer error: %s", self.progress.name, err)

@@ -209,6 +209,45 @@ def test_a_broker_restarted_empty_with_its_topics_made_later_is_read_from_its_st
         broker.stop()
 
 
+@pytest.mark.integration
+def test_a_topic_missing_when_the_member_joins_is_read_once_it_exists() -> None:
+    """A join while one subscribed topic is missing left the member without that topic's
+    partitions (the broker never told it the topic came later): the loop takes the
+    consumer's "topic not available" as its cue to wait for the topic and rejoin."""
+    there, later = "there.v1", "later.v1"
+    broker = TansuBroker()
+    bootstrap = broker.start()
+    try:
+        _create_topic(bootstrap, there)
+        seen: list[bytes] = []
+        config = consumer_config(
+            bootstrap, "late", **{"session.timeout.ms": 2000, "heartbeat.interval.ms": 200}
+        )
+        p = Progress("late", stall_seconds=600, register=False)
+        loop = BatchLoop(
+            lambda: Consumer(config),
+            [there, later],
+            lambda ms: seen.extend(m.value() or b"" for m in ms),
+            p,
+            backoff=Backoff(first=0.1, limit=0.5),
+        )
+        stop = threading.Event()
+        thread = threading.Thread(target=loop.run, args=(stop,))
+        thread.start()
+        try:
+            wait_for(lambda: p.last_failure == "topics missing", 60, "the loop to miss a topic")
+            _create_topic(bootstrap, later)
+            records = [f"late-{n}".encode() for n in range(12)]
+            _produce(bootstrap, later, records)
+            wait_for(lambda: set(records) <= set(seen), 60, "the late topic's records")
+        finally:
+            stop.set()
+            thread.join(30)
+        assert loop.rejoins >= 1 and p.ready()
+    finally:
+        broker.stop()
+
+
 def test_a_stalled_worker_answers_unhealthy_and_not_ready_on_its_ops_port() -> None:
     import urllib.error
     import urllib.request
