@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from importlib import resources
 from typing import Any
 
@@ -78,6 +80,22 @@ def make_pool(
     )
     pool.open(wait=True, timeout=30)
     return pool
+
+
+@contextmanager
+def autocommit(pool: ConnectionPool) -> Iterator[psycopg.Connection[Any]]:
+    """A pooled connection in autocommit for one block: a lone statement is then its own
+    transaction, with no BEGIN and COMMIT round trips around it."""
+    with pool.connection() as conn:
+        if conn.autocommit:
+            yield conn
+            return
+        conn.autocommit = True
+        try:
+            yield conn
+        finally:
+            with suppress(psycopg.Error):
+                conn.autocommit = False
 
 
 def _migration_files(kind: str) -> list[tuple[int, str, str]]:

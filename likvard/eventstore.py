@@ -13,7 +13,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any, Protocol
@@ -26,7 +26,7 @@ from psycopg_pool import ConnectionPool
 from likvard import telemetry
 from likvard.codec import Catalogue, CodecError
 from likvard.config import Settings
-from likvard.db import check_schema_name, make_pool, migrate
+from likvard.db import autocommit, check_schema_name, make_pool, migrate
 from likvard.topics import SERVICE_TOPICS
 
 GENESIS_HASH = bytes(32)
@@ -491,20 +491,8 @@ class EventStore:
         order = {p.stream_id: n for n, p in enumerate(prepared)}
         return sorted(stored, key=lambda e: (order[e.stream_id], e.stream_version)), failed
 
-    @contextmanager
-    def _autocommit(self) -> Iterator[psycopg.Connection[Any]]:
-        """A pooled connection in autocommit for one block: a lone statement is then its
-        own transaction, with no BEGIN and COMMIT round trips around it."""
-        with self.pool.connection() as conn:
-            if conn.autocommit:
-                yield conn
-                return
-            conn.autocommit = True
-            try:
-                yield conn
-            finally:
-                with suppress(psycopg.Error):
-                    conn.autocommit = False
+    def _autocommit(self) -> AbstractContextManager[psycopg.Connection[Any]]:
+        return autocommit(self.pool)
 
     def _heads(self, stream_ids: Sequence[str]) -> dict[str, tuple[int, bytes]]:
         """Version and last hash of each existing stream among these (one query)."""

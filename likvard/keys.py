@@ -32,7 +32,7 @@ from psycopg_pool import ConnectionPool
 
 from likvard import telemetry
 from likvard.config import ConfigError, Settings
-from likvard.db import check_schema_name, make_pool, migrate
+from likvard.db import autocommit, check_schema_name, make_pool, migrate
 
 KEY_BYTES = 32
 NONCE_BYTES = 12
@@ -278,7 +278,7 @@ class KeyStore:
         # One statement: the keys it creates, and the live ones it did not have to. A key
         # another writer committed while this one ran is in neither: ask again for those.
         for _attempt in range(3):
-            with self.pool.connection() as conn:
+            with autocommit(self.pool) as conn:  # one statement: one round trip, atomic
                 rows = conn.execute(self._q(_KEYS_FOR_SQL), params).fetchall()
             found.update({p: (k, e, bytes(w)) for p, k, e, w in rows})
             if len(found) == len(wanted):
@@ -301,7 +301,7 @@ class KeyStore:
         ids = sorted({k for k in key_ids if k})
         if not ids:
             return {}
-        with self.pool.connection() as conn:
+        with autocommit(self.pool) as conn:
             rows = conn.execute(
                 self._q(
                     "SELECT key_id::text, kek_id, wrapped FROM {s}.data_keys"

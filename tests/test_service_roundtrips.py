@@ -220,3 +220,27 @@ def test_append_many_keeps_the_order_given(traced: EventStore) -> None:
     positions = [e.global_position for e in stored]
     assert positions == sorted(positions)
     assert traced.verify() == []
+
+
+def test_a_registration_with_personal_details_is_two_round_trips(
+    traced: EventStore, wire: Wire
+) -> None:
+    """Sealing asks the key store once (its one statement in autocommit: no BEGIN and
+    COMMIT around it), then the append: two round trips, the details stored sealed."""
+    import os
+
+    from likvard.keys import KekRing, KeyStore, LocalKek
+    from services.intake.personal import IntakePersonalData
+
+    keys = KeyStore(traced.pool, KekRing(LocalKek("k1", os.urandom(32))), schema=traced.schema)
+    keys.migrate()
+    traced.personal = IntakePersonalData(traced, keys)
+    svc = make_service(traced, DistrictRegistry.load())
+    case = str(uuid.uuid4())
+    wire.round_trips()
+    command = register(case)
+    svc.execute(case, d.RegisterIntake(**{**command.__dict__, "birth_year": 1970}), 0, CTX)
+    assert wire.round_trips() == 2, "the key, then the append"
+    stored = traced.read_stream(case)
+    assert stored[0].payload["birth_year"] is None and stored[0].payload["personal"]
+    assert traced.personal.reveal(stored)[0]["birth_year"] == 1970

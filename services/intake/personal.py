@@ -13,6 +13,7 @@ from typing import Any
 
 from psycopg import sql
 
+from likvard.db import autocommit
 from likvard.eventstore import EventStore, NewEvent, StoredEvent
 from likvard.keys import KeyStore
 from likvard.sealing import Sealer, ToOpen, ToSeal
@@ -40,7 +41,7 @@ class IntakePersonalData:
             "SELECT stream_id, payload->>'person' FROM {}.events"
             " WHERE event_type = %s AND stream_id = ANY(%s)"
         ).format(sql.Identifier(self.store.schema))
-        with self.store.pool.connection() as conn:
+        with autocommit(self.store.pool) as conn:
             rows = conn.execute(query, (REGISTERED, list(stream_ids))).fetchall()
         return {str(r[0]): str(r[1]) for r in rows}
 
