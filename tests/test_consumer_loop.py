@@ -6,6 +6,9 @@ from __future__ import annotations
 import signal
 import threading
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 
 import psycopg
 import pytest
@@ -159,6 +162,39 @@ def _produce(bootstrap: str, topic: str, values: list[bytes]) -> None:
     assert producer.flush(30) == 0
 
 
+@dataclass
+class Running:
+    """A BatchLoop in a thread on a broker of the test's own, recording what it handled."""
+
+    loop: BatchLoop
+    progress: Progress
+    seen: list[bytes]
+
+
+@contextmanager
+def running_loop(bootstrap: str, group: str, topics: list[str]) -> Iterator[Running]:
+    seen: list[bytes] = []
+    config = consumer_config(
+        bootstrap, group, **{"session.timeout.ms": 2000, "heartbeat.interval.ms": 200}
+    )
+    p = Progress(group, stall_seconds=600, register=False)
+    loop = BatchLoop(
+        lambda: Consumer(config),
+        topics,
+        lambda ms: seen.extend(m.value() or b"" for m in ms),
+        p,
+        backoff=Backoff(first=0.1, limit=0.5),
+    )
+    stop = threading.Event()
+    thread = threading.Thread(target=loop.run, args=(stop,))
+    thread.start()
+    try:
+        yield Running(loop, p, seen)
+    finally:
+        stop.set()
+        thread.join(30)
+
+
 @pytest.mark.integration
 def test_a_broker_restarted_empty_with_its_topics_made_later_is_read_from_its_start() -> None:
     """The fault suite's broker wipe in small (a broker of the test's own, to kill): the
@@ -172,39 +208,20 @@ def test_a_broker_restarted_empty_with_its_topics_made_later_is_read_from_its_st
         _create_topic(bootstrap, topic)
         old = [f"old-{n}".encode() for n in range(90)]
         _produce(bootstrap, topic, old)
-        seen: list[bytes] = []
-        config = consumer_config(
-            bootstrap, "wipe", **{"session.timeout.ms": 2000, "heartbeat.interval.ms": 200}
-        )
-        p = Progress("wipe", stall_seconds=600, register=False)
-        loop = BatchLoop(
-            lambda: Consumer(config),
-            [topic],
-            lambda ms: seen.extend(m.value() or b"" for m in ms),
-            p,
-            backoff=Backoff(first=0.1, limit=0.5),
-        )
-        stop = threading.Event()
-        thread = threading.Thread(target=loop.run, args=(stop,))
-        thread.start()
-        try:
-            wait_for(lambda: set(old) <= set(seen), 60, "the old records to be read")
+        with running_loop(bootstrap, "wipe", [topic]) as r:
+            wait_for(lambda: set(old) <= set(r.seen), 60, "the old records to be read")
             assert broker.proc is not None
             broker.proc.send_signal(signal.SIGKILL)
             broker.proc.wait(30)
             broker.proc = None
             broker.start()
-            wait_for(lambda: p.last_failure == "topics missing", 60, "the loop to miss the topic")
-            assert not p.ready()
+            wait_for(lambda: r.progress.last_failure == "topics missing", 60, "the loop to miss it")
+            assert not r.progress.ready()
             _create_topic(bootstrap, topic)
             new = [f"new-{n}".encode() for n in range(12)]  # fewer per partition than before
             _produce(bootstrap, topic, new)
-            wait_for(lambda: set(new) <= set(seen), 60, "every record of the new broker")
-        finally:
-            stop.set()
-            thread.join(30)
-        assert loop.rejoins >= 1
-        assert p.ready()
+            wait_for(lambda: set(new) <= set(r.seen), 60, "every record of the new broker")
+        assert r.loop.rejoins >= 1 and r.progress.ready()
     finally:
         broker.stop()
 
@@ -219,31 +236,15 @@ def test_a_topic_missing_when_the_member_joins_is_read_once_it_exists() -> None:
     bootstrap = broker.start()
     try:
         _create_topic(bootstrap, there)
-        seen: list[bytes] = []
-        config = consumer_config(
-            bootstrap, "late", **{"session.timeout.ms": 2000, "heartbeat.interval.ms": 200}
-        )
-        p = Progress("late", stall_seconds=600, register=False)
-        loop = BatchLoop(
-            lambda: Consumer(config),
-            [there, later],
-            lambda ms: seen.extend(m.value() or b"" for m in ms),
-            p,
-            backoff=Backoff(first=0.1, limit=0.5),
-        )
-        stop = threading.Event()
-        thread = threading.Thread(target=loop.run, args=(stop,))
-        thread.start()
-        try:
-            wait_for(lambda: p.last_failure == "topics missing", 60, "the loop to miss a topic")
+        with running_loop(bootstrap, "late", [there, later]) as r:
+            wait_for(
+                lambda: r.progress.last_failure == "topics missing", 60, "the loop to miss one"
+            )
             _create_topic(bootstrap, later)
             records = [f"late-{n}".encode() for n in range(12)]
             _produce(bootstrap, later, records)
-            wait_for(lambda: set(records) <= set(seen), 60, "the late topic's records")
-        finally:
-            stop.set()
-            thread.join(30)
-        assert loop.rejoins >= 1 and p.ready()
+            wait_for(lambda: set(records) <= set(r.seen), 60, "the late topic's records")
+        assert r.loop.rejoins >= 1 and r.progress.ready()
     finally:
         broker.stop()
 
