@@ -14,12 +14,11 @@ Faults are normal, so the loop owns the rules that keep a consumer right through
 * A fatal consumer error rebuilds the consumer (when the loop was given a factory).
 * A lost assignment (the broker forgot the group: restarted, maybe empty), or a
   subscribed topic reported missing, makes the loop wait until its topics exist again and
-  subscribe anew. The member would rejoin by itself,
-  but a join while the topics are still missing leaves it with no partitions for minutes,
-  and a member that kept its fetch positions would skip what a wiped broker holds below
-  them (the dev broker answers a fetch past the end with nothing, not OFFSET_OUT_OF_RANGE).
-  A new subscription starts from the committed offsets, or from the earliest on a wiped
-  broker: duplicates, never gaps.
+  join anew. The member would rejoin by itself, but a join while the topics are still
+  missing leaves it with no partitions for minutes, and a member that kept its fetch
+  positions would skip what a wiped broker holds below them (the dev broker answers a
+  fetch past the end with nothing, not OFFSET_OUT_OF_RANGE). A new member starts from the
+  committed offsets, or from the earliest on a wiped broker: duplicates, never gaps.
 * Progress is observable: the loop beats a heartbeat every turn, records when a batch last
   completed and whether it is failing, and reads the lag of its assigned partitions from
   fresh watermarks every few seconds. `Progress.stalled()` (no completed batch for
@@ -182,7 +181,7 @@ class BatchLoop:
         subscription: it may keep a stale view of the topics) joins the group; see the
         module's docstring."""
         name = self.progress.name
-        log.warning("%s: the group lost its assignment (a restarted broker?); rejoining", name)
+        log.warning("%s: assignment lost or a topic missing (a restarted broker?); rejoining", name)
         waited = False
         while not stop.is_set():
             missing = missing_topics(consumer, self.topics)
@@ -250,15 +249,13 @@ class BatchLoop:
                 continue
             elif err.fatal():
                 raise KafkaException(err)
-            elif err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
-                # A subscribed topic is missing (a wiped broker): a join made now leaves
-                # the member without its partitions, so rejoin once the topics are back.
-                self.progress.broker_ok = False
-                log.warning("%s: consumer error: %s", self.progress.name, err)
-                self._lost = True
             else:
                 self.progress.broker_ok = False
                 log.warning("%s: consumer error: %s", self.progress.name, err)
+                if err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                    # A subscribed topic is missing (a wiped broker): a join made now
+                    # leaves the member without its partitions; rejoin once it is back.
+                    self._lost = True
         busy = False
         if good:
             self.progress.broker_ok = True

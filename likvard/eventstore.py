@@ -13,7 +13,6 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime
 from typing import Any, Protocol
@@ -458,7 +457,7 @@ class EventStore:
             len(prepared),
         )
         started = time.monotonic()
-        with self._autocommit() as conn:
+        with autocommit(self.pool) as conn:
             try:
                 if before_commit is None:
                     result = conn.execute(self._q(_APPEND_SQL), params).fetchall()
@@ -491,12 +490,9 @@ class EventStore:
         order = {p.stream_id: n for n, p in enumerate(prepared)}
         return sorted(stored, key=lambda e: (order[e.stream_id], e.stream_version)), failed
 
-    def _autocommit(self) -> AbstractContextManager[psycopg.Connection[Any]]:
-        return autocommit(self.pool)
-
     def _heads(self, stream_ids: Sequence[str]) -> dict[str, tuple[int, bytes]]:
         """Version and last hash of each existing stream among these (one query)."""
-        with self._autocommit() as conn:
+        with autocommit(self.pool) as conn:
             rows = conn.execute(
                 self._q(
                     "SELECT stream_id, version, last_hash FROM {s}.streams"
@@ -520,12 +516,12 @@ class EventStore:
         return 0 if row is None else int(row[0])
 
     def stream_version(self, stream_id: str) -> int:
-        with self._autocommit() as conn:
+        with autocommit(self.pool) as conn:
             return self._version(conn, stream_id)
 
     def read_stream(self, stream_id: str) -> list[StoredEvent]:
         """One round trip: a lone SELECT in autocommit, no transaction of its own."""
-        with self._autocommit() as conn:
+        with autocommit(self.pool) as conn:
             cur = conn.execute(
                 self._q(
                     f"SELECT {_COLUMNS} FROM {{s}}.events WHERE stream_id = %s"
@@ -540,7 +536,7 @@ class EventStore:
         streams: dict[str, list[StoredEvent]] = {sid: [] for sid in stream_ids}
         if not streams:
             return streams
-        with self._autocommit() as conn:
+        with autocommit(self.pool) as conn:
             cur = conn.execute(
                 self._q(
                     f"SELECT {_COLUMNS} FROM {{s}}.events WHERE stream_id = ANY(%s)"
