@@ -12,6 +12,7 @@ import psycopg
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from likvard import deadlines
 from likvard.cli.base import (
     APPS,
     app,
@@ -162,7 +163,10 @@ def report(
         help="First intake day of the follow-up report (default: 1 January of the --to year)",
     ),
     end: datetime = typer.Option(
-        None, "--to", formats=["%Y-%m-%d"], help="Last intake day (default: today)"
+        None,
+        "--to",
+        formats=["%Y-%m-%d"],
+        help="Last intake day (default: the city's today)",
     ),
     structure: str = typer.Option("current", help="District structure: current | as-recorded"),
     period: str = typer.Option("year", help="Rows per year | month"),
@@ -210,7 +214,7 @@ def report(
         return
     if out is None:
         raise fail("give --out FILE to write a report, or --reproduce FILE to check one")
-    last = (end or datetime.now()).date()
+    last = end.date() if end else deadlines.city_today()  # the city's day, not the host's
     first = start.date() if start else last.replace(month=1, day=1)
     occurred = as_of.date() if as_of else None
     known = as_known_on.date() if as_known_on else None

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import typer
 from rich.table import Table
 
+from likvard import deadlines
 from likvard.cli.base import app, console, fail, settings_or_exit, stdout
 from likvard.config import ConfigError, Settings
 from likvard.policy import Action
@@ -42,7 +43,10 @@ def indicators_command(
         None, "--from", formats=["%Y-%m-%d"], help="First day (default: 1 January of --to)"
     ),
     end: datetime | None = typer.Option(
-        None, "--to", formats=["%Y-%m-%d"], help="Last day (default: today)"
+        None,
+        "--to",
+        formats=["%Y-%m-%d"],
+        help="Last day (default: the city's today)",
     ),
     district: str | None = typer.Option(None, "--district", help="Only this district (or city)"),
     structure: str = typer.Option("current", help="District structure: current | as-recorded"),
@@ -66,7 +70,7 @@ def indicators_command(
         indicator = indicators.get(indicator_id)
     except indicators.UnknownIndicator:
         raise fail(f"no indicator {indicator_id!r}; `likvard indicators` lists them", 2) from None
-    last = (end or datetime.now()).date()
+    last = end.date() if end else deadlines.city_today()  # the city's day, not the host's
     first = start.date() if start else last.replace(month=1, day=1)
     if last < first:
         raise fail("--to is before --from")
