@@ -37,6 +37,7 @@ from confluent_kafka import KafkaError, Message, Producer
 from bench.bench_replay import Record, ceiling, records as chained_records
 from bench.common import database, kafka, machine, percentile, report
 from likvard.codec import Catalogue
+from likvard.db import check_schema_name
 from likvard.inbox import Incoming, decode_event
 from likvard.topics import ensure_topics, load_topics
 from services.projections import readmodels
@@ -99,37 +100,61 @@ def worker(url: str, bootstrap: str, prefix: str, schema: str, batch: int) -> It
             proc.wait(30)
 
 
-def count(url: str, schema: str) -> int:
-    with psycopg.connect(url) as conn:
-        return readmodels.processed_count(conn, schema)
+class Watch:
+    """Looks at a worker's progress over one kept connection, in its tiny provenance table
+    (`applied_offsets`, one row per partition, written in each batch's transaction).
+
+    Before 2026-12-05 the benchmark opened a connection and ran `count(*)` over the whole
+    `processed` table every 20 ms: a PostgreSQL backend fork plus a scan growing with the
+    events, on the two cores the worker and PostgreSQL share (measured against it in
+    bench/results/projection.md)."""
+
+    def __init__(self, url: str, schema: str) -> None:
+        self.schema = check_schema_name(schema)
+        self.conn = psycopg.connect(url, autocommit=True)
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def offsets(self) -> dict[tuple[str, int], int]:
+        try:
+            rows = self.conn.execute(
+                f'SELECT topic, partition, "offset" FROM {self.schema}.applied_offsets'
+            ).fetchall()
+        except psycopg.errors.UndefinedTable:
+            return {}
+        return {(t, int(p)): int(o) for t, p, o in rows}
+
+    def records(self) -> int:
+        """Records applied so far: on fresh topics, each partition's next offset."""
+        return sum(o + 1 for o in self.offsets().values())
+
+    def events(self) -> int:
+        return readmodels.processed_count(self.conn, self.schema)
 
 
 def live(url: str, bootstrap: str, prefix: str, schema: str, n: int, batch: int) -> float:
     """Events/s of the live worker over n records already on Kafka, from the first applied
-    batch to the last event."""
+    batch to the last event (every record is a new event: checked once at the end)."""
     with worker(url, bootstrap, prefix, schema, batch):
-        deadline = time.monotonic() + 600
-        while (first := count(url, schema)) == 0:
-            if time.monotonic() > deadline:
-                raise RuntimeError("the projection worker applied nothing in 600 s")
-            time.sleep(POLL)
-        start = time.perf_counter()
-        while (done := count(url, schema)) < n:
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the projection worker stopped at {done} of {n} events")
-            time.sleep(POLL)
-        return (done - first) / (time.perf_counter() - start)
-
-
-def applied(url: str, schema: str) -> dict[tuple[str, int], int]:
-    with psycopg.connect(url) as conn:
+        watch = Watch(url, schema)
         try:
-            rows = conn.execute(
-                f'SELECT topic, partition, "offset" FROM {schema}.applied_offsets'
-            ).fetchall()
-        except psycopg.errors.UndefinedTable:
-            return {}
-    return {(t, int(p)): int(o) for t, p, o in rows}
+            deadline = time.monotonic() + 600
+            while (first := watch.records()) == 0:
+                if time.monotonic() > deadline:
+                    raise RuntimeError("the projection worker applied nothing in 600 s")
+                time.sleep(POLL)
+            start = time.perf_counter()
+            while (done := watch.records()) < n:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the projection worker stopped at {done} of {n} records")
+                time.sleep(POLL)
+            elapsed = time.perf_counter() - start
+            if (events := watch.events()) != n:
+                raise RuntimeError(f"{events} events in the read models for {n} records")
+        finally:
+            watch.close()
+        return (done - first) / elapsed
 
 
 def latency(
@@ -150,9 +175,13 @@ def latency(
     stop = threading.Event()
 
     def watch() -> None:
-        while not stop.is_set():
-            seen.append((time.perf_counter(), applied(url, schema)))
-            time.sleep(POLL)
+        watcher = Watch(url, schema)
+        try:
+            while not stop.is_set():
+                seen.append((time.perf_counter(), watcher.offsets()))
+                time.sleep(POLL)
+        finally:
+            watcher.close()
 
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
     warm, rest = recs[:1000], recs[1000:]
@@ -160,8 +189,9 @@ def latency(
         for topic, key, value, headers in warm:  # the worker joins its group and migrates
             producer.produce(prefix + topic, key=key, value=value, headers=headers)
         producer.flush(60)
+        progress = Watch(url, schema)
         deadline = time.monotonic() + 120
-        while count(url, schema) < len(warm):
+        while progress.records() < len(warm):
             if time.monotonic() > deadline:
                 raise RuntimeError("the projection worker did not start")
             time.sleep(POLL)
@@ -191,8 +221,9 @@ def latency(
         producer.flush(120)
         achieved = len(rest) / (time.perf_counter() - start)
         deadline = time.monotonic() + 300
-        while count(url, schema) < len(recs) and time.monotonic() < deadline:
+        while progress.records() < len(recs) and time.monotonic() < deadline:
             time.sleep(POLL)
+        progress.close()
         time.sleep(2 * POLL)
         stop.set()
         watcher.join()
