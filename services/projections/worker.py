@@ -139,7 +139,11 @@ class Projector:
 def _spans(
     events: Sequence[Incoming], traceparents: Sequence[str | None] | None, start_ns: int
 ) -> None:
-    """One span per event, spanning its batch's transaction, in the event's trace."""
+    """One span per event, spanning its batch's transaction, in the event's trace; none when
+    spans go nowhere (`telemetry.spans_exported`): they were a third of the applying
+    thread's time."""
+    if not telemetry.spans_exported():
+        return
     end_ns = time.time_ns()
     for n, e in enumerate(events):
         parent = (traceparents[n] if traceparents else None) or e.metadata.get("traceparent")
