@@ -28,7 +28,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from typing import Any
 
 import psycopg
@@ -136,24 +136,20 @@ class Watch:
 def live(url: str, bootstrap: str, prefix: str, schema: str, n: int, batch: int) -> float:
     """Events/s of the live worker over n records already on Kafka, from the first applied
     batch to the last event (every record is a new event: checked once at the end)."""
-    with worker(url, bootstrap, prefix, schema, batch):
-        watch = Watch(url, schema)
-        try:
-            deadline = time.monotonic() + 600
-            while (first := watch.records()) == 0:
-                if time.monotonic() > deadline:
-                    raise RuntimeError("the projection worker applied nothing in 600 s")
-                time.sleep(POLL)
-            start = time.perf_counter()
-            while (done := watch.records()) < n:
-                if time.monotonic() > deadline:
-                    raise RuntimeError(f"the projection worker stopped at {done} of {n} records")
-                time.sleep(POLL)
-            elapsed = time.perf_counter() - start
-            if (events := watch.events()) != n:
-                raise RuntimeError(f"{events} events in the read models for {n} records")
-        finally:
-            watch.close()
+    with worker(url, bootstrap, prefix, schema, batch), closing(Watch(url, schema)) as watch:
+        deadline = time.monotonic() + 600
+        while (first := watch.records()) == 0:
+            if time.monotonic() > deadline:
+                raise RuntimeError("the projection worker applied nothing in 600 s")
+            time.sleep(POLL)
+        start = time.perf_counter()
+        while (done := watch.records()) < n:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"the projection worker stopped at {done} of {n} records")
+            time.sleep(POLL)
+        elapsed = time.perf_counter() - start
+        if (events := watch.events()) != n:
+            raise RuntimeError(f"{events} events in the read models for {n} records")
         return (done - first) / elapsed
 
 
@@ -175,21 +171,17 @@ def latency(
     stop = threading.Event()
 
     def watch() -> None:
-        watcher = Watch(url, schema)
-        try:
+        with closing(Watch(url, schema)) as watcher:
             while not stop.is_set():
                 seen.append((time.perf_counter(), watcher.offsets()))
                 time.sleep(POLL)
-        finally:
-            watcher.close()
 
     producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 5})
     warm, rest = recs[:1000], recs[1000:]
-    with worker(url, bootstrap, prefix, schema, batch):
+    with worker(url, bootstrap, prefix, schema, batch), closing(Watch(url, schema)) as progress:
         for topic, key, value, headers in warm:  # the worker joins its group and migrates
             producer.produce(prefix + topic, key=key, value=value, headers=headers)
         producer.flush(60)
-        progress = Watch(url, schema)
         deadline = time.monotonic() + 120
         while progress.records() < len(warm):
             if time.monotonic() > deadline:
@@ -223,7 +215,6 @@ def latency(
         deadline = time.monotonic() + 300
         while progress.records() < len(recs) and time.monotonic() < deadline:
             time.sleep(POLL)
-        progress.close()
         time.sleep(2 * POLL)
         stop.set()
         watcher.join()

@@ -9,12 +9,14 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from datetime import date, datetime
 from types import FrameType
 from typing import TYPE_CHECKING
 
 import typer
 from rich.console import Console
 
+from likvard import deadlines
 from likvard.config import ConfigError, Settings, load_settings
 
 if TYPE_CHECKING:
@@ -65,6 +67,16 @@ def settings_or_exit() -> Settings:
         return load_settings()
     except ConfigError as exc:
         raise fail(str(exc)) from exc
+
+
+def day_window(
+    start: datetime | None, end: datetime | None, now: datetime | None = None
+) -> tuple[date, date]:
+    """`--from` and `--to` as days: `--to` defaults to the city's today (at `now`; an intake
+    day is the city's, so the host's date would leave out what happened after midnight in
+    Stockholm and before it in UTC), `--from` to 1 January of the `--to` year."""
+    last = end.date() if end else deadlines.city_today(now)
+    return (start.date() if start else last.replace(month=1, day=1)), last
 
 
 def check_service(service: str, known: dict[str, str] = APPS) -> str:

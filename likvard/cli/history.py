@@ -12,12 +12,12 @@ import psycopg
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from likvard import deadlines
 from likvard.cli.base import (
     APPS,
     app,
     check_service,
     console,
+    day_window,
     event_store,
     fail,
     settings_or_exit,
@@ -214,8 +214,7 @@ def report(
         return
     if out is None:
         raise fail("give --out FILE to write a report, or --reproduce FILE to check one")
-    last = end.date() if end else deadlines.city_today()  # the city's day, not the host's
-    first = start.date() if start else last.replace(month=1, day=1)
+    first, last = day_window(start, end)
     occurred = as_of.date() if as_of else None
     known = as_known_on.date() if as_known_on else None
     try:

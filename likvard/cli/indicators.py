@@ -19,8 +19,7 @@ from typing import TYPE_CHECKING
 import typer
 from rich.table import Table
 
-from likvard import deadlines
-from likvard.cli.base import app, console, fail, settings_or_exit, stdout
+from likvard.cli.base import app, console, day_window, fail, settings_or_exit, stdout
 from likvard.config import ConfigError, Settings
 from likvard.policy import Action
 
@@ -70,8 +69,7 @@ def indicators_command(
         indicator = indicators.get(indicator_id)
     except indicators.UnknownIndicator:
         raise fail(f"no indicator {indicator_id!r}; `likvard indicators` lists them", 2) from None
-    last = end.date() if end else deadlines.city_today()  # the city's day, not the host's
-    first = start.date() if start else last.replace(month=1, day=1)
+    first, last = day_window(start, end)
     if last < first:
         raise fail("--to is before --from")
     if structure not in ("current", "as-recorded"):
